@@ -1,0 +1,537 @@
+"""The job specification: the one way configuration enters the pipeline.
+
+A job file is YAML with these sections (every key below is part of the public
+contract; unknown keys are rejected so a typo never silently falls back to a default)::
+
+    name: satellite-nightly
+    inputs:   {paths: ["../data/scenes/*.tif"], bands: [1, 2, 3]}
+    tiling:   {chip_size: 512, overlap: 64, min_valid_fraction: 0.05}
+    model:    {checkpoint: ../models/retinanet.pt, score_threshold: 0.3, batch_size: 8,
+               precision: auto, device: auto}
+    compute:  {address: null, actors: 2, gpus_per_actor: 1, cpus_per_actor: 1,
+               max_retries: 2, read_concurrency: null}
+    merge:    {method: nms, iou_threshold: 0.5, seam_margin: null}
+    output:   {table: ../out/detections, crs: "EPSG:4326"}
+
+Path resolution: relative *local* paths written in a job file (``inputs.paths``,
+``model.checkpoint``, ``output.table``) are resolved against the directory that holds
+the job file, so a job means the same thing whatever the current directory is.
+Relative paths given on the command line with ``--set`` are resolved against the current
+directory, because that is where the person typing them is. Remote paths (anything
+with a ``scheme://`` prefix, e.g. ``s3://`` or ``https://``) are left as they are.
+
+Errors: every problem raises :class:`~pipeline.errors.ConfigError` whose message names
+the file and the YAML path of the field, one line per problem, e.g.
+``job.yaml: tiling.overlap: must be smaller than tiling.chip_size (512), got 512``.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional, Sequence
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.errors import ConfigError
+
+# Bump when the meaning of a hashed field changes, so old table rows are not mistaken
+# for results of the new semantics.
+JOB_HASH_VERSION = 1
+
+# Names end up in file names and table partitions: keep them shell- and path-safe.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# `host:port` of a running Ray head (the GCS address), e.g. 10.0.0.5:6379.
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
+
+
+def is_remote(path: str) -> bool:
+    """True for URLs such as ``s3://bucket/key`` or ``https://host/x.tif`` (never globbed)."""
+    return bool(_REMOTE.match(path))
+
+
+class InputsSpec(BaseModel):
+    """Which scenes to read: local globs or remote URLs, and which bands (1-based)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    paths: list[str] = Field(min_length=1)
+    # None: all bands of the scene. Repeats are allowed ([1, 1, 1] makes a grey scene RGB).
+    bands: Optional[list[int]] = None
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_not_blank(cls, v: list[str]) -> list[str]:
+        for i, p in enumerate(v):
+            if not p.strip():
+                raise ValueError(f"paths[{i}] is empty")
+        return v
+
+    @field_validator("bands")
+    @classmethod
+    def _bands_one_based(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must list at least one band, or be null for all bands")
+        bad = [b for b in v if b < 1]
+        if bad:
+            raise ValueError(f"band numbers are 1-based, got {bad}")
+        return v
+
+
+class TilingSpec(BaseModel):
+    """Chip grid: square chips of ``chip_size`` px overlapping by ``overlap`` px."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    chip_size: int = Field(512, ge=32)
+    overlap: int = Field(64, ge=0)
+    # Chips with less valid (non-nodata) area than this fraction are skipped unread.
+    min_valid_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap_below_chip(cls, v: int, info: ValidationInfo) -> int:
+        chip = info.data.get("chip_size")  # absent when chip_size itself was invalid
+        if chip is not None and v >= chip:
+            raise ValueError(f"must be smaller than tiling.chip_size ({chip}), got {v}")
+        return v
+
+
+class ModelSpec(BaseModel):
+    """The checkpoint and how to run it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    checkpoint: str = Field(min_length=1)
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    # None lets the predictor choose a batch size for the device.
+    batch_size: Optional[int] = Field(8, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ComputeSpec(BaseModel):
+    """Where and how wide to run: the Ray address and the predictor actor pool."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # null: start a local Ray inside the command; "auto", "ray://host:10001" or
+    # "host:port": join a running cluster.
+    address: Optional[str] = None
+    actors: int = Field(2, ge=1)
+    gpus_per_actor: float = Field(1.0, ge=0.0)
+    cpus_per_actor: float = Field(1.0, ge=0.0)
+    # Attempts after the first, per chip read task and per predictor batch; a chip that
+    # still fails is quarantined instead of retried forever.
+    max_retries: int = Field(2, ge=0)
+    # None: Ray Data decides how many read tasks run at once.
+    read_concurrency: Optional[int] = Field(None, ge=1)
+
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or v == "auto" or v.startswith("ray://") or _HOST_PORT.match(v):
+            return v
+        raise ValueError(f"must be null, 'auto', 'ray://HOST:PORT' or 'HOST:PORT', got {v!r}")
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _ray_gpu_quantity(cls, v: float) -> float:
+        # Ray accepts fractional GPUs only below one; above one it wants whole GPUs.
+        if v > 1 and v != int(v):
+            raise ValueError(f"fractions are allowed only below 1 (Ray's rule), got {v}")
+        return v
+
+
+class MergeSpec(BaseModel):
+    """Seam merge of detections from overlapping chips (see pipeline.merge)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    method: Literal["nms", "wbf"] = "nms"
+    iou_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # Pixels from an interior chip edge within which a box takes part in the seam pass.
+    # None: the tiling overlap (filled in by JobSpec).
+    seam_margin: Optional[int] = Field(None, ge=0)
+
+
+class OutputSpec(BaseModel):
+    """Where detections are committed and in which coordinate reference system."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # A local directory (the commit protocol relies on atomic renames of a POSIX file
+    # system, which object stores do not offer).
+    table: str = Field(min_length=1)
+    # Any CRS pyproj understands; null or "pixel" keep scene pixel coordinates (for
+    # images without georeferencing). "pixel" is normalised to null.
+    crs: Optional[str] = "EPSG:4326"
+
+    @field_validator("table")
+    @classmethod
+    def _local_table(cls, v: str) -> str:
+        if is_remote(v):
+            raise ValueError(f"must be a local directory (atomic commits need a POSIX file system), got {v!r}")
+        return v
+
+    @field_validator("crs")
+    @classmethod
+    def _known_crs(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or v.strip().lower() == "pixel":
+            return None
+        import pyproj  # local import: only needed when a CRS is given
+
+        try:
+            pyproj.CRS.from_user_input(v)
+        except pyproj.exceptions.CRSError as err:
+            raise ValueError(f"not a CRS that pyproj knows ({v!r}): {err}") from None
+        return v
+
+
+class JobSpec(BaseModel):
+    """A whole job: what to read, how to chip it, which model, where to run, where to write."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    name: str
+    inputs: InputsSpec
+    tiling: TilingSpec = Field(default_factory=TilingSpec)
+    model: ModelSpec
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    output: OutputSpec
+
+    # The file this spec came from, for error messages ("" when built in code).
+    _source: str = PrivateAttr(default="")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _SAFE_NAME.match(v):
+            raise ValueError(f"must be letters, digits, '.', '_' or '-' (it names files), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_seam_margin(self) -> "JobSpec":
+        # The seam zone defaults to the overlap: that is where duplicates can occur.
+        if self.merge.seam_margin is None:
+            self.merge.seam_margin = self.tiling.overlap
+        return self
+
+    @property
+    def source(self) -> str:
+        """The job file this spec was loaded from ("" if built in code)."""
+        return self._source
+
+
+# Fields holding local paths, as (section, key); resolved against the job file's dir.
+_PATH_FIELDS = (("inputs", "paths"), ("model", "checkpoint"), ("output", "table"))
+
+
+def _resolve_path(p: Any, base: Path) -> Any:
+    """Make a local relative path absolute against ``base``; anything else unchanged."""
+    if not isinstance(p, str) or not p or is_remote(p):
+        return p
+    expanded = os.path.expanduser(p)
+    if os.path.isabs(expanded):
+        return os.path.normpath(expanded)
+    return os.path.normpath(str(base / expanded))
+
+
+def _resolve_field(value: Any, base: Path) -> Any:
+    if isinstance(value, list):
+        return [_resolve_path(p, base) for p in value]
+    return _resolve_path(value, base)
+
+
+def resolve_paths(data: dict, base_dir: os.PathLike | str) -> dict:
+    """Return a copy of raw job ``data`` with its local path fields made absolute.
+
+    Only well-typed values are touched; anything else is left for validation to report.
+    """
+    base = Path(base_dir)
+    out = dict(data)
+    for section, key in _PATH_FIELDS:
+        sec = out.get(section)
+        if isinstance(sec, dict) and key in sec:
+            out[section] = {**sec, key: _resolve_field(sec[key], base)}
+    return out
+
+
+def _section_fields() -> dict[str, Optional[set[str]]]:
+    """Top-level keys -> allowed sub-keys (None for scalar top-level keys like ``name``)."""
+    out: dict[str, Optional[set[str]]] = {}
+    for key, field in JobSpec.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out[key] = set(ann.model_fields)
+        else:
+            out[key] = None
+    return out
+
+
+def apply_overrides(data: dict, overrides: Iterable[str], cwd: os.PathLike | str | None = None) -> dict:
+    """Apply ``section.key=value`` (or ``name=value``) overrides to raw job ``data``.
+
+    ``value`` is parsed with ``yaml.safe_load`` so ``compute.actors=3`` gives an int,
+    ``output.crs=null`` gives None and ``inputs.bands=[1,2,3]`` a list. Relative local
+    paths are resolved against ``cwd`` (default: the current directory). Unknown
+    sections or keys raise ConfigError naming them.
+    """
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    sections = _section_fields()
+    out = dict(data)
+    for item in overrides:
+        where = f"--set {item}"
+        if "=" not in item:
+            raise ConfigError(f"{where}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where}: value is not valid YAML: {err}") from None
+        top = parts[0]
+        if top not in sections:
+            raise ConfigError(f"{where}: unknown section {top!r} (known: {', '.join(sections)})")
+        allowed = sections[top]
+        if allowed is None:
+            if len(parts) != 1:
+                raise ConfigError(f"{where}: {top!r} has no sub-keys")
+            out[top] = value
+            continue
+        if len(parts) != 2:
+            raise ConfigError(f"{where}: expected {top}.KEY=VALUE (one of {', '.join(sorted(allowed))})")
+        key = parts[1]
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {top}.{key} (known: {', '.join(sorted(allowed))})")
+        sec = out.get(top)
+        if sec is None:
+            sec = {}
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{where}: section {top!r} in the job file is not a mapping")
+        if (top, key) in _PATH_FIELDS:
+            value = _resolve_field(value, base)
+        out[top] = {**sec, key: value}
+    return out
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    """Pydantic loc tuple -> YAML path: ('inputs', 'paths', 0) -> 'inputs.paths[0]'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    """One pydantic error -> a short human message."""
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    given = err.get("input")
+    if isinstance(given, (dict, list)):
+        return msg[:1].lower() + msg[1:]
+    return f"{msg[:1].lower() + msg[1:]}, got {given!r}"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """ValidationError -> lines ``source: yaml.path: message`` (one per problem)."""
+    lines = []
+    for e in err.errors():
+        path = _dotted(e["loc"])
+        line = f"{source}: {path}: {_describe(e)}"
+        if e["type"] == "extra_forbidden":
+            line += _known_keys_hint(e["loc"])
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _known_keys_hint(loc: Sequence[Any]) -> str:
+    sections = _section_fields()
+    if len(loc) == 1:
+        return f" (known: {', '.join(sections)})"
+    if len(loc) == 2 and sections.get(loc[0]):
+        return f" (known: {', '.join(sorted(sections[loc[0]]))})"
+    return ""
+
+
+def parse_job(data: Any, source: str = "job", base_dir: os.PathLike | str | None = None) -> JobSpec:
+    """Validate raw (already YAML-parsed) job ``data`` into a JobSpec.
+
+    ``base_dir``: when given, relative local paths are resolved against it.
+    ``source`` names the job in error messages. Raises ConfigError.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the job must be a YAML mapping of sections, got {type(data).__name__}")
+    if base_dir is not None:
+        data = resolve_paths(data, base_dir)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    spec._source = source
+    return spec
+
+
+def read_job_file(path: os.PathLike | str) -> Any:
+    """Read a job file with ``yaml.safe_load`` (no tags, nothing evaluated)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read job file: {err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def load_job(path: os.PathLike | str, overrides: Sequence[str] = ()) -> JobSpec:
+    """Load, override and validate a job file. Raises ConfigError naming the field.
+
+    Relative paths in the file resolve against the file's directory; relative paths in
+    ``overrides`` resolve against the current directory. Nothing is touched on disk;
+    call :func:`check_runnable` to check inputs, checkpoint and output location.
+    """
+    source = str(path)
+    data = read_job_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the job must be a YAML mapping of sections, got {type(data).__name__}")
+    data = resolve_paths(data, Path(path).resolve().parent)
+    data = apply_overrides(data, overrides)
+    return parse_job(data, source=source)
+
+
+def _glob_local(pattern: str) -> list[str]:
+    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+
+
+def input_files(spec: JobSpec) -> list[str]:
+    """Expand ``inputs.paths``: local globs to sorted existing files, URLs as given.
+
+    Duplicates (a file matched by two patterns) are listed once, first match order.
+    """
+    seen: dict[str, None] = {}
+    for pattern in spec.inputs.paths:
+        matches = [pattern] if is_remote(pattern) else _glob_local(pattern)
+        for m in matches:
+            seen.setdefault(m, None)
+    return list(seen)
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _writable_dir_problem(table: str) -> Optional[str]:
+    """Why ``table`` could not be created/written, or None. Writes nothing."""
+    p = Path(table)
+    if p.exists():
+        if not p.is_dir():
+            return f"exists and is not a directory: {table}"
+        if not os.access(p, os.W_OK | os.X_OK):
+            return f"directory is not writable: {table}"
+        return None
+    parent = _nearest_existing(p.parent)
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable"
+    return None
+
+
+def check_runnable(spec: JobSpec) -> None:
+    """Check that the job can start; raise one ConfigError listing every problem.
+
+    - each local ``inputs.paths`` glob matches at least one file (URLs are not checked);
+    - a local ``model.checkpoint`` is an existing file;
+    - ``output.table`` is a writable directory or can be created (the nearest existing
+      parent is checked with ``os.access``; nothing is written).
+    """
+    source = spec.source or "job"
+    problems = []
+    for i, pattern in enumerate(spec.inputs.paths):
+        if not is_remote(pattern) and not _glob_local(pattern):
+            problems.append(f"{source}: inputs.paths[{i}]: no file matches {pattern!r}")
+    ckpt = spec.model.checkpoint
+    if not is_remote(ckpt) and not os.path.isfile(ckpt):
+        problems.append(f"{source}: model.checkpoint: file not found: {ckpt}")
+    why = _writable_dir_problem(spec.output.table)
+    if why:
+        problems.append(f"{source}: output.table: {why}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _canonical_crs(crs: Optional[str]) -> Optional[str]:
+    """'epsg:4326' and 'EPSG:4326' hash alike; CRSs without an authority hash as written."""
+    if crs is None:
+        return None
+    import pyproj
+
+    auth = pyproj.CRS.from_user_input(crs).to_authority()
+    return f"{auth[0]}:{auth[1]}" if auth else crs.strip()
+
+
+def hashed_fields(spec: JobSpec) -> dict:
+    """The settings that change the rows a job writes, as a plain dict.
+
+    Included: ``inputs.bands``, all of ``tiling``, ``model.score_threshold``, all of
+    ``merge`` (with seam_margin resolved) and ``output.crs`` (canonicalised).
+    Excluded, because they change speed or placement but not results: ``compute``
+    (address, actors, GPUs, retries), ``model.batch_size``, ``model.device`` and
+    ``model.precision`` (reduced precision moves scores by rounding noise only; hashing
+    it would re-run every scene when a job moves between CPU and GPU), the job name,
+    and the paths (scenes and the checkpoint are identified by their own keys).
+    """
+    return {
+        "version": JOB_HASH_VERSION,
+        "bands": spec.inputs.bands,
+        "tiling": spec.tiling.model_dump(),
+        "score_threshold": spec.model.score_threshold,
+        "merge": spec.merge.model_dump(),
+        "crs": _canonical_crs(spec.output.crs),
+    }
+
+
+def job_hash(spec: JobSpec) -> str:
+    """Stable sha256 hex digest of :func:`hashed_fields` (canonical JSON, sorted keys).
+
+    Equal for two specs that produce the same rows from the same scenes and model,
+    across processes and machines (no Python ``hash()``, no dict-order dependence).
+    """
+    blob = json.dumps(hashed_fields(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
