@@ -1,0 +1,90 @@
+"""One-file checkpoints: weights, model config, class names, metadata and a format version.
+
+Loaded with torch.load(weights_only=True): a checkpoint can hold tensors and plain Python
+values only, so opening an untrusted file cannot run code.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from retinanet.model import RetinaNet, RetinaNetConfig, build_model
+
+FORMAT_NAME = "retinanet-pipeline/checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable checkpoint; the message names the file and the reason."""
+
+
+def save_checkpoint(path: str | os.PathLike, model: RetinaNet, class_names: list[str],
+                    metadata: dict | None = None) -> Path:
+    """Write `model` to `path` atomically (temp file + rename) and return the path."""
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "class_names": list(class_names),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load and validate a checkpoint's payload without building the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused: the file holds Python objects other than tensors and "
+                              f"plain values (untrusted pickle?): {str(err).splitlines()[0]}") from err
+    except Exception as err:  # zip/pickle corruption surfaces as many exception types
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not a {FORMAT_NAME} file (a bare state dict? use "
+                              "retinanet.from_torchvision or save_checkpoint first)")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this library reads {FORMAT_VERSION}")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[RetinaNet, dict]:
+    """Build the model stored in `path` -> (model in eval mode, info).
+
+    info: {"class_names", "metadata", "config"}.
+    """
+    payload = read_checkpoint(path)
+    try:
+        config = RetinaNetConfig.from_dict(payload["config"])
+        model = build_model(config)
+        model.load_state_dict(payload["state_dict"])
+    except (ValueError, RuntimeError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: weights do not fit the stored config: {err}") from err
+    info = {"class_names": list(payload["class_names"]), "metadata": payload["metadata"],
+            "config": config}
+    return model.eval(), info
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (the model id the pipeline records)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

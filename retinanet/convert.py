@@ -1,0 +1,58 @@
+"""Import weights of torchvision's retinanet_resnet50_fpn / retinanet_resnet50_fpn_v2."""
+from __future__ import annotations
+
+import re
+
+from torch import Tensor
+
+from retinanet.model import IMAGENET_MEAN, IMAGENET_STD, RetinaNet, RetinaNetConfig, build_model
+
+
+def torchvision_config(num_classes: int, v2: bool = False, **overrides) -> RetinaNetConfig:
+    """The RetinaNetConfig equivalent to torchvision's model (inputs in [0, 1], ImageNet stats)."""
+    base = dict(num_classes=num_classes, backbone="resnet50", in_channels=3, image_mean=IMAGENET_MEAN,
+                image_std=IMAGENET_STD, frozen_bn=True, p6_from="c5" if v2 else "p5",
+                head_group_norm=v2, box_loss="giou" if v2 else "l1")
+    return RetinaNetConfig(**{**base, **overrides})
+
+
+def _rename(key: str) -> str | None:
+    """torchvision state-dict key -> ours (None to drop). Accepts pre-0.13 (unversioned) keys."""
+    if key.endswith("num_batches_tracked"):
+        return None  # BatchNorm2d bookkeeping; our ResNet uses FrozenBatchNorm2d
+    key = key.replace("backbone.fpn.", "fpn.", 1)
+    key = re.sub(r"^(fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$", r"\1.0.\2", key)
+    key = key.replace("head.classification_head.", "cls_head.", 1)
+    key = key.replace("head.regression_head.", "box_head.", 1)
+    key = re.sub(r"\.(cls_logits|bbox_reg)\.", ".predictor.", key)
+    old_conv = re.match(r"^(cls_head|box_head)\.conv\.(\d+)\.(weight|bias)$", key)
+    if old_conv:  # old layout: conv, relu, conv, relu ... in one Sequential
+        head, index, param = old_conv.groups()
+        return f"{head}.tower.{int(index) // 2}.0.{param}"
+    return re.sub(r"^(cls_head|box_head)\.conv\.", r"\1.tower.", key)
+
+
+def convert_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a torchvision RetinaNet state dict to this library's layout."""
+    out = {}
+    for key, value in state_dict.items():
+        new = _rename(key)
+        if new is not None:
+            out[new] = value
+    return out
+
+
+def from_torchvision(state_dict: dict[str, Tensor], num_classes: int, v2: bool = False,
+                     **config_overrides) -> RetinaNet:
+    """A RetinaNet carrying torchvision weights, in eval mode.
+
+    On chips torchvision does not resize (min_size = max_size = chip size) the detections
+    equal torchvision's. Inputs are float tensors in [0, 1], like torchvision's.
+    """
+    model = build_model(torchvision_config(num_classes, v2, **config_overrides))
+    converted = convert_state_dict(state_dict)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit retinanet_resnet50_fpn{'_v2' if v2 else ''} with "
+                         f"{num_classes} classes: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()

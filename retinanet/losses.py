@@ -1,0 +1,43 @@
+"""Focal loss and box-regression losses."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Element-wise focal loss FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) (Lin et al., eq. 5).
+
+    logits, targets: same shape, targets in {0, 1}. alpha < 0 disables the class weighting;
+    with alpha < 0 and gamma = 0 it equals binary cross-entropy. Returns the same shape.
+    """
+    logits = logits.float()
+    targets = targets.float()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if gamma == 0:
+        loss = ce
+    else:
+        p = torch.sigmoid(logits)
+        p_t = p * targets + (1 - p) * (1 - targets)
+        loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def box_regression_loss(kind: str, deltas: Tensor, target_deltas: Tensor, pred_boxes: Tensor | None = None,
+                        target_boxes: Tensor | None = None, beta: float = 0.1) -> Tensor:
+    """Summed box loss over (P, 4) positive anchors.
+
+    kind: "l1" and "smooth_l1" compare deltas; "giou" compares decoded boxes (needs
+    pred_boxes, target_boxes in XYXY pixels).
+    """
+    if kind == "l1":
+        return F.l1_loss(deltas.float(), target_deltas, reduction="sum")
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(deltas.float(), target_deltas, beta=beta, reduction="sum")
+    if kind == "giou":
+        return generalized_box_iou_loss(pred_boxes, target_boxes, reduction="sum")
+    raise ValueError(f"unknown box loss {kind!r}: expected 'l1', 'smooth_l1' or 'giou'")

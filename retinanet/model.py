@@ -1,0 +1,270 @@
+"""RetinaNet (Lin et al., "Focal Loss for Dense Object Detection", 2017) for fixed-size chips."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+
+from retinanet import boxes as box_ops
+from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, AnchorGenerator
+from retinanet.backbones import build_backbone
+from retinanet.heads import Subnet, prior_logit
+from retinanet.losses import box_regression_loss, sigmoid_focal_loss
+from retinanet.matcher import BACKGROUND, IGNORE, match_batch, pad_targets
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIZE_DIVISOR = 32  # every level down to P5 must tile the padded input exactly
+
+
+@dataclass
+class RetinaNetConfig:
+    """Everything that defines a RetinaNet; stored in checkpoints as a plain dict.
+
+    image_mean / image_std are per band, in the units of the input tensor (e.g. 0-255 for
+    uint8 scenes, raw DN for 16-bit): the model normalises its own input, so the statistics
+    travel with the weights.
+    """
+
+    num_classes: int
+    backbone: str = "resnet50"
+    in_channels: int = 3
+    image_mean: tuple[float, ...] = IMAGENET_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STD
+    backbone_weights: str | None = None  # local ImageNet state dict; never stored in checkpoints
+    frozen_bn: bool = True
+    trainable_stages: int | None = None
+    fpn_channels: int = 256
+    p6_from: str = "c5"  # the paper builds P6 from C5; torchvision's v1 from P5
+    head_width: int = 256
+    head_depth: int = 4
+    head_group_norm: bool = False
+    prior_probability: float = 0.01
+    anchor_sizes: tuple[tuple[float, ...], ...] = DEFAULT_SIZES
+    aspect_ratios: tuple[float, ...] = DEFAULT_ASPECT_RATIOS
+    fg_iou_threshold: float = 0.5
+    bg_iou_threshold: float = 0.4
+    allow_low_quality_matches: bool = True
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_loss: str = "l1"
+    smooth_l1_beta: float = 0.1
+    score_threshold: float = 0.05
+    topk_candidates: int = 1000
+    nms_threshold: float = 0.5
+    detections_per_image: int = 100
+
+    def __post_init__(self):
+        self.image_mean = tuple(float(v) for v in self.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_std)
+        self.anchor_sizes = tuple(tuple(float(s) for s in level) for level in self.anchor_sizes)
+        self.aspect_ratios = tuple(float(r) for r in self.aspect_ratios)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if len(self.image_mean) != self.in_channels or len(self.image_std) != self.in_channels:
+            raise ValueError(f"image_mean/image_std need {self.in_channels} values (one per band), "
+                             f"got {len(self.image_mean)} and {len(self.image_std)}")
+        if any(s <= 0 for s in self.image_std):
+            raise ValueError(f"image_std must be positive, got {self.image_std}")
+        if self.p6_from not in ("c5", "p5"):
+            raise ValueError(f"p6_from must be 'c5' or 'p5', got {self.p6_from!r}")
+        if len(self.anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes needs one tuple per level P3-P7 (5), got {len(self.anchor_sizes)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("backbone_weights")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RetinaNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown RetinaNetConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+class RetinaNet(nn.Module):
+    """Backbone + FPN (P3-P7) + shared subnets, with focal-loss training and batched inference.
+
+    Train mode: model(images, targets) -> {"classification": loss, "bbox_regression": loss}.
+    Eval mode:  model(images) -> [{"boxes": (N, 4) float32 XYXY chip pixels, "scores": (N,),
+    "labels": (N,) int64 in [0, num_classes)} per image].
+    images: (B, C, H, W) floating tensor in the units of config.image_mean; no resizing.
+    targets: one dict per image with "boxes" (N, 4) XYXY pixels and "labels" (N,) int64.
+    """
+
+    def __init__(self, config: RetinaNetConfig, backbone: nn.Module, fpn: nn.Module,
+                 anchor_generator: AnchorGenerator, cls_head: Subnet, box_head: Subnet):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.fpn = fpn
+        self.anchor_generator = anchor_generator
+        self.cls_head = cls_head
+        self.box_head = box_head
+        c = config.in_channels
+        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std).view(1, c, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, images: Tensor, targets: list[dict] | None = None):
+        self._check_images(images)
+        height, width = images.shape[-2:]
+        x = (images - self.image_mean) / self.image_std
+        pad_h = -height % SIZE_DIVISOR
+        pad_w = -width % SIZE_DIVISOR
+        if pad_h or pad_w:  # pad after normalising: padding is "mean colour", like torchvision
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        features = self.backbone(x)
+        pyramid = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features))).values())
+        cls_logits = self.cls_head(pyramid)
+        box_deltas = self.box_head(pyramid)
+        feature_hws = [tuple(p.shape[-2:]) for p in pyramid]
+        anchors = self.anchor_generator(tuple(x.shape[-2:]), feature_hws, x.device)
+        if self.training:
+            if targets is None:
+                raise ValueError("training mode needs targets: model(images, targets)")
+            self._check_targets(targets, len(images))
+            return self.compute_loss(cls_logits, box_deltas, anchors, targets)
+        level_counts = [h * w * self.anchor_generator.num_anchors_per_location for h, w in feature_hws]
+        return self.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))
+
+    # -- training --------------------------------------------------------------------------
+    def compute_loss(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
+                     targets: list[dict]) -> dict[str, Tensor]:
+        """Focal loss over all non-ignored anchors and box loss over positives, each summed
+        over the whole batch and divided by the batch's number of positive anchors."""
+        cfg = self.config
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, anchors.device)
+        matches = match_batch(anchors, gt_boxes, gt_valid, cfg.fg_iou_threshold, cfg.bg_iou_threshold,
+                              cfg.allow_low_quality_matches)
+        foreground = matches >= 0
+        num_foreground = foreground.sum().clamp(min=1).float()
+        gt_index = matches.clamp(min=0)
+
+        cls_target = torch.zeros_like(cls_logits, dtype=torch.float32)
+        fg_labels = torch.gather(gt_labels, 1, gt_index)[foreground]
+        cls_target[foreground] = F.one_hot(fg_labels, cfg.num_classes).float()
+        counted = matches != IGNORE
+        cls_loss = sigmoid_focal_loss(cls_logits[counted], cls_target[counted], cfg.focal_alpha,
+                                      cfg.focal_gamma).sum() / num_foreground
+
+        fg_batch, fg_anchor = foreground.nonzero(as_tuple=True)
+        fg_anchors = anchors[fg_anchor]
+        fg_gt = gt_boxes[fg_batch, gt_index[fg_batch, fg_anchor]]
+        fg_deltas = box_deltas[fg_batch, fg_anchor].float()
+        if cfg.box_loss == "giou":
+            box_loss = box_regression_loss("giou", fg_deltas, None, box_ops.decode(fg_deltas, fg_anchors), fg_gt)
+        else:
+            box_loss = box_regression_loss(cfg.box_loss, fg_deltas, box_ops.encode(fg_anchors, fg_gt),
+                                           beta=cfg.smooth_l1_beta)
+        return {"classification": cls_loss, "bbox_regression": box_loss / num_foreground}
+
+    # -- inference -------------------------------------------------------------------------
+    def postprocess(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
+                    level_counts: list[int], image_hw: tuple[int, int]) -> list[dict[str, Tensor]]:
+        """Per level: scores > threshold, top-k candidates; decode in float32; class-aware NMS
+        per image; keep the best detections_per_image. Vectorised over the batch: images are
+        told apart in NMS by folding the image index into the class index."""
+        cfg = self.config
+        batch, _, num_classes = cls_logits.shape
+        device = cls_logits.device
+        cand_scores, cand_anchor, cand_label = [], [], []
+        start = 0
+        for count in level_counts:
+            scores = torch.sigmoid(cls_logits[:, start:start + count].float()).reshape(batch, -1)
+            k = min(cfg.topk_candidates, scores.shape[1])
+            top_scores, top_index = scores.topk(k, dim=1)
+            cand_scores.append(top_scores)
+            cand_anchor.append(top_index // num_classes + start)
+            cand_label.append(top_index % num_classes)
+            start += count
+        scores = torch.cat(cand_scores, dim=1)
+        anchor_index = torch.cat(cand_anchor, dim=1)
+        labels = torch.cat(cand_label, dim=1)
+        image_index = torch.arange(batch, device=device)[:, None].expand_as(scores)
+
+        keep = scores > cfg.score_threshold
+        scores, anchor_index, labels, image_index = scores[keep], anchor_index[keep], labels[keep], image_index[keep]
+        deltas = box_deltas[image_index, anchor_index]
+        boxes = box_ops.clip_boxes(box_ops.decode(deltas, anchors[anchor_index]), *image_hw)
+
+        kept = batched_nms(boxes, scores, image_index * num_classes + labels, cfg.nms_threshold)
+        # kept is sorted by score; group by image (stable) and cap each image's count.
+        kept = kept[torch.sort(image_index[kept], stable=True).indices]
+        per_image = torch.bincount(image_index[kept], minlength=batch)
+        offsets = torch.cumsum(per_image, 0) - per_image
+        rank = torch.arange(len(kept), device=device) - offsets[image_index[kept]]
+        kept = kept[rank < cfg.detections_per_image]
+        counts = per_image.clamp(max=cfg.detections_per_image).tolist()
+        return [
+            {"boxes": b, "scores": s, "labels": l}
+            for b, s, l in zip(boxes[kept].split(counts), scores[kept].split(counts), labels[kept].split(counts))
+        ]
+
+    # -- input checks ----------------------------------------------------------------------
+    def _check_images(self, images) -> None:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a (B, C, H, W) tensor, got {type(images).__name__} "
+                            "(stack fixed-size chips into one batch)")
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating tensor in the units of image_mean, got {images.dtype} "
+                            "(convert with images.float())")
+        if images.shape[1] != self.config.in_channels:
+            raise ValueError(f"model expects {self.config.in_channels} bands, images have {images.shape[1]} "
+                             f"(shape {tuple(images.shape)})")
+
+    def _check_targets(self, targets: list[dict], batch: int) -> None:
+        if len(targets) != batch:
+            raise ValueError(f"{batch} images but {len(targets)} targets")
+        for i, t in enumerate(targets):
+            boxes, labels = t.get("boxes"), t.get("labels")
+            if boxes is None or labels is None:
+                raise ValueError(f"target {i} needs 'boxes' and 'labels'")
+            if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(labels) != len(boxes):
+                raise ValueError(f"target {i}: boxes must be (N, 4) with N labels, got {tuple(boxes.shape)} "
+                                 f"and {len(labels)} labels")
+            if len(boxes) == 0:
+                continue
+            bad = ~torch.isfinite(boxes).all(dim=1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+            if bad.any():
+                j = int(bad.nonzero()[0])
+                raise ValueError(f"target {i}, box {j}: {boxes[j].tolist()} is degenerate or not finite "
+                                 "(need finite XYXY with x2 > x1 and y2 > y1)")
+            if labels.is_floating_point() or labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(f"target {i}: labels must be integers in [0, {self.num_classes}), "
+                                 f"got {labels.tolist()[:10]}")
+
+
+def build_model(config: RetinaNetConfig | None = None, **overrides) -> RetinaNet:
+    """The one factory: a config (or keyword fields of RetinaNetConfig) -> RetinaNet."""
+    if config is None:
+        config = RetinaNetConfig(**overrides)
+    elif overrides:
+        config = RetinaNetConfig(**{**asdict(config), **overrides})
+    backbone = build_backbone(config.backbone, config.in_channels, config.backbone_weights, config.frozen_bn,
+                              config.trainable_stages)
+    c5 = backbone.out_channels[-1]
+    p6_in = config.fpn_channels if config.p6_from == "p5" else c5
+    if config.p6_from == "c5" and c5 == config.fpn_channels:
+        raise ValueError("p6_from='c5' is ambiguous when C5 has fpn_channels channels")
+    fpn = FeaturePyramidNetwork(backbone.out_channels, config.fpn_channels,
+                                extra_blocks=LastLevelP6P7(p6_in, config.fpn_channels))
+    anchors = AnchorGenerator(config.anchor_sizes, config.aspect_ratios)
+    a = anchors.num_anchors_per_location
+    cls_head = Subnet(config.fpn_channels, a, config.num_classes, config.head_width, config.head_depth,
+                      config.head_group_norm, prior_logit(config.prior_probability))
+    box_head = Subnet(config.fpn_channels, a, 4, config.head_width, config.head_depth, config.head_group_norm)
+    return RetinaNet(config, backbone, fpn, anchors, cls_head, box_head)
