@@ -350,6 +350,8 @@ def _describe(err: dict) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping of keys to values, got {err.get('input')!r}"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         return msg[len("Value error, "):]
