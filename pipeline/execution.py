@@ -1,0 +1,245 @@
+"""`pipeline run`: the streaming Ray Data graph from scenes to committed GeoParquet rows.
+
+    driver: expand inputs -> plan chip windows per scene (header + mask/overview only)
+    Ray Data: chip rows -> read windows (CPU tasks, bounded retries)
+              -> ChipPredictor actor pool (GPU-pinned, bounded restarts)
+    driver: collect detections per scene -> seam merge -> georeference -> commit the scene
+
+Scenes are committed one by one as their last chip arrives, so an interrupted run keeps
+what it finished and memory holds detections, never pixels, on the driver.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.spec import JobSpec, check_runnable, is_remote, job_hash
+
+
+@dataclass
+class ScenePlan:
+    scene_id: str
+    path: str
+    info: object
+    windows: list
+    skipped_empty: int
+
+
+@dataclass
+class RunState:
+    """What the driver accumulates while chips stream back."""
+
+    expected: dict[str, int]
+    chips: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    quarantined: list[dict] = field(default_factory=list)
+    workers: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    done_chips: int = 0
+
+
+def expand_inputs(paths: list[str]) -> list[str]:
+    """Local globs expanded and sorted; remote URLs kept as given. Duplicates dropped."""
+    out: list[str] = []
+    for p in paths:
+        matches = [p] if is_remote(p) else sorted(glob.glob(p))
+        out.extend(m for m in matches if m not in out)
+    return out
+
+
+def chip_id(scene_id: str, row: int, col: int) -> str:
+    return f"{scene_id}/r{row}c{col}"
+
+
+def plan_scenes(spec: JobSpec, paths: list[str], skip: set[str] = frozenset()) -> tuple[list[ScenePlan], list[dict]]:
+    """Plan the chip windows of every scene; scenes that cannot be opened are reported, not raised."""
+    from pipeline.tiling import plan_chips
+
+    plans, failed = [], []
+    for path in paths:
+        try:
+            info, windows, skipped = plan_chips(path, spec.tiling.chip_size, spec.tiling.overlap,
+                                                spec.tiling.min_valid_fraction)
+        except PipelineError as err:
+            failed.append({"path": path, "reason": str(err)})
+            continue
+        if info.scene_id in skip:
+            continue
+        plans.append(ScenePlan(info.scene_id, path, info, windows, skipped))
+    return plans, failed
+
+
+def chip_rows(plans: list[ScenePlan]) -> list[dict]:
+    """One small row per chip to read: identifiers and the window, no pixels."""
+    return [
+        {"chip_id": chip_id(p.scene_id, w.row, w.col), "scene_id": p.scene_id, "path": p.path,
+         "row": int(w.row), "col": int(w.col), "col_off": int(w.col_off), "row_off": int(w.row_off), "width": int(w.width), "height": int(w.height)}
+        for p in plans for w in p.windows
+    ]
+
+
+def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_size: int,
+                    out_channels: int) -> dict[str, np.ndarray]:
+    """Ray Data task: read the pixels of a batch of chip windows, opening each scene once.
+
+    A window that fails to read (damaged tiles) marks its chip ``read_error``; a scene that
+    fails as a whole marks all of its chips. Other chips are read normally.
+    """
+    from pipeline.tiling import ChipWindow, read_chips
+
+    n = len(batch["chip_id"])
+    pixels = np.zeros((n, out_channels, chip_size, chip_size), dtype=np.float32)
+    status = np.array(["ok"] * n, dtype=object)
+    error = np.array([""] * n, dtype=object)
+    paths = batch["path"].astype(str)
+    for path in dict.fromkeys(paths):
+        rows = np.flatnonzero(paths == path)
+        windows = [ChipWindow(int(batch["row"][i]), int(batch["col"][i]), int(batch["col_off"][i]),
+                              int(batch["row_off"][i]), int(batch["width"][i]), int(batch["height"][i]))
+                   for i in rows]
+        try:
+            chips, failures = read_chips(path, windows, bands, chip_size, out_channels)
+        except PipelineError as err:
+            status[rows], error[rows] = "read_error", str(err)
+            continue
+        by_cell = {(c.row, c.col): c for c in chips}
+        reasons = {(f.row, f.col): f.reason for f in failures}
+        for i, w in zip(rows, windows):
+            chip = by_cell.get((w.row, w.col))
+            if chip is None:
+                status[i], error[i] = "read_error", reasons.get((w.row, w.col), "window was not read")
+            else:
+                pixels[i] = chip.pixels
+    return {"chip_id": batch["chip_id"], "scene_id": batch["scene_id"], "col_off": batch["col_off"],
+            "row_off": batch["row_off"], "pixels": pixels, "status": status, "error": error}
+
+
+def connect_ray(address: str | None, quiet: bool = True):
+    """Join `address` (None: start a local Ray in this process) unless Ray is already up."""
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = {"include_dashboard": False, "log_to_driver": not quiet} if address is None else {}
+        ray.init(address=address, **kwargs)
+    return ray
+
+
+def actor_gpus(requested: float, cluster_gpus: float, local: bool, log) -> float:
+    """GPUs per actor to ask Ray for: a local Ray without GPUs falls back to CPU actors."""
+    if requested > 0 and cluster_gpus == 0:
+        if local:
+            log("no GPU in the local Ray: predictor actors run on CPU (compute.gpus_per_actor ignored)")
+            return 0.0
+        log(f"warning: the cluster reports no GPUs; actors asking for {requested} GPU wait for the autoscaler")
+    return requested
+
+
+def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=None, faults=None) -> dict:
+    """Run a job to completion and return its report (also written next to the manifests)."""
+    from pipeline import table
+    from pipeline.finalize import finalize_scene
+    from pipeline.predictor import ChipLedger, ChipPredictor
+    from retinanet.checkpoint import file_sha256, read_checkpoint
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    started = time.time()
+    check_runnable(spec)
+    run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    payload = read_checkpoint(spec.model.checkpoint)
+    class_names = list(payload["class_names"])
+    in_channels = int(payload["config"]["in_channels"])
+    model_id = file_sha256(spec.model.checkpoint)[:16]
+    jhash = job_hash(spec)
+
+    paths = expand_inputs(spec.inputs.paths)
+    plans, failed = plan_scenes(spec, paths)
+    n_chips = sum(len(p.windows) for p in plans)
+    log(f"run {run_id}: {len(plans)} scenes, {n_chips} chips to read, "
+        f"{sum(p.skipped_empty for p in plans)} empty chips skipped, {len(failed)} scenes failed to open")
+
+    report = {"run_id": run_id, "job_name": spec.name, "job_hash": jhash, "model_id": model_id,
+              "scenes_ok": [], "scenes_failed": failed, "chips_read": 0,
+              "chips_skipped_empty": sum(p.skipped_empty for p in plans), "chips_quarantined": [],
+              "detections": 0, "workers": {}}
+    state = RunState(expected={p.scene_id: len(p.windows) for p in plans})
+    plan_by_scene = {p.scene_id: p for p in plans}
+
+    def commit(scene_id: str) -> None:
+        plan = plan_by_scene[scene_id]
+        try:
+            rows = finalize_scene(spec, plan, state.chips.pop(scene_id, []), class_names, run_id, model_id, jhash)
+            table.commit_scene(spec.output.table, run_id, spec.name, scene_id, plan.path, model_id, jhash, rows)
+        except PipelineError as err:
+            report["scenes_failed"].append({"path": plan.path, "reason": str(err)})
+            return
+        report["scenes_ok"].append(scene_id)
+        report["detections"] += rows.num_rows
+
+    for scene_id, count in list(state.expected.items()):
+        if count == 0:  # nothing valid to read: commit an empty result so the scene counts as done
+            commit(scene_id)
+
+    if n_chips:
+        ray = connect_ray(spec.compute.address)
+        import ray.data
+
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = actor_gpus(spec.compute.gpus_per_actor, cluster_gpus, spec.compute.address is None, log)
+        retries = spec.compute.max_retries
+        batch_size = spec.model.batch_size or 8
+        ledger = ray.remote(num_cpus=0, max_restarts=-1)(ChipLedger).remote()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.max_errored_blocks = 0  # never drop a block silently
+        rows = chip_rows(plans)
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
+        ds = ds.map_batches(read_chip_batch, batch_size=batch_size, batch_format="numpy",
+                            fn_kwargs={"bands": spec.inputs.bands, "chip_size": spec.tiling.chip_size,
+                                       "out_channels": in_channels},
+                            num_cpus=0.5, max_retries=retries,
+                            concurrency=spec.compute.read_concurrency)
+        # Bounded actor restarts: enough for each poison chip to collect its strikes.
+        restarts = (retries + 2) * 4
+        ds = ds.map_batches(ChipPredictor, batch_size=batch_size, batch_format="numpy",
+                            fn_constructor_kwargs={"checkpoint": spec.model.checkpoint,
+                                                   "score_threshold": spec.model.score_threshold,
+                                                   "precision": spec.model.precision, "device": spec.model.device,
+                                                   "ledger": ledger, "max_strikes": retries,
+                                                   "num_threads": max(1, int(spec.compute.cpus_per_actor)),
+                                                   "faults": faults},
+                            concurrency=spec.compute.actors, num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
+                            max_restarts=restarts, max_task_retries=restarts)
+        last_log = time.time()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["chip_id"])):
+                scene_id = str(batch["scene_id"][i])
+                status = str(batch["status"][i])
+                state.done_chips += 1
+                state.workers[str(batch["worker"][i])] += 1
+                if status == "ok":
+                    report["chips_read"] += 1
+                    state.chips[scene_id].append((str(batch["chip_id"][i]), batch["detections"][i]))
+                else:
+                    report["chips_quarantined"].append({"chip_id": str(batch["chip_id"][i]), "status": status,
+                                                        "reason": str(batch["error"][i])})
+                state.expected[scene_id] -= 1
+                if state.expected[scene_id] == 0:
+                    commit(scene_id)
+            if time.time() - last_log > 5:
+                last_log = time.time()
+                rate = state.done_chips / max(1e-9, last_log - started)
+                log(f"  {state.done_chips}/{n_chips} chips, {len(report['scenes_ok'])}/{len(plans)} scenes "
+                    f"committed, {rate:.1f} chips/s")
+    wall = time.time() - started
+    report["workers"] = dict(state.workers)
+    report["wall_seconds"] = round(wall, 3)
+    report["chips_per_second"] = round(state.done_chips / wall, 3) if wall else 0.0
+    report["exit_code"] = 0 if not report["scenes_failed"] and not report["chips_quarantined"] else 1
+    report["report_path"] = str(table.write_run_report(spec.output.table, run_id, report))
+    return report

@@ -1,0 +1,42 @@
+"""Per-scene finishing on the driver: chip detections -> seam merge -> map polygons -> rows."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.georef import boxes_to_polygons
+from pipeline.merge import merge_detections
+from pipeline.predictor import decode_detections
+
+
+def gather_scene_detections(chip_results: list[tuple[str, bytes]], chip_index_of: dict[str, int]):
+    """Concatenate a scene's chip detections -> (boxes (N,4), scores (N,), labels (N,), chip_index (N,))."""
+    parts, chips = [], []
+    for cid, blob in chip_results:
+        rows = decode_detections(blob)
+        parts.append(rows)
+        chips.append(np.full(len(rows), chip_index_of[cid], dtype=np.int64))
+    rows = np.concatenate(parts) if parts else np.zeros((0, 6), np.float32)
+    chip_index = np.concatenate(chips) if chips else np.zeros(0, np.int64)
+    return rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64), chip_index
+
+
+def scene_columns(spec, plan, chip_results: list[tuple[str, bytes]], class_names: list[str]) -> dict:
+    """Merged, georeferenced detections of one scene as numpy columns.
+
+    Returns boxes (K,4) scene px, scores, label ids, label names and (K,4,2) polygon corners
+    in output.crs (scene pixels when the scene or the job has no CRS).
+    """
+    from pipeline.execution import chip_id
+
+    windows = np.array([[w.col_off, w.row_off, w.col_off + w.width, w.row_off + w.height] for w in plan.windows],
+                       dtype=np.float64).reshape(-1, 4)
+    index_of = {chip_id(plan.scene_id, w.row, w.col): i for i, w in enumerate(plan.windows)}
+    boxes, scores, labels, chip_index = gather_scene_detections(chip_results, index_of)
+    merged = merge_detections(boxes, scores, labels, chip_index, windows, method=spec.merge.method,
+                              iou_threshold=spec.merge.iou_threshold, seam_margin=spec.merge.seam_margin)
+    crs = plan.info.crs_wkt if spec.output.crs else None
+    corners = boxes_to_polygons(merged.boxes, plan.info.transform, crs, spec.output.crs)
+    names = np.array(class_names, dtype=object)
+    return {"boxes": merged.boxes.astype(np.float32), "scores": merged.scores.astype(np.float32),
+            "label_ids": merged.labels.astype(np.int32), "labels": names[merged.labels] if len(merged.labels) else
+            np.array([], dtype=object), "corners": corners, "output_crs": spec.output.crs if crs else None}

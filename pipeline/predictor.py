@@ -1,0 +1,175 @@
+"""The predictor actor: one RetinaNet per actor (per GPU), detections per chip.
+
+Bounded failure handling, because Ray Data restarts a crashing actor forever by default:
+
+- A Python exception while predicting a batch: the batch is re-run chip by chip, and a
+  chip that raises on its own is returned as ``quarantined`` with the error. Nothing
+  else is lost.
+- A hard crash (segfault, OOM kill, os._exit) takes the actor down; Ray restarts it and
+  retries the batch a bounded number of times. The ChipLedger actor remembers which chips
+  were in flight when a predictor died ("strikes"). A batch that holds a chip with a
+  strike is run chip by chip, so only the culprit collects more strikes; a chip with more
+  than ``max_strikes`` is quarantined without being run again.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DETECTION_FIELDS = 6  # x1, y1, x2, y2 (scene pixels), score, label id
+
+
+class ChipLedger:
+    """Remembers chips that were in flight when a predictor died. Runs as one Ray actor per run."""
+
+    def __init__(self):
+        self.strikes: dict[str, int] = {}
+        self.in_flight: set[str] = set()
+
+    def enter(self, chip_ids: list[str]) -> list[int]:
+        """Mark chips in flight; a chip still in flight from an earlier attempt gets a strike."""
+        out = []
+        for cid in chip_ids:
+            if cid in self.in_flight:
+                self.strikes[cid] = self.strikes.get(cid, 0) + 1
+            self.in_flight.add(cid)
+            out.append(self.strikes.get(cid, 0))
+        return out
+
+    def leave(self, chip_ids: list[str]) -> None:
+        self.in_flight.difference_update(chip_ids)
+
+    def summary(self) -> dict[str, int]:
+        return dict(self.strikes)
+
+
+@dataclass
+class FaultPlan:
+    """Test-only fault injection, passed by run_job's caller (never read from job files).
+
+    crash_always: chip ids whose prediction kills the actor process on every attempt.
+    crash_once: chip ids that kill the actor the first time only (marker files in marker_dir).
+    raise_always: chip ids whose prediction raises a Python exception.
+    """
+
+    crash_always: list[str] = field(default_factory=list)
+    crash_once: list[str] = field(default_factory=list)
+    raise_always: list[str] = field(default_factory=list)
+    marker_dir: str = ""
+
+    def apply(self, chip_ids) -> None:
+        for cid in chip_ids:
+            if cid in self.crash_always:
+                os._exit(13)
+            if cid in self.crash_once:
+                marker = os.path.join(self.marker_dir, f"crashed-{cid.replace('/', '_')}")
+                if not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(13)
+            if cid in self.raise_always:
+                raise RuntimeError(f"injected failure on chip {cid}")
+
+
+def encode_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> bytes:
+    """(N, 6) float32 rows x1, y1, x2, y2, score, label as bytes (a compact Arrow binary cell)."""
+    rows = np.empty((len(boxes), DETECTION_FIELDS), dtype=np.float32)
+    rows[:, :4] = boxes
+    rows[:, 4] = scores
+    rows[:, 5] = labels
+    return rows.tobytes()
+
+
+def decode_detections(blob: bytes) -> np.ndarray:
+    """Inverse of encode_detections -> (N, 6) float32."""
+    return np.frombuffer(blob, dtype=np.float32).reshape(-1, DETECTION_FIELDS)
+
+
+class ChipPredictor:
+    """Callable class for Ray Data's map_batches: loads the checkpoint once, predicts batches.
+
+    Input batch columns: chip_id, scene_id, col_off, row_off, pixels (B, C, S, S) float32,
+    status ("ok" or a read failure), error. Output columns: chip_id, scene_id, status,
+    error, detections (bytes, see encode_detections; boxes in SCENE pixels), worker.
+    """
+
+    def __init__(self, checkpoint: str, score_threshold: float, precision: str = "auto", device: str = "auto",
+                 ledger=None, max_strikes: int = 2, num_threads: int | None = None,
+                 faults: FaultPlan | None = None):
+        import ray
+        import torch
+
+        from retinanet import Detector, load_checkpoint
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        model, info = load_checkpoint(checkpoint)
+        model.config.score_threshold = score_threshold
+        if device == "auto":  # Ray pins the actor's GPUs through CUDA_VISIBLE_DEVICES
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.detector = Detector(model, device=device, precision=precision)
+        self.in_channels = model.config.in_channels
+        self.ledger = ledger
+        self.max_strikes = max_strikes
+        self.faults = faults
+        gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+        self.worker = f"pid={os.getpid()} gpus=[{gpu_ids}] device={self.detector.device} {self.detector.precision}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
+        chip_ids = [str(c) for c in batch["chip_id"]]
+        n = len(chip_ids)
+        status = np.array([str(s) for s in batch["status"]], dtype=object)
+        error = np.array([str(e) for e in batch["error"]], dtype=object)
+        detections = np.array([b""] * n, dtype=object)
+        runnable = np.flatnonzero(status == "ok")
+
+        strikes = ray.get(self.ledger.enter.remote([chip_ids[i] for i in runnable])) if self.ledger else [0] * len(runnable)
+        if any(strikes):
+            # A predictor died with some of these chips in flight: isolate them one by one.
+            if self.ledger:
+                ray.get(self.ledger.leave.remote([chip_ids[i] for i in runnable]))
+            for i, s in zip(runnable, strikes):
+                if s > self.max_strikes:
+                    status[i], error[i] = "quarantined", f"chip crashed the predictor {s} times"
+                    continue
+                if self.ledger:
+                    ray.get(self.ledger.enter.remote([chip_ids[i]]))
+                self._predict_into(batch, [i], chip_ids, status, error, detections)
+                if self.ledger:
+                    ray.get(self.ledger.leave.remote([chip_ids[i]]))
+        else:
+            self._predict_into(batch, list(runnable), chip_ids, status, error, detections)
+            if self.ledger:
+                ray.get(self.ledger.leave.remote([chip_ids[i] for i in runnable]))
+        return {"chip_id": np.array(chip_ids, dtype=object), "scene_id": batch["scene_id"], "status": status,
+                "error": error, "detections": detections, "worker": np.array([self.worker] * n, dtype=object)}
+
+    def _predict_into(self, batch, indices, chip_ids, status, error, detections) -> None:
+        if not indices:
+            return
+        try:
+            self._predict(batch, indices, chip_ids, detections)
+        except Exception as err:  # noqa: BLE001 - isolate the failing chip, keep the rest
+            if len(indices) == 1:
+                i = indices[0]
+                status[i], error[i] = "quarantined", f"prediction failed: {type(err).__name__}: {err}"
+                return
+            for i in indices:
+                self._predict_into(batch, [i], chip_ids, status, error, detections)
+
+    def _predict(self, batch, indices, chip_ids, detections) -> None:
+        import torch
+
+        if self.faults:
+            self.faults.apply([chip_ids[i] for i in indices])
+        pixels = np.ascontiguousarray(batch["pixels"][indices], dtype=np.float32)
+        if pixels.shape[1] != self.in_channels:
+            raise ValueError(f"chips have {pixels.shape[1]} bands, the model expects {self.in_channels}")
+        results = self.detector(torch.from_numpy(pixels))
+        for i, r in zip(indices, results):
+            offset = np.array([batch["col_off"][i], batch["row_off"][i]] * 2, dtype=np.float32)
+            detections[i] = encode_detections(r["boxes"].cpu().numpy() + offset, r["scores"].cpu().numpy(),
+                                              r["labels"].cpu().numpy())

@@ -1,0 +1,100 @@
+"""`pipeline run` end to end on a real local Ray (logical GPUs), with fault injection."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.predictor import FaultPlan
+from pipeline.spec import JobSpec
+from pipeline.synth import SYNTH_CLASSES, synthesize
+from retinanet import build_model, save_checkpoint
+
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Two small synthetic scenes and an untrained tiny model that emits many boxes."""
+    root = tmp_path_factory.mktemp("run")
+    synthesize(root / "scenes", scenes=2, size=600, seed=3)
+    torch.manual_seed(0)
+    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=32, head_depth=1,
+                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
+    save_checkpoint(root / "model.pt", model, list(SYNTH_CLASSES))
+    return root
+
+
+def make_spec(root, table: str, **compute) -> JobSpec:
+    return JobSpec.model_validate({
+        "name": "test-run",
+        "inputs": {"paths": [str(root / "scenes" / "*.tif")], "bands": [1, 2, 3]},
+        "tiling": {"chip_size": 256, "overlap": 32, "min_valid_fraction": 0.05},
+        "model": {"checkpoint": str(root / "model.pt"), "score_threshold": 0.3, "batch_size": 4,
+                  "precision": "fp32"},
+        "compute": {"actors": 2, "gpus_per_actor": 1, "cpus_per_actor": 1, "max_retries": 1, **compute},
+        "output": {"table": str(root / table), "crs": "EPSG:4326"},
+    })
+
+
+def committed_rows(table_root) -> list[tuple]:
+    from pipeline.table import read_committed
+
+    t = read_committed(table_root).to_pydict()
+    return sorted(zip(t["scene_id"], t["label"], np.round(t["px_xmin"], 3), np.round(t["px_ymin"], 3),
+                      np.round(t["px_xmax"], 3), np.round(t["px_ymax"], 3)))
+
+
+@pytest.fixture(scope="module")
+def clean_run(workspace, ray_session):
+    from pipeline.execution import run_job
+
+    report = run_job(make_spec(workspace, "clean"))
+    return report, committed_rows(workspace / "clean")
+
+
+def test_run_commits_every_scene_on_two_gpu_pinned_actors(clean_run):
+    report, rows = clean_run
+    assert report["exit_code"] == 0, report
+    assert sorted(report["scenes_ok"]) == ["synth_000", "synth_001"]
+    assert report["detections"] == len(rows) > 0
+    # Each actor asked Ray for one logical GPU: two actors, distinct GPU ids, both did work.
+    gpu_sets = {w.split("gpus=[")[1].split("]")[0] for w in report["workers"]}
+    assert len(report["workers"]) == 2 and len(gpu_sets) == 2, report["workers"]
+    assert all(n > 0 for n in report["workers"].values())
+    saved = json.loads(open(report["report_path"]).read())
+    assert saved["run_id"] == report["run_id"]
+
+
+def test_actor_killed_once_mid_batch_loses_nothing(workspace, clean_run, tmp_path):
+    from pipeline.execution import run_job
+
+    faults = FaultPlan(crash_once=["synth_000/r1c1"], marker_dir=str(tmp_path))
+    report = run_job(make_spec(workspace, "crash-once"), faults=faults)
+    assert (tmp_path / "crashed-synth_000_r1c1").exists(), "the fault was not injected"
+    assert report["exit_code"] == 0, report
+    assert committed_rows(workspace / "crash-once") == clean_run[1]
+
+
+def test_poison_chip_is_quarantined_and_the_rest_committed(workspace, clean_run):
+    from pipeline.execution import run_job
+
+    poison = "synth_001/r0c1"
+    report = run_job(make_spec(workspace, "poison"), faults=FaultPlan(crash_always=[poison]))
+    assert report["exit_code"] == 1
+    assert [q["chip_id"] for q in report["chips_quarantined"]] == [poison]
+    assert sorted(report["scenes_ok"]) == ["synth_000", "synth_001"]
+    rows = committed_rows(workspace / "poison")
+    clean_other = [r for r in clean_run[1] if r[0] == "synth_000"]
+    assert [r for r in rows if r[0] == "synth_000"] == clean_other
+
+
+def test_python_exception_in_a_chip_quarantines_only_that_chip(workspace, ray_session):
+    from pipeline.execution import run_job
+
+    report = run_job(make_spec(workspace, "raises"), faults=FaultPlan(raise_always=["synth_000/r0c0"]))
+    assert report["exit_code"] == 1
+    assert [q["chip_id"] for q in report["chips_quarantined"]] == ["synth_000/r0c0"]
+    assert "injected failure" in report["chips_quarantined"][0]["reason"]
