@@ -1,0 +1,211 @@
+"""Open scenes with rasterio and describe them without reading pixels.
+
+A scene is one raster file: a GeoTIFF/COG, or a plain PNG/JPEG/TIFF without
+georeferencing (inspection imagery). Paths may be local or remote; remote URLs are
+mapped onto GDAL's virtual file systems so that only the bytes of the windows we read
+travel over the network:
+
+    s3://bucket/key        -> /vsis3/bucket/key
+    gs://bucket/key        -> /vsigs/bucket/key
+    https://host/path      -> /vsicurl/https://host/path   (http:// likewise)
+
+Georeferencing rules (see docs/imagery.md):
+
+- The scene id is the file stem (``/data/a/tile_07.tif`` -> ``tile_07``); two scenes
+  in one job must therefore have distinct file names.
+- A raster without a CRS is not georeferenced: its geotransform, if any, is ignored and
+  the scene lives in its own pixel frame (identity transform, ``crs_wkt=None``), so
+  every output stays in pixels.
+- Rotated or sheared geotransforms are refused with :class:`GeoreferenceError` unless
+  ``allow_rotated=True``: every consumer downstream (vector labels -> pixel boxes,
+  axis-aligned map boxes in the output table) assumes north-up, and a silently wrong
+  box is worse than a refused scene. Warp such scenes to north-up with ``gdalwarp``.
+- Rasters georeferenced only by GCPs or RPCs are refused for the same reason.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import rasterio
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+from pipeline.errors import GeoreferenceError, InputError
+
+IDENTITY: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+# URL scheme -> GDAL virtual file system prefix. /vsicurl keeps the scheme in the path.
+_VSI_PREFIX = {
+    "s3://": "/vsis3/",
+    "gs://": "/vsigs/",
+}
+_VSICURL_SCHEMES = ("https://", "http://")
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What the pipeline needs to know about a scene, read from its header only.
+
+    Attributes:
+        scene_id: file stem of ``path``; unique within a job.
+        path: the path as given by the user (before any /vsi mapping).
+        width, height: raster size in pixels.
+        count: number of bands.
+        dtype: numpy dtype name of band 1 (``"uint8"``, ``"uint16"``, ...).
+        crs_wkt: the CRS as WKT2, or None for non-georeferenced rasters.
+        transform: affine (a, b, c, d, e, f) mapping pixel-edge coordinates
+            (col, row) to map coordinates: x = a*col + b*row + c, y = d*col + e*row + f.
+            Identity when ``crs_wkt`` is None.
+        nodata: nodata value of band 1, or None (NaN stays NaN).
+        block_shape: (rows, cols) of the file's internal blocks of band 1.
+        colorinterp: colour interpretation per band (``"red"``, ``"alpha"``, ...).
+        overviews: decimation factors of band 1's overviews, e.g. (2, 4, 8).
+    """
+
+    scene_id: str
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs_wkt: str | None
+    transform: tuple[float, float, float, float, float, float]
+    nodata: float | None
+    block_shape: tuple[int, int]
+    colorinterp: tuple[str, ...] = ()
+    overviews: tuple[int, ...] = ()
+
+    @property
+    def affine(self) -> Affine:
+        """The transform as an ``affine.Affine``."""
+        return Affine(*self.transform)
+
+    @property
+    def georeferenced(self) -> bool:
+        """True when outputs are in map coordinates (the scene has a CRS)."""
+        return self.crs_wkt is not None
+
+    @property
+    def data_bands(self) -> list[int]:
+        """1-based indexes of all bands that are not alpha: the default band selection."""
+        return [i + 1 for i in range(self.count)
+                if i >= len(self.colorinterp) or self.colorinterp[i] != "alpha"]
+
+
+def scene_id_for(path: str | Path) -> str:
+    """Scene id of a path or URL: its file stem (``s3://b/x/tile_07.tif`` -> ``tile_07``)."""
+    text = str(path)
+    if "://" in text:
+        text = text.split("?", 1)[0]  # drop URL query strings (signed URLs, tokens)
+    return Path(text.rstrip("/")).stem
+
+
+def gdal_path(path: str | Path) -> str:
+    """Map a local path or an s3/gs/http(s) URL onto what GDAL opens."""
+    text = str(path)
+    for scheme, prefix in _VSI_PREFIX.items():
+        if text.startswith(scheme):
+            return prefix + text[len(scheme):]
+    if text.startswith(_VSICURL_SCHEMES):
+        return "/vsicurl/" + text
+    return text
+
+
+def is_remote(path: str | Path) -> bool:
+    """True for URLs and paths already on a GDAL virtual file system."""
+    return gdal_path(path).startswith("/vsi")
+
+
+@contextmanager
+def open_raster(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
+    """Open a raster for reading; failures become InputError naming the file.
+
+    Missing local files are reported without asking GDAL so the message is plain.
+    Rasterio's NotGeoreferencedWarning is silenced: a missing CRS is a supported case,
+    recorded as ``crs_wkt=None`` in :class:`SceneInfo`.
+    """
+    if not is_remote(path) and not Path(path).exists():
+        raise InputError(f"{path}: file not found")
+    if not is_remote(path) and Path(path).is_dir():
+        raise InputError(f"{path}: is a directory, expected a raster file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            dataset = rasterio.open(gdal_path(path))
+    except RasterioError as err:
+        raise InputError(f"{path}: cannot be opened as a raster ({_reason(err)})") from err
+    try:
+        yield dataset
+    finally:
+        dataset.close()
+
+
+def _reason(err: BaseException) -> str:
+    """Most specific message of a rasterio error (GDAL's own is often the cause)."""
+    cause = err.__cause__ or err.__context__
+    text = str(err)
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text}: {cause}"
+    return text
+
+
+def is_rotated(transform: tuple[float, ...] | Affine, tolerance: float = 1e-12) -> bool:
+    """True when the affine has rotation/shear terms (b or d non-zero), i.e. not north-up."""
+    a, b, _, d, e, _ = tuple(transform)[:6]
+    scale = max(abs(a), abs(e), 1e-300)
+    return abs(b) > tolerance * scale or abs(d) > tolerance * scale
+
+
+def scene_info_from_dataset(dataset: rasterio.io.DatasetReader, path: str | Path,
+                            allow_rotated: bool = False) -> SceneInfo:
+    """Build a SceneInfo from an open dataset; see :func:`read_scene_info`."""
+    transform = tuple(float(v) for v in tuple(dataset.transform)[:6])
+    if is_rotated(transform) and not allow_rotated:
+        raise GeoreferenceError(
+            f"{path}: rotated/sheared geotransform {transform} is not supported; "
+            "warp the scene to north-up (gdalwarp) first")
+    crs_wkt = dataset.crs.to_wkt() if dataset.crs else None
+    if crs_wkt is None and _has_gcps_or_rpcs(dataset):
+        raise GeoreferenceError(
+            f"{path}: georeferenced only by GCPs/RPCs; warp it to a geotransform "
+            "(gdalwarp) first")
+    if crs_wkt is None:
+        transform = IDENTITY  # no CRS: the pixel frame is the only honest frame
+    if dataset.count < 1:
+        raise InputError(f"{path}: raster has no bands")
+    nodata = dataset.nodata
+    return SceneInfo(
+        scene_id=scene_id_for(path),
+        path=str(path),
+        width=int(dataset.width),
+        height=int(dataset.height),
+        count=int(dataset.count),
+        dtype=str(dataset.dtypes[0]),
+        crs_wkt=crs_wkt,
+        transform=transform,
+        nodata=None if nodata is None else float(nodata),
+        block_shape=tuple(int(v) for v in dataset.block_shapes[0]),
+        colorinterp=tuple(ci.name for ci in dataset.colorinterp),
+        overviews=tuple(int(v) for v in dataset.overviews(1)),
+    )
+
+
+def _has_gcps_or_rpcs(dataset: rasterio.io.DatasetReader) -> bool:
+    gcps, _ = dataset.gcps
+    return bool(gcps) or dataset.rpcs is not None
+
+
+def read_scene_info(path: str | Path, allow_rotated: bool = False) -> SceneInfo:
+    """Describe a scene from its header (no pixel reads).
+
+    Raises:
+        InputError: missing, unreadable or not a raster (message names the file).
+        GeoreferenceError: rotated/sheared geotransform (unless ``allow_rotated``),
+            or georeferencing by GCPs/RPCs only.
+    """
+    with open_raster(path) as dataset:
+        return scene_info_from_dataset(dataset, path, allow_rotated=allow_rotated)
