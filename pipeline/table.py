@@ -1,0 +1,621 @@
+"""The detection table: GeoParquet 1.1 files published atomically through manifests.
+
+Layout of a table root (``output.table``)::
+
+    date=2024-05-01/<run_id>-<scene>-<uuid>.parquet   data files (hive partition `date`)
+    _manifests/<sequence>-<run_id>-<uuid>.json         one per committed scene
+    _manifests/.tmp-*                                  manifests being written (ignored)
+    _staging/<run_id>-<uuid>/                          files of a commit in progress
+    _reports/<run_id>.json                             run reports
+    _table.json                                        created once: format and CRS
+
+Commit protocol (:func:`commit_scene`, one call per scene, so a crashed run keeps the
+scenes it finished and a rerun can skip them):
+
+1. write the scene's rows as Parquet under ``_staging/<run_id>-<uuid>/`` and fsync;
+2. count: the row count in each file's footer must equal the rows handed in;
+3. move each file to its final hive path with ``os.replace`` (same file system);
+4. publish the manifest: write ``_manifests/.tmp-<uuid>``, fsync, then ``os.link`` it
+   to its final name. ``link`` is atomic and fails if the name exists (O_EXCL
+   semantics), so a manifest is either absent or complete, and never overwritten.
+
+Readers (:func:`committed_files`, :func:`read_committed`, query, eval) read only files
+listed by a published manifest. A crash before step 4 leaves files nobody lists:
+invisible, and removed later by :func:`cleanup_staging`.
+
+Supersede rule: a manifest describes one scene of one job, keyed by
+``(job_name, scene_id)``. Among the manifests of one key the one with the highest
+``sequence`` (then file name) is current; older ones, and their files, are no longer
+visible. So running a scene again (same run id, or a new run) replaces exactly that
+scene's rows, and every other scene and job is untouched. Keep scene ids unique per
+acquisition if the table should keep history of a place.
+
+Concurrency: writers share no mutable file. Data files and manifests have unique names
+(uuid4), manifests are created exclusively, so any number of processes or machines
+on one POSIX file system can commit into one table at once. ``sequence`` is the commit
+time in ns, raised above every sequence already published, so on one machine a later
+commit of a scene always wins; two machines committing the *same* scene at the same
+moment are ordered by their clocks.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.errors import CommitError
+
+GEOPARQUET_VERSION = "1.1.0"
+MANIFEST_FORMAT = "retinanet-pipeline/scene-manifest"
+TABLE_FORMAT = "retinanet-pipeline/detections"
+MANIFEST_VERSION = 1
+SCHEMA_VERSION = 1
+
+STAGING, MANIFESTS, REPORTS, TABLE_INFO = "_staging", "_manifests", "_reports", "_table.json"
+_TMP_PREFIX = ".tmp-"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+
+
+# ---------------------------------------------------------------- schema and rows
+
+
+def detection_schema() -> pa.Schema:
+    """Columns of the detection table (without file metadata; see :func:`geo_metadata`).
+
+    geometry: WKB box polygon in the output CRS (null where it could not be projected);
+    bbox: its GeoParquet 1.1 covering; px_*: the box in scene pixels (x right, y down);
+    label_id: class index of the model; processed_at: commit-side timestamp (UTC);
+    date: YYYY-MM-DD, also the hive partition directory.
+    """
+    bbox = pa.struct([(name, pa.float64()) for name in _BBOX_FIELDS])
+    return pa.schema(
+        [
+            pa.field("geometry", pa.binary()),
+            pa.field("bbox", bbox),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("job_name", pa.string(), nullable=False),
+            pa.field("scene_id", pa.string(), nullable=False),
+            pa.field("scene_path", pa.string()),
+            pa.field("label", pa.string()),
+            pa.field("label_id", pa.int32(), nullable=False),
+            pa.field("score", pa.float32(), nullable=False),
+            pa.field("px_xmin", pa.float32(), nullable=False),
+            pa.field("px_ymin", pa.float32(), nullable=False),
+            pa.field("px_xmax", pa.float32(), nullable=False),
+            pa.field("px_ymax", pa.float32(), nullable=False),
+            pa.field("model_id", pa.string(), nullable=False),
+            pa.field("job_hash", pa.string(), nullable=False),
+            pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field("date", pa.string(), nullable=False),
+        ]
+    )
+
+
+def crs_projjson(crs: Optional[str]) -> Optional[dict]:
+    """PROJJSON dict of a CRS string (anything pyproj reads); None for pixel outputs."""
+    if crs is None:
+        return None
+    import pyproj
+
+    return pyproj.CRS.from_user_input(crs).to_json_dict()
+
+
+def geo_metadata(crs: Optional[str], bbox: Optional[Sequence[float]] = None) -> dict:
+    """The GeoParquet 1.1 ``geo`` file metadata for the detection table.
+
+    crs: output CRS string, or None for pixel coordinates, written as ``"crs": null``
+    (the spec's "unknown/undefined CRS"; omitting the key would instead mean OGC:CRS84).
+    bbox: [xmin, ymin, xmax, ymax] of the file's geometries, when known.
+    """
+    column: dict[str, Any] = {
+        "encoding": "WKB",
+        "geometry_types": ["Polygon"],
+        "crs": crs_projjson(crs),
+        "orientation": "counterclockwise",
+        "edges": "planar",
+        "covering": {"bbox": {name: ["bbox", name] for name in _BBOX_FIELDS}},
+    }
+    if bbox is not None:
+        column["bbox"] = [float(v) for v in bbox]
+    return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}
+
+
+def box_corners(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) XYXY -> (N, 4, 2) corners (x0,y0), (x1,y0), (x1,y1), (x0,y1)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [2, 3]], b[:, [0, 3]]], axis=1)
+
+
+def _closed_ccw_rings(polygons: np.ndarray) -> np.ndarray:
+    """(N, 4, 2) corners or (N, 5, 2) closed rings -> (N, 5, 2) closed, counterclockwise
+    in the coordinate plane (positive shoelace area), as the ``orientation`` key says."""
+    p = np.asarray(polygons, np.float64)
+    if p.ndim != 3 or p.shape[2] != 2 or p.shape[1] not in (4, 5):
+        raise ValueError(f"polygons must be (N, 4, 2) corners or (N, 5, 2) rings, got shape {p.shape}")
+    corners = p[:, :4]
+    x, y = corners[..., 0], corners[..., 1]
+    twice_area = np.sum(x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y, axis=1)
+    corners = np.where((twice_area < 0)[:, None, None], corners[:, ::-1], corners)
+    return np.concatenate([corners, corners[:, :1]], axis=1)
+
+
+def _wkb_polygons(rings: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """WKB of each (5, 2) ring, vectorised with shapely 2; null where not valid."""
+    import shapely
+
+    wkb = np.full(len(rings), None, dtype=object)
+    if valid.any():
+        wkb[valid] = shapely.to_wkb(shapely.polygons(rings[valid]), output_dimension=2)
+    return pa.array(wkb.tolist(), pa.binary())
+
+
+def _broadcast(value: Any, n: int, name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=object)
+    if arr.ndim == 0:
+        return np.full(n, value, dtype=object)
+    if len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} values for {n} detections")
+    return arr
+
+
+def build_detection_table(
+    polygons: np.ndarray,
+    px_boxes: np.ndarray,
+    scores: np.ndarray,
+    label_ids: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    run_id: str,
+    job_name: str,
+    scene_id: str,
+    scene_path: Optional[str],
+    model_id: str,
+    job_hash: str,
+    processed_at: Optional[dt.datetime] = None,
+    date: Optional[str] = None,
+) -> pa.Table:
+    """Rows of one scene's detections as a table with :func:`detection_schema`.
+
+    polygons: (N, 4, 2) corners or (N, 5, 2) closed rings in the output CRS, x/y order
+    (easting/longitude first, as GeoParquet requires); rows with a non-finite coordinate
+    get a null geometry and bbox. px_boxes: (N, 4) XYXY scene px. scores: (N,).
+    label_ids: (N,) int indexing ``class_names``. processed_at: aware datetime
+    (default now, UTC); date: partition "YYYY-MM-DD" (default processed_at's UTC date).
+    """
+    poly = np.asarray(polygons, np.float64)
+    rings = _closed_ccw_rings(poly if poly.size else np.zeros((0, 4, 2)))
+    n = len(rings)
+    px = np.asarray(px_boxes, np.float32).reshape(-1, 4)
+    score = np.asarray(scores, np.float32).reshape(-1)
+    ids = np.asarray(label_ids, np.int64).reshape(-1)
+    if not (len(px) == len(score) == len(ids) == n):
+        raise ValueError(f"polygons, px_boxes, scores, label_ids differ in length: {n}, {len(px)}, {len(score)}, {len(ids)}")
+    if n and (ids.min() < 0 or ids.max() >= len(class_names)):
+        raise ValueError(f"label_ids must index the {len(class_names)} class names, got {ids.min()}..{ids.max()}")
+    when = (processed_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    day = date or when.date().isoformat()
+    dt.date.fromisoformat(day)  # raises ValueError on a malformed partition value
+
+    valid = np.isfinite(rings).all(axis=(1, 2))
+    lo = np.where(valid[:, None], rings.min(axis=1), np.nan)
+    hi = np.where(valid[:, None], rings.max(axis=1), np.nan)
+    mask = pa.array(~valid) if n else None
+    bbox = pa.StructArray.from_arrays(
+        [pa.array(lo[:, 0]), pa.array(lo[:, 1]), pa.array(hi[:, 0]), pa.array(hi[:, 1])],
+        names=list(_BBOX_FIELDS),
+        mask=mask,
+    ) if n else pa.array([], detection_schema().field("bbox").type)
+    names = np.asarray(list(class_names), dtype=object)
+    columns = {
+        "geometry": _wkb_polygons(rings, valid),
+        "bbox": bbox,
+        "run_id": _broadcast(run_id, n, "run_id"),
+        "job_name": _broadcast(job_name, n, "job_name"),
+        "scene_id": _broadcast(scene_id, n, "scene_id"),
+        "scene_path": _broadcast(scene_path, n, "scene_path"),
+        "label": names[ids] if n else np.array([], dtype=object),
+        "label_id": ids.astype(np.int32),
+        "score": score,
+        "px_xmin": px[:, 0],
+        "px_ymin": px[:, 1],
+        "px_xmax": px[:, 2],
+        "px_ymax": px[:, 3],
+        "model_id": _broadcast(model_id, n, "model_id"),
+        "job_hash": _broadcast(job_hash, n, "job_hash"),
+        "processed_at": pa.array([when] * n, pa.timestamp("us", tz="UTC")),
+        "date": _broadcast(day, n, "date"),
+    }
+    schema = detection_schema()
+    arrays = [c if isinstance(c, pa.Array) else pa.array(c.tolist() if c.dtype == object else c, schema.field(k).type)
+              for k, c in columns.items()]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# ---------------------------------------------------------------- small file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_replace(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new content, never a mix."""
+    tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _link_exclusive(path: Path, data: bytes) -> None:
+    """Create ``path`` atomically with ``data``; FileExistsError if it exists.
+
+    The content is written and fsynced under a temporary name first, then hard-linked:
+    the name appears with its full content or not at all. Call _fsync_dir after.
+    """
+    tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+    _write_synced(tmp, data)
+    try:
+        os.link(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # a stray temp is harmless and cleanup_staging removes it
+
+
+def _safe_part(text: str, limit: int = 80) -> str:
+    """A scene id as a file-name fragment (the real id is kept in rows and manifest)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:limit] or "scene"
+
+
+def _check_id(value: str, what: str) -> None:
+    if not isinstance(value, str) or not _SAFE_ID.match(value):
+        raise CommitError(f"{what} must be 1-128 letters, digits, '.', '_' or '-' (it names files), got {value!r}")
+
+
+# ---------------------------------------------------------------- committing
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What identifies a run's output: written into every manifest it publishes.
+
+    run_id: unique per run (file-name safe); job_name: the job's ``name``;
+    job_hash: :func:`pipeline.spec.job_hash`; model_id: checkpoint content hash;
+    crs: ``output.crs`` (None for pixel coordinates).
+    """
+
+    run_id: str
+    job_name: str
+    job_hash: str
+    model_id: str
+    crs: Optional[str] = "EPSG:4326"
+
+
+def new_run_id(now: Optional[dt.datetime] = None) -> str:
+    """A sortable unique run id: ``YYYYMMDDTHHMMSSZ-<8 hex>`` (UTC)."""
+    when = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    return f"{when:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def _ensure_table_info(root: Path, crs: Optional[str]) -> None:
+    """Create ``_table.json`` on first commit; afterwards refuse a different CRS, so one
+    table never mixes coordinate systems (readers attach a single CRS)."""
+    info = {"format": TABLE_FORMAT, "schema_version": SCHEMA_VERSION, "crs": crs}
+    path = root / TABLE_INFO
+    if not path.exists():
+        try:
+            _link_exclusive(path, json.dumps(info, indent=2).encode())
+            _fsync_dir(root)
+            return
+        except FileExistsError:
+            pass  # a concurrent writer created it first: compare with theirs
+    existing = _read_table_info(root)
+    if existing.get("crs") != crs:
+        raise CommitError(f"{root}: table holds crs {existing.get('crs')!r}; this run writes crs {crs!r}")
+
+
+def _read_table_info(root: Path) -> dict:
+    try:
+        info = json.loads((root / TABLE_INFO).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise CommitError(f"{root / TABLE_INFO}: unreadable table info: {err}") from None
+    if info.get("format") != TABLE_FORMAT or info.get("schema_version") != SCHEMA_VERSION:
+        raise CommitError(f"{root / TABLE_INFO}: not a detection table of schema version {SCHEMA_VERSION}")
+    return info
+
+
+def _check_rows(table: pa.Table, run: RunInfo, scene_id: str) -> None:
+    """The rows must have the table's columns and belong to this run and scene."""
+    want = detection_schema()
+    if not table.schema.remove_metadata().equals(want):
+        raise CommitError(f"scene {scene_id}: rows do not have the detection schema:\n{table.schema}")
+    for column, value in (("run_id", run.run_id), ("job_name", run.job_name), ("scene_id", scene_id),
+                          ("model_id", run.model_id), ("job_hash", run.job_hash)):
+        if table.num_rows and not pc.all(pc.equal(table[column], value)).as_py():
+            raise CommitError(f"scene {scene_id}: column {column} holds values other than {value!r}")
+
+
+def _geometry_bbox(table: pa.Table) -> Optional[list[float]]:
+    bbox = table["bbox"]
+    if bbox.null_count == len(bbox):
+        return None
+    flat = pc.struct_field
+    return [pc.min(flat(bbox, "xmin")).as_py(), pc.min(flat(bbox, "ymin")).as_py(),
+            pc.max(flat(bbox, "xmax")).as_py(), pc.max(flat(bbox, "ymax")).as_py()]
+
+
+def _stage_file(staging: Path, part: pa.Table, crs: Optional[str], name: str) -> Path:
+    """Write one Parquet file with its ``geo`` metadata, fsync it, check its row count."""
+    meta = {b"geo": json.dumps(geo_metadata(crs, _geometry_bbox(part))).encode()}
+    path = staging / name
+    pq.write_table(part.replace_schema_metadata(meta), path, compression="zstd")
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    counted = pq.read_metadata(path).num_rows
+    if counted != part.num_rows:
+        raise CommitError(f"{path}: wrote {part.num_rows} rows but the file holds {counted}")
+    return path
+
+
+def _next_sequence(root: Path) -> int:
+    """Commit time in ns, above every published sequence (clock steps cannot reorder)."""
+    latest = 0
+    for name in os.listdir(root / MANIFESTS):
+        head = name.split("-", 1)[0]
+        if head.isdigit():
+            latest = max(latest, int(head))
+    return max(time.time_ns(), latest + 1)
+
+
+def _publish_manifest(root: Path, manifest: dict) -> str:
+    """Step 4 of the protocol: make the manifest (and so the files) visible at once."""
+    name = f"{manifest['sequence']:020d}-{manifest['run_id']}-{uuid.uuid4().hex[:12]}.json"
+    _link_exclusive(root / MANIFESTS / name, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return name
+
+
+def commit_scene(
+    table_root: os.PathLike | str,
+    run: RunInfo,
+    scene_id: str,
+    scene_key: Any,
+    table: pa.Table,
+    scene_path: Optional[str] = None,
+) -> dict:
+    """Commit one scene's rows atomically; return its manifest (see module doc).
+
+    table: rows from :func:`build_detection_table` for this run and scene (may be
+    empty: the scene is then recorded as done with no detections).
+    scene_key: JSON-serialisable identity of the scene's content, e.g.
+    ``{"sha256": ...}`` or ``{"etag": ..., "size": ..., "mtime": ...}``; stored as given
+    and returned by :func:`committed_scenes` so later runs can skip unchanged scenes.
+    The commit supersedes earlier manifests of ``(run.job_name, scene_id)``.
+    Raises CommitError; on error nothing of this scene becomes visible.
+    """
+    root = Path(table_root)
+    _check_id(run.run_id, "run_id")
+    _check_rows(table, run, scene_id)
+    try:
+        json.dumps(scene_key)
+    except (TypeError, ValueError) as err:
+        raise CommitError(f"scene {scene_id}: scene_key is not JSON-serialisable: {err}") from None
+    for sub in (STAGING, MANIFESTS):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    _ensure_table_info(root, run.crs)
+
+    staging = root / STAGING / f"{run.run_id}-{uuid.uuid4().hex}"
+    staging.mkdir()
+    moved: list[Path] = []
+    try:
+        files = []
+        dates = sorted(set(table["date"].to_pylist()))
+        for day in dates:
+            part = table.filter(pc.equal(table["date"], day))
+            name = f"{run.run_id}-{_safe_part(scene_id)}-{uuid.uuid4().hex[:12]}.parquet"
+            staged = _stage_file(staging, part, run.crs, name)
+            rel = f"date={day}/{name}"
+            final = root / rel
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            moved.append(final)
+            _fsync_dir(final.parent)
+            files.append({"path": rel, "rows": part.num_rows, "bytes": final.stat().st_size})
+        paths_in_rows = sorted({p for p in table["scene_path"].to_pylist() if p is not None})
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "sequence": _next_sequence(root),
+            "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            **asdict(run),
+            "scene_id": scene_id,
+            "scene_path": scene_path if scene_path is not None else (paths_in_rows[0] if paths_in_rows else None),
+            "scene_key": scene_key,
+            "rows": table.num_rows,
+            "files": files,
+        }
+        manifest["manifest"] = _publish_manifest(root, manifest)
+    except BaseException as err:
+        # Not published: take the moved files back (best effort; cleanup_staging
+        # removes whatever a hard crash leaves).
+        for path in moved:
+            path.unlink(missing_ok=True)
+        if isinstance(err, (OSError, pa.ArrowException)):
+            raise CommitError(f"scene {scene_id}: commit into {root} failed, nothing published: {err}") from err
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    # Published from here on: a failure now must not touch the files.
+    _fsync_dir(root / MANIFESTS)
+    return manifest
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _load_manifest(path: Path) -> dict:
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        # Published manifests are complete by construction: damage here is loud.
+        raise CommitError(f"{path}: unreadable manifest: {err}") from None
+    required = ("sequence", "run_id", "job_name", "scene_id", "scene_key", "model_id", "job_hash", "rows", "files")
+    if m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION or any(k not in m for k in required):
+        raise CommitError(f"{path}: not a version {MANIFEST_VERSION} scene manifest")
+    m["manifest"] = path.name
+    return m
+
+
+def all_manifests(table_root: os.PathLike | str) -> list[dict]:
+    """Every published manifest, superseded ones included, oldest first."""
+    folder = Path(table_root) / MANIFESTS
+    if not folder.is_dir():
+        return []
+    manifests = [_load_manifest(folder / n) for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(_TMP_PREFIX)]
+    return sorted(manifests, key=lambda m: (m["sequence"], m["manifest"]))
+
+
+def committed_scenes(table_root: os.PathLike | str) -> dict[tuple[str, str], dict]:
+    """Current manifest per ``(job_name, scene_id)`` (the supersede rule applied).
+
+    Each entry holds scene_key, scene_path, model_id, job_hash, run_id, rows, files
+    (paths relative to the root), sequence, committed_at and the manifest file name.
+    """
+    current: dict[tuple[str, str], dict] = {}
+    for m in all_manifests(table_root):  # oldest first: later ones overwrite
+        current[(m["job_name"], m["scene_id"])] = m
+    return current
+
+
+def is_current(entry: Optional[Mapping], scene_key: Any, model_id: str, job_hash: str) -> bool:
+    """True when a committed entry already holds this scene content, model and job hash."""
+    return bool(entry) and entry["scene_key"] == scene_key and entry["model_id"] == model_id and entry["job_hash"] == job_hash
+
+
+def committed_files(table_root: os.PathLike | str) -> list[str]:
+    """Absolute paths of the data files readers may see, sorted.
+
+    Raises CommitError if a current manifest lists a file that is missing or has a
+    different size (the table was damaged from outside).
+    """
+    root = Path(table_root)
+    out = []
+    for entry in committed_scenes(root).values():
+        for f in entry["files"]:
+            path = root / f["path"]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CommitError(f"{path}: listed by manifest {entry['manifest']} but missing") from None
+            if size != f["bytes"]:
+                raise CommitError(f"{path}: {size} bytes, manifest {entry['manifest']} says {f['bytes']}")
+            out.append(str(path))
+    return sorted(out)
+
+
+def read_committed(
+    table_root: os.PathLike | str,
+    columns: Optional[list[str]] = None,
+    filters: Optional[ds.Expression] = None,
+) -> pa.Table:
+    """The committed rows: a pyarrow dataset over exactly :func:`committed_files`.
+
+    columns: names to read (default all); filters: a ``pyarrow.dataset`` expression,
+    e.g. ``ds.field("date") == "2024-05-01"`` (the date partition prunes files).
+    The result's schema carries the table's ``geo`` metadata (without a bbox).
+    """
+    root = Path(table_root)
+    files = committed_files(root)
+    schema = detection_schema()
+    if files:
+        partitioning = ds.partitioning(pa.schema([schema.field("date")]), flavor="hive")
+        dataset = ds.dataset(files, schema=schema, format="parquet", partitioning=partitioning, partition_base_dir=str(root))
+        result = dataset.to_table(columns=columns, filter=filters)
+    else:
+        result = schema.empty_table()
+        if filters is not None:
+            result = result.filter(filters)
+        if columns is not None:
+            result = result.select(columns)
+    info = _read_table_info(root)
+    if "geometry" in result.column_names:
+        result = result.replace_schema_metadata({b"geo": json.dumps(geo_metadata(info.get("crs", None))).encode()})
+    return result
+
+
+# ---------------------------------------------------------------- housekeeping
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
+
+
+def cleanup_staging(table_root: os.PathLike | str, older_than_s: float = 24 * 3600) -> list[str]:
+    """Remove what crashed commits left, if older than ``older_than_s`` seconds.
+
+    Removes staging directories, temporary manifests, and data files under ``date=*``
+    that no manifest (current or superseded) lists. The age guard keeps a commit in
+    progress safe: its files are seconds old. Files of superseded manifests are kept.
+    Returns the removed paths.
+    """
+    root = Path(table_root)
+    cutoff = time.time() - older_than_s
+    removed: list[str] = []
+    staging = root / STAGING
+    if staging.is_dir():
+        for d in staging.iterdir():
+            if _older(d, cutoff):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(str(d))
+    for folder in (root / MANIFESTS, root / REPORTS, root):
+        if folder.is_dir():
+            for tmp in folder.glob(f"{_TMP_PREFIX}*"):
+                if _older(tmp, cutoff):
+                    tmp.unlink(missing_ok=True)
+                    removed.append(str(tmp))
+    listed = {str(root / f["path"]) for m in all_manifests(root) for f in m["files"]}
+    for data in root.glob("date=*/*.parquet"):
+        if str(data) not in listed and _older(data, cutoff):
+            data.unlink(missing_ok=True)
+            removed.append(str(data))
+    return removed
+
+
+def write_run_report(table_root: os.PathLike | str, run_id: str, report: Mapping[str, Any]) -> Path:
+    """Write ``_reports/<run_id>.json`` atomically (a rerun replaces it); return the path."""
+    _check_id(run_id, "run_id")
+    folder = Path(table_root) / REPORTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run_id}.json"
+    _atomic_replace(path, json.dumps(dict(report), indent=2, sort_keys=True, default=str).encode())
+    return path
