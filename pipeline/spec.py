@@ -32,7 +32,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence, get_args
 
 import yaml
 from pydantic import (
@@ -204,6 +204,137 @@ class OutputSpec(BaseModel):
         return v
 
 
+class ValSplitSpec(BaseModel):
+    """How validation data is held out: whole scenes, or a band of every scene.
+
+    ``by: region`` holds out the last ``fraction`` of each scene's rows (``side: bottom``)
+    or columns (``side: right``); training chips stay ``gap`` pixels away from that band
+    (default: train.chip_size), so no pixel and no object smaller than the gap is in both
+    sets. Chips are never split at random: overlapping chips would leak.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    by: Literal["scene", "region"] = "scene"
+    fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    side: Literal["bottom", "right"] = "bottom"
+    gap: Optional[int] = Field(None, ge=0)
+
+
+class AugmentSpec(BaseModel):
+    """Training augmentation (pipeline.augment): on/off flags and strengths."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    brightness_contrast: bool = True
+    scale_jitter: bool = False
+    brightness: float = Field(0.2, ge=0.0)      # max shift, in band std units
+    contrast: float = Field(0.2, ge=0.0, lt=1.0)  # max |factor - 1|
+    scale_range: list[float] = Field(default_factory=lambda: [0.8, 1.25], min_length=2, max_length=2)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered_positive(cls, v: list[float]) -> list[float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [min, max] with 0 < min <= max, got {v}")
+        return v
+
+
+class TrainSpec(BaseModel):
+    """`pipeline train`: labelled scenes, model shape, optimiser, schedule, workers.
+
+    The model reads ``inputs.bands`` of the training scenes (in_channels = their count),
+    so the trained checkpoint fits the job's own inference. ``batch_size`` is global
+    (split evenly over ``workers``) so the schedule does not change with the worker count.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    scenes: list[str] = Field(min_length=1)
+    labels: list[str] = Field(min_length=1)     # COCO JSON, VOC XML, CSV or vector files
+    label_field: str = "label"                  # vector files: attribute with the class name
+    scene_field: Optional[str] = None           # vector files: attribute with the scene id
+    classes: list[str] = Field(min_length=1)
+    val_split: ValSplitSpec = Field(default_factory=ValSplitSpec)
+    backbone: str = "resnet50"
+    backbone_weights: Optional[str] = None      # local ImageNet state dict
+    init_checkpoint: Optional[str] = None       # start from these weights (fine-tuning)
+    fpn_channels: int = Field(256, ge=8)
+    head_width: int = Field(256, ge=8)
+    head_depth: int = Field(4, ge=1)
+    focal_alpha: float = Field(0.25, ge=0.0, le=1.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
+    fit_anchors: bool = False
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0001, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    lr_steps: list[float] = Field(default_factory=lambda: [0.67, 0.89])  # fractions of all steps
+    lr_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    epochs: int = Field(12, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    chip_size: int = Field(512, ge=32)
+    overlap: int = Field(64, ge=0)
+    min_box_inside: float = Field(0.5, gt=0.0, le=1.0)
+    min_valid_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: Optional[int] = Field(None, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = Field(100, ge=1)
+    output_dir: str = Field(min_length=1)
+    seed: int = 0
+    time_budget_minutes: Optional[float] = Field(None, gt=0.0)
+
+    @field_validator("scenes", "labels")
+    @classmethod
+    def _no_blank_paths(cls, v: list[str]) -> list[str]:
+        for i, p in enumerate(v):
+            if not p.strip():
+                raise ValueError(f"[{i}] is empty")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"class names must be unique, got {v}")
+        return v
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from retinanet.backbones import BACKBONES
+
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; choose one of {', '.join(BACKBONES)}")
+        return v
+
+    @field_validator("lr_steps")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v) or v != sorted(v):
+            raise ValueError(f"must be increasing fractions of the total steps in (0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSpec":
+        if self.overlap >= self.chip_size:
+            raise ValueError(f"overlap must be smaller than chip_size ({self.chip_size}), "
+                             f"got {self.overlap}")
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of "
+                             f"workers ({self.workers}): it is the global batch")
+        return self
+
+
 class JobSpec(BaseModel):
     """A whole job: what to read, how to chip it, which model, where to run, where to write."""
 
@@ -216,6 +347,8 @@ class JobSpec(BaseModel):
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     output: OutputSpec
+    # `pipeline train` only; `pipeline run` ignores it.
+    train: Optional[TrainSpec] = None
 
     # The file this spec came from, for error messages ("" when built in code).
     _source: str = PrivateAttr(default="")
@@ -241,7 +374,9 @@ class JobSpec(BaseModel):
 
 
 # Fields holding local paths, as (section, key); resolved against the job file's dir.
-_PATH_FIELDS = (("inputs", "paths"), ("model", "checkpoint"), ("output", "table"))
+_PATH_FIELDS = (("inputs", "paths"), ("model", "checkpoint"), ("output", "table"),
+                ("train", "scenes"), ("train", "labels"), ("train", "backbone_weights"),
+                ("train", "init_checkpoint"), ("train", "output_dir"))
 
 
 def _resolve_path(p: Any, base: Path) -> Any:
@@ -279,6 +414,8 @@ def _section_fields() -> dict[str, Optional[set[str]]]:
     out: dict[str, Optional[set[str]]] = {}
     for key, field in JobSpec.model_fields.items():
         ann = field.annotation
+        # Optional[Section] (e.g. train) is a section too.
+        ann = next((a for a in get_args(ann) if a is not type(None)), ann) if get_args(ann) else ann
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out[key] = set(ann.model_fields)
         else:
