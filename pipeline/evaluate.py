@@ -1,0 +1,529 @@
+"""Detection quality: COCO metrics through pycocotools, PASCAL VOC AP, PR curves.
+
+Three entry points:
+
+- :func:`evaluate_table`: scene-level evaluation of a committed run (``pipeline eval``):
+  merged detections read with :func:`pipeline.table.read_committed` against ground truth
+  (COCO JSON, VOC XML, CSV: scene id = file stem; or vector labels, placed on each scene
+  through the raster named in the table).
+- :func:`evaluate_checkpoint`: chip-level evaluation of a checkpoint on labelled scenes,
+  without running the pipeline (``pipeline eval-checkpoint``); also used for validation
+  during training.
+- :func:`coco_metrics` / :func:`voc_ap`: the metric functions on in-memory boxes.
+
+COCO protocol notes: images are scenes (or chips); area ranges small < 32^2 <= medium <
+96^2 <= large, in pixels; ``maxDets`` is (1, 100, M) where M is at least the largest
+number of detections of any image, so big scenes are not cut at COCO's 100 detections
+(every AP below uses M). Metrics that have no ground truth (e.g. AP_small when there is
+no small object) are ``None``. Boxes are pixel EDGE coordinates (no VOC "+1").
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+AREA_NAMES = ("all", "small", "medium", "large")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageBoxes:
+    """Boxes of one image (scene or chip).
+
+    boxes: (N, 4) float XYXY pixel edges; labels: (N,) int class indices;
+    scores: (N,) float for detections, None for ground truth.
+    """
+
+    image_id: str
+    boxes: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+    scores: Optional[np.ndarray] = field(default=None, repr=False)
+    width: int = 0
+    height: int = 0
+
+
+# ----------------------------------------------------------------------------- COCO
+
+
+def _coco_objects(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes], classes: Sequence[str]):
+    """pycocotools COCO objects for ground truth and detections, built in memory."""
+    from pycocotools.coco import COCO
+
+    ids = {t.image_id: i + 1 for i, t in enumerate(truth)}
+    images = [{"id": ids[t.image_id], "file_name": t.image_id, "width": t.width, "height": t.height}
+              for t in truth]
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]
+
+    def annotations(items: Sequence[ImageBoxes], with_scores: bool) -> list[dict]:
+        out = []
+        for item in items:
+            if item.image_id not in ids:
+                continue
+            boxes = np.asarray(item.boxes, dtype=np.float64).reshape(-1, 4)
+            for j, (x1, y1, x2, y2) in enumerate(boxes):
+                w, h = x2 - x1, y2 - y1
+                ann = {"id": len(out) + 1, "image_id": ids[item.image_id], "category_id": int(item.labels[j]) + 1,
+                       "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0}
+                if with_scores:
+                    ann["score"] = float(item.scores[j])
+                out.append(ann)
+        return out
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "categories": categories, "annotations": annotations(truth, False)}
+        gt.createIndex()
+        dt = COCO()
+        dt.dataset = {"images": images, "categories": categories,
+                      "annotations": annotations(detections, True)}
+        dt.createIndex()
+    return gt, dt
+
+
+def _mean_valid(values: np.ndarray) -> Optional[float]:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else None
+
+
+def coco_metrics(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes],
+                 classes: Sequence[str]) -> dict:
+    """COCO box metrics of ``detections`` against ``truth`` (pycocotools COCOeval).
+
+    Images are the ``truth`` images (an image with no ground truth still counts its
+    false positives); detections of other images are ignored.
+
+    Returns a dict: AP, AP50, AP75, AP_small, AP_medium, AP_large, AR (at M detections),
+    per_class {name: {"AP", "AP50"}}, pr_curve {name: {"recall": [...101], "precision":
+    [...]}} at IoU 0.5 (area all), images, ground_truth, detections, max_dets.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    gt, dt = _coco_objects(truth, detections, classes)
+    most = max([len(d.boxes) for d in detections] + [0])
+    max_dets = max(100, most)
+    n_gt = sum(len(t.boxes) for t in truth)
+    n_dt = len(dt.dataset["annotations"])
+    result = {"images": len(truth), "ground_truth": n_gt, "detections": n_dt, "max_dets": max_dets}
+    keys = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR")
+    if n_gt == 0:
+        result.update({k: None for k in keys})
+        result.update(per_class={name: {"AP": None, "AP50": None} for name in classes}, pr_curve={})
+        return result
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.maxDets = [1, 100, max_dets]
+        ev.evaluate()
+        ev.accumulate()
+    precision = ev.eval["precision"]  # (T=10 IoUs, R=101 recalls, K classes, A=4 areas, M=3)
+    recall = ev.eval["recall"]        # (T, K, A, M)
+    iou50 = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
+    iou75 = int(np.argmin(np.abs(ev.params.iouThrs - 0.75)))
+    area = {name: AREA_NAMES.index(name) for name in AREA_NAMES}
+    result.update({
+        "AP": _mean_valid(precision[:, :, :, area["all"], -1]),
+        "AP50": _mean_valid(precision[iou50, :, :, area["all"], -1]),
+        "AP75": _mean_valid(precision[iou75, :, :, area["all"], -1]),
+        "AP_small": _mean_valid(precision[:, :, :, area["small"], -1]),
+        "AP_medium": _mean_valid(precision[:, :, :, area["medium"], -1]),
+        "AP_large": _mean_valid(precision[:, :, :, area["large"], -1]),
+        "AR": _mean_valid(recall[:, :, area["all"], -1]),
+    })
+    per_class, curves = {}, {}
+    for k, name in enumerate(classes):
+        per_class[name] = {"AP": _mean_valid(precision[:, :, k, area["all"], -1]),
+                           "AP50": _mean_valid(precision[iou50, :, k, area["all"], -1])}
+        curve = precision[iou50, :, k, area["all"], -1]
+        if (curve > -1).any():
+            curves[name] = {"recall": [float(r) for r in ev.params.recThrs],
+                            "precision": [float(max(p, 0.0)) for p in curve]}
+    result["per_class"] = per_class
+    result["pr_curve"] = curves
+    return result
+
+
+# ------------------------------------------------------------------------------ VOC
+
+
+def pairwise_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) IoU of XYXY boxes a (N, 4) and b (M, 4), pixel edges (no +1)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def all_point_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Area under the interpolated PR curve, all points (VOC 2010+ devkit).
+
+    The precision envelope p_interp(r) = max_{r' >= r} p(r') is integrated exactly over
+    the recall steps: AP = sum_i (r_i - r_{i-1}) * p_interp(r_i), with r_0 = 0.
+    """
+    r = np.concatenate([[0.0], np.asarray(recall, dtype=np.float64), [1.0]])
+    p = np.concatenate([[0.0], np.asarray(precision, dtype=np.float64), [0.0]])
+    p = np.maximum.accumulate(p[::-1])[::-1]
+    steps = np.flatnonzero(r[1:] != r[:-1]) + 1
+    return float(np.sum((r[steps] - r[steps - 1]) * p[steps]))
+
+
+def voc_class_ap(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes], label: int,
+                 iou_threshold: float = 0.5) -> Optional[float]:
+    """VOC AP of one class: detections sorted by score; each is a true positive when its
+    best-overlapping ground-truth box of the class (same image) has IoU >= threshold and
+    was not taken by a higher-scoring detection, else a false positive (the devkit rule:
+    no fall-back to the second-best box). None when the class has no ground truth."""
+    gt = {t.image_id: np.asarray(t.boxes)[np.asarray(t.labels) == label] for t in truth}
+    n_gt = sum(len(b) for b in gt.values())
+    if n_gt == 0:
+        return None
+    rows = []  # (score, image_id, box)
+    for d in detections:
+        if d.image_id not in gt:
+            continue
+        keep = np.asarray(d.labels) == label
+        for box, score in zip(np.asarray(d.boxes)[keep], np.asarray(d.scores)[keep]):
+            rows.append((float(score), d.image_id, box))
+    rows.sort(key=lambda row: -row[0])  # stable: ties keep input order
+    taken = {image_id: np.zeros(len(b), dtype=bool) for image_id, b in gt.items()}
+    tp = np.zeros(len(rows))
+    for i, (_, image_id, box) in enumerate(rows):
+        boxes = gt[image_id]
+        if len(boxes) == 0:
+            continue
+        ious = pairwise_iou_np(box[None], boxes)[0]
+        j = int(np.argmax(ious))
+        if ious[j] >= iou_threshold and not taken[image_id][j]:
+            taken[image_id][j] = True
+            tp[i] = 1
+    if not rows:
+        return 0.0
+    cum_tp = np.cumsum(tp)
+    recall = cum_tp / n_gt
+    precision = cum_tp / np.arange(1, len(rows) + 1)
+    return all_point_ap(recall, precision)
+
+
+def voc_metrics(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes],
+                classes: Sequence[str], iou_threshold: float = 0.5) -> dict:
+    """{"mAP": mean over classes with ground truth, "per_class": {name: AP or None}}."""
+    per_class = {name: voc_class_ap(truth, detections, k, iou_threshold) for k, name in enumerate(classes)}
+    valid = [v for v in per_class.values() if v is not None]
+    return {"mAP": float(np.mean(valid)) if valid else None, "per_class": per_class,
+            "iou_threshold": iou_threshold, "interpolation": "all-point"}
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def format_table(metrics: dict) -> str:
+    """The metrics as an aligned text table (overall, then per class)."""
+    def num(v):
+        return "   -  " if v is None else f"{v:6.3f}"
+
+    lines = [f"images {metrics['images']}, ground truth {metrics['ground_truth']}, "
+             f"detections {metrics['detections']} (maxDets {metrics['max_dets']})",
+             "  ".join(f"{k:>9}" for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")),
+             "  ".join(f"{num(metrics[k]):>9}" for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium",
+                                                          "AP_large"))]
+    voc = metrics.get("voc")
+    header = f"{'class':<16}{'AP':>9}{'AP50':>9}" + (f"{'VOC AP50':>10}" if voc else "")
+    lines += ["", header]
+    for name, row in metrics["per_class"].items():
+        line = f"{name:<16}{num(row['AP']):>9}{num(row['AP50']):>9}"
+        if voc:
+            line += f"{num(voc['per_class'].get(name)):>10}"
+        lines.append(line)
+    if voc:
+        lines.append(f"{'VOC mAP@0.5':<16}{'':>18}{num(voc['mAP']):>10}")
+    return "\n".join(lines)
+
+
+def plot_pr_curves(metrics: dict, path: str | os.PathLike, title: str = "") -> Optional[Path]:
+    """Precision-recall curves at IoU 0.5, one line per class, as a PNG. None when there
+    is no curve to draw (no ground truth)."""
+    curves = metrics.get("pr_curve") or {}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    for name, curve in curves.items():
+        ap50 = metrics["per_class"][name]["AP50"]
+        ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP50 {ap50:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    ax.set_title(title or f"precision-recall at IoU 0.5 (AP50 {metrics['AP50']:.3f})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(metrics: dict, out_dir: str | os.PathLike, stem: str = "eval") -> dict:
+    """Write ``<stem>.json`` (the metrics), ``<stem>_pr.json`` (the PR curves) and
+    ``<stem>_pr.png`` (their plot) into ``out_dir``; returns {kind: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in metrics.items() if k != "pr_curve"}
+    paths = {"json": out / f"{stem}.json", "pr_json": out / f"{stem}_pr.json"}
+    paths["json"].write_text(json.dumps(summary, indent=2, sort_keys=True))
+    paths["pr_json"].write_text(json.dumps(metrics.get("pr_curve", {})))
+    png = plot_pr_curves(metrics, out / f"{stem}_pr.png")
+    if png is not None:
+        paths["png"] = png
+    return {k: str(v) for k, v in paths.items()}
+
+
+# ----------------------------------------------------------------- scene level
+
+
+def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: dict[str, str],
+                   label_field: str = "label", scene_field: Optional[str] = None
+                   ) -> tuple[dict[str, tuple[np.ndarray, list[str], int, int]], list[str]]:
+    """Ground truth per scene id -> ((N, 4) boxes, N label names, width, height) and the
+    class names (COCO category order when a COCO file is given, else sorted names).
+
+    Image-indexed formats are matched by file stem; vector files are read per scene on
+    the raster at ``scene_paths[scene_id]`` (the table's scene_path).
+    """
+    from pipeline.labels import by_scene, read_labels
+    from pipeline.raster import read_scene_info
+
+    out: dict[str, tuple[np.ndarray, list[str], int, int]] = {}
+    classes: list[str] = []
+    for path in truth_paths:
+        path = Path(path)
+        if path.suffix.lower() in (".json", ".xml", ".csv"):
+            if path.suffix.lower() == ".json":
+                classes += [c for c in _coco_category_names(path) if c not in classes]
+            for scene_id, ann in by_scene(read_labels(path)).items():
+                size = _coco_image_size(path, ann.image) if path.suffix.lower() == ".json" else (0, 0)
+                _add_truth(out, scene_id, ann.boxes, ann.labels, size, path)
+        else:
+            for scene_id, scene_path in scene_paths.items():
+                if not scene_path:
+                    continue
+                info = read_scene_info(scene_path)
+                for ann in read_labels(path, info, label_field=label_field, scene_field=scene_field):
+                    _add_truth(out, scene_id, ann.boxes, ann.labels, (info.width, info.height), path)
+    names = sorted({label for _, labels, _, _ in out.values() for label in labels})
+    classes += [n for n in names if n not in classes]
+    return out, classes
+
+
+def _add_truth(out: dict, scene_id: str, boxes: np.ndarray, labels: list[str], size, source) -> None:
+    if scene_id in out:
+        old_boxes, old_labels, w, h = out[scene_id]
+        out[scene_id] = (np.concatenate([old_boxes, boxes.reshape(-1, 4)]), old_labels + list(labels),
+                         max(w, size[0]), max(h, size[1]))
+    else:
+        out[scene_id] = (boxes.reshape(-1, 4), list(labels), size[0], size[1])
+
+
+def _coco_category_names(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    return [c["name"] for c in sorted(data.get("categories", []), key=lambda c: c["id"])]
+
+
+def _coco_image_size(path: Path, file_name: str) -> tuple[int, int]:
+    data = json.loads(path.read_text())
+    for img in data.get("images", []):
+        if img.get("file_name") == file_name:
+            return int(img.get("width", 0) or 0), int(img.get("height", 0) or 0)
+    return (0, 0)
+
+
+def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike], run_id: Optional[str] = None,
+                   job_name: Optional[str] = None, voc: bool = False, out_dir: Optional[str | os.PathLike] = None,
+                   label_field: str = "label", scene_field: Optional[str] = None) -> dict:
+    """Scene-level evaluation of the committed detections of a table.
+
+    Evaluated scenes: those committed in the table (current manifests; filtered by
+    ``run_id`` / ``job_name`` when given) that have ground truth. A committed scene with
+    no detections counts (all its objects missed). Truth scenes that are not committed
+    are listed under ``scenes_not_in_table`` and left out; committed scenes without truth
+    under ``scenes_without_truth``. Detection labels are matched to truth classes by name.
+
+    Returns the :func:`coco_metrics` dict plus ``voc`` (when asked), ``scenes``, the
+    lists above and ``files`` (written reports, when ``out_dir`` is given).
+    Raises InputError when nothing can be evaluated.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    from pipeline.table import committed_scenes, read_committed
+
+    table = Path(table)
+    if not table.is_dir():
+        raise InputError(f"{table}: detection table not found")
+    entries = [m for (job, _), m in committed_scenes(table).items()
+               if (run_id is None or m["run_id"] == run_id) and (job_name is None or job == job_name)]
+    if not entries:
+        raise InputError(f"{table}: no committed scene" + (f" for run {run_id}" if run_id else "")
+                         + (f" of job {job_name}" if job_name else ""))
+    jobs_per_scene: dict[str, set] = {}
+    for m in entries:
+        jobs_per_scene.setdefault(m["scene_id"], set()).add(m["job_name"])
+    shared = sorted(s for s, jobs in jobs_per_scene.items() if len(jobs) > 1)
+    if shared:
+        raise InputError(f"{table}: scenes {shared[:5]} are committed by several jobs "
+                         f"({sorted(set().union(*jobs_per_scene.values()))}); pass --job or --run-id")
+    scene_paths = {m["scene_id"]: m.get("scene_path") for m in entries}
+    gt, classes = truth_by_scene(truth, scene_paths, label_field, scene_field)
+
+    # read_committed sees only the current manifests' files; narrow to the run / job asked for.
+    expr = None
+    if run_id is not None:
+        expr = pds.field("run_id") == run_id
+    if job_name is not None:
+        term = pds.field("job_name") == job_name
+        expr = term if expr is None else expr & term
+    columns = ["scene_id", "label", "score", "px_xmin", "px_ymin", "px_xmax", "px_ymax"]
+    rows = read_committed(table, columns=columns, filters=expr)
+
+    evaluated = sorted(s for s in scene_paths if s in gt)
+    if not evaluated:
+        raise InputError(f"{table}: none of the {len(scene_paths)} committed scenes has ground truth in "
+                         f"{', '.join(map(str, truth))} (scene id = file stem)")
+    lookup = {name: k for k, name in enumerate(classes)}
+    truth_images, det_images = [], []
+    unknown_labels: dict[str, int] = {}
+    for scene_id in evaluated:
+        boxes, labels, w, h = gt[scene_id]
+        truth_images.append(ImageBoxes(scene_id, boxes, np.array([lookup[l] for l in labels], dtype=np.int64),
+                                       None, w, h))
+        part = rows.filter(pc.equal(rows["scene_id"], scene_id)) if rows.num_rows else rows
+        names = part["label"].to_pylist()
+        known = np.array([n in lookup for n in names], dtype=bool)
+        for n in names:
+            if n not in lookup:
+                unknown_labels[n] = unknown_labels.get(n, 0) + 1
+        det_boxes = np.stack([part[c].to_numpy() for c in columns[3:]], axis=1).reshape(-1, 4) if part.num_rows \
+            else np.zeros((0, 4))
+        det_images.append(ImageBoxes(scene_id, det_boxes[known],
+                                     np.array([lookup[n] for n, k in zip(names, known) if k], dtype=np.int64),
+                                     part["score"].to_numpy()[known] if part.num_rows else np.zeros(0), w, h))
+    metrics = coco_metrics(truth_images, det_images, classes)
+    if voc:
+        metrics["voc"] = voc_metrics(truth_images, det_images, classes)
+    metrics["scenes"] = evaluated
+    metrics["scenes_not_in_table"] = sorted(s for s in gt if s not in scene_paths)
+    metrics["scenes_without_truth"] = sorted(s for s in scene_paths if s not in gt)
+    metrics["unknown_labels"] = unknown_labels
+    metrics["table"] = str(table)
+    metrics["run_id"] = run_id
+    if out_dir is not None:
+        metrics["files"] = write_report(metrics, out_dir, "eval")
+    return metrics
+
+
+# ------------------------------------------------------------------ chip level
+
+
+def predict_records(model, records, bands, chip_size: int, batch_size: int = 8, device: str = "cpu",
+                    precision: str = "fp32") -> list[ImageBoxes]:
+    """Run a RetinaNet on chip records (pipeline.trainset.ChipRecord) -> detections per chip.
+
+    Chips are read in batches (bounded memory); ``precision`` as retinanet.runtime.
+    """
+    import torch
+
+    from retinanet.runtime import Detector
+    from pipeline.trainset import read_records
+
+    detector = Detector(model, device=device, precision=precision)
+    out = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        pixels, _ = read_records(batch, bands, chip_size, model.config.in_channels)
+        results = detector(torch.from_numpy(pixels))
+        for record, det in zip(batch, results):
+            out.append(ImageBoxes(record.chip_id, det["boxes"].float().cpu().numpy(),
+                                  det["labels"].cpu().numpy(), det["scores"].float().cpu().numpy(),
+                                  chip_size, chip_size))
+    return out
+
+
+def records_truth(records, chip_size: int) -> list[ImageBoxes]:
+    """Ground truth of chip records as ImageBoxes (one image per chip)."""
+    return [ImageBoxes(r.chip_id, r.boxes, r.labels, None, chip_size, chip_size) for r in records]
+
+
+def evaluate_records(model, records, classes: Sequence[str], bands, chip_size: int, batch_size: int = 8,
+                     device: str = "cpu", precision: str = "fp32", voc: bool = False) -> dict:
+    """Chip-level COCO (and optionally VOC) metrics of a model on chip records."""
+    if not records:
+        raise InputError("no chips to evaluate on")
+    detections = predict_records(model, records, bands, chip_size, batch_size, device, precision)
+    truth = records_truth(records, chip_size)
+    metrics = coco_metrics(truth, detections, classes)
+    if voc:
+        metrics["voc"] = voc_metrics(truth, detections, classes)
+    return metrics
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, scenes: Sequence[str], labels: Sequence[str],
+                        chip_size: int = 512, overlap: int = 64, bands: Optional[Sequence[int]] = None,
+                        region: Optional[tuple[str, float]] = None, min_box_inside: float = 0.5,
+                        batch_size: int = 8, voc: bool = False, out_dir: Optional[str | os.PathLike] = None,
+                        precision: str = "fp32", untrained: bool = False, seed: int = 0) -> dict:
+    """Chip-level evaluation of a checkpoint on labelled scenes, without the pipeline.
+
+    The checkpoint's class names pick the labels to use (other labels are an error).
+    ``region`` = (side, fraction), e.g. ("right", 0.3): evaluate only on that held-out
+    band of every scene (the same rule as ``train.val_split: {by: region}``, gap 0).
+    ``untrained``: evaluate a freshly initialised model of the checkpoint's config
+    instead of its weights (the "before training" reference; ``seed`` fixes the init).
+    """
+    import torch
+
+    from retinanet.checkpoint import CheckpointError, load_checkpoint
+    from retinanet.model import build_model
+    from pipeline.trainset import build_records, expand_scene_paths, labelled_scenes, split_regions, Region
+
+    try:
+        model, info = load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise InputError(str(err)) from None
+    if untrained:
+        torch.manual_seed(seed)
+        model = build_model(info["config"]).eval()
+    classes = info["class_names"]
+    paths = expand_scene_paths(scenes, "--scenes")
+    labelled = labelled_scenes(paths, [str(p) for p in labels], classes)
+    if region is None:
+        regions = [Region(s.scene_id, 0, 0, s.info.width, s.info.height) for s in labelled]
+    else:
+        side, fraction = region
+        _, regions = split_regions(labelled, "region", fraction, 0, side)
+    records = build_records(labelled, regions, chip_size, overlap, min_box_inside, 0.0)
+    metrics = evaluate_records(model, records, classes, bands, chip_size, batch_size, "cpu", precision, voc)
+    metrics.update({"checkpoint": str(checkpoint), "chips": len(records), "untrained": untrained,
+                    "region": list(region) if region else None})
+    if out_dir is not None:
+        metrics["files"] = write_report(metrics, out_dir, "eval_checkpoint")
+    return metrics
+
+
+__all__ = ["ImageBoxes", "coco_metrics", "voc_metrics", "voc_class_ap", "all_point_ap", "evaluate_table",
+           "evaluate_checkpoint", "evaluate_records", "format_table", "plot_pr_curves", "write_report"]
