@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.raster import scene_id_for
 from pipeline.spec import JobSpec, check_runnable, is_remote, job_hash
 
 
@@ -53,11 +54,25 @@ def expand_inputs(paths: list[str]) -> list[str]:
     return out
 
 
+def scene_key(path: str) -> dict:
+    """Identity of a scene's content for skipping done work: size + mtime (local) or ETag (remote)."""
+    if path.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(urllib.request.Request(path, method="HEAD"), timeout=30) as resp:
+            return {"url": path, "etag": resp.headers.get("ETag"), "size": resp.headers.get("Content-Length"),
+                    "mtime": resp.headers.get("Last-Modified")}
+    if is_remote(path):  # s3:// gs://: no credentials-free HEAD here; the URL alone identifies it
+        return {"url": path}
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def chip_id(scene_id: str, row: int, col: int) -> str:
     return f"{scene_id}/r{row}c{col}"
 
 
-def plan_scenes(spec: JobSpec, paths: list[str], skip: set[str] = frozenset()) -> tuple[list[ScenePlan], list[dict]]:
+def plan_scenes(spec: JobSpec, paths: list[str]) -> tuple[list[ScenePlan], list[dict]]:
     """Plan the chip windows of every scene; scenes that cannot be opened are reported, not raised."""
     from pipeline.tiling import plan_chips
 
@@ -68,8 +83,6 @@ def plan_scenes(spec: JobSpec, paths: list[str], skip: set[str] = frozenset()) -
                                                 spec.tiling.min_valid_fraction)
         except PipelineError as err:
             failed.append({"path": path, "reason": str(err)})
-            continue
-        if info.scene_id in skip:
             continue
         plans.append(ScenePlan(info.scene_id, path, info, windows, skipped))
     return plans, failed
@@ -144,6 +157,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     """Run a job to completion and return its report (also written next to the manifests)."""
     from pipeline import table
     from pipeline.finalize import finalize_scene
+    from pipeline.table import RunInfo
     from pipeline.predictor import ChipLedger, ChipPredictor
     from retinanet.checkpoint import file_sha256, read_checkpoint
 
@@ -157,14 +171,21 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     model_id = file_sha256(spec.model.checkpoint)[:16]
     jhash = job_hash(spec)
 
+    run_info = RunInfo(run_id, spec.name, jhash, model_id, spec.output.crs)
     paths = expand_inputs(spec.inputs.paths)
-    plans, failed = plan_scenes(spec, paths)
+    keys = {p: scene_key(p) for p in paths}
+    done = set()
+    if not force:  # incremental: the table's own manifests say what is already committed
+        committed = table.committed_scenes(spec.output.table)
+        done = {scene_id_for(p) for p in paths
+                if table.is_current(committed.get((spec.name, scene_id_for(p))), keys[p], model_id, jhash)}
+    plans, failed = plan_scenes(spec, [p for p in paths if scene_id_for(p) not in done])
     n_chips = sum(len(p.windows) for p in plans)
-    log(f"run {run_id}: {len(plans)} scenes, {n_chips} chips to read, "
+    log(f"run {run_id}: {len(plans)} scenes ({len(done)} already committed, skipped), {n_chips} chips to read, "
         f"{sum(p.skipped_empty for p in plans)} empty chips skipped, {len(failed)} scenes failed to open")
 
     report = {"run_id": run_id, "job_name": spec.name, "job_hash": jhash, "model_id": model_id,
-              "scenes_ok": [], "scenes_failed": failed, "chips_read": 0,
+              "scenes_ok": [], "scenes_skipped_done": sorted(done), "scenes_failed": failed, "chips_read": 0,
               "chips_skipped_empty": sum(p.skipped_empty for p in plans), "chips_quarantined": [],
               "detections": 0, "workers": {}}
     state = RunState(expected={p.scene_id: len(p.windows) for p in plans})
@@ -174,7 +195,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         plan = plan_by_scene[scene_id]
         try:
             rows = finalize_scene(spec, plan, state.chips.pop(scene_id, []), class_names, run_id, model_id, jhash)
-            table.commit_scene(spec.output.table, run_id, spec.name, scene_id, plan.path, model_id, jhash, rows)
+            table.commit_scene(spec.output.table, run_info, scene_id, keys[plan.path], rows, scene_path=plan.path)
         except PipelineError as err:
             report["scenes_failed"].append({"path": plan.path, "reason": str(err)})
             return
@@ -193,6 +214,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         gpus = actor_gpus(spec.compute.gpus_per_actor, cluster_gpus, spec.compute.address is None, log)
         retries = spec.compute.max_retries
         batch_size = spec.model.batch_size or 8
+        read_tasks = spec.compute.read_concurrency or 2 * spec.compute.actors
         ledger = ray.remote(num_cpus=0, max_restarts=-1)(ChipLedger).remote()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -202,8 +224,11 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         ds = ds.map_batches(read_chip_batch, batch_size=batch_size, batch_format="numpy",
                             fn_kwargs={"bands": spec.inputs.bands, "chip_size": spec.tiling.chip_size,
                                        "out_channels": in_channels},
-                            num_cpus=0.5, max_retries=retries,
-                            concurrency=spec.compute.read_concurrency)
+                            # Reads reserve no CPU slot: the predictor actors hold the slots, and
+                            # a reserved read would deadlock a node whose CPUs all went to actors.
+                            # The task pool size bounds how many run at once instead.
+                            num_cpus=0, max_retries=retries,
+                            compute=ray.data.TaskPoolStrategy(size=read_tasks))
         # Bounded actor restarts: enough for each poison chip to collect its strikes.
         restarts = (retries + 2) * 4
         ds = ds.map_batches(ChipPredictor, batch_size=batch_size, batch_format="numpy",
@@ -213,7 +238,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                                                    "ledger": ledger, "max_strikes": retries,
                                                    "num_threads": max(1, int(spec.compute.cpus_per_actor)),
                                                    "faults": faults},
-                            concurrency=spec.compute.actors, num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
+                            compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
                             max_restarts=restarts, max_task_retries=restarts)
         last_log = time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -20,12 +20,14 @@ def gather_scene_detections(chip_results: list[tuple[str, bytes]], chip_index_of
     return rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64), chip_index
 
 
-def scene_columns(spec, plan, chip_results: list[tuple[str, bytes]], class_names: list[str]) -> dict:
-    """Merged, georeferenced detections of one scene as numpy columns.
+def finalize_scene(spec, plan, chip_results: list[tuple[str, bytes]], class_names: list[str], run_id: str,
+                   model_id: str, job_hash: str):
+    """Merged, georeferenced detections of one scene as a GeoParquet-ready Arrow table.
 
-    Returns boxes (K,4) scene px, scores, label ids, label names and (K,4,2) polygon corners
-    in output.crs (scene pixels when the scene or the job has no CRS).
+    Polygons are in output.crs, or in scene pixels when the scene or the job has no CRS.
     """
+    from pipeline.table import build_detection_table
+
     from pipeline.execution import chip_id
 
     windows = np.array([[w.col_off, w.row_off, w.col_off + w.width, w.row_off + w.height] for w in plan.windows],
@@ -36,7 +38,6 @@ def scene_columns(spec, plan, chip_results: list[tuple[str, bytes]], class_names
                               iou_threshold=spec.merge.iou_threshold, seam_margin=spec.merge.seam_margin)
     crs = plan.info.crs_wkt if spec.output.crs else None
     corners = boxes_to_polygons(merged.boxes, plan.info.transform, crs, spec.output.crs)
-    names = np.array(class_names, dtype=object)
-    return {"boxes": merged.boxes.astype(np.float32), "scores": merged.scores.astype(np.float32),
-            "label_ids": merged.labels.astype(np.int32), "labels": names[merged.labels] if len(merged.labels) else
-            np.array([], dtype=object), "corners": corners, "output_crs": spec.output.crs if crs else None}
+    return build_detection_table(corners, merged.boxes, merged.scores, merged.labels, class_names, run_id=run_id,
+                                 job_name=spec.name, scene_id=plan.scene_id, scene_path=plan.path,
+                                 model_id=model_id, job_hash=job_hash)

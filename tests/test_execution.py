@@ -12,7 +12,7 @@ from pipeline.spec import JobSpec
 from pipeline.synth import SYNTH_CLASSES, synthesize
 from retinanet import build_model, save_checkpoint
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
