@@ -23,8 +23,8 @@ Ground truth is written next to the scenes:
 - ``truth.geojson``: one polygon per object in the scene CRS (legacy ``crs`` member
   set), properties ``scene_id``, ``label``, ``image``, ``id``.
 
-Generation is strip by strip (256 rows), so memory is bounded by one strip whatever
-the scene size, and the same ``seed`` gives the same bytes.
+Generation goes window by window (256 rows x 2048 columns), so memory is bounded by
+one window whatever the scene size, and the same ``seed`` gives the same bytes.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
-from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from pipeline.georef import pixel_boxes_to_map
@@ -44,6 +43,7 @@ SYNTH_CLASSES = ("vehicle", "building", "tank")
 SYNTH_CRS = "EPSG:32633"
 PIXEL_SIZE = 0.5          # metres
 BLOCK = 256               # internal tile side and generation strip height
+WINDOW_COLS = 2048        # generation window width: memory independent of scene size
 SEAM_STRIDE = 448         # chip 512 - overlap 64
 SEAM_PROBABILITY = 0.35
 OBJECT_SPACING = 128      # about one object per OBJECT_SPACING^2 pixels
@@ -81,7 +81,7 @@ class SynthObject:
 def scene_transform(index: int, size: int) -> tuple[float, float, float, float, float, float]:
     """Affine of scene ``index``: scenes sit side by side, 500 m apart, in UTM 33N."""
     x0 = 500_000.0 + index * (size * PIXEL_SIZE + 500.0)
-    return tuple(from_origin(x0, 5_400_000.0, PIXEL_SIZE, PIXEL_SIZE))[:6]
+    return (PIXEL_SIZE, 0.0, x0, 0.0, -PIXEL_SIZE, 5_400_000.0)
 
 
 def nodata_boxes_intersect(boxes: np.ndarray, size: int) -> np.ndarray:
@@ -151,54 +151,64 @@ def _object_size(name: str, rng: np.random.Generator) -> tuple[int, int]:
     return (side, other) if rng.random() < 0.5 else (other, side)
 
 
-def render_strip(row0: int, height: int, size: int, objects: list[SynthObject],
-                 bands: int, rng: np.random.Generator, nodata_regions: bool) -> np.ndarray:
-    """Pixels of rows [row0, row0 + height) as (bands, height, size) float32, uint8 units.
+def object_boxes(objects: list[SynthObject]) -> np.ndarray:
+    """(N, 4) int64 XYXY boxes of the objects."""
+    return np.array([[o.x0, o.y0, o.x1, o.y1] for o in objects], dtype=np.int64).reshape(-1, 4)
 
-    Background: three low-frequency waves plus fine noise; then objects painted on
-    top, each clipped to the strip; nodata regions set to NODATA last.
+
+def objects_in_window(boxes: np.ndarray, row0: int, col0: int, height: int, width: int
+                      ) -> np.ndarray:
+    """Indexes of the boxes (N, 4) that intersect a window."""
+    return np.flatnonzero((boxes[:, 3] > row0) & (boxes[:, 1] < row0 + height)
+                          & (boxes[:, 2] > col0) & (boxes[:, 0] < col0 + width))
+
+
+def render_window(row0: int, col0: int, height: int, width: int, size: int,
+                  objects: list[SynthObject], boxes: np.ndarray, bands: int,
+                  rng: np.random.Generator, nodata_regions: bool) -> np.ndarray:
+    """Pixels of one scene window as (bands, height, width) float32, uint8 units.
+
+    Background: three low-frequency waves (functions of the scene coordinates, so
+    windows join seamlessly) plus fine noise; objects painted on top, each clipped to
+    the window; nodata regions set to NODATA last. ``boxes`` is
+    :func:`object_boxes` of ``objects`` (computed once per scene).
     """
     rows = np.arange(row0, row0 + height, dtype=np.float32)[:, None]
-    cols = np.arange(size, dtype=np.float32)[None, :]
+    cols = np.arange(col0, col0 + width, dtype=np.float32)[None, :]
     texture = (9.0 * np.sin(cols / 37.0 + rows / 53.0)
                + 7.0 * np.sin(cols / 131.0 - rows / 97.0)
                + 5.0 * np.sin((cols + 2 * rows) / 19.0))
-    noise = rng.normal(0.0, 3.0, size=(height, size)).astype(np.float32)
-    shade = texture + noise                                   # (H, W)
-    out = _BACKGROUND[:bands, None, None].astype(np.float32) + shade[None] * np.array(
-        [1.0, 1.0, 0.8, 1.5][:bands], dtype=np.float32)[:, None, None]
-    for obj in objects:
-        if obj.y1 <= row0 or obj.y0 >= row0 + height:
-            continue
-        _paint(out, obj, row0, height, bands, shade)
+    shade = texture + rng.normal(0.0, 3.0, size=(height, width)).astype(np.float32)
+    gain = np.array([1.0, 1.0, 0.8, 1.5][:bands], dtype=np.float32)[:, None, None]
+    out = _BACKGROUND[:bands, None, None].astype(np.float32) + shade[None] * gain
+    for i in objects_in_window(boxes, row0, col0, height, width):
+        _paint(out, objects[i], row0, col0, bands, shade)
     np.clip(out, 1.0, 255.0, out=out)                         # 0 is reserved for nodata
     if nodata_regions:
         out[:, nodata_mask(cols, rows, size)] = NODATA
     return out
 
 
-def _paint(out: np.ndarray, obj: SynthObject, row0: int, height: int, bands: int,
+def _paint(out: np.ndarray, obj: SynthObject, row0: int, col0: int, bands: int,
            shade: np.ndarray) -> None:
-    """Paint one object into a strip ``out`` (bands, H, W) in place."""
-    r0, r1 = max(obj.y0, row0), min(obj.y1, row0 + height)
-    sl = (slice(r0 - row0, r1 - row0), slice(obj.x0, obj.x1))
-    fill = _FILL[obj.name][:bands, None, None].astype(np.float32)
-    texture = 0.3 * shade[sl][None]                            # keep a little texture
+    """Paint one object into a window ``out`` (bands, H, W) whose origin is (row0, col0)."""
+    h, w = out.shape[1:]
+    r0, r1 = max(obj.y0, row0), min(obj.y1, row0 + h)
+    c0, c1 = max(obj.x0, col0), min(obj.x1, col0 + w)
+    sl = (slice(r0 - row0, r1 - row0), slice(c0 - col0, c1 - col0))
+    region = out[(slice(None),) + sl]
+    fill = _FILL[obj.name][:bands, None, None].astype(np.float32) + 0.3 * shade[sl][None]
+    rr = np.arange(r0, r1)[:, None]
+    cc = np.arange(c0, c1)[None, :]
     if obj.name == "tank":
-        rr = np.arange(r0, r1, dtype=np.float32)[:, None] + 0.5
-        cc = np.arange(obj.x0, obj.x1, dtype=np.float32)[None, :] + 0.5
         radius = (obj.x1 - obj.x0) / 2.0
         cy, cx = (obj.y0 + obj.y1) / 2.0, (obj.x0 + obj.x1) / 2.0
-        inside = (cc - cx) ** 2 + (rr - cy) ** 2 <= radius ** 2
-        region = out[(slice(None),) + sl]
-        region[:] = np.where(inside[None], fill + texture, region)
+        inside = (cc + 0.5 - cx) ** 2 + (rr + 0.5 - cy) ** 2 <= radius ** 2  # pixel centres
+        region[:] = np.where(inside[None], fill, region)
         return
-    out[(slice(None),) + sl] = fill + texture
+    region[:] = fill
     if obj.name == "building":
-        rr = np.arange(r0, r1)[:, None]
-        cc = np.arange(obj.x0, obj.x1)[None, :]
-        edge = ((rr < obj.y0 + 2) | (rr >= obj.y1 - 2) | (cc < obj.x0 + 2) | (cc >= obj.x1 - 2))
-        region = out[(slice(None),) + sl]
+        edge = (rr < obj.y0 + 2) | (rr >= obj.y1 - 2) | (cc < obj.x0 + 2) | (cc >= obj.x1 - 2)
         region[:] = np.where(edge[None], _BUILDING_OUTLINE[:bands, None, None], region)
 
 
@@ -213,7 +223,7 @@ def overview_factors(size: int) -> list[int]:
 
 def write_scene(path: Path, index: int, size: int, seed: int, objects: list[SynthObject],
                 bands: int, dtype: str, nodata_regions: bool) -> None:
-    """Write one scene strip by strip, then build internal overviews."""
+    """Write one scene window by window, then build internal overviews."""
     profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype=dtype,
                    crs=SYNTH_CRS, transform=rasterio.Affine(*scene_transform(index, size)),
                    tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
@@ -222,13 +232,18 @@ def write_scene(path: Path, index: int, size: int, seed: int, objects: list[Synt
     if nodata_regions:
         profile["nodata"] = NODATA
     scale = UINT16_SCALE if dtype == "uint16" else 1.0
+    boxes = object_boxes(objects)
     # A small block cache bounds memory: GDAL otherwise keeps dirty blocks up to 5% of RAM.
     with rasterio.Env(GDAL_CACHEMAX=64), rasterio.open(path, "w", **profile) as dst:
         for strip, row0 in enumerate(range(0, size, BLOCK)):
             height = min(BLOCK, size - row0)
-            rng = np.random.default_rng([seed, index, strip])  # per-strip: deterministic
-            pixels = render_strip(row0, height, size, objects, bands, rng, nodata_regions)
-            dst.write(np.rint(pixels * scale).astype(dtype), window=Window(0, row0, size, height))
+            for part, col0 in enumerate(range(0, size, WINDOW_COLS)):
+                width = min(WINDOW_COLS, size - col0)
+                rng = np.random.default_rng([seed, index, strip, part])  # deterministic
+                pixels = render_window(row0, col0, height, width, size, objects, boxes,
+                                       bands, rng, nodata_regions)
+                dst.write(np.rint(pixels * scale).astype(dtype),
+                          window=Window(col0, row0, width, height))
         dst.build_overviews(overview_factors(size), Resampling.average)
         dst.update_tags(ns="rio_overview", resampling="average")
 

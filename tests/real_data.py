@@ -33,3 +33,23 @@ def real_rasters() -> list[str]:
         return []
     return sorted(p.name for p in REAL_DATA.iterdir()
                   if p.suffix.lower() in (".tif", ".tiff", ".png", ".jpg", ".jpeg"))
+
+
+def peak_rss_mb_snippet() -> str:
+    """Python source defining ``peak_rss_mb()`` for a child process.
+
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` survives fork+exec on Linux, so a child of a
+    big pytest process would report the parent's size; ``VmHWM`` in /proc belongs to
+    the child's own address space. getrusage is the fallback off Linux.
+    """
+    return (
+        "def peak_rss_mb():\n"
+        "    try:\n"
+        "        for line in open('/proc/self/status'):\n"
+        "            if line.startswith('VmHWM:'):\n"
+        "                return int(line.split()[1]) / 1024\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    import resource\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+    )

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from pipeline.errors import InputError, PipelineError, RasterReadError
@@ -28,7 +27,7 @@ from pipeline.tiling import (
     read_chips,
     window_fractions,
 )
-from real_data import real, real_rasters, requires_real_data
+from real_data import peak_rss_mb_snippet, real, real_rasters, requires_real_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,7 +249,7 @@ def write_raster(path, data, nodata=None, dtype=None):
     data = np.asarray(data)
     with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
                        count=data.shape[0], dtype=dtype or data.dtype, nodata=nodata,
-                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 1, 1)) as ds:
+                       crs="EPSG:32633", transform=rasterio.Affine(1, 0, 500000, 0, -1, 5000000)) as ds:
         ds.write(data)
     return path
 
@@ -329,8 +328,8 @@ def test_every_real_raster_reads_or_fails_typed(name):
 
 # ------------------------------------------------------------------- memory
 
-MEMORY_PROBE = textwrap.dedent("""
-    import json, resource, sys
+MEMORY_PROBE = peak_rss_mb_snippet() + textwrap.dedent("""
+    import json, sys
     from pipeline.tiling import chip_grid, plan_chips, read_chips
     path = sys.argv[1]
     every = plan_chips(path, 512, 64, 0.0)                    # enumerate all windows
@@ -341,7 +340,7 @@ MEMORY_PROBE = textwrap.dedent("""
         "all": len(every.windows), "kept": len(kept.windows), "skipped": kept.n_skipped,
         "read": len(chips), "failed": len(failures),
         "max_value": max(float(c.pixels.max()) for c in chips),
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_rss_mb(),
     }))
 """)
 
@@ -353,7 +352,7 @@ def test_memory_stays_flat_on_a_100k_scene(tmp_path):
     with rasterio.open(path, "w", driver="GTiff", width=100_000, height=100_000, count=3,
                        dtype="uint8", tiled=True, blockxsize=256, blockysize=256,
                        compress="deflate", sparse_ok=True, nodata=0, BIGTIFF="YES",
-                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.5, 0.5)) as ds:
+                       crs="EPSG:32633", transform=rasterio.Affine(0.5, 0, 500000, 0, -0.5, 5000000)) as ds:
         ds.write(np.full((3, 1000, 1000), 7, np.uint8), window=Window(50_000, 50_000, 1000, 1000))
     assert path.stat().st_size < 20_000_000
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path)], cwd=REPO,
