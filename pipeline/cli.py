@@ -103,5 +103,40 @@ def synth(out_dir: str, scenes: int, size: int, seed: int, bands: str, dtype: st
         click.echo(str(path))
 
 
+@main.command()
+@click.argument("table", type=click.Path(file_okay=False))
+@click.argument("sql")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "csv", "json"]))
+def query(table: str, sql: str, fmt: str) -> None:
+    """Run SQL on a table's committed rows, the view `detections` (DuckDB)."""
+    from pipeline.query import query_text
+
+    try:
+        text = query_text(table, sql, fmt)
+    except PipelineError as err:
+        fail(err)
+    click.echo(text)
+
+
+@main.command()
+@click.argument("table", type=click.Path(file_okay=False))
+@click.argument("scene_path")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write")
+@click.option("--run-id", default=None, help="draw only this run's detections")
+@click.option("--job", "job_name", default=None, help="draw only this job's detections")
+@click.option("--max-size", default=1024, show_default=True, type=click.IntRange(min=16),
+              help="longer side of the picture, px")
+def render(table: str, scene_path: str, out: str, run_id: str | None, job_name: str | None, max_size: int) -> None:
+    """Write a quicklook PNG of a scene with its committed detections, coloured by class."""
+    from pipeline.render import render_quicklook
+
+    try:
+        summary = render_quicklook(table, scene_path, out, run_id=run_id, max_size=max_size, job_name=job_name)
+    except PipelineError as err:
+        fail(err)
+    classes = ", ".join(f"{k} {v}" for k, v in summary["classes"].items()) or "none"
+    click.echo(f"{summary['path']}: {summary['detections']} detections ({classes})")
+
+
 if __name__ == "__main__":
     main()

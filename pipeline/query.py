@@ -1,0 +1,241 @@
+"""`pipeline query`: SQL over the committed rows of a detection table, with DuckDB.
+
+The rows are the view ``detections``, defined over exactly
+:func:`pipeline.table.committed_files`: files of runs that crashed before publishing
+their manifest, files still in ``_staging`` and files of superseded manifests are not
+part of it. ``date`` comes from the hive partition directory and is a DATE;
+``geometry`` is the WKB box (DuckDB 1.4+ reads it as GEOMETRY from the GeoParquet
+metadata); ``bbox`` is the GeoParquet covering struct, so ``bbox.xmin`` ... filter
+boxes without any spatial extension. An empty table gives an empty view with the same
+columns and types.
+
+Output (:func:`format_result`): an aligned text table for people, CSV or JSON (an
+array of row objects) for programs.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import decimal
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError, PipelineError
+
+VIEW = "detections"
+FORMATS = ("table", "csv", "json")
+Format = Literal["table", "csv", "json"]
+# The aligned table cuts cells longer than this (CSV and JSON never cut).
+MAX_CELL = 60
+
+
+class QueryError(PipelineError):
+    """The SQL could not be run against the table (syntax, unknown column, ...)."""
+
+
+def _check_table_root(table_root: os.PathLike | str) -> Path:
+    """A table root must be an existing directory: a typo must not read as 'no rows'."""
+    root = Path(table_root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no detection table here (directory not found)")
+    return root
+
+
+def _sql_string(text: str) -> str:
+    """A SQL string literal (single quotes doubled)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def view_sql(files: list[str], hive: bool = True) -> str:
+    """``CREATE VIEW detections`` over these Parquet files.
+
+    hive=True: ``date`` is read from the ``date=YYYY-MM-DD`` directories (as DATE).
+    hive=False (the empty placeholder file): the file's own ``date`` column is cast to
+    DATE so the view has the same types either way.
+    """
+    listed = "[" + ", ".join(_sql_string(f) for f in files) + "]"
+    if hive:
+        source = f"read_parquet({listed}, hive_partitioning = true)"
+        return f"CREATE VIEW {VIEW} AS SELECT * FROM {source}"
+    source = f"read_parquet({listed}, hive_partitioning = false)"
+    return f"CREATE VIEW {VIEW} AS SELECT * REPLACE (CAST(date AS DATE) AS date) FROM {source}"
+
+
+@contextlib.contextmanager
+def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
+    """An in-memory DuckDB connection with the view ``detections`` (committed rows only).
+
+    For a table without committed files, an empty Parquet file with the table's schema
+    and ``geo`` metadata is written to a temporary directory for the life of the
+    connection, so the view has the right columns and types.
+    """
+    import duckdb
+
+    from pipeline.table import committed_files, read_committed
+
+    root = _check_table_root(table_root)
+    files = committed_files(root)
+    con = duckdb.connect(":memory:")
+    try:
+        with tempfile.TemporaryDirectory(prefix="pipeline-query-") as tmp:
+            if files:
+                con.execute(view_sql(files, hive=True))
+            else:
+                placeholder = os.path.join(tmp, "empty.parquet")
+                pq.write_table(read_committed(root), placeholder)
+                con.execute(view_sql([placeholder], hive=False))
+            yield con
+    finally:
+        con.close()
+
+
+def run_query(table_root: os.PathLike | str, sql: str) -> pa.Table:
+    """Run ``sql`` against the committed rows (view ``detections``); return the result.
+
+    Statements that return nothing give an empty table. Raises QueryError naming the
+    table for SQL DuckDB rejects, InputError for a missing table.
+    """
+    import duckdb
+
+    if not sql.strip():
+        raise QueryError("the SQL text is empty")
+    with open_detections(table_root) as con:
+        try:
+            relation = con.sql(sql)
+            return pa.table({}) if relation is None else relation.to_arrow_table()
+        except duckdb.Error as err:
+            raise QueryError(f"{table_root}: query failed: {err}") from None
+
+
+# ---------------------------------------------------------------- output
+
+
+def _plain_float(value: float, arrow_type: pa.DataType) -> float:
+    """float32 values as their shortest decimal (0.9, not 0.8999999761581421)."""
+    if pa.types.is_float32(arrow_type):
+        return float(str(np.float32(value)))
+    return float(value)
+
+
+def _plain_bytes(value: bytes) -> str:
+    """Binary cells as WKT when they are WKB geometries, else as hex."""
+    import shapely
+
+    try:
+        return shapely.from_wkb(value).wkt
+    except Exception:  # not WKB: any binary column is shown losslessly as hex
+        return value.hex()
+
+
+def plain_value(value: Any, arrow_type: pa.DataType) -> Any:
+    """One cell -> a JSON-compatible Python value (None, bool, int, float, str, dict, list)."""
+    if value is None:
+        return None
+    if pa.types.is_struct(arrow_type):
+        return {arrow_type.field(i).name: plain_value(value[arrow_type.field(i).name], arrow_type.field(i).type)
+                for i in range(arrow_type.num_fields)}
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        return [plain_value(v, arrow_type.value_type) for v in value]
+    if isinstance(arrow_type, pa.ExtensionType):
+        return plain_value(value, arrow_type.storage_type)
+    if isinstance(value, bool) or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return _plain_float(value, arrow_type)
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _plain_bytes(bytes(value))
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    return str(value)
+
+
+def plain_rows(result: pa.Table) -> list[dict[str, Any]]:
+    """The result as a list of row dicts of plain values (see :func:`plain_value`)."""
+    types = {f.name: f.type for f in result.schema}
+    return [{k: plain_value(v, types[k]) for k, v in row.items()} for row in result.to_pylist()]
+
+
+def _cell_text(value: Any) -> str:
+    """Text of one plain value for CSV and the aligned table."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(", ", ": "))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _numeric(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type)
+
+
+def _clip(text: str, width: int = MAX_CELL) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(result: pa.Table) -> str:
+    """An aligned text table: header, rule, rows (numbers right-aligned), row count."""
+    names = result.column_names
+    rows = [[_clip(_cell_text(r[n])) for n in names] for r in plain_rows(result)]
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+    right = [_numeric(result.schema.field(n).type) for n in names]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+
+    out = [line(list(names)), "  ".join("-" * w for w in widths)] if names else []
+    out += [line(r) for r in rows]
+    out.append(f"({result.num_rows} row{'s' if result.num_rows != 1 else ''})")
+    return "\n".join(out)
+
+
+def format_csv(result: pa.Table) -> str:
+    """CSV with a header; nested values as JSON text, NULL as an empty field."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(result.column_names)
+    for row in plain_rows(result):
+        writer.writerow([_cell_text(v) for v in row.values()])
+    return buf.getvalue().rstrip("\n")
+
+
+def format_json(result: pa.Table) -> str:
+    """A JSON array of row objects (keys in column order)."""
+    return json.dumps(plain_rows(result), indent=2, allow_nan=True)
+
+
+def format_result(result: pa.Table, fmt: Format = "table") -> str:
+    """Render a query result as ``table``, ``csv`` or ``json`` text."""
+    if fmt == "table":
+        return format_table(result)
+    if fmt == "csv":
+        return format_csv(result)
+    if fmt == "json":
+        return format_json(result)
+    raise QueryError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def query_text(table_root: os.PathLike | str, sql: str, fmt: Format = "table") -> str:
+    """Run ``sql`` on the table's committed rows and render the result (the CLI's work)."""
+    return format_result(run_query(table_root, sql), fmt)
+
+
+def table_columns(table_root: os.PathLike | str) -> list[tuple[str, str]]:
+    """(name, DuckDB type) of every column of the ``detections`` view."""
+    with open_detections(table_root) as con:
+        return [(row[0], row[1]) for row in con.sql(f"DESCRIBE {VIEW}").fetchall()]
+

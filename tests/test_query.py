@@ -1,0 +1,134 @@
+"""`pipeline query`: the detections view over committed files only, and the output formats."""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline import table as T
+from pipeline.cli import main
+from pipeline.errors import InputError
+from pipeline.query import QueryError, query_text, run_query, table_columns
+
+CLASSES = ["vehicle", "building", "tank"]
+
+
+def scene_rows(run: T.RunInfo, scene: str, px: list, labels: list, scores: list, date: str) -> "T.pa.Table":
+    """Rows with map box = pixel box x (1, -1) + (1000, 5000): a 1 m grid, y up."""
+    boxes = np.asarray(px, np.float64).reshape(-1, 4)
+    corners = T.box_corners(boxes) * [1.0, -1.0] + [1000.0, 5000.0]
+    return T.build_detection_table(
+        corners, boxes, scores, labels, CLASSES, run_id=run.run_id, job_name=run.job_name, scene_id=scene,
+        scene_path=f"/scenes/{scene}.tif", model_id=run.model_id, job_hash=run.job_hash,
+        processed_at=dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc), date=date)
+
+
+@pytest.fixture()
+def table(tmp_path) -> Path:
+    """Two nights, two scenes, three classes (counts worked out in the tests below)."""
+    root = tmp_path / "table"
+    run = T.RunInfo("r1", "sat", "h", "m", "EPSG:32633")
+    # night 1, scene a: vehicle x2, building x1
+    T.commit_scene(root, run, "a", {"k": 1}, scene_rows(
+        run, "a", [[0, 0, 10, 10], [20, 20, 30, 30], [100, 100, 200, 200]], [0, 0, 1], [0.9, 0.5, 0.7], "2026-01-01"))
+    # night 2, scene b: vehicle x1, tank x1
+    T.commit_scene(root, run, "b", {"k": 2}, scene_rows(
+        run, "b", [[500, 500, 520, 520], [600, 600, 640, 640]], [0, 2], [0.8, 0.95], "2026-01-02"))
+    return root
+
+
+def test_counts_per_label_per_night(table):
+    result = run_query(table, "SELECT date, label, count(*) AS n FROM detections GROUP BY ALL ORDER BY date, label")
+    got = [(str(r["date"]), r["label"], r["n"]) for r in result.to_pylist()]
+    assert got == [("2026-01-01", "building", 1), ("2026-01-01", "vehicle", 2),
+                   ("2026-01-02", "tank", 1), ("2026-01-02", "vehicle", 1)]
+
+
+def test_bbox_covering_columns_filter_in_map_coordinates(table):
+    # Map x = px x + 1000, map y = 5000 - px y. The window x 1000..1050, y 4950..5000 holds
+    # the boxes of pixels (0..10) and (20..30) of scene a, nothing else.
+    sql = ("SELECT scene_id, px_xmin FROM detections WHERE bbox.xmin >= 1000 AND bbox.xmax <= 1050 "
+           "AND bbox.ymin >= 4950 AND bbox.ymax <= 5000 ORDER BY px_xmin")
+    assert [(r["scene_id"], r["px_xmin"]) for r in run_query(table, sql).to_pylist()] == [("a", 0.0), ("a", 20.0)]
+
+
+def test_only_committed_files_are_visible(table):
+    before = run_query(table, "SELECT count(*) AS n FROM detections").to_pylist()[0]["n"]
+    assert before == 5
+    # A crashed commit: rows staged and even moved into a partition, but no manifest.
+    run = T.RunInfo("crashed", "sat", "h", "m", "EPSG:32633")
+    orphan = scene_rows(run, "c", [[0, 0, 5, 5]] * 7, [0] * 7, [0.9] * 7, "2026-01-01")
+    (table / T.STAGING / "crashed-x").mkdir(parents=True)
+    pq.write_table(orphan, table / T.STAGING / "crashed-x" / "c.parquet")
+    pq.write_table(orphan, table / "date=2026-01-01" / "crashed-c-orphan.parquet")
+    assert run_query(table, "SELECT count(*) AS n FROM detections").to_pylist()[0]["n"] == 5
+    # A new commit of scene a supersedes its old rows: 3 old rows out, 1 new row in.
+    run2 = T.RunInfo("r2", "sat", "h", "m", "EPSG:32633")
+    T.commit_scene(table, run2, "a", {"k": 3}, scene_rows(run2, "a", [[1, 1, 2, 2]], [2], [0.6], "2026-01-03"))
+    result = run_query(table, "SELECT scene_id, run_id, count(*) AS n FROM detections GROUP BY ALL ORDER BY scene_id")
+    assert result.to_pylist() == [{"scene_id": "a", "run_id": "r2", "n": 1}, {"scene_id": "b", "run_id": "r1", "n": 2}]
+
+
+def test_top_scores_per_scene(table):
+    sql = ("SELECT scene_id, label, score FROM detections "
+           "QUALIFY row_number() OVER (PARTITION BY scene_id ORDER BY score DESC) = 1 ORDER BY scene_id")
+    got = [(r["scene_id"], r["label"], round(r["score"], 4)) for r in run_query(table, sql).to_pylist()]
+    assert got == [("a", "vehicle", 0.9), ("b", "tank", 0.95)]
+
+
+def test_empty_table_has_the_same_columns_and_types(tmp_path, table):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_query(empty, "SELECT count(*) AS n FROM detections").to_pylist() == [{"n": 0}]
+    full_cols = [(n, t.split("(")[0]) for n, t in table_columns(table)]  # GEOMETRY('<crs>') -> GEOMETRY
+    empty_cols = [(n, t.split("(")[0]) for n, t in table_columns(empty)]
+    assert empty_cols == full_cols
+    assert dict(empty_cols)["date"] == "DATE" and dict(empty_cols)["bbox"] == "STRUCT"
+    # Columns of the empty view are usable in expressions.
+    assert run_query(empty, "SELECT bbox.xmin, date FROM detections WHERE date > '2020-01-01'").num_rows == 0
+
+
+def test_missing_table_and_bad_sql_are_named(tmp_path, table):
+    with pytest.raises(InputError, match="no detection table"):
+        run_query(tmp_path / "nope", "SELECT 1")
+    with pytest.raises(QueryError, match="query failed.*no_such_column"):
+        run_query(table, "SELECT no_such_column FROM detections")
+    with pytest.raises(QueryError, match="empty"):
+        run_query(table, "  ")
+
+
+def test_formats(table):
+    sql = "SELECT scene_id, label, score, bbox, date FROM detections ORDER BY score DESC LIMIT 2"
+    text = query_text(table, sql, "table").splitlines()
+    assert text[0].split() == ["scene_id", "label", "score", "bbox", "date"]
+    assert set(text[1]) <= {"-", " "} and text[-1] == "(2 rows)"
+    assert text[2].split()[:3] == ["b", "tank", "0.95"]  # float32 shown as its shortest decimal
+    # Aligned: every column starts at the same offset on each line.
+    start = text[0].index("label")
+    assert text[2][start:].startswith("tank") and text[3][start:].startswith("vehicle")
+
+    rows = list(csv.DictReader(io.StringIO(query_text(table, sql, "csv"))))
+    assert [r["scene_id"] for r in rows] == ["b", "a"] and rows[0]["score"] == "0.95"
+    assert json.loads(rows[0]["bbox"]) == {"xmin": 1600.0, "ymin": 4360.0, "xmax": 1640.0, "ymax": 4400.0}
+
+    data = json.loads(query_text(table, sql, "json"))
+    assert data[0] == {"scene_id": "b", "label": "tank", "score": 0.95, "date": "2026-01-02",
+                       "bbox": {"xmin": 1600.0, "ymin": 4360.0, "xmax": 1640.0, "ymax": 4400.0}}
+    geometry = json.loads(query_text(table, "SELECT geometry FROM detections WHERE label = 'tank'", "json"))
+    assert geometry[0]["geometry"].startswith("POLYGON ((1600 4360")
+
+
+def test_cli_query(table):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["query", str(table), "SELECT count(*) AS n FROM detections", "--format", "json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output) == [{"n": 5}]
+    bad = runner.invoke(main, ["query", str(table), "SELECT nope FROM detections"])
+    assert bad.exit_code == 1 and "error:" in bad.output and "nope" in bad.output
