@@ -1,0 +1,160 @@
+"""End-to-end `pipeline run` throughput vs the raw model forward, and memory vs scene size.
+
+    python bench/pipeline_bench.py [--size 2048] [--backbone resnet18] [--repeats 3]
+
+1. Throughput: chips/s of run_job (read -> predictor actor -> merge -> GeoParquet commit)
+   on a synthetic scene, against the model's own forward over the same number of chips of
+   the same size and batch in this process (same checkpoint, precision and threads).
+   Target >= 0.9 on a 2-core machine.
+2. Memory: peak RSS of the whole process tree (driver + Ray workers) for a 4096^2 and a
+   16384^2 scene; target ratio <= 1.2 (memory flat in scene size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_checkpoint(path: Path, backbone: str) -> None:
+    import torch
+
+    from pipeline.synth import SYNTH_CLASSES
+    from retinanet import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(num_classes=len(SYNTH_CLASSES), backbone=backbone, head_width=64, head_depth=2,
+                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3)
+    save_checkpoint(path, model, list(SYNTH_CLASSES))
+
+
+def job(root: Path, scenes: str, table: str, batch: int, actors: int, threads: int):
+    from pipeline.spec import JobSpec
+
+    return JobSpec.model_validate({
+        "name": "bench", "inputs": {"paths": [scenes], "bands": [1, 2, 3]},
+        "tiling": {"chip_size": 512, "overlap": 64, "min_valid_fraction": 0.0},
+        "model": {"checkpoint": str(root / "model.pt"), "score_threshold": 0.3, "batch_size": batch},
+        "compute": {"actors": actors, "gpus_per_actor": 0, "cpus_per_actor": threads},
+        "output": {"table": str(root / table), "crs": "EPSG:4326"},
+    })
+
+
+def raw_forward_chips_per_s(root: Path, n_chips: int, batch: int, threads: int) -> float:
+    import torch
+
+    from retinanet import Detector, load_checkpoint
+
+    torch.set_num_threads(threads)
+    model, _ = load_checkpoint(root / "model.pt")
+    detector = Detector(model, device="auto", precision="auto")
+    images = torch.rand(batch, 3, 512, 512) * 255
+    detector(images)  # warm-up
+    start = time.perf_counter()
+    done = 0
+    while done < n_chips:
+        detector(images)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def throughput(args) -> dict:
+    import ray
+
+    from pipeline.execution import run_job
+    from pipeline.synth import synthesize
+
+    root = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+    synthesize(root / "scenes", scenes=1, size=args.size, seed=0)
+    make_checkpoint(root / "model.pt", args.backbone)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    pipe, raw = [], []
+    for r in range(args.repeats):
+        report = run_job(job(root, str(root / "scenes" / "*.tif"), f"t{r}", args.batch, 1, args.threads),
+                         force=True, log=lambda m: None)
+        chips = report["chips_read"]
+        pipe.append(chips / report["wall_seconds"])
+        raw.append(raw_forward_chips_per_s(root, chips, args.batch, args.threads))
+    ray.shutdown()
+    p, m = statistics.median(pipe), statistics.median(raw)
+    return {"chips": chips, "pipeline_chips_per_s": round(p, 3), "raw_forward_chips_per_s": round(m, 3),
+            "ratio": round(p / m, 3)}
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def peak_rss_of_run(size: int, backbone: str) -> int:
+    """Run one scene of size^2 in a child process; sample its process tree's RSS."""
+    code = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from pathlib import Path
+import ray
+from pipeline.synth import synthesize
+from pipeline.execution import run_job
+import bench.pipeline_bench as b
+root = Path(sys.argv[1])
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+run_job(b.job(root, str(root / "s{size}" / "*.tif"), "m{size}", 4, 1, 2), force=True, log=lambda m: None)
+ray.shutdown()
+"""
+    root = Path(tempfile.mkdtemp(prefix="pipeline-mem-"))
+    from pipeline.synth import synthesize
+
+    synthesize(root / f"s{size}", scenes=1, size=size, seed=1)
+    make_checkpoint(root / "model.pt", backbone)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)])
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.2)
+    if proc.returncode:
+        raise SystemExit(f"memory run for {size}^2 failed with exit code {proc.returncode}")
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory", action="store_true", help="also run the 4k^2 vs 16k^2 memory comparison")
+    args = parser.parse_args()
+    result = {"throughput": throughput(args)}
+    print(json.dumps(result, indent=2), flush=True)
+    if args.memory:
+        small, large = peak_rss_of_run(4096, args.backbone), peak_rss_of_run(16384, args.backbone)
+        result["memory"] = {"peak_rss_4096_mb": round(small / 2**20), "peak_rss_16384_mb": round(large / 2**20),
+                            "ratio": round(large / small, 3)}
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
