@@ -138,5 +138,123 @@ def render(table: str, scene_path: str, out: str, run_id: str | None, job_name: 
     click.echo(f"{summary['path']}: {summary['detections']} detections ({classes})")
 
 
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a job field")
+@click.option("--resume", is_flag=True, help="continue the last run of train.output_dir from its latest checkpoint")
+def train(job: str, overrides: tuple[str, ...], resume: bool) -> None:
+    """Train the job's RetinaNet on its `train:` section with Ray Train (see docs/training.md)."""
+    import json
+
+    from pipeline.spec import load_job
+    from pipeline.train import train as run_training
+
+    try:
+        summary = run_training(load_job(job, list(overrides)), resume=resume)
+    except PipelineError as err:
+        fail(err)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command(name="eval")
+@click.option("--table", required=True, type=click.Path(file_okay=False), help="detection table (output.table)")
+@click.option("--truth", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="ground truth: COCO JSON, VOC XML, CSV or a vector file (repeatable)")
+@click.option("--run-id", default=None, help="evaluate only this run's committed scenes")
+@click.option("--job", "job_name", default=None, help="evaluate only this job's committed scenes")
+@click.option("--voc", is_flag=True, help="also report PASCAL VOC AP@0.5 (all-point interpolation)")
+@click.option("--out", "out_dir", default="eval", show_default=True, type=click.Path(file_okay=False),
+              help="folder for eval.json and the precision-recall PNG")
+@click.option("--label-field", default="label", show_default=True, help="vector truth: class attribute")
+@click.option("--scene-field", default=None, help="vector truth: scene id attribute (multi-scene files)")
+def evaluate(table: str, truth: tuple[str, ...], run_id: str | None, job_name: str | None, voc: bool,
+             out_dir: str, label_field: str, scene_field: str | None) -> None:
+    """Scene-level COCO evaluation of a committed run against ground truth."""
+    from pipeline.evaluate import evaluate_table, format_table
+
+    try:
+        metrics = evaluate_table(table, list(truth), run_id=run_id, job_name=job_name, voc=voc, out_dir=out_dir,
+                                 label_field=label_field, scene_field=scene_field)
+    except PipelineError as err:
+        fail(err)
+    click.echo(format_table(metrics))
+    if metrics["scenes_not_in_table"]:
+        click.echo(f"note: {len(metrics['scenes_not_in_table'])} truth scenes are not committed in the table "
+                   f"and were left out: {', '.join(metrics['scenes_not_in_table'][:10])}", err=True)
+    for kind, path in metrics.get("files", {}).items():
+        click.echo(f"{kind}: {path}")
+
+
+@main.command(name="eval-checkpoint")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--job", default=None, type=click.Path(dir_okay=False),
+              help="evaluate on this training job's validation chips (its train: section)")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a field of --job")
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]),
+              help="with --job: which split's chips")
+@click.option("--scenes", multiple=True, help="labelled scenes (globs), instead of --job")
+@click.option("--labels", multiple=True, help="label files for --scenes (COCO, VOC, CSV, vector)")
+@click.option("--chip-size", default=512, show_default=True, type=click.IntRange(min=32))
+@click.option("--overlap", default=64, show_default=True, type=click.IntRange(min=0))
+@click.option("--bands", default=None, help="1-based bands, e.g. 1,2,3 (default: all non-alpha)")
+@click.option("--region", default=None, metavar="SIDE:FRACTION",
+              help="only the held-out band of each scene, e.g. right:0.3 or bottom:0.2")
+@click.option("--untrained", is_flag=True, help="evaluate a fresh model of the checkpoint's config (baseline)")
+@click.option("--voc", is_flag=True, help="also report PASCAL VOC AP@0.5")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="write JSON and PNG here")
+def eval_checkpoint(checkpoint: str, job: str | None, overrides: tuple[str, ...], split: str,
+                    scenes: tuple[str, ...], labels: tuple[str, ...], chip_size: int, overlap: int,
+                    bands: str | None, region: str | None, untrained: bool, voc: bool, out_dir: str | None) -> None:
+    """Chip-level COCO evaluation of a checkpoint on labelled data, without running the pipeline."""
+    from pipeline.evaluate import evaluate_checkpoint, evaluate_checkpoint_on_job, format_table
+
+    try:
+        if job is not None:
+            from pipeline.spec import load_job
+
+            metrics = evaluate_checkpoint_on_job(checkpoint, load_job(job, list(overrides)), split=split, voc=voc,
+                                                 out_dir=out_dir, untrained=untrained)
+        else:
+            if not scenes or not labels:
+                raise ConfigError("eval-checkpoint: give --job JOB.yaml, or --scenes and --labels")
+            band_list = [int(b) for b in bands.split(",")] if bands else None
+            side_fraction = None
+            if region:
+                side, _, fraction = region.partition(":")
+                if side not in ("right", "bottom") or not fraction:
+                    raise ConfigError(f"--region: expected right:FRACTION or bottom:FRACTION, got {region!r}")
+                side_fraction = (side, float(fraction))
+            metrics = evaluate_checkpoint(checkpoint, list(scenes), list(labels), chip_size, overlap, band_list,
+                                          side_fraction, voc=voc, out_dir=out_dir, untrained=untrained)
+    except PipelineError as err:
+        fail(err)
+    except ValueError as err:
+        fail(ConfigError(str(err)))
+    click.echo(format_table(metrics))
+    for kind, path in metrics.get("files", {}).items():
+        click.echo(f"{kind}: {path}")
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a job field")
+def anchors(job: str, overrides: tuple[str, ...]) -> None:
+    """Fit anchor sizes and ratios to the job's training boxes; print the matched share."""
+    import json
+
+    from pipeline.spec import load_job
+    from pipeline.train import fit_job_anchors
+
+    try:
+        fit = fit_job_anchors(load_job(job, list(overrides)))
+    except PipelineError as err:
+        fail(err)
+    click.echo(f"boxes: {fit.boxes}; share matched by some anchor at centre-aligned IoU >= 0.5: "
+               f"{fit.share_before:.3f} (default anchors) -> {fit.share_after:.3f} (fitted); "
+               f"mean best IoU {fit.mean_iou_before:.3f} -> {fit.mean_iou_after:.3f}")
+    click.echo(json.dumps(fit.to_dict()))
+    click.echo("to train with them: train.fit_anchors: true")
+
+
 if __name__ == "__main__":
     main()
