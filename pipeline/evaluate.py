@@ -441,22 +441,27 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
 
 
 def predict_records(model, records, bands, chip_size: int, batch_size: int = 8, device: str = "cpu",
-                    precision: str = "fp32") -> list[ImageBoxes]:
+                    precision: str = "fp32", pixels: Optional[np.ndarray] = None,
+                    channels_last: bool = True) -> list[ImageBoxes]:
     """Run a RetinaNet on chip records (pipeline.trainset.ChipRecord) -> detections per chip.
 
-    Chips are read in batches (bounded memory); ``precision`` as retinanet.runtime.
+    Chips are read in batches (bounded memory) unless ``pixels`` (N, C, S, S) holds them
+    already; ``precision`` as retinanet.runtime. Leaves the model in eval mode.
     """
     import torch
 
     from retinanet.runtime import Detector
     from pipeline.trainset import read_records
 
-    detector = Detector(model, device=device, precision=precision)
+    detector = Detector(model, device=device, precision=precision, channels_last=channels_last)
     out = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        pixels, _ = read_records(batch, bands, chip_size, model.config.in_channels)
-        results = detector(torch.from_numpy(pixels))
+        if pixels is None:
+            chunk, _ = read_records(batch, bands, chip_size, model.config.in_channels)
+        else:
+            chunk = pixels[start:start + batch_size]
+        results = detector(torch.from_numpy(np.ascontiguousarray(chunk)))
         for record, det in zip(batch, results):
             out.append(ImageBoxes(record.chip_id, det["boxes"].float().cpu().numpy(),
                                   det["labels"].cpu().numpy(), det["scores"].float().cpu().numpy(),
@@ -482,24 +487,13 @@ def evaluate_records(model, records, classes: Sequence[str], bands, chip_size: i
     return metrics
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, scenes: Sequence[str], labels: Sequence[str],
-                        chip_size: int = 512, overlap: int = 64, bands: Optional[Sequence[int]] = None,
-                        region: Optional[tuple[str, float]] = None, min_box_inside: float = 0.5,
-                        batch_size: int = 8, voc: bool = False, out_dir: Optional[str | os.PathLike] = None,
-                        precision: str = "fp32", untrained: bool = False, seed: int = 0) -> dict:
-    """Chip-level evaluation of a checkpoint on labelled scenes, without the pipeline.
-
-    The checkpoint's class names pick the labels to use (other labels are an error).
-    ``region`` = (side, fraction), e.g. ("right", 0.3): evaluate only on that held-out
-    band of every scene (the same rule as ``train.val_split: {by: region}``, gap 0).
-    ``untrained``: evaluate a freshly initialised model of the checkpoint's config
-    instead of its weights (the "before training" reference; ``seed`` fixes the init).
-    """
+def _model_for_eval(checkpoint: str | os.PathLike, untrained: bool, seed: int):
+    """(model in eval mode, class names) of a checkpoint; ``untrained``: same config, fresh
+    weights (seeded), the "before training" reference."""
     import torch
 
     from retinanet.checkpoint import CheckpointError, load_checkpoint
     from retinanet.model import build_model
-    from pipeline.trainset import build_records, expand_scene_paths, labelled_scenes, split_regions, Region
 
     try:
         model, info = load_checkpoint(checkpoint)
@@ -508,9 +502,33 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, scenes: Sequence[str], la
     if untrained:
         torch.manual_seed(seed)
         model = build_model(info["config"]).eval()
-    classes = info["class_names"]
-    paths = expand_scene_paths(scenes, "--scenes")
-    labelled = labelled_scenes(paths, [str(p) for p in labels], classes)
+    return model, list(info["class_names"])
+
+
+def _finish(metrics: dict, extra: dict, out_dir, stem: str) -> dict:
+    metrics.update(extra)
+    if out_dir is not None:
+        metrics["files"] = write_report(metrics, out_dir, stem)
+    return metrics
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, scenes: Sequence[str], labels: Sequence[str],
+                        chip_size: int = 512, overlap: int = 64, bands: Optional[Sequence[int]] = None,
+                        region: Optional[tuple[str, float]] = None, min_box_inside: float = 0.5,
+                        batch_size: int = 8, voc: bool = False, out_dir: Optional[str | os.PathLike] = None,
+                        precision: str = "fp32", untrained: bool = False, seed: int = 0) -> dict:
+    """Chip-level evaluation of a checkpoint on labelled scenes, without the pipeline.
+
+    The checkpoint's class names are the classes (a label outside them is an error).
+    ``region`` = (side, fraction), e.g. ("right", 0.3): evaluate only on that held-out
+    band of every scene (the rule of ``train.val_split: {by: region}``).
+    ``untrained``: evaluate a freshly initialised model of the checkpoint's config
+    instead of its weights (``seed`` fixes the init).
+    """
+    from pipeline.trainset import Region, build_records, expand_scene_paths, labelled_scenes, split_regions
+
+    model, classes = _model_for_eval(checkpoint, untrained, seed)
+    labelled = labelled_scenes(expand_scene_paths(scenes, "--scenes"), [str(p) for p in labels], classes)
     if region is None:
         regions = [Region(s.scene_id, 0, 0, s.info.width, s.info.height) for s in labelled]
     else:
@@ -518,12 +536,29 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, scenes: Sequence[str], la
         _, regions = split_regions(labelled, "region", fraction, 0, side)
     records = build_records(labelled, regions, chip_size, overlap, min_box_inside, 0.0)
     metrics = evaluate_records(model, records, classes, bands, chip_size, batch_size, "cpu", precision, voc)
-    metrics.update({"checkpoint": str(checkpoint), "chips": len(records), "untrained": untrained,
-                    "region": list(region) if region else None})
-    if out_dir is not None:
-        metrics["files"] = write_report(metrics, out_dir, "eval_checkpoint")
-    return metrics
+    return _finish(metrics, {"checkpoint": str(checkpoint), "chips": len(records), "untrained": untrained,
+                             "region": list(region) if region else None}, out_dir, "eval_checkpoint")
+
+
+def evaluate_checkpoint_on_job(checkpoint: str | os.PathLike, spec, split: str = "val", batch_size: int = 8,
+                               voc: bool = False, out_dir: Optional[str | os.PathLike] = None,
+                               precision: str = "fp32", untrained: bool = False) -> dict:
+    """Chip-level evaluation on the chips of a training job: its validation split (the
+    chips `pipeline train` validates on) or its training split (``split="train"``)."""
+    from pipeline.train import check_trainable, training_data
+
+    check_trainable(spec)
+    model, classes = _model_for_eval(checkpoint, untrained, spec.train.seed)
+    if classes != list(spec.train.classes):
+        raise InputError(f"{checkpoint}: classes {classes} differ from {spec.source}: train.classes "
+                         f"{list(spec.train.classes)}")
+    _, train_records, val_records, _ = training_data(spec)
+    records = val_records if split == "val" else train_records
+    metrics = evaluate_records(model, records, classes, spec.inputs.bands, spec.train.chip_size, batch_size,
+                               "cpu", precision, voc)
+    return _finish(metrics, {"checkpoint": str(checkpoint), "chips": len(records), "untrained": untrained,
+                             "job": spec.source, "split": split}, out_dir, "eval_checkpoint")
 
 
 __all__ = ["ImageBoxes", "coco_metrics", "voc_metrics", "voc_class_ap", "all_point_ap", "evaluate_table",
-           "evaluate_checkpoint", "evaluate_records", "format_table", "plot_pr_curves", "write_report"]
+           "evaluate_checkpoint", "evaluate_checkpoint_on_job", "evaluate_records", "format_table", "plot_pr_curves", "write_report"]
