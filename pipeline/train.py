@@ -618,6 +618,9 @@ def train_loop(config: dict) -> None:
     if start_dir is not None:
         restored = _restore(start_dir, model, optimizer, scheduler)
         state.update({k: restored[k] for k in state})
+        by_rank = restored.get("sums_by_rank") or []
+        if len(by_rank) == world:
+            state["sums"] = list(by_rank[rank])
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world > 1
     core = model.module if hasattr(model, "module") else model
 
@@ -641,8 +644,18 @@ def train_loop(config: dict) -> None:
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor.tolist()
 
+    def gather_sums() -> list[list[float]]:
+        """Every rank's running loss sums (a checkpoint restores each rank's own)."""
+        if world == 1:
+            return [list(state["sums"])]
+        mine = torch.tensor(state["sums"], dtype=torch.float64)
+        parts = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine)
+        return [p.tolist() for p in parts]
+
     def checkpoint_and_report(metrics: dict, final: bool = False) -> None:
-        state_now = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        state_now = {**state, "sums_by_rank": gather_sums(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict()}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
