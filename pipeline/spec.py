@@ -64,19 +64,77 @@ def is_remote(path: str) -> bool:
     return bool(_REMOTE.match(path))
 
 
-class InputsSpec(BaseModel):
-    """Which scenes to read: local globs or remote URLs, and which bands (1-based)."""
+class StacSpec(BaseModel):
+    """``inputs.stac``: scenes from a static STAC catalog (see pipeline.stac)::
+
+        stac: {source: ../catalog/catalog.json, asset: visual,
+               datetime: "2026-01-01/..", bbox: [12.0, 41.0, 13.0, 42.0],
+               since_last_success: true}
+
+    source: local JSON (resolved like other paths) or http(s) URL of a Catalog,
+    Collection, ItemCollection or Item. asset: the asset key of each item to read;
+    default ``visual``, the STAC best-practice key of the display (RGB) image.
+    datetime: ISO 8601 interval, inclusive, ``..`` or empty for an open side.
+    bbox: [minx, miny, maxx, maxy] in EPSG:4326. since_last_success: start at the
+    newest item time of this job's last successful run in ``output.table``.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    paths: list[str] = Field(min_length=1)
+    source: str = Field(min_length=1)
+    asset: str = Field("visual", min_length=1)
+    datetime: Optional[str] = None
+    bbox: Optional[list[float]] = None
+    since_last_success: bool = False
+
+    @field_validator("datetime", mode="before")
+    @classmethod
+    def _yaml_dates_as_text(cls, v: Any) -> Any:
+        # YAML reads an unquoted 2026-01-01 as a date: take it as the instant it names.
+        import datetime as _dt
+
+        return v.isoformat() if isinstance(v, (_dt.date, _dt.datetime)) else v
+
+    @field_validator("datetime")
+    @classmethod
+    def _interval(cls, v: Optional[str]) -> Optional[str]:
+        from pipeline.stac import parse_interval
+
+        if v is not None:
+            parse_interval(v)  # ValueError names the bad part
+        return v
+
+    @field_validator("bbox")
+    @classmethod
+    def _lonlat_box(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        from pipeline.stac import check_bbox
+
+        return None if v is None else check_bbox(v)
+
+
+class InputsSpec(BaseModel):
+    """Which scenes to read — local globs or remote URLs (``paths``), or the items of a
+    STAC catalog (``stac``), exactly one of the two — and which bands (1-based)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    paths: Optional[list[str]] = Field(None, min_length=1)
+    stac: Optional[StacSpec] = None
     # None: all bands of the scene. Repeats are allowed ([1, 1, 1] makes a grey scene RGB).
     bands: Optional[list[int]] = None
 
+    @model_validator(mode="after")
+    def _paths_or_stac(self) -> "InputsSpec":
+        if self.paths is None and self.stac is None:
+            raise ValueError("give inputs.paths (files, globs, URLs) or inputs.stac (a STAC catalog)")
+        if self.paths is not None and self.stac is not None:
+            raise ValueError("inputs.paths and inputs.stac exclude each other: give one")
+        return self
+
     @field_validator("paths")
     @classmethod
-    def _paths_not_blank(cls, v: list[str]) -> list[str]:
-        for i, p in enumerate(v):
+    def _paths_not_blank(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        for i, p in enumerate(v or []):
             if not p.strip():
                 raise ValueError(f"paths[{i}] is empty")
         return v
@@ -374,7 +432,8 @@ class JobSpec(BaseModel):
 
 
 # Fields holding local paths, as (section, key); resolved against the job file's dir.
-_PATH_FIELDS = (("inputs", "paths"), ("model", "checkpoint"), ("output", "table"),
+# ("inputs", "stac") is the STAC section: its ``source`` is the path.
+_PATH_FIELDS = (("inputs", "paths"), ("inputs", "stac"), ("model", "checkpoint"), ("output", "table"),
                 ("train", "scenes"), ("train", "labels"), ("train", "backbone_weights"),
                 ("train", "init_checkpoint"), ("train", "output_dir"))
 
@@ -390,6 +449,8 @@ def _resolve_path(p: Any, base: Path) -> Any:
 
 
 def _resolve_field(value: Any, base: Path) -> Any:
+    if isinstance(value, dict):  # inputs.stac: resolve its source
+        return {**value, "source": _resolve_path(value["source"], base)} if "source" in value else value
     if isinstance(value, list):
         return [_resolve_path(p, base) for p in value]
     return _resolve_path(value, base)
@@ -581,7 +642,7 @@ def input_files(spec: JobSpec) -> list[str]:
     Duplicates (a file matched by two patterns) are listed once, first match order.
     """
     seen: dict[str, None] = {}
-    for pattern in spec.inputs.paths:
+    for pattern in spec.inputs.paths or []:  # STAC inputs: pipeline.stac.select_stac
         matches = [pattern] if is_remote(pattern) else _glob_local(pattern)
         for m in matches:
             seen.setdefault(m, None)
@@ -615,16 +676,20 @@ def _writable_dir_problem(table: str) -> Optional[str]:
 def check_runnable(spec: JobSpec) -> None:
     """Check that the job can start; raise one ConfigError listing every problem.
 
-    - each local ``inputs.paths`` glob matches at least one file (URLs are not checked);
+    - each local ``inputs.paths`` glob matches at least one file (URLs are not checked),
+      and a local ``inputs.stac.source`` is an existing file;
     - a local ``model.checkpoint`` is an existing file;
     - ``output.table`` is a writable directory or can be created (the nearest existing
       parent is checked with ``os.access``; nothing is written).
     """
     source = spec.source or "job"
     problems = []
-    for i, pattern in enumerate(spec.inputs.paths):
+    for i, pattern in enumerate(spec.inputs.paths or []):
         if not is_remote(pattern) and not _glob_local(pattern):
             problems.append(f"{source}: inputs.paths[{i}]: no file matches {pattern!r}")
+    stac = spec.inputs.stac
+    if stac is not None and not is_remote(stac.source) and not os.path.isfile(stac.source):
+        problems.append(f"{source}: inputs.stac.source: file not found: {stac.source}")
     ckpt = spec.model.checkpoint
     if not is_remote(ckpt) and not os.path.isfile(ckpt):
         problems.append(f"{source}: model.checkpoint: file not found: {ckpt}")

@@ -1,0 +1,347 @@
+"""STAC input: scene paths from a static STAC catalog, collection or ItemCollection.
+
+``inputs.stac`` in a job (see :class:`pipeline.spec.StacSpec`) names a source — a local
+JSON file or an http(s) URL holding a Catalog, a Collection (their items are found
+through child/item links, recursively), an ItemCollection (``FeatureCollection``) or a
+single Item — and the asset key whose file each item contributes as a scene.
+
+Filters, both optional, both inclusive:
+
+- time: ``"2026-01-01/2026-02-01"``, open-ended ``"2026-01-01/.."`` or ``"../2026-02-01"``
+  (an empty side means open too), or one instant. Date-only values mean midnight UTC at
+  the start of that day; values without a zone are UTC. An item's time is its
+  ``datetime``, or its ``start_datetime``..``end_datetime`` interval; it matches when that
+  touches the filter interval. Items without any time never match a time filter.
+- space: ``[minx, miny, maxx, maxy]`` in EPSG:4326 (lon/lat); minx > maxx crosses the
+  antimeridian. An item matches when its geometry (else its bbox) intersects it.
+
+``since_last_success``: the lower time bound becomes the newest item time of the last
+successful run (the largest :data:`REPORT_KEY` among this job's run reports
+``_reports/*.json`` with ``exit_code == 0``), if later than the configured start. The
+bound is inclusive, so items at exactly that time are offered again; the incremental
+skip of already-committed scenes makes that free, and it never loses an item that shares
+the last run's newest timestamp. Items added to a catalog later with an *older* time are
+not picked up by this rule (use a fixed ``datetime`` range or ``--force`` for backfills).
+
+Hrefs are returned absolute: relative asset hrefs are resolved against the item's own
+location (or the source's, for ItemCollections), ``file://`` URIs become local paths.
+Scene ids are file stems, so two selected assets with the same file name would collide
+in the table; that is refused with both items named.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pipeline.errors import ConfigError, InputError
+
+# Run-report key holding the newest item time (ISO 8601, UTC) a run selected from STAC.
+REPORT_KEY = "stac_newest_datetime"
+_OPEN = ("", "..")
+
+Interval = tuple[Optional[dt.datetime], Optional[dt.datetime]]
+
+
+# ---------------------------------------------------------------- time
+
+
+def parse_instant(text: str) -> dt.datetime:
+    """ISO 8601 date or date-time -> aware UTC datetime (date-only: 00:00 UTC; naive: UTC).
+
+    Raises ValueError with the offending text.
+    """
+    value = text.strip()
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 date or date-time: {text!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.astimezone(dt.timezone.utc)
+
+
+def parse_interval(text: str) -> Interval:
+    """``"A/B"``, ``"A/.."``, ``"../B"``, ``"A/"``, ``"/B"`` or ``"A"`` -> (start, end),
+    None for an open side; a single instant gives (A, A). Raises ValueError."""
+    if "/" not in text:
+        instant = parse_instant(text)
+        return instant, instant
+    if text.count("/") != 1:
+        raise ValueError(f"expected START/END, got {text!r}")
+    left, right = (part.strip() for part in text.split("/"))
+    start = None if left in _OPEN else parse_instant(left)
+    end = None if right in _OPEN else parse_instant(right)
+    if start is None and end is None:
+        raise ValueError(f"both ends are open in {text!r}; leave datetime out to take every time")
+    if start is not None and end is not None and start > end:
+        raise ValueError(f"start {left} is after end {right}")
+    return start, end
+
+
+def item_interval(item: Any) -> Optional[Interval]:
+    """(start, end) of a pystac Item in UTC, or None when it carries no time at all."""
+    if item.datetime is not None:
+        when = _utc(item.datetime)
+        return when, when
+    meta = item.common_metadata
+    start, end = meta.start_datetime, meta.end_datetime
+    if start is None and end is None:
+        return None
+    start, end = _utc(start or end), _utc(end or start)
+    return start, end
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+
+
+def overlaps(item: Interval, window: Interval) -> bool:
+    """True when the closed intervals touch; None ends of ``window`` are open."""
+    start, end = window
+    return (start is None or item[1] >= start) and (end is None or item[0] <= end)
+
+
+def lower_bound(window: Interval, since: Optional[dt.datetime]) -> Interval:
+    """``window`` with its start raised to ``since`` when that is later."""
+    start, end = window
+    if since is not None and (start is None or since > start):
+        start = since
+    return start, end
+
+
+# ---------------------------------------------------------------- space
+
+
+def _boxes(bbox: Sequence[float]) -> list:
+    """[minx, miny, maxx, maxy] (or the 3-D [minx, miny, minz, maxx, maxy, maxz]) ->
+    shapely boxes; two when it crosses the antimeridian (minx > maxx)."""
+    import shapely
+
+    values = [float(v) for v in bbox]
+    if len(values) == 6:
+        values = [values[0], values[1], values[3], values[4]]
+    minx, miny, maxx, maxy = values
+    if minx <= maxx:
+        return [shapely.box(minx, miny, maxx, maxy)]
+    return [shapely.box(minx, miny, 180.0, maxy), shapely.box(-180.0, miny, maxx, maxy)]
+
+
+def check_bbox(bbox: Sequence[float]) -> list[float]:
+    """Validate a lon/lat filter box; return it as floats. Raises ValueError."""
+    if len(bbox) != 4:
+        raise ValueError(f"must be [minx, miny, maxx, maxy], got {len(bbox)} numbers")
+    minx, miny, maxx, maxy = (float(v) for v in bbox)
+    if not all(-180.0 <= x <= 180.0 for x in (minx, maxx)):
+        raise ValueError(f"longitudes must lie in -180..180 (EPSG:4326), got {minx}, {maxx}")
+    if not all(-90.0 <= y <= 90.0 for y in (miny, maxy)):
+        raise ValueError(f"latitudes must lie in -90..90 (EPSG:4326), got {miny}, {maxy}")
+    if miny > maxy:
+        raise ValueError(f"miny ({miny}) is above maxy ({maxy})")
+    return [minx, miny, maxx, maxy]
+
+
+def item_intersects(item: Any, bbox: Sequence[float]) -> bool:
+    """True when the item's geometry (else its bbox) intersects the lon/lat ``bbox``."""
+    import shapely
+    from shapely.geometry import shape
+
+    wanted = _boxes(bbox)
+    if item.geometry is not None:
+        footprint = [shape(item.geometry)]
+    elif item.bbox is not None:
+        footprint = _boxes(item.bbox)
+    else:
+        return False
+    return any(shapely.intersects(a, b) for a in wanted for b in footprint)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _is_url(text: str) -> bool:
+    return urllib.parse.urlparse(text).scheme in ("http", "https")
+
+
+def _local(text: str) -> str:
+    """``file://`` URI -> local path; other text unchanged."""
+    if text.startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlparse(text).path)
+    return text
+
+
+def read_items(source: str) -> list:
+    """Every Item of a Catalog, Collection (recursively), ItemCollection or single Item.
+
+    ``source``: local JSON path or http(s) URL. Raises InputError naming the source.
+    """
+    import pystac
+
+    where = source if _is_url(source) else os.path.abspath(_local(source))
+    if not _is_url(where) and not os.path.isfile(where):
+        raise InputError(f"{source}: STAC source not found")
+    try:
+        data = pystac.StacIO.default().read_json(where)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{source}: cannot read STAC JSON: {err}") from None
+    kind = data.get("type") if isinstance(data, dict) else None
+    try:
+        if kind == "FeatureCollection":
+            return list(pystac.ItemCollection.from_dict(data, preserve_dict=False))
+        obj = pystac.read_dict(data, href=where)
+        if isinstance(obj, pystac.Item):
+            return [obj]
+        if isinstance(obj, pystac.Catalog):  # Collection is a Catalog
+            return list(obj.get_items(recursive=True))
+    except (pystac.STACError, pystac.STACTypeError, pystac.RequiredPropertyMissing, pystac.DuplicateObjectKeyError,
+            KeyError, TypeError, ValueError, OSError) as err:
+        raise InputError(f"{source}: not a readable STAC catalog, collection or item collection: {err}") from None
+    raise InputError(f"{source}: expected a STAC Catalog, Collection, ItemCollection or Item, got type {kind!r}")
+
+
+def asset_href(item: Any, asset: str, source: str) -> Optional[str]:
+    """Absolute href of ``item``'s ``asset`` (None if the item lacks it).
+
+    Relative hrefs resolve against the item's self link, else against ``source``.
+    """
+    found = item.assets.get(asset)
+    if found is None:
+        return None
+    href = found.get_absolute_href() or found.href
+    href = _local(href)
+    if _is_url(href) or "://" in href or os.path.isabs(href):
+        return href if "://" in href else os.path.normpath(href)
+    base = source if _is_url(source) else os.path.abspath(_local(source))
+    if _is_url(base):
+        return urllib.parse.urljoin(base, href)
+    return os.path.normpath(os.path.join(os.path.dirname(base), href))
+
+
+# ---------------------------------------------------------------- selection
+
+
+@dataclass
+class StacSelection:
+    """What a STAC source contributes to a run.
+
+    paths: scene hrefs, sorted by item time then id; item_ids: the item of each path;
+    newest: ISO 8601 UTC of the latest item time selected (None if nothing was), to be
+    stored in the run report under :data:`REPORT_KEY`; skipped: ``{"item", "reason"}``
+    for items that matched the filters but could not be used (no such asset).
+    """
+
+    paths: list[str] = field(default_factory=list)
+    item_ids: list[str] = field(default_factory=list)
+    newest: Optional[str] = None
+    skipped: list[dict] = field(default_factory=list)
+
+
+def _scene_stem(href: str) -> str:
+    from pipeline.raster import scene_id_for
+
+    return scene_id_for(href)
+
+
+def choose(items: Sequence[Any], source: str, asset: str, window: Interval,
+           bbox: Optional[Sequence[float]]) -> StacSelection:
+    """Filter ``items`` by time ``window`` and ``bbox``; collect their ``asset`` hrefs."""
+    timed = window != (None, None)
+    picked = []
+    for item in items:
+        when = item_interval(item)
+        if timed and (when is None or not overlaps(when, window)):
+            continue
+        if bbox is not None and not item_intersects(item, bbox):
+            continue
+        picked.append((when, item))
+    far_past = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    picked.sort(key=lambda p: ((p[0] or (far_past, far_past))[0], p[1].id))
+    out = StacSelection()
+    stems: dict[str, str] = {}
+    newest: Optional[dt.datetime] = None
+    for when, item in picked:
+        href = asset_href(item, asset, source)
+        if href is None:
+            out.skipped.append({"item": item.id, "reason": f"no asset {asset!r} (has: {', '.join(sorted(item.assets))})"})
+            continue
+        stem = _scene_stem(href)
+        if stem in stems:
+            raise InputError(f"{source}: items {stems[stem]!r} and {item.id!r} both give a scene named {stem!r} "
+                             f"(asset {asset!r}); scene ids are file names and must be unique")
+        stems[stem] = item.id
+        out.paths.append(href)
+        out.item_ids.append(item.id)
+        if when is not None and (newest is None or when[1] > newest):
+            newest = when[1]
+    if picked and not out.paths:
+        raise InputError(f"{source}: {len(picked)} items match but none has asset {asset!r}; "
+                         f"e.g. item {picked[0][1].id!r} has: {', '.join(sorted(picked[0][1].assets))}")
+    out.newest = newest.isoformat() if newest is not None else None
+    return out
+
+
+def stac_scene_paths(source: str, asset: str, datetime_range: Optional[str] = None,
+                     bbox: Optional[Sequence[float]] = None, since: Optional[dt.datetime | str] = None) -> list[str]:
+    """Absolute hrefs of ``asset`` of the items of ``source`` matching the filters.
+
+    datetime_range: interval text (see :func:`parse_interval`); bbox: lon/lat box;
+    since: a lower time bound (datetime or ISO text), inclusive, raising the start of
+    ``datetime_range`` when later. Raises ConfigError for a malformed filter,
+    InputError for an unreadable source.
+    """
+    return select_scenes(source, asset, datetime_range, bbox, since).paths
+
+
+def select_scenes(source: str, asset: str, datetime_range: Optional[str] = None,
+                  bbox: Optional[Sequence[float]] = None,
+                  since: Optional[dt.datetime | str] = None) -> StacSelection:
+    """Like :func:`stac_scene_paths`, returning the whole :class:`StacSelection`."""
+    try:
+        window = parse_interval(datetime_range) if datetime_range else (None, None)
+        box = check_bbox(bbox) if bbox is not None else None
+        lower = parse_instant(since) if isinstance(since, str) else (_utc(since) if since else None)
+    except ValueError as err:
+        raise ConfigError(f"STAC filter: {err}") from None
+    return choose(read_items(source), source, asset, lower_bound(window, lower), box)
+
+
+def last_success_datetime(table_root: os.PathLike | str, job_name: str) -> Optional[dt.datetime]:
+    """Newest item time recorded by a successful run of ``job_name`` into this table.
+
+    Reads ``_reports/*.json``; a report counts when ``exit_code == 0``, its ``job_name``
+    matches and :data:`REPORT_KEY` is set. None when there is no such report (then the
+    whole configured range is taken). Raises InputError for an unreadable report.
+    """
+    folder = Path(table_root) / "_reports"
+    if not folder.is_dir():
+        return None
+    best: Optional[dt.datetime] = None
+    for path in sorted(folder.glob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise InputError(f"{path}: unreadable run report: {err}") from None
+        if report.get("exit_code") != 0 or report.get("job_name") != job_name or not report.get(REPORT_KEY):
+            continue
+        try:
+            when = parse_instant(str(report[REPORT_KEY]))
+        except ValueError as err:
+            raise InputError(f"{path}: {REPORT_KEY}: {err}") from None
+        best = when if best is None or when > best else best
+    return best
+
+
+def select_stac(stac: Any, table_root: os.PathLike | str, job_name: str) -> StacSelection:
+    """The scenes of a job's ``inputs.stac`` section (a :class:`pipeline.spec.StacSpec`).
+
+    With ``since_last_success`` the start of the range is raised to
+    :func:`last_success_datetime` of this job in ``table_root``.
+    """
+    since = last_success_datetime(table_root, job_name) if stac.since_last_success else None
+    return select_scenes(stac.source, stac.asset, stac.datetime, stac.bbox, since)
