@@ -72,3 +72,47 @@ def test_pins_the_installed_ray_and_installs_this_package(config):
     assert f"pip install {wheel_dir}/retinanet_pipeline-*.whl" in setup
     name = re.search(r'^name = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
     assert name.replace("-", "_") == "retinanet_pipeline"  # the wheel file name the glob expects
+
+
+# ---------------------------------------------------------------- KubeRay
+
+
+@pytest.fixture(scope="module")
+def rayjob_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all((REPO / "deploy" / "rayjob.yaml").read_text()) if d]
+
+
+def test_rayjob_manifest_is_a_rayjob_with_autoscaled_gpu_workers(rayjob_docs):
+    import ray
+
+    rayjob = next(d for d in rayjob_docs if d.get("kind") == "RayJob")
+    assert rayjob["apiVersion"] == "ray.io/v1"
+    spec = rayjob["spec"]
+    assert spec["entrypoint"].startswith("pipeline run ") and spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__ and cluster["enableInTreeAutoscaling"] is True
+    (gpu,) = cluster["workerGroupSpecs"]
+    assert 0 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"] and gpu["maxReplicas"] > gpu["minReplicas"]
+    (worker,) = gpu["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+
+
+def test_rayjob_runs_a_valid_job_file_mounted_on_the_head(rayjob_docs):
+    from pipeline.spec import parse_job
+
+    rayjob = next(d for d in rayjob_docs if d.get("kind") == "RayJob")
+    job_path = rayjob["spec"]["entrypoint"].split()[2]
+    head_pod = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in head_pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in head_pod["volumes"]}
+    name = next(n for n, path in mounts.items() if job_path.startswith(path + "/"))
+    config_map = volumes[name]["configMap"]["name"]
+    cm = next(d for d in rayjob_docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == config_map)
+    key = job_path[len(mounts[name]) + 1:]
+    spec = parse_job(yaml.safe_load(cm["data"][key]), source=f"ConfigMap {config_map}/{key}")
+    assert spec.compute.address == "auto"  # joins the KubeRay cluster instead of starting its own Ray
+    # The job's checkpoint and table live on volumes the head mounts.
+    assert any(spec.model.checkpoint.startswith(p + "/") for p in mounts.values())
+    assert any(spec.output.table.startswith(p + "/") for p in mounts.values())

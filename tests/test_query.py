@@ -132,3 +132,15 @@ def test_cli_query(table):
     assert json.loads(ok.output) == [{"n": 5}]
     bad = runner.invoke(main, ["query", str(table), "SELECT nope FROM detections"])
     assert bad.exit_code == 1 and "error:" in bad.output and "nope" in bad.output
+
+
+def test_examples_in_the_operations_doc_run(table):
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    examples = re.findall(r'pipeline query out/detections "(.*?)"', doc, flags=re.S)
+    assert len(examples) == 3
+    counts, inside, top = (run_query(table, sql) for sql in examples)
+    assert counts.column_names == ["date", "label", "detections"] and sum(counts["detections"].to_pylist()) == 5
+    assert inside.column_names[:3] == ["scene_id", "label", "score"]  # lon/lat box: no rows in this UTM table
+    assert top.column_names[:2] == ["scene_id", "label"] and top.num_rows == 5  # at most 3 per scene: 3 + 2
