@@ -153,7 +153,9 @@ class RetinaNet(nn.Module):
         gt_index = matches.clamp(min=0)
 
         cls_target = torch.zeros_like(cls_logits, dtype=torch.float32)
-        fg_labels = torch.gather(gt_labels, 1, gt_index)[foreground]
+        # A batch without any box (G = 0) has no foreground; gather would index an empty dim.
+        fg_labels = (torch.gather(gt_labels, 1, gt_index)[foreground] if gt_labels.shape[1]
+                     else gt_labels.new_zeros(0))
         cls_target[foreground] = F.one_hot(fg_labels, cfg.num_classes).float()
         counted = matches != IGNORE
         cls_loss = sigmoid_focal_loss(cls_logits[counted], cls_target[counted], cfg.focal_alpha,
