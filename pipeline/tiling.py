@@ -84,7 +84,8 @@ class Chip:
             coordinates (pixel frame of the scene when ``crs_wkt`` is None).
         crs_wkt: CRS of ``transform``, or None for non-georeferenced scenes.
         pixels: (C, chip_size, chip_size) float32 in raw units (not normalised); 0
-            outside the scene (padding) and where ``valid`` is False.
+            outside the scene (padding) and where ``valid`` is False. (The file's own
+            dtype when read with ``dtype=None``.)
         valid: (chip_size, chip_size) bool, True on valid scene pixels.
     """
 
@@ -364,7 +365,7 @@ def chip_transform(scene_transform: Sequence[float], col_off: int, row_off: int
 
 def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
               bands: Sequence[int] | None, chip_size: int, out_channels: int | None = None,
-              *, scene: SceneInfo | None = None) -> Chip:
+              *, scene: SceneInfo | None = None, dtype: str | None = "float32") -> Chip:
     """Read one chip from an open dataset.
 
     Args:
@@ -374,10 +375,12 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
         chip_size: side of the returned arrays; windows smaller than it are padded.
         out_channels: channels the model takes; a single band is replicated to it.
         scene: the scene's SceneInfo, to skip re-reading the header per chip.
+        dtype: dtype of ``pixels``; None keeps the file's dtype (uint8 chips are 4x
+            smaller to ship between processes; convert where the model runs).
 
     Returns:
-        Chip with pixels (C, chip_size, chip_size) float32 raw units, valid
-        (chip_size, chip_size) bool.
+        Chip with pixels (C, chip_size, chip_size) in ``dtype`` (float32 by default),
+        raw units, and valid (chip_size, chip_size) bool.
 
     Raises:
         RasterReadError: the window could not be read (message names file and window).
@@ -387,24 +390,32 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
     _check_dtype(scene)
     chosen = select_bands(scene, bands, out_channels)
     win = window.to_rasterio()
+    channels = out_channels if out_channels is not None else len(chosen)
+    out_dtype = np.dtype(scene.dtype if dtype is None else dtype)
+    full = window.height == chip_size and window.width == chip_size
+    # Full-size chips are overwritten entirely: skip zero-filling them.
+    pixels = (np.empty if full else np.zeros)((channels, chip_size, chip_size), dtype=out_dtype)
+    target = pixels[:len(chosen), :window.height, :window.width]  # (C, h, w) view
     try:
-        data = dataset.read(chosen, window=win)  # (C, h, w), native dtype
-        if _all_valid(dataset):
-            valid = np.ones(data.shape[1:], dtype=bool)
+        # GDAL converts the dtype while copying out of its block cache: one pass, no
+        # temporary, when the view is contiguous (full-size chips); padded chips copy.
+        if target.flags.c_contiguous:
+            dataset.read(chosen, window=win, out=target)
         else:
-            valid = dataset.dataset_mask(window=win) > 0
+            target[...] = dataset.read(chosen, window=win, out_dtype=out_dtype)
+        valid = None if _all_valid(dataset) else dataset.dataset_mask(window=win) > 0
     except RasterioError as err:
         raise RasterReadError(f"{scene.path}: cannot read chip row={window.row} col={window.col} "
                               f"window={window.as_tuple()} ({_reason(err)})") from err
-    if data.dtype.kind == "f":
-        valid &= ~np.isnan(data).any(axis=0)  # NaN is invalid even without a nodata tag
-    channels = out_channels if out_channels is not None else len(chosen)
-    pixels = np.zeros((channels, chip_size, chip_size), dtype=np.float32)
-    h, w = data.shape[1:]
-    # Replication broadcasts (1, h, w) over the channel axis when one band feeds 3.
-    pixels[:, :h, :w] = np.where(valid, data, 0).astype(np.float32, copy=False)
+    if out_dtype.kind == "f":
+        finite = ~np.isnan(target).any(axis=0)  # NaN is invalid even without a nodata tag
+        valid = finite if valid is None else valid & finite
+    if valid is not None:
+        target[:, ~valid] = 0
+    if channels > len(chosen):
+        pixels[1:] = pixels[0]  # one band replicated for a multi-channel model
     full_valid = np.zeros((chip_size, chip_size), dtype=bool)
-    full_valid[:h, :w] = valid
+    full_valid[:window.height, :window.width] = True if valid is None else valid
     return Chip(
         scene_id=scene.scene_id,
         row=window.row,
@@ -419,7 +430,8 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
 
 def read_chips(path: str | Path, windows: Sequence[ChipWindow], bands: Sequence[int] | None,
                chip_size: int, out_channels: int | None = None, *,
-               allow_rotated: bool = False) -> tuple[list[Chip], list[ChipFailure]]:
+               allow_rotated: bool = False, dtype: str | None = "float32"
+               ) -> tuple[list[Chip], list[ChipFailure]]:
     """Read many windows of one scene, opening it once (the unit of work of a task).
 
     A window that fails to read becomes a :class:`ChipFailure`; the others are read.
@@ -430,14 +442,14 @@ def read_chips(path: str | Path, windows: Sequence[ChipWindow], bands: Sequence[
     chips: list[Chip] = []
     failures: list[ChipFailure] = []
     for item in _read_windows(path, windows, bands, chip_size, out_channels,
-                              on_error="report", allow_rotated=allow_rotated):
+                              on_error="report", allow_rotated=allow_rotated, dtype=dtype):
         (failures if isinstance(item, ChipFailure) else chips).append(item)
     return chips, failures
 
 
 def _read_windows(path: str | Path, windows: Sequence[ChipWindow], bands: Sequence[int] | None,
                   chip_size: int, out_channels: int | None, on_error: str,
-                  allow_rotated: bool) -> Iterator[Chip | ChipFailure]:
+                  allow_rotated: bool, dtype: str | None) -> Iterator[Chip | ChipFailure]:
     if on_error not in ("raise", "report"):
         raise ValueError(f"on_error must be 'raise' or 'report', got {on_error!r}")
     with open_raster(path) as dataset:
@@ -446,7 +458,8 @@ def _read_windows(path: str | Path, windows: Sequence[ChipWindow], bands: Sequen
         select_bands(scene, bands, out_channels)  # fail once for the scene, not per chip
         for window in windows:
             try:
-                yield read_chip(dataset, window, bands, chip_size, out_channels, scene=scene)
+                yield read_chip(dataset, window, bands, chip_size, out_channels, scene=scene,
+                                dtype=dtype)
             except RasterReadError as err:
                 if on_error == "raise":
                     raise
@@ -458,7 +471,8 @@ def iter_chips(path: str | Path, chip_size: int, overlap: int, bands: Sequence[i
                min_valid_fraction: float, out_channels: int | None = None, *,
                on_error: Literal["raise", "report"] = "raise",
                align_to_blocks: bool = True,
-               allow_rotated: bool = False) -> Iterator[Chip | ChipFailure]:
+               allow_rotated: bool = False,
+               dtype: str | None = "float32") -> Iterator[Chip | ChipFailure]:
     """Plan and read every non-empty chip of a scene, row-major.
 
     Row-major order reads each internal block about once: the GDAL block cache keeps
@@ -468,6 +482,8 @@ def iter_chips(path: str | Path, chip_size: int, overlap: int, bands: Sequence[i
         on_error: ``"raise"`` stops at the first unreadable window with
             RasterReadError; ``"report"`` yields a :class:`ChipFailure` for it and goes
             on, so a damaged tile costs only the chips that touch it.
+        align_to_blocks: see :func:`chip_grid`.
+        dtype: pixel dtype of the chips, see :func:`read_chip`.
 
     Yields:
         Chip (and ChipFailure when ``on_error="report"``).
@@ -475,4 +491,4 @@ def iter_chips(path: str | Path, chip_size: int, overlap: int, bands: Sequence[i
     plan = plan_chips(path, chip_size, overlap, min_valid_fraction,
                       align_to_blocks=align_to_blocks, allow_rotated=allow_rotated)
     yield from _read_windows(path, plan.windows, bands, chip_size, out_channels,
-                             on_error=on_error, allow_rotated=allow_rotated)
+                             on_error=on_error, allow_rotated=allow_rotated, dtype=dtype)

@@ -365,3 +365,13 @@ def test_memory_stays_flat_on_a_100k_scene(tmp_path):
     assert 4 <= result["kept"] <= 16 and result["skipped"] == 224 * 224 - result["kept"]
     assert result["failed"] == 0 and result["max_value"] == 7
     assert result["peak_mb"] < 300, result
+
+
+@requires_real_data
+def test_native_dtype_chips_equal_float_chips():
+    path = real("RGBA.uint16.tif")
+    native = next(iter_chips(path, 256, 0, [3, 2, 1], 0.0, dtype=None))
+    floats = next(iter_chips(path, 256, 0, [3, 2, 1], 0.0))
+    assert native.pixels.dtype == np.uint16 and floats.pixels.dtype == np.float32
+    np.testing.assert_array_equal(native.pixels.astype(np.float32), floats.pixels)
+    np.testing.assert_array_equal(native.valid, floats.valid)
