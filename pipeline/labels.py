@@ -250,6 +250,10 @@ def read_vector(path: str | Path, scene: SceneInfo | str | Path, label_field: st
     bad = np.flatnonzero(missing & keep)
     if bad.size:
         raise InputError(f"{path}: feature {int(bad[0])}: empty or missing geometry")
+    unlabelled = np.flatnonzero(_missing_values(labels) & keep)
+    if unlabelled.size:
+        raise InputError(f"{path}: feature {int(unlabelled[0])}: attribute {label_field!r} "
+                         "is empty")
     index = np.flatnonzero(keep)
     bounds = shapely.bounds(geoms[index])  # (M, 4) xmin, ymin, xmax, ymax in label CRS
     label_crs = meta.get("crs")
@@ -263,6 +267,12 @@ def read_vector(path: str | Path, scene: SceneInfo | str | Path, label_field: st
     kept = np.flatnonzero(inside)
     return [_annotations(Path(info.path).name, boxes[kept].tolist(),
                          [str(labels[index[i]]) for i in kept], [rows[i] for i in kept], path)]
+
+
+def _missing_values(values: np.ndarray) -> np.ndarray:
+    """(N,) bool: None, NaN or empty string in an object array of attribute values."""
+    return np.array([v is None or (isinstance(v, float) and math.isnan(v)) or v == ""
+                     for v in values], dtype=bool)
 
 
 def _read_ogr(path: Path):

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from pipeline.errors import InputError, RasterReadError
-from pipeline.raster import _reason, open_raster, scene_info_from_dataset
+from pipeline.raster import _reason, bounded_block_cache, open_raster, scene_info_from_dataset
 from pipeline.tiling import PLAN_CACHE_MB, select_bands
 
 DEFAULT_MAX_PIXELS = 1_000_000
@@ -91,7 +90,7 @@ def sample_valid_pixels(path: str | Path, bands: Sequence[int] | None, max_pixel
         chosen = select_bands(scene, bands)
         samples = []
         try:
-            with rasterio.Env(GDAL_CACHEMAX=PLAN_CACHE_MB):
+            with bounded_block_cache(PLAN_CACHE_MB):
                 for window in patch_windows(scene.width, scene.height, max_pixels, seed):
                     data = dataset.read(chosen, window=window)
                     valid = dataset.dataset_mask(window=window) > 0

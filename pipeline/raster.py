@@ -32,6 +32,7 @@ from typing import Iterator
 
 import rasterio
 from affine import Affine
+from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from pipeline.errors import GeoreferenceError, InputError
@@ -142,6 +143,24 @@ def open_raster(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
         yield dataset
     finally:
         dataset.close()
+
+
+@contextmanager
+def bounded_block_cache(megabytes: int) -> Iterator[None]:
+    """Run a block with GDAL's block cache capped at ``megabytes``, then put it back.
+
+    For passes that touch each block once (decimated mask reads, sampling, writing):
+    a big cache only costs memory there. rasterio.Env alone does not always restore
+    GDAL_CACHEMAX when a dataset was opened outside it, so the old value is restored
+    explicitly and later chip reads get their full cache again.
+    """
+    previous = get_gdal_config("GDAL_CACHEMAX")
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=megabytes):
+            yield
+    finally:
+        if previous is not None:
+            set_gdal_config("GDAL_CACHEMAX", previous)
 
 
 def _reason(err: BaseException) -> str:

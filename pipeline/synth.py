@@ -38,6 +38,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from pipeline.georef import pixel_boxes_to_map
+from pipeline.raster import bounded_block_cache
 
 SYNTH_CLASSES = ("vehicle", "building", "tank")
 SYNTH_CRS = "EPSG:32633"
@@ -234,7 +235,7 @@ def write_scene(path: Path, index: int, size: int, seed: int, objects: list[Synt
     scale = UINT16_SCALE if dtype == "uint16" else 1.0
     boxes = object_boxes(objects)
     # A small block cache bounds memory: GDAL otherwise keeps dirty blocks up to 5% of RAM.
-    with rasterio.Env(GDAL_CACHEMAX=64), rasterio.open(path, "w", **profile) as dst:
+    with bounded_block_cache(64), rasterio.open(path, "w", **profile) as dst:
         for strip, row0 in enumerate(range(0, size, BLOCK)):
             height = min(BLOCK, size - row0)
             for part, col0 in enumerate(range(0, size, WINDOW_COLS)):

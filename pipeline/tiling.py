@@ -29,7 +29,13 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from pipeline.errors import InputError, RasterReadError
-from pipeline.raster import SceneInfo, _reason, open_raster, scene_info_from_dataset
+from pipeline.raster import (
+    SceneInfo,
+    _reason,
+    bounded_block_cache,
+    open_raster,
+    scene_info_from_dataset,
+)
 
 # Tested: uint8, uint16, int16, float32 (NaN = invalid). Any other real dtype (int8,
 # (u)int32, float64) is read too and converted to float32; complex data is refused.
@@ -240,7 +246,7 @@ def valid_mask_decimated(dataset: rasterio.io.DatasetReader, factor: int) -> np.
     """
     out_h = max(1, -(-dataset.height // factor))
     out_w = max(1, -(-dataset.width // factor))
-    with rasterio.Env(GDAL_CACHEMAX=PLAN_CACHE_MB):
+    with bounded_block_cache(PLAN_CACHE_MB):
         valid = dataset.dataset_mask(out_shape=(out_h, out_w)) > 0
         if any(np.dtype(dt).kind == "f" for dt in dataset.dtypes):
             all_nan = np.ones_like(valid)
@@ -279,6 +285,9 @@ def valid_fractions(dataset: rasterio.io.DatasetReader, windows: Sequence[ChipWi
     No read at all when GDAL reports every band all-valid (and the dtype has no NaN).
     Otherwise one decimated read of the dataset mask, at most ``max_cells`` cells,
     served by overviews when present; without overviews GDAL visits each block once.
+
+    Raises:
+        RasterReadError: the mask could not be read.
     """
     if not windows:
         return np.zeros(0, dtype=np.float64)
@@ -286,7 +295,11 @@ def valid_fractions(dataset: rasterio.io.DatasetReader, windows: Sequence[ChipWi
         return np.ones(len(windows), dtype=np.float64)
     factor = _mask_decimation(dataset.width, dataset.height, chip_size,
                               dataset.overviews(1), max_cells)
-    mask = valid_mask_decimated(dataset, factor)
+    try:
+        mask = valid_mask_decimated(dataset, factor)
+    except RasterioError as err:
+        raise RasterReadError(f"{dataset.name}: cannot read the validity mask "
+                              f"({_reason(err)})") from err
     return window_fractions(mask, dataset.width, dataset.height, windows)
 
 
@@ -309,11 +322,7 @@ def plan_chips(path: str | Path, chip_size: int, overlap: int, min_valid_fractio
         windows = chip_grid(scene.width, scene.height, chip_size, overlap, block)
         if min_valid_fraction <= 0:
             return ChipPlan(scene, windows, 0)
-        try:
-            fractions = valid_fractions(dataset, windows, chip_size)
-        except RasterioError as err:
-            raise RasterReadError(f"{path}: cannot read the validity mask "
-                                  f"({_reason(err)})") from err
+        fractions = valid_fractions(dataset, windows, chip_size)
     keep = fractions >= min_valid_fraction
     kept = [wd for wd, k in zip(windows, keep) if k]
     return ChipPlan(scene, kept, len(windows) - len(kept))
@@ -407,10 +416,10 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
     except RasterioError as err:
         raise RasterReadError(f"{scene.path}: cannot read chip row={window.row} col={window.col} "
                               f"window={window.as_tuple()} ({_reason(err)})") from err
-    if out_dtype.kind == "f":
+    if np.dtype(scene.dtype).kind == "f":
         finite = ~np.isnan(target).any(axis=0)  # NaN is invalid even without a nodata tag
         valid = finite if valid is None else valid & finite
-    if valid is not None:
+    if valid is not None and not valid.all():
         target[:, ~valid] = 0
     if channels > len(chosen):
         pixels[1:] = pixels[0]  # one band replicated for a multi-channel model

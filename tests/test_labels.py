@@ -237,3 +237,13 @@ def test_chip_labels_against_per_box_oracle():
     assert kept == expected
     assert (out[:, [0, 2]] >= 0).all() and (out[:, [0, 2]] <= 448).all()
     assert (out[:, [1, 3]] >= 0).all() and (out[:, [1, 3]] <= 512).all()
+
+
+def test_vector_feature_without_label_is_named(synth_dir, tmp_path):
+    scene = read_scene_info(synth_dir / "synth_000.tif")
+    path = tmp_path / "unlabelled.gpkg"
+    box = shapely.box(500010, 5399900, 500020, 5399910)
+    ogr.write(path, shapely.to_wkb(np.array([box, box])), [np.array(["tank", None], dtype=object)],
+              ["label"], driver="GPKG", crs="EPSG:32633", geometry_type="Polygon")
+    with pytest.raises(InputError, match=r"unlabelled\.gpkg: feature 1: attribute 'label' is empty"):
+        read_vector(path, scene)

@@ -375,3 +375,24 @@ def test_native_dtype_chips_equal_float_chips():
     assert native.pixels.dtype == np.uint16 and floats.pixels.dtype == np.float32
     np.testing.assert_array_equal(native.pixels.astype(np.float32), floats.pixels)
     np.testing.assert_array_equal(native.valid, floats.valid)
+
+
+def test_planning_leaves_the_gdal_block_cache_setting_alone(tmp_path):
+    # Fresh process, dataset opened with rasterio's own context manager (which enters
+    # an Env): a plain Env(GDAL_CACHEMAX=64) around the mask read would leave the rest
+    # of the process with a 64 MB block cache.
+    (path,) = synthesize(tmp_path, 1, 512, seed=1, nodata_regions=True)
+    probe = textwrap.dedent("""
+        import sys, rasterio
+        from rasterio.env import get_gdal_config
+        from pipeline.tiling import chip_grid, valid_fractions
+        before = get_gdal_config("GDAL_CACHEMAX")
+        with rasterio.open(sys.argv[1]) as ds:
+            fractions = valid_fractions(ds, chip_grid(512, 512, 128, 0), 128)
+        print(int((fractions < 0.5).sum()), before, get_gdal_config("GDAL_CACHEMAX"))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    skipped, before, after = out.stdout.split()
+    assert int(skipped) > 0 and after == before
