@@ -281,5 +281,22 @@ def anchors(job: str, overrides: tuple[str, ...]) -> None:
     click.echo("to train with them: train.fit_anchors: true")
 
 
+@main.command(name="export")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="output file [default: CHECKPOINT.onnx, which model.backend: onnx picks up]")
+def export(checkpoint: str, fmt: str, out: str | None) -> None:
+    """Export a checkpoint's network (dynamic batch and chip size) for other runtimes."""
+    from retinanet.checkpoint import CheckpointError
+    from retinanet.export import OnnxUnavailableError, export_checkpoint
+
+    try:
+        path = export_checkpoint(checkpoint, out)
+    except (CheckpointError, OnnxUnavailableError) as err:
+        fail(err)
+    click.echo(f"{path}: {fmt} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
 if __name__ == "__main__":
     main()

@@ -158,7 +158,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     from pipeline import table
     from pipeline.finalize import finalize_scene
     from pipeline.table import RunInfo
-    from pipeline.predictor import ChipLedger, ChipPredictor
+    from pipeline.predictor import ChipLedger, ChipPredictor, resolve_batch_size
     from retinanet.checkpoint import file_sha256, read_checkpoint
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -213,7 +213,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = actor_gpus(spec.compute.gpus_per_actor, cluster_gpus, spec.compute.address is None, log)
         retries = spec.compute.max_retries
-        batch_size = spec.model.batch_size or 8
+        batch_size = resolve_batch_size(spec.model, spec.tiling.chip_size, gpus)  # null: from free GPU memory
         read_tasks = spec.compute.read_concurrency or 2 * spec.compute.actors
         ledger = ray.remote(num_cpus=0, max_restarts=-1)(ChipLedger).remote()
         ctx = ray.data.DataContext.get_current()
@@ -235,6 +235,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                             fn_constructor_kwargs={"checkpoint": spec.model.checkpoint,
                                                    "score_threshold": spec.model.score_threshold,
                                                    "precision": spec.model.precision, "device": spec.model.device,
+                                                   "backend": spec.model.backend,
                                                    "ledger": ledger, "max_strikes": retries,
                                                    "num_threads": max(1, int(spec.compute.cpus_per_actor)),
                                                    "faults": faults},

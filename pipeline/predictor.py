@@ -86,6 +86,42 @@ def decode_detections(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.float32).reshape(-1, DETECTION_FIELDS)
 
 
+def probe_batch_size(checkpoint: str, chip_size: int, precision: str, device: str, fraction: float) -> int:
+    """Batch size for this process's device from its free memory (see retinanet.runtime.auto_batch_size)."""
+    import torch
+
+    from retinanet import load_checkpoint
+    from retinanet.runtime import auto_batch_size
+
+    model, _ = load_checkpoint(checkpoint)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return auto_batch_size(model, chip_size, device, precision, fraction=fraction)
+
+
+def resolve_batch_size(model_spec, chip_size: int, gpus_per_actor: float) -> int:
+    """`model.batch_size`, or when it is null one chosen for the predictors' device.
+
+    No GPU per actor (or device cpu): retinanet.runtime.CPU_BATCH_SIZE. Otherwise a one-off
+    Ray task holding one actor's GPU share loads the model there and measures (the driver
+    may have no GPU); Ray ends a GPU task's worker after it, so its memory is returned
+    before the actors start. A fractional share gets that fraction of the free memory.
+    The ONNX backend is probed in fp32, the precision its graph runs in.
+    """
+    from retinanet.runtime import CPU_BATCH_SIZE
+
+    if model_spec.batch_size:
+        return model_spec.batch_size
+    if gpus_per_actor <= 0 or model_spec.device == "cpu":
+        return CPU_BATCH_SIZE
+    import ray
+
+    precision = "fp32" if model_spec.backend == "onnx" else model_spec.precision
+    probe = ray.remote(num_gpus=gpus_per_actor, num_cpus=0)(probe_batch_size)
+    fraction = 0.8 * min(1.0, gpus_per_actor)
+    return int(ray.get(probe.remote(model_spec.checkpoint, chip_size, precision, model_spec.device, fraction)))
+
+
 class ChipPredictor:
     """Callable class for Ray Data's map_batches: loads the checkpoint once, predicts batches.
 
@@ -96,7 +132,7 @@ class ChipPredictor:
 
     def __init__(self, checkpoint: str, score_threshold: float, precision: str = "auto", device: str = "auto",
                  ledger=None, max_strikes: int = 2, num_threads: int | None = None,
-                 faults: FaultPlan | None = None):
+                 faults: FaultPlan | None = None, backend: str = "torch"):
         import ray
         import torch
 
@@ -104,17 +140,29 @@ class ChipPredictor:
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        model, info = load_checkpoint(checkpoint)
+        if backend == "onnx":
+            # The graph: CHECKPOINT.onnx when `pipeline export` made it from this very
+            # checkpoint (SHA-256 in its metadata), else exported once per node into
+            # $TMPDIR/retinanet-onnx and reused; onnxruntime picks GPU providers itself.
+            from retinanet.export import OnnxDetector, onnx_for_checkpoint
+
+            self.detector = OnnxDetector(onnx_for_checkpoint(checkpoint), device=device, precision=precision,
+                                         num_threads=num_threads)
+            model = self.detector.model  # weightless: config, anchors and postprocess only
+        else:
+            model, info = load_checkpoint(checkpoint)
+            if device == "auto":  # Ray pins the actor's GPUs through CUDA_VISIBLE_DEVICES
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.detector = Detector(model, device=device, precision=precision)
         model.config.score_threshold = score_threshold
-        if device == "auto":  # Ray pins the actor's GPUs through CUDA_VISIBLE_DEVICES
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.detector = Detector(model, device=device, precision=precision)
         self.in_channels = model.config.in_channels
         self.ledger = ledger
         self.max_strikes = max_strikes
         self.faults = faults
         gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
         self.worker = f"pid={os.getpid()} gpus=[{gpu_ids}] device={self.detector.device} {self.detector.precision}"
+        if backend == "onnx":
+            self.worker += " onnx"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray

@@ -182,6 +182,16 @@ class ModelSpec(BaseModel):
     batch_size: Optional[int] = Field(8, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch: the checkpoint in torch. onnx: its ONNX export in onnxruntime (fp32 graph;
+    # CUDA/TensorRT providers where installed), see retinanet.export.onnx_for_checkpoint.
+    backend: Literal["torch", "onnx"] = "torch"
+
+    @model_validator(mode="after")
+    def _onnx_runs_fp32(self) -> "ModelSpec":
+        if self.backend == "onnx" and self.precision in ("bf16", "fp16"):
+            raise ValueError(f"model.backend 'onnx' runs an fp32 graph; model.precision must be auto or fp32, "
+                             f"got {self.precision!r}")
+        return self
 
 
 class ComputeSpec(BaseModel):
@@ -716,8 +726,8 @@ def hashed_fields(spec: JobSpec) -> dict:
     Included: ``inputs.bands``, all of ``tiling``, ``model.score_threshold``, all of
     ``merge`` (with seam_margin resolved) and ``output.crs`` (canonicalised).
     Excluded, because they change speed or placement but not results: ``compute``
-    (address, actors, GPUs, retries), ``model.batch_size``, ``model.device`` and
-    ``model.precision`` (reduced precision moves scores by rounding noise only; hashing
+    (address, actors, GPUs, retries), ``model.batch_size``, ``model.device``,
+    ``model.backend`` and ``model.precision`` (both move scores by rounding noise only; hashing
     it would re-run every scene when a job moves between CPU and GPU), the job name,
     and the paths (scenes and the checkpoint are identified by their own keys).
     """
