@@ -157,6 +157,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     """Run a job to completion and return its report (also written next to the manifests)."""
     from pipeline import table
     from pipeline.finalize import finalize_scene
+    from pipeline.stac import REPORT_KEY, select_stac
     from pipeline.table import RunInfo
     from pipeline.predictor import ChipLedger, ChipPredictor, resolve_batch_size
     from retinanet.checkpoint import file_sha256, read_checkpoint
@@ -172,7 +173,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     jhash = job_hash(spec)
 
     run_info = RunInfo(run_id, spec.name, jhash, model_id, spec.output.crs)
-    paths = expand_inputs(spec.inputs.paths)
+    stac = select_stac(spec.inputs.stac, spec.output.table, spec.name) if spec.inputs.stac else None
+    paths = stac.paths if stac else expand_inputs(spec.inputs.paths)
     keys = {p: scene_key(p) for p in paths}
     done = set()
     if not force:  # incremental: the table's own manifests say what is already committed
@@ -185,6 +187,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         f"{sum(p.skipped_empty for p in plans)} empty chips skipped, {len(failed)} scenes failed to open")
 
     report = {"run_id": run_id, "job_name": spec.name, "job_hash": jhash, "model_id": model_id,
+              REPORT_KEY: stac.newest if stac else None, "stac_skipped": stac.skipped if stac else [],
               "scenes_ok": [], "scenes_skipped_done": sorted(done), "scenes_failed": failed, "chips_read": 0,
               "chips_skipped_empty": sum(p.skipped_empty for p in plans), "chips_quarantined": [],
               "detections": 0, "workers": {}}
