@@ -374,7 +374,8 @@ def chip_transform(scene_transform: Sequence[float], col_off: int, row_off: int
 
 def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
               bands: Sequence[int] | None, chip_size: int, out_channels: int | None = None,
-              *, scene: SceneInfo | None = None, dtype: str | None = "float32") -> Chip:
+              *, scene: SceneInfo | None = None, dtype: str | None = "float32",
+              out: np.ndarray | None = None) -> Chip:
     """Read one chip from an open dataset.
 
     Args:
@@ -386,6 +387,9 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
         scene: the scene's SceneInfo, to skip re-reading the header per chip.
         dtype: dtype of ``pixels``; None keeps the file's dtype (uint8 chips are 4x
             smaller to ship between processes; convert where the model runs).
+        out: optional (C, chip_size, chip_size) array of that dtype to read into (e.g.
+            one row of a model batch): no allocation, and fresh memory costs page
+            faults that show at these sizes. ``chip.pixels`` is then ``out``.
 
     Returns:
         Chip with pixels (C, chip_size, chip_size) in ``dtype`` (float32 by default),
@@ -402,8 +406,16 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
     channels = out_channels if out_channels is not None else len(chosen)
     out_dtype = np.dtype(scene.dtype if dtype is None else dtype)
     full = window.height == chip_size and window.width == chip_size
-    # Full-size chips are overwritten entirely: skip zero-filling them.
-    pixels = (np.empty if full else np.zeros)((channels, chip_size, chip_size), dtype=out_dtype)
+    shape = (channels, chip_size, chip_size)
+    if out is None:
+        # Full-size chips are overwritten entirely: skip zero-filling them.
+        pixels = (np.empty if full else np.zeros)(shape, dtype=out_dtype)
+    else:
+        if out.shape != shape or out.dtype != out_dtype:
+            raise ValueError(f"out must be {shape} {out_dtype}, got {out.shape} {out.dtype}")
+        pixels = out
+        if not full:
+            pixels[...] = 0
     target = pixels[:len(chosen), :window.height, :window.width]  # (C, h, w) view
     try:
         # GDAL converts the dtype while copying out of its block cache: one pass, no
@@ -439,39 +451,48 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
 
 def read_chips(path: str | Path, windows: Sequence[ChipWindow], bands: Sequence[int] | None,
                chip_size: int, out_channels: int | None = None, *,
-               allow_rotated: bool = False, dtype: str | None = "float32"
-               ) -> tuple[list[Chip], list[ChipFailure]]:
+               allow_rotated: bool = False, dtype: str | None = "float32",
+               out: np.ndarray | None = None) -> tuple[list[Chip], list[ChipFailure]]:
     """Read many windows of one scene, opening it once (the unit of work of a task).
 
     A window that fails to read becomes a :class:`ChipFailure`; the others are read.
+    With ``out`` (len(windows), C, chip_size, chip_size), chip k is read into
+    ``out[k]`` (rows of failed windows are zero-filled): a model batch filled in place.
 
     Raises:
         InputError / GeoreferenceError: the scene itself cannot be used.
     """
     chips: list[Chip] = []
     failures: list[ChipFailure] = []
+    if out is not None and len(out) != len(windows):
+        raise ValueError(f"out has {len(out)} rows for {len(windows)} windows")
     for item in _read_windows(path, windows, bands, chip_size, out_channels,
-                              on_error="report", allow_rotated=allow_rotated, dtype=dtype):
+                              on_error="report", allow_rotated=allow_rotated, dtype=dtype,
+                              out=out):
         (failures if isinstance(item, ChipFailure) else chips).append(item)
     return chips, failures
 
 
 def _read_windows(path: str | Path, windows: Sequence[ChipWindow], bands: Sequence[int] | None,
                   chip_size: int, out_channels: int | None, on_error: str,
-                  allow_rotated: bool, dtype: str | None) -> Iterator[Chip | ChipFailure]:
+                  allow_rotated: bool, dtype: str | None, out: np.ndarray | None = None
+                  ) -> Iterator[Chip | ChipFailure]:
     if on_error not in ("raise", "report"):
         raise ValueError(f"on_error must be 'raise' or 'report', got {on_error!r}")
     with open_raster(path) as dataset:
         scene = scene_info_from_dataset(dataset, path, allow_rotated=allow_rotated)
         _check_dtype(scene)
         select_bands(scene, bands, out_channels)  # fail once for the scene, not per chip
-        for window in windows:
+        for k, window in enumerate(windows):
+            row = None if out is None else out[k]
             try:
                 yield read_chip(dataset, window, bands, chip_size, out_channels, scene=scene,
-                                dtype=dtype)
+                                dtype=dtype, out=row)
             except RasterReadError as err:
                 if on_error == "raise":
                     raise
+                if row is not None:
+                    row[...] = 0
                 yield ChipFailure(scene.scene_id, str(path), window.row, window.col,
                                   window.as_tuple(), str(err))
 

@@ -396,3 +396,20 @@ def test_planning_leaves_the_gdal_block_cache_setting_alone(tmp_path):
     assert out.returncode == 0, out.stderr
     skipped, before, after = out.stdout.split()
     assert int(skipped) > 0 and after == before
+
+
+@requires_real_data
+def test_read_chips_into_a_batch_buffer():
+    path = real("corrupt.tif")
+    plan = plan_chips(path, 256, 0, 0.0)
+    batch = np.full((len(plan.windows), 3, 256, 256), 7.0, dtype=np.float32)
+    chips, failures = read_chips(path, plan.windows, None, 256, out=batch)
+    reference, _ = read_chips(path, plan.windows, None, 256)
+    for chip, ref in zip(chips, reference):
+        k = plan.windows.index(next(w for w in plan.windows if (w.row, w.col) == (chip.row, chip.col)))
+        assert np.shares_memory(chip.pixels, batch[k])
+        np.testing.assert_array_equal(batch[k], ref.pixels)
+    failed = [k for k, w in enumerate(plan.windows) if (w.row, w.col) in {(f.row, f.col) for f in failures}]
+    assert len(failed) == 4 and not batch[failed].any()  # failed rows zero-filled
+    with pytest.raises(ValueError):
+        read_chips(path, plan.windows, None, 256, out=batch[:3])
