@@ -360,6 +360,9 @@ class TrainSpec(BaseModel):
     output_dir: str = Field(min_length=1)
     seed: int = 0
     time_budget_minutes: Optional[float] = Field(None, gt=0.0)
+    # Copy output_dir/best.pt to model.checkpoint when training ends (off: never
+    # overwrite a production model by accident).
+    publish: bool = False
 
     @field_validator("scenes", "labels")
     @classmethod
