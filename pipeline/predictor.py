@@ -125,7 +125,7 @@ def resolve_batch_size(model_spec, chip_size: int, gpus_per_actor: float) -> int
 class ChipPredictor:
     """Callable class for Ray Data's map_batches: loads the checkpoint once, predicts batches.
 
-    Input batch columns: chip_id, scene_id, col_off, row_off, pixels (B, C, S, S) float32,
+    Input batch columns: chip_id, scene_id, col_off, row_off, pixels (B, C, S, S) in the file's dtype,
     status ("ok" or a read failure), error. Output columns: chip_id, scene_id, status,
     error, detections (bytes, see encode_detections; boxes in SCENE pixels), worker.
     """
@@ -213,10 +213,13 @@ class ChipPredictor:
 
         if self.faults:
             self.faults.apply([chip_ids[i] for i in indices])
-        pixels = np.ascontiguousarray(batch["pixels"][indices], dtype=np.float32)
+        pixels = np.ascontiguousarray(batch["pixels"][indices])  # file dtype; the detector casts on device
         if pixels.shape[1] != self.in_channels:
             raise ValueError(f"chips have {pixels.shape[1]} bands, the model expects {self.in_channels}")
-        results = self.detector(torch.from_numpy(pixels))
+        images = torch.from_numpy(pixels)
+        if not images.is_floating_point():  # integer chips travel small and become float on the device
+            images = images.to(getattr(self.detector, "device", "cpu"), non_blocking=True).float()
+        results = self.detector(images)
         for i, r in zip(indices, results):
             offset = np.array([batch["col_off"][i], batch["row_off"][i]] * 2, dtype=np.float32)
             detections[i] = encode_detections(r["boxes"].cpu().numpy() + offset, r["scores"].cpu().numpy(),
