@@ -51,8 +51,11 @@ def from_torchvision(state_dict: dict[str, Tensor], num_classes: int, v2: bool =
     """
     model = build_model(torchvision_config(num_classes, v2, **config_overrides))
     converted = convert_state_dict(state_dict)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
+    what = f"state dict does not fit retinanet_resnet50_fpn{'_v2' if v2 else ''} with {num_classes} classes"
+    try:
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+    except RuntimeError as err:  # shape mismatches (wrong num_classes, v1 vs v2 weights)
+        raise ValueError(f"{what}: {err}") from err
     if missing or unexpected:
-        raise ValueError(f"state dict does not fit retinanet_resnet50_fpn{'_v2' if v2 else ''} with "
-                         f"{num_classes} classes: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()

@@ -119,6 +119,10 @@ class RetinaNet(nn.Module):
 
     def forward(self, images: Tensor, targets: list[dict] | None = None):
         self._check_images(images)
+        if self.training:  # validate targets before spending a forward pass on them
+            if targets is None:
+                raise ValueError("training mode needs targets: model(images, targets)")
+            self._check_targets(targets, len(images))
         height, width = images.shape[-2:]
         x = (images - self.image_mean) / self.image_std
         pad_h = -height % SIZE_DIVISOR
@@ -132,9 +136,6 @@ class RetinaNet(nn.Module):
         feature_hws = [tuple(p.shape[-2:]) for p in pyramid]
         anchors = self.anchor_generator(tuple(x.shape[-2:]), feature_hws, x.device)
         if self.training:
-            if targets is None:
-                raise ValueError("training mode needs targets: model(images, targets)")
-            self._check_targets(targets, len(images))
             return self.compute_loss(cls_logits, box_deltas, anchors, targets)
         level_counts = [h * w * self.anchor_generator.num_anchors_per_location for h, w in feature_hws]
         return self.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))

@@ -1,14 +1,19 @@
-"""Detector's fast-path helpers that can be checked on a CPU: torch.compile fallback,
-host-to-device moves, batch size from free memory, and the pipeline's batch size choice."""
+"""Runtime: precision resolution, device choice, the Detector (bf16 agrees with fp32), and its
+fast-path helpers that can be checked on a CPU: torch.compile fallback, host-to-device moves,
+batch size from free memory, and the pipeline's batch size choice."""
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
 import torch
 
 from retinanet import Detector, build_model
-from retinanet.runtime import CPU_BATCH_SIZE, auto_batch_size, batch_size_for_memory, to_device
+from retinanet import runtime
+from retinanet.boxes import pairwise_iou
+from retinanet.runtime import (CPU_BATCH_SIZE, auto_batch_size, batch_size_for_memory, resolve_device,
+                               resolve_precision, to_device)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +109,120 @@ def test_resolve_batch_size(tmp_path, ray_session):
     assert resolve_batch_size(auto, 256, gpus_per_actor=0) == CPU_BATCH_SIZE
     # A logical GPU without CUDA behind it: the probe task runs and reports the CPU size.
     assert resolve_batch_size(auto, 256, gpus_per_actor=1) == CPU_BATCH_SIZE
+
+
+# -- precision, device and bf16 agreement --------------------------------------------------
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_explicit_precisions():
+    for device in (CPU, CUDA):
+        assert resolve_precision("fp32", device) is None
+        assert resolve_precision("bf16", device) is torch.bfloat16
+        assert resolve_precision("fp16", device) is torch.float16
+
+
+def test_auto_on_cpu_follows_bf16_matrix_units(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: True)
+    assert resolve_precision("auto", CPU) is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
+    assert resolve_precision("auto", CPU) is None
+
+
+def test_auto_on_cuda_prefers_bf16_else_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", CUDA) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", CUDA) is torch.float16
+
+
+def test_unknown_precision_lists_choices():
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'fp32', 'bf16', 'fp16'\), got 'int8'"):
+        resolve_precision("int8", CPU)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("fpu sse avx512f avx512_bf16 amx_tile", True),
+    ("fpu sse avx512f amx_bf16 amx_tile", True),
+    ("fpu sse avx2 avx512f avx512_vnni", False),
+    (None, False),
+])
+def test_cpu_flag_detection(monkeypatch, flags, expected):
+    def fake_open(path, *args, **kwargs):
+        assert path == "/proc/cpuinfo"
+        if flags is None:
+            raise OSError("no /proc here")
+        return io.StringIO(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n")
+
+    monkeypatch.setattr(runtime, "open", fake_open, raising=False)
+    assert runtime.cpu_has_bf16_matmul.__wrapped__() is expected
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto") == (CUDA if torch.cuda.is_available() else CPU)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device 'cuda' requested but torch sees no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.fixture(scope="module")
+def spread_model():
+    torch.manual_seed(0)
+    model = build_model(num_classes=3, backbone="resnet18", head_width=64, head_depth=2, fpn_channels=64)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        # spread scores (the default init ties them), but keep box deltas small (std ~0.2, like a
+        # trained model) rather than random boxes many times the anchor size that all overlap:
+        # then NMS among them is chaotic and any rounding reshuffles which boxes survive
+        for head in (model.cls_head, model.box_head):
+            for p in head.parameters():
+                if p.ndim == 4:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.04)
+        model.box_head.predictor.weight.mul_(0.005 / 0.04)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images192():
+    return torch.rand(2, 3, 192, 192, generator=torch.Generator().manual_seed(3))
+
+
+def test_fp32_detector_matches_plain_model(spread_model, images192):
+    with torch.no_grad():
+        expected = spread_model(images192)
+    detector = Detector(spread_model, device="cpu", precision="fp32")
+    assert detector.precision == "fp32" and detector.autocast_dtype is None
+    assert detector.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    got = detector(images192)
+    for e, g in zip(expected, got):
+        assert len(e["boxes"]) == len(g["boxes"]) > 10
+        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-4, rtol=1e-4)
+        assert torch.equal(g["labels"], e["labels"])
+
+
+def test_bf16_detections_agree_with_fp32(spread_model, images192):
+    fp32 = Detector(spread_model, device="cpu", precision="fp32")(images192)
+    bf16_detector = Detector(spread_model, device="cpu", precision="bf16")
+    assert bf16_detector.precision == "bf16"
+    seen_dtypes = []
+    hook = bf16_detector.model.cls_head.predictor.register_forward_hook(lambda m, i, o: seen_dtypes.append(o.dtype))
+    try:
+        bf16 = bf16_detector(images192)
+    finally:
+        hook.remove()
+    assert seen_dtypes == [torch.bfloat16] * 5  # the head ran under autocast on all five levels
+    matched = total = 0
+    for a, b in zip(fp32, bf16):
+        assert b["boxes"].dtype == torch.float32 and b["scores"].dtype == torch.float32
+        confident = a["scores"] > 0.3
+        if not confident.any():
+            continue
+        iou = pairwise_iou(a["boxes"][confident], b["boxes"])          # (n_fp32, n_bf16)
+        same_label = a["labels"][confident][:, None] == b["labels"][None, :]
+        matched += int(((iou > 0.9) & same_label).any(dim=1).sum())
+        total += int(confident.sum())
+    assert total >= 20
+    assert matched >= 0.9 * total, f"{matched}/{total} fp32 detections found again in bf16"
