@@ -1,0 +1,87 @@
+"""Fault: a worker node removed mid-job (ray.cluster_utils.Cluster, two raylets on this machine).
+
+Runs in a child process because a multi-node Cluster needs its own Ray head, separate from
+the test session's local instance. The child reports rows as JSON; the test compares them
+with a clean run on the same cluster.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+CHILD = textwrap.dedent('''
+    import json, sys, threading, time
+    from pathlib import Path
+    import torch
+    import ray
+    from ray.cluster_utils import Cluster
+    from pipeline.execution import run_job
+    from pipeline.spec import JobSpec
+    from pipeline.synth import SYNTH_CLASSES, synthesize
+    from pipeline.table import read_committed
+    from retinanet import build_model, save_checkpoint
+
+    root = Path(sys.argv[1])
+    synthesize(root / "scenes", scenes=4, size=600, seed=9)
+    torch.manual_seed(0)
+    model = build_model(num_classes=3, backbone="resnet18", head_width=32, head_depth=1,
+                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
+    save_checkpoint(root / "model.pt", model, list(SYNTH_CLASSES))
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    ray.init(address=cluster.address, log_to_driver=False)
+
+    def spec(table):
+        return JobSpec.model_validate({
+            "name": "node-loss", "inputs": {"paths": [str(root / "scenes" / "*.tif")]},
+            "tiling": {"chip_size": 256, "overlap": 32, "min_valid_fraction": 0.05},
+            "model": {"checkpoint": str(root / "model.pt"), "score_threshold": 0.3, "batch_size": 2,
+                      "precision": "fp32"},
+            "compute": {"address": cluster.address, "actors": 1, "gpus_per_actor": 1, "cpus_per_actor": 1},
+            "output": {"table": str(root / table), "crs": "EPSG:4326"}})
+
+    def rows(table):
+        t = read_committed(root / table).to_pydict()
+        return sorted(zip(t["scene_id"], t["label"], [round(v, 3) for v in t["px_xmin"]],
+                          [round(v, 3) for v in t["score"]]))
+
+    # The only GPUs live on worker nodes, so the predictor actor must run there.
+    first = cluster.add_node(num_cpus=1, num_gpus=1)
+    clean = run_job(spec("clean"), log=lambda m: None)
+    cluster.add_node(num_cpus=1, num_gpus=1)  # the survivor that takes over
+    cluster.wait_for_nodes()
+
+    def remove_when_busy():
+        manifests = root / "killed" / "_manifests"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (manifests.exists() and any(manifests.iterdir())):
+            time.sleep(0.05)
+        cluster.remove_node(first, allow_graceful=False)
+
+    remover = threading.Thread(target=remove_when_busy)
+    remover.start()
+    killed = run_job(spec("killed"), log=lambda m: None)
+    remover.join()
+    print(json.dumps({"clean": rows("clean"), "killed": rows("killed"),
+                      "exit_codes": [clean["exit_code"], killed["exit_code"]],
+                      "workers": killed["workers"]}))
+    ray.shutdown()
+    cluster.shutdown()
+''')
+
+
+def test_worker_node_removed_mid_job_loses_and_duplicates_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["exit_codes"] == [0, 0], result
+    assert result["killed"] == result["clean"] and result["clean"], result
+    # The removed node's actor died mid-job: another actor on the surviving node finished the work.
+    assert len(result["workers"]) >= 2, result["workers"]
