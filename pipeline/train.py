@@ -32,7 +32,9 @@ starts a new driver on the same Ray run directory and resumes from its latest ch
 
 Outputs in ``train.output_dir``: ``best.pt`` (highest validation AP50, ties broken by
 AP), ``last.pt``, ``metrics.csv``, ``metrics.png``, ``summary.json``, ``run.json`` and
-``ray/<run name>/`` (Ray's run directory with the checkpoints). On a multi-node cluster
+``ray/<run name>/`` (Ray's run directory with the checkpoints). With ``train.publish:
+true`` best.pt is then copied to ``model.checkpoint``, so ``pipeline run`` on the same
+job uses the trained model. On a multi-node cluster
 ``output_dir`` must be storage every node sees (NFS), as Ray's ``storage_path`` must.
 
 Validation runs on rank 0 at every epoch end (and when training stops early) on the
@@ -363,8 +365,23 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2,
         "train_seconds": final.get("elapsed"), "anchor_fit": prepared.anchor_fit, "band_stats": prepared.stats,
         "resumed_from": resume_from,
     }
+    if t.publish:
+        summary["published"] = publish_best(output_dir, spec.model.checkpoint)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def publish_best(output_dir: Path, checkpoint: str) -> str:
+    """Copy ``output_dir/best.pt`` (else last.pt) to ``checkpoint`` atomically -> its path."""
+    source = output_dir / "best.pt"
+    if not source.is_file():
+        source = output_dir / "last.pt"
+    target = Path(checkpoint)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    return str(target)
 
 
 # ---------------------------------------------------------------------- worker
@@ -434,8 +451,12 @@ def _augment_config(aug: dict):
 
 def _autocast_dtype(precision: str, device):
     """Training autocast dtype: None (fp32), bf16 or fp16. 'auto' is bf16 on CUDA (fp16
-    where bf16 is missing) and fp32 on CPU (see docs/training.md for the CPU measurement)."""
+    where bf16 is missing) and on CPUs with bf16 matrix units (AMX / AVX512-BF16), where
+    a training step measured 1.7x faster than fp32 (docs/training.md); fp32 elsewhere.
+    Weights, optimizer state and losses stay fp32 (autocast only lowers matmuls/convs)."""
     import torch
+
+    from retinanet.runtime import cpu_has_bf16_matmul
 
     if precision == "fp32":
         return None
@@ -445,7 +466,7 @@ def _autocast_dtype(precision: str, device):
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+    return torch.bfloat16 if cpu_has_bf16_matmul() else None
 
 
 def _load_init_weights(model, path: str) -> int:
@@ -621,6 +642,8 @@ def train_loop(config: dict) -> None:
         by_rank = restored.get("sums_by_rank") or []
         if len(by_rank) == world:
             state["sums"] = list(by_rank[rank])
+    # channels_last: oneDNN's fast convolution layout on CPU (and tensor cores' on GPU).
+    model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world > 1
     core = model.module if hasattr(model, "module") else model
 
@@ -704,7 +727,7 @@ def train_loop(config: dict) -> None:
         order = shard[epoch_order(len(shard), seed, epoch, rank)]
         picked = order[within * per_worker:(within + 1) * per_worker]
         images, targets = make_batch(cache, records, picked, augment, (seed, epoch, rank, step), mean, std)
-        images = images.to(device)
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
         targets = [{k: v.to(device) for k, v in tg.items()} for tg in targets]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             losses = model(images, targets)
