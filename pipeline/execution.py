@@ -158,6 +158,17 @@ def actor_gpus(requested: float, cluster_gpus: float, local: bool, log) -> float
     return requested
 
 
+def default_read_tasks(actors: int, cpus_per_actor: float, cluster_cpus: float) -> int:
+    """Chip-reading tasks in flight when compute.read_concurrency is null.
+
+    Every CPU the predictor actors leave free, and at least two per actor (one read queued
+    behind the batch being predicted). A GPU actor consumes chips far faster than one task
+    decodes them (10-30 ms per 512-px chip here), so on a GPU node the spare cores must all read.
+    Examples: 1 actor x 1 CPU on 16 CPUs -> 15; 2 actors x 1 CPU on 2 CPUs -> 4.
+    """
+    return max(2 * actors, int(cluster_cpus - actors * cpus_per_actor))
+
+
 def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=None, faults=None) -> dict:
     """Run a job to completion and return its report (also written next to the manifests)."""
     from pipeline import table
@@ -222,7 +233,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         gpus = actor_gpus(spec.compute.gpus_per_actor, cluster_gpus, spec.compute.address is None, log)
         retries = spec.compute.max_retries
         batch_size = resolve_batch_size(spec.model, spec.tiling.chip_size, gpus)  # null: from free GPU memory
-        read_tasks = spec.compute.read_concurrency or 2 * spec.compute.actors
+        read_tasks = spec.compute.read_concurrency or default_read_tasks(
+            spec.compute.actors, spec.compute.cpus_per_actor, ray.cluster_resources().get("CPU", 0))
         ledger = ray.remote(num_cpus=0, max_restarts=-1)(ChipLedger).remote()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

@@ -226,3 +226,16 @@ def test_bf16_detections_agree_with_fp32(spread_model, images192):
         total += int(confident.sum())
     assert total >= 20
     assert matched >= 0.9 * total, f"{matched}/{total} fp32 detections found again in bf16"
+
+
+@pytest.mark.parametrize("actors, cpus_per_actor, cluster_cpus, expected", [
+    (1, 1.0, 16.0, 15),   # one GPU actor on a 16-core node: every spare core reads
+    (2, 1.0, 2.0, 4),     # CPU actors holding every core: two reads per actor (no CPU slot, see run_job)
+    (1, 2.0, 2.0, 2),
+    (4, 2.0, 64.0, 56),
+    (8, 1.0, 8.0, 16),
+])
+def test_default_read_tasks(actors, cpus_per_actor, cluster_cpus, expected):
+    from pipeline.execution import default_read_tasks
+
+    assert default_read_tasks(actors, cpus_per_actor, cluster_cpus) == expected
