@@ -450,23 +450,12 @@ def _augment_config(aug: dict):
 
 
 def _autocast_dtype(precision: str, device):
-    """Training autocast dtype: None (fp32), bf16 or fp16. 'auto' is bf16 on CUDA (fp16
-    where bf16 is missing) and on CPUs with bf16 matrix units (AMX / AVX512-BF16), where
-    a training step measured 1.7x faster than fp32 (docs/training.md); fp32 elsewhere.
-    Weights, optimizer state and losses stay fp32 (autocast only lowers matmuls/convs)."""
-    import torch
+    """Training autocast dtype: the inference rule (retinanet.runtime.resolve_precision):
+    bf16 on CUDA and on CPUs with bf16 matrix units, where a training step measured 1.7x
+    faster than fp32 (docs/training.md). Weights, optimizer state and losses stay fp32."""
+    from retinanet.runtime import resolve_precision
 
-    from retinanet.runtime import cpu_has_bf16_matmul
-
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16_matmul() else None
+    return resolve_precision(precision, device)
 
 
 def _load_init_weights(model, path: str) -> int:
