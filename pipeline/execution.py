@@ -111,6 +111,8 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
     error = np.array([""] * n, dtype=object)
     paths = batch["path"].astype(str)
     chips_of: dict[int, np.ndarray] = {}
+    # Valid-pixel masks, bit-packed along x (chip_size / 8 bytes per row).
+    valid = np.zeros((n, chip_size, (chip_size + 7) // 8), dtype=np.uint8)
     for path in dict.fromkeys(paths):
         rows = np.flatnonzero(paths == path)
         windows = [ChipWindow(int(batch["row"][i]), int(batch["col"][i]), int(batch["col_off"][i]),
@@ -129,13 +131,14 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
                 status[i], error[i] = "read_error", reasons.get((w.row, w.col), "window was not read")
             else:
                 chips_of[i] = chip.pixels
+                valid[i] = np.packbits(chip.valid, axis=-1)
     dtypes = {a.dtype for a in chips_of.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else np.float32  # scenes of mixed dtypes: common float
     pixels = np.zeros((n, out_channels, chip_size, chip_size), dtype=dtype)
     for i, chip in chips_of.items():
         pixels[i] = chip
     return {"chip_id": batch["chip_id"], "scene_id": batch["scene_id"], "col_off": batch["col_off"],
-            "row_off": batch["row_off"], "pixels": pixels, "status": status, "error": error}
+            "row_off": batch["row_off"], "pixels": pixels, "valid": valid, "status": status, "error": error}
 
 
 def connect_ray(address: str | None, quiet: bool = True):

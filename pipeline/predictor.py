@@ -81,6 +81,18 @@ def encode_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray)
     return rows.tobytes()
 
 
+def centres_on_valid_pixels(boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(N,) bool: True where the centre of a chip-pixel XYXY box lies on a valid pixel.
+
+    valid: (H, W) bool mask of the chip. Detections centred on nodata (scene borders,
+    masked regions, the padding of edge chips) describe no real object and are dropped.
+    """
+    h, w = valid.shape
+    cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(np.int64), 0, w - 1)
+    cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(np.int64), 0, h - 1)
+    return valid[cy, cx]
+
+
 def decode_detections(blob: bytes) -> np.ndarray:
     """Inverse of encode_detections -> (N, 6) float32."""
     return np.frombuffer(blob, dtype=np.float32).reshape(-1, DETECTION_FIELDS)
@@ -126,6 +138,7 @@ class ChipPredictor:
     """Callable class for Ray Data's map_batches: loads the checkpoint once, predicts batches.
 
     Input batch columns: chip_id, scene_id, col_off, row_off, pixels (B, C, S, S) in the file's dtype,
+    valid (B, S, S/8) bit-packed valid-pixel masks (detections centred on nodata are dropped),
     status ("ok" or a read failure), error. Output columns: chip_id, scene_id, status,
     error, detections (bytes, see encode_detections; boxes in SCENE pixels), worker.
     """
@@ -220,7 +233,12 @@ class ChipPredictor:
         if not images.is_floating_point():  # integer chips travel small and become float on the device
             images = images.to(getattr(self.detector, "device", "cpu"), non_blocking=True).float()
         results = self.detector(images)
+        chip_size = pixels.shape[-1]
         for i, r in zip(indices, results):
+            boxes, scores, labels = r["boxes"].cpu().numpy(), r["scores"].cpu().numpy(), r["labels"].cpu().numpy()
+            if "valid" in batch:
+                valid = np.unpackbits(batch["valid"][i], axis=-1, count=chip_size).astype(bool)
+                keep = centres_on_valid_pixels(boxes, valid)
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             offset = np.array([batch["col_off"][i], batch["row_off"][i]] * 2, dtype=np.float32)
-            detections[i] = encode_detections(r["boxes"].cpu().numpy() + offset, r["scores"].cpu().numpy(),
-                                              r["labels"].cpu().numpy())
+            detections[i] = encode_detections(boxes + offset, scores, labels)

@@ -98,3 +98,16 @@ def test_python_exception_in_a_chip_quarantines_only_that_chip(workspace, ray_se
     assert report["exit_code"] == 1
     assert [q["chip_id"] for q in report["chips_quarantined"]] == ["synth_000/r0c0"]
     assert "injected failure" in report["chips_quarantined"][0]["reason"]
+
+
+def test_detections_centred_on_nodata_are_dropped():
+    from pipeline.predictor import centres_on_valid_pixels
+
+    valid = np.zeros((8, 8), dtype=bool)
+    valid[:, :4] = True  # left half valid
+    boxes = np.array([[0, 0, 2, 2],     # centre (1, 1): valid
+                      [4, 4, 8, 8],     # centre (6, 6): nodata
+                      [2, 0, 7, 2],     # centre (4.5 -> 4, 1): nodata, though it overlaps valid pixels
+                      [-3, -3, 1, 1],   # centre (-1, -1) clipped to (0, 0): valid
+                      ], dtype=np.float32)
+    assert centres_on_valid_pixels(boxes, valid).tolist() == [True, False, False, True]
