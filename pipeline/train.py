@@ -568,7 +568,7 @@ def _maybe_crash(fault: Optional[dict], rank: int, step: int) -> None:
     os._exit(1)
 
 
-def _checkpoint_step(config: dict) -> Optional[str]:
+def _resume_point(config: dict) -> Optional[str]:
     """Where to start: Ray's restored checkpoint (worker failure) or --resume's, latest step wins."""
     import ray.train
 
@@ -624,7 +624,7 @@ def train_loop(config: dict) -> None:
 
     state = {"step": 0, "epoch": 0, "history": [], "best": None, "elapsed": 0.0, "sums": [0.0, 0.0, 0.0, 0],
              "stopped_early": False}
-    start_dir = _checkpoint_step(config)
+    start_dir = _resume_point(config)
     if start_dir is not None:
         restored = _restore(start_dir, model, optimizer, scheduler)
         state.update({k: restored[k] for k in state})
