@@ -253,3 +253,30 @@ def test_evaluate_table_errors_name_the_problem(tmp_path):
         evaluate_table(tmp_path / "table", [tmp_path / "truth.json"])
     with pytest.raises(InputError, match="no committed scene for run x"):
         evaluate_table(tmp_path / "table", [tmp_path / "truth.json"], run_id="x")
+
+
+def test_vector_truth_equals_coco_truth_on_synthetic_scenes(tmp_path):
+    # truth.geojson (map coordinates) placed on each scene through the raster path the
+    # table records must give the same boxes, hence the same metrics, as truth.json.
+    from pipeline.labels import by_scene, read_coco
+    from pipeline.synth import SYNTH_CLASSES, synthesize
+
+    paths = synthesize(tmp_path / "synth", scenes=2, size=256, seed=4)
+    truth = by_scene(read_coco(tmp_path / "synth" / "truth.json"))
+    table = tmp_path / "table"
+    rng = np.random.default_rng(0)
+    for path in paths:
+        ann = truth[path.stem]
+        boxes = ann.boxes + rng.normal(0, 1.5, ann.boxes.shape)  # near-perfect, not exact
+        labels = [SYNTH_CLASSES.index(l) for l in ann.labels]
+        corners = np.stack([boxes[:, [0, 3]], boxes[:, [2, 3]], boxes[:, [2, 1]], boxes[:, [0, 1]]], axis=1)
+        rows = build_detection_table(corners, boxes, rng.uniform(0.3, 1, len(boxes)), labels, list(SYNTH_CLASSES),
+                                     run_id="r", job_name="j", scene_id=path.stem, scene_path=str(path),
+                                     model_id="m", job_hash="h")
+        commit_scene(table, RunInfo("r", "j", "h", "m", None), path.stem, {"k": path.stem}, rows)
+    by_json = evaluate_table(table, [tmp_path / "synth" / "truth.json"])
+    by_vector = evaluate_table(table, [tmp_path / "synth" / "truth.geojson"], scene_field="scene_id")
+    assert by_json["ground_truth"] == by_vector["ground_truth"] > 0
+    for key in ("AP", "AP50", "AP75"):
+        assert by_vector[key] == pytest.approx(by_json[key], abs=1e-6)
+    assert by_json["AP50"] > 0.9
