@@ -14,6 +14,7 @@ Bounded failure handling, because Ray Data restarts a crashing actor forever by 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,11 +53,15 @@ class FaultPlan:
     crash_always: chip ids whose prediction kills the actor process on every attempt.
     crash_once: chip ids that kill the actor the first time only (marker files in marker_dir).
     raise_always: chip ids whose prediction raises a Python exception.
+    stall: chip ids whose first prediction writes ``stalled-<chip>`` into marker_dir and then
+    sleeps ``stall_seconds``, so a test can act (remove a node) while the chip is in flight.
     """
 
     crash_always: list[str] = field(default_factory=list)
     crash_once: list[str] = field(default_factory=list)
     raise_always: list[str] = field(default_factory=list)
+    stall: list[str] = field(default_factory=list)
+    stall_seconds: float = 0.0
     marker_dir: str = ""
 
     def apply(self, chip_ids) -> None:
@@ -70,6 +75,11 @@ class FaultPlan:
                     os._exit(13)
             if cid in self.raise_always:
                 raise RuntimeError(f"injected failure on chip {cid}")
+            if cid in self.stall:
+                marker = os.path.join(self.marker_dir, f"stalled-{cid.replace('/', '_')}")
+                if not os.path.exists(marker):
+                    open(marker, "w").close()
+                    time.sleep(self.stall_seconds)
 
 
 def encode_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> bytes:

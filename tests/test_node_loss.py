@@ -22,6 +22,7 @@ CHILD = textwrap.dedent('''
     import ray
     from ray.cluster_utils import Cluster
     from pipeline.execution import run_job
+    from pipeline.predictor import FaultPlan
     from pipeline.spec import JobSpec
     from pipeline.synth import SYNTH_CLASSES, synthesize
     from pipeline.table import read_committed
@@ -54,20 +55,25 @@ CHILD = textwrap.dedent('''
     # The only GPUs live on worker nodes, so the predictor actor must run there.
     first = cluster.add_node(num_cpus=1, num_gpus=1)
     clean = run_job(spec("clean"), log=lambda m: None)
+
+    # The predictor stalls on one chip of the second scene; the node goes while it is in flight.
+    faults = FaultPlan(stall=["synth_001/r1c1"], stall_seconds=30.0, marker_dir=str(root))
+
+    # run_job streams in a thread; the main thread changes the cluster (Ray's Node wants
+    # the main thread for its signal handlers).
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(
+        report=run_job(spec("killed"), log=lambda m: None, faults=faults)))
+    runner.start()
+    marker = root / "stalled-synth_001_r1c1"
+    deadline = time.time() + 120
+    while time.time() < deadline and not marker.exists():
+        time.sleep(0.05)
     cluster.add_node(num_cpus=1, num_gpus=1)  # the survivor that takes over
     cluster.wait_for_nodes()
-
-    def remove_when_busy():
-        manifests = root / "killed" / "_manifests"
-        deadline = time.time() + 120
-        while time.time() < deadline and not (manifests.exists() and any(manifests.iterdir())):
-            time.sleep(0.05)
-        cluster.remove_node(first, allow_graceful=False)
-
-    remover = threading.Thread(target=remove_when_busy)
-    remover.start()
-    killed = run_job(spec("killed"), log=lambda m: None)
-    remover.join()
+    cluster.remove_node(first, allow_graceful=False)
+    runner.join()
+    killed = outcome["report"]
     print(json.dumps({"clean": rows("clean"), "killed": rows("killed"),
                       "exit_codes": [clean["exit_code"], killed["exit_code"]],
                       "workers": killed["workers"]}))
@@ -84,4 +90,4 @@ def test_worker_node_removed_mid_job_loses_and_duplicates_nothing(tmp_path):
     assert result["exit_codes"] == [0, 0], result
     assert result["killed"] == result["clean"] and result["clean"], result
     # The removed node's actor died mid-job: another actor on the surviving node finished the work.
-    assert len(result["workers"]) >= 2, result["workers"]
+    assert len(result["workers"]) >= 2, (result["workers"], proc.stderr[-3000:])
