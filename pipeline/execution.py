@@ -147,7 +147,9 @@ def connect_ray(address: str | None, quiet: bool = True):
 
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": not quiet} if address is None else {}
-        ray.init(address=address, **kwargs)
+        # "local": a new Ray of our own; address=None would join any Ray started on this
+        # machine with `ray start` (someone else's cluster on a shared host).
+        ray.init(address=address if address is not None else "local", **kwargs)
     return ray
 
 

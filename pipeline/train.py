@@ -316,7 +316,12 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2,
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     started_ray = False
     if not ray.is_initialized():
-        ray.init(address=spec.compute.address, include_dashboard=False, log_to_driver=True)
+        # compute.address null: a Ray of our own ("local"); None would join any cluster
+        # started with `ray start` on this machine.
+        if spec.compute.address is None:
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        else:
+            ray.init(address=spec.compute.address)
         started_ray = True
     try:
         cpus = _cpus_per_worker(t)
