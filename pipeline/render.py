@@ -205,6 +205,28 @@ def render_quicklook(table_root: os.PathLike | str, scene_path: str, out: os.Pat
         image.save(out_path, format="PNG")
     except OSError as err:
         raise InputError(f"{out_path}: cannot write the quicklook: {err}") from None
+    reports = link_in_run_reports(table_root, scene_id, out_path, job_name)
     return {"path": str(out_path), "scene_id": scene_id, "detections": int(len(dets.boxes)),
             "classes": {name: count for _, name, count in legend},
-            "scene_size": list(scene_size), "picture_size": list(shape)}
+            "scene_size": list(scene_size), "picture_size": list(shape), "reports": reports}
+
+
+def link_in_run_reports(table_root: os.PathLike | str, scene_id: str, png: os.PathLike | str,
+                        job_name: Optional[str] = None) -> list[str]:
+    """Record the quicklook under ``quicklooks[scene_id]`` in the run report of every run
+    whose committed rows of this scene are current; returns the reports updated."""
+    import json
+
+    from pipeline.table import REPORTS, committed_scenes, write_run_report
+
+    updated = []
+    for (job, sid), entry in committed_scenes(table_root).items():
+        if sid != scene_id or (job_name and job != job_name):
+            continue
+        path = Path(table_root) / REPORTS / f"{entry['run_id']}.json"
+        if not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        report.setdefault("quicklooks", {})[scene_id] = str(Path(png).resolve())
+        updated.append(str(write_run_report(table_root, entry["run_id"], report)))
+    return updated

@@ -111,3 +111,14 @@ def test_detections_centred_on_nodata_are_dropped():
                       [-3, -3, 1, 1],   # centre (-1, -1) clipped to (0, 0): valid
                       ], dtype=np.float32)
     assert centres_on_valid_pixels(boxes, valid).tolist() == [True, False, False, True]
+
+
+def test_quicklook_is_linked_from_the_run_report(clean_run, workspace, tmp_path):
+    from pipeline.render import render_quicklook
+
+    report = clean_run[0]
+    summary = render_quicklook(workspace / "clean", str(workspace / "scenes" / "synth_000.tif"),
+                               tmp_path / "q.png")
+    assert summary["reports"] == [report["report_path"]]
+    saved = json.loads(open(report["report_path"]).read())
+    assert saved["quicklooks"]["synth_000"] == str((tmp_path / "q.png").resolve())
