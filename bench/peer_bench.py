@@ -231,7 +231,9 @@ def main(argv=None) -> None:
     tv = torchvision_retinanet(len(names), args.chip, state)
     same_n, same_diff = same_model_check(scene, tv, root / "model.pt", args.chip)
     auto = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_precision("auto", resolve_device("cpu"))]
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    # address="local": a fresh Ray of our own even when `ray start` left a cluster running here.
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
+             logging_level="warning")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     # Every variant: repetition index -> detections; tables of ours are root/<precision><rep>.
