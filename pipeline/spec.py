@@ -335,6 +335,7 @@ class TrainSpec(BaseModel):
     head_depth: int = Field(4, ge=1)
     focal_alpha: float = Field(0.25, ge=0.0, le=1.0)
     focal_gamma: float = Field(2.0, ge=0.0)
+    box_loss: Literal["l1", "smooth_l1", "giou"] = "l1"
     fit_anchors: bool = False
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0.0)

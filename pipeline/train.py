@@ -243,7 +243,7 @@ def prepare(spec: JobSpec) -> Prepared:
         "fpn_channels": t.fpn_channels, "p6_from": "c5" if c5 != t.fpn_channels else "p5",
         "head_width": t.head_width, "head_depth": t.head_depth,
         "anchor_sizes": tuple(tuple(level) for level in anchor_sizes), "aspect_ratios": tuple(ratios),
-        "focal_alpha": t.focal_alpha, "focal_gamma": t.focal_gamma,
+        "focal_alpha": t.focal_alpha, "focal_gamma": t.focal_gamma, "box_loss": t.box_loss,
     }
     return Prepared(config, list(t.classes), bands, train_records, val_records, per_epoch, total, fit,
                     stats.to_dict())
