@@ -156,6 +156,11 @@ def sahi_run(path: Path, detection_model, chip: int, overlap: int) -> int:
     return len(result.object_prediction_list)
 
 
+def paired_ratio(reference: list[float], ours_times: list[float]) -> float:
+    """Median over rounds of reference[r] / ours[r]. Example: [60, 80], [20, 20] -> 3.5."""
+    return statistics.median(t / o for t, o in zip(reference, ours_times))
+
+
 def job_spec(root: Path, table: str, chip: int, overlap: int, precision: str, threads: int, batch: int,
              backend: str = "torch"):
     from pipeline.spec import JobSpec
@@ -281,13 +286,18 @@ def main(argv=None) -> None:
         f"average {load_before:.1f} before, {load_after:.1f} after (other work on the machine inflates every "
         "variant; the round-robin order spreads it).",
         "",
-        "| variant | median s | chips/s | detections | ref / ours(auto) | ref / ours(fp32) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | median s | chips/s | detections | ref / ours(auto) | same, per round | ref / ours(fp32) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, t in medians.items():
         ratio_auto = f"{t / ours_auto:.2f}x"
+        paired = f"{paired_ratio(times[label], times[auto_label]):.2f}x"
         ratio_fp32 = f"{t / ours_fp32:.2f}x" if ours_fp32 else "-"
-        lines.append(f"| {label} | {t:.2f} | {chips / t:.2f} | {counts[label]} | {ratio_auto} | {ratio_fp32} |")
+        lines.append(f"| {label} | {t:.2f} | {chips / t:.2f} | {counts[label]} | {ratio_auto} | {paired} "
+                     f"| {ratio_fp32} |")
+    lines += ["", "ref / ours: ratio of the medians. Same, per round: median over rounds of the ratio within "
+                  "a round (neighbours in time share the load of the moment, so this one drifts less when "
+                  "other work comes and goes)."]
     lines += ["", f"Same weights: on the scene's first chip our checkpoint (fp32) and the torchvision model "
                   f"give the same {same_n} detections, boxes within {same_diff:.1e} px. Detection counts differ "
                   "between variants because the chip grids differ (ours aligns chip offsets to the file's "
