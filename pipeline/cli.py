@@ -70,7 +70,8 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool) -
     except PipelineError as err:
         fail(err)
     summary = {k: report[k] for k in ("run_id", "detections", "chips_read", "chips_skipped_empty",
-                                      "chips_per_second", "wall_seconds", "report_path")}
+                                      "chips_per_second", "wall_seconds", "startup_seconds",
+                                      "report_path")}
     summary["scenes_ok"] = len(report["scenes_ok"])
     summary["scenes_failed"] = report["scenes_failed"]
     summary["chips_quarantined"] = report["chips_quarantined"]

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -24,6 +25,9 @@ from pipeline.errors import PipelineError
 from pipeline.raster import scene_id_for
 from pipeline.spec import JobSpec, check_runnable, is_remote, job_hash
 
+# GDAL block cache per chip-reading task, in MB: holds the blocks one batch of
+# neighbouring chips shares (a 512-px RGB uint8 chip spans < 1 MB of blocks).
+READ_TASK_CACHE_MB = 64
 
 @dataclass
 class ScenePlan:
@@ -104,6 +108,7 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
     A window that fails to read (damaged tiles) marks its chip ``read_error``; a scene that
     fails as a whole marks all of its chips. Other chips are read normally.
     """
+    from pipeline.raster import bounded_block_cache
     from pipeline.tiling import ChipWindow, read_chips
 
     n = len(batch["chip_id"])
@@ -119,7 +124,10 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
                               int(batch["row_off"][i]), int(batch["width"][i]), int(batch["height"][i]))
                    for i in rows]
         try:  # the file's own dtype: uint8 chips move 4x fewer bytes to the actor than float32
-            chips, failures = read_chips(path, windows, bands, chip_size, out_channels, dtype=None)
+            # A batch is a run of neighbouring chips: a small block cache serves their
+            # overlaps; GDAL's default (5 % of RAM per reader) only grows with the scene.
+            with bounded_block_cache(READ_TASK_CACHE_MB):
+                chips, failures = read_chips(path, windows, bands, chip_size, out_channels, dtype=None)
         except PipelineError as err:
             status[rows], error[rows] = "read_error", str(err)
             continue
@@ -172,6 +180,17 @@ def default_read_tasks(actors: int, cpus_per_actor: float, cluster_cpus: float) 
     Examples: 1 actor x 1 CPU on 16 CPUs -> 15; 2 actors x 1 CPU on 2 CPUs -> 4.
     """
     return max(2 * actors, int(cluster_cpus - actors * cpus_per_actor))
+
+
+def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channels: int, chip_size: int,
+                    itemsize: int) -> int:
+    """Object-store budget for chips in flight: `prefetch_batches` batches per actor.
+
+    A chip costs its pixels plus its bit-packed valid mask. Example: 4 batches x 1 actor x
+    4 chips of 3 x 512 x 512 uint8 -> 16 x (786432 + 32768) = 13,107,200 bytes.
+    """
+    chip_bytes = channels * chip_size * chip_size * itemsize + chip_size * ((chip_size + 7) // 8)
+    return prefetch_batches * actors * batch_size * chip_bytes
 
 
 def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=None, faults=None) -> dict:
@@ -230,9 +249,11 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         if count == 0:  # nothing valid to read: commit an empty result so the scene counts as done
             commit(scene_id)
 
+    first_predictions = None
     if n_chips:
         ray = connect_ray(spec.compute.address)
         import ray.data
+        from ray.util.annotations import RayDeprecationWarning
 
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = actor_gpus(spec.compute.gpus_per_actor, cluster_gpus, spec.compute.address is None, log)
@@ -244,30 +265,42 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.max_errored_blocks = 0  # never drop a block silently
+        dtypes = {p.info.dtype for p in plans if p.windows}  # mixed dtypes travel as float32
+        itemsize = np.dtype(dtypes.pop()).itemsize if len(dtypes) == 1 else 4
+        budget = in_flight_bytes(spec.compute.prefetch_batches, spec.compute.actors, batch_size, in_channels,
+                                 spec.tiling.chip_size, itemsize)
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=budget)
         rows = chip_rows(plans)
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
-        ds = ds.map_batches(read_chip_batch, batch_size=batch_size, batch_format="numpy",
-                            fn_kwargs={"bands": spec.inputs.bands, "chip_size": spec.tiling.chip_size,
-                                       "out_channels": in_channels},
-                            # Reads reserve no CPU slot: the predictor actors hold the slots, and
-                            # a reserved read would deadlock a node whose CPUs all went to actors.
-                            # The task pool size bounds how many run at once instead.
-                            num_cpus=0, max_retries=retries,
-                            compute=ray.data.TaskPoolStrategy(size=read_tasks))
-        # Bounded actor restarts: enough for each poison chip to collect its strikes.
-        restarts = (retries + 2) * 4
-        ds = ds.map_batches(ChipPredictor, batch_size=batch_size, batch_format="numpy",
-                            fn_constructor_kwargs={"checkpoint": spec.model.checkpoint,
-                                                   "score_threshold": spec.model.score_threshold,
-                                                   "precision": spec.model.precision, "device": spec.model.device,
-                                                   "backend": spec.model.backend,
-                                                   "ledger": ledger, "max_strikes": retries,
-                                                   "num_threads": max(1, int(spec.compute.cpus_per_actor)),
-                                                   "faults": faults},
-                            compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
-                            max_restarts=restarts, max_task_retries=restarts)
+        with warnings.catch_warnings():
+            # max_retries / max_restarts travel as ray_remote_args, which Ray 2.60 deprecates
+            # without a named replacement; pyproject keeps Ray below 2.64, where they go.
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            ds = ds.map_batches(read_chip_batch, batch_size=batch_size, batch_format="numpy",
+                                fn_kwargs={"bands": spec.inputs.bands, "chip_size": spec.tiling.chip_size,
+                                           "out_channels": in_channels},
+                                # Reads reserve no CPU slot: the predictor actors hold the slots, and
+                                # a reserved read would deadlock a node whose CPUs all went to actors.
+                                # The task pool size bounds how many run at once instead.
+                                num_cpus=0, max_retries=retries,
+                                compute=ray.data.TaskPoolStrategy(size=read_tasks))
+            # Bounded actor restarts: enough for each poison chip to collect its strikes.
+            restarts = (retries + 2) * 4
+            ds = ds.map_batches(ChipPredictor, batch_size=batch_size, batch_format="numpy",
+                                fn_constructor_kwargs={"checkpoint": spec.model.checkpoint,
+                                                       "score_threshold": spec.model.score_threshold,
+                                                       "precision": spec.model.precision, "device": spec.model.device,
+                                                       "backend": spec.model.backend,
+                                                       "ledger": ledger, "max_strikes": retries,
+                                                       "num_threads": max(1, int(spec.compute.cpus_per_actor)),
+                                                       "faults": faults},
+                                compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
+                                max_restarts=restarts, max_task_retries=restarts)
         last_log = time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if first_predictions is None:  # start-up: planning, actor start, model load, first batch
+                first_predictions = time.time() - started
             for i in range(len(batch["chip_id"])):
                 scene_id = str(batch["scene_id"][i])
                 status = str(batch["status"][i])
@@ -290,6 +323,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     wall = time.time() - started
     report["workers"] = dict(state.workers)
     report["wall_seconds"] = round(wall, 3)
+    report["startup_seconds"] = round(first_predictions, 3) if first_predictions is not None else None
     report["chips_per_second"] = round(state.done_chips / wall, 3) if wall else 0.0
     report["exit_code"] = 0 if not report["scenes_failed"] and not report["chips_quarantined"] else 1
     report["report_path"] = str(table.write_run_report(spec.output.table, run_id, report))

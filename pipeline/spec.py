@@ -9,7 +9,7 @@ contract; unknown keys are rejected so a typo never silently falls back to a def
     model:    {checkpoint: ../models/retinanet.pt, score_threshold: 0.3, batch_size: 8,
                precision: auto, device: auto}
     compute:  {address: null, actors: 2, gpus_per_actor: 1, cpus_per_actor: 1,
-               max_retries: 2, read_concurrency: null}
+               max_retries: 2, read_concurrency: null, prefetch_batches: 8}
     merge:    {method: nms, iou_threshold: 0.5, seam_margin: null}
     output:   {table: ../out/detections, crs: "EPSG:4326"}
 
@@ -210,6 +210,10 @@ class ComputeSpec(BaseModel):
     max_retries: int = Field(2, ge=0)
     # None: Ray Data decides how many read tasks run at once.
     read_concurrency: Optional[int] = Field(None, ge=1)
+    # Chip batches read ahead of each predictor actor. Bounds the object-store memory that
+    # chips in flight take, so memory stays flat however large the scene: reading is
+    # ~30x faster than a CPU forward and would otherwise buffer a whole scene.
+    prefetch_batches: int = Field(8, ge=1)
 
     @field_validator("address")
     @classmethod

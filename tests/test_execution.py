@@ -68,6 +68,20 @@ def test_run_commits_every_scene_on_two_gpu_pinned_actors(clean_run):
     assert saved["run_id"] == report["run_id"]
 
 
+def test_tightest_prefetch_budget_streams_every_chip(workspace, clean_run):
+    """One batch per actor in the object store: nothing stalls, nothing is lost."""
+    import ray.data
+
+    from pipeline.execution import in_flight_bytes, run_job
+
+    report = run_job(make_spec(workspace, "prefetch-1", prefetch_batches=1))
+    assert report["exit_code"] == 0, report
+    assert committed_rows(workspace / "prefetch-1") == clean_run[1]
+    limits = ray.data.DataContext.get_current().execution_options.resource_limits
+    # 2 actors x 1 batch x 4 chips of 3 x 256^2 uint8 pixels + 256 x 32 mask bytes
+    assert limits.object_store_memory == in_flight_bytes(1, 2, 4, 3, 256, 1) == 8 * (3 * 256 * 256 + 256 * 32)
+
+
 def test_actor_killed_once_mid_batch_loses_nothing(workspace, clean_run, tmp_path):
     from pipeline.execution import run_job
 

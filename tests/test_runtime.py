@@ -239,3 +239,11 @@ def test_default_read_tasks(actors, cpus_per_actor, cluster_cpus, expected):
     from pipeline.execution import default_read_tasks
 
     assert default_read_tasks(actors, cpus_per_actor, cluster_cpus) == expected
+
+
+def test_in_flight_bytes_counts_pixels_and_packed_masks():
+    from pipeline.execution import in_flight_bytes
+
+    assert in_flight_bytes(4, 1, 4, 3, 512, 1) == 16 * (786432 + 32768)
+    # uint16 bands cost twice the pixels; a chip width not divisible by 8 rounds its mask rows up
+    assert in_flight_bytes(1, 1, 1, 4, 100, 2) == 4 * 100 * 100 * 2 + 100 * 13
