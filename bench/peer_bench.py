@@ -161,7 +161,7 @@ def paired_ratio(reference: list[float], ours_times: list[float]) -> float:
     return statistics.median(t / o for t, o in zip(reference, ours_times))
 
 
-def job_spec(root: Path, table: str, chip: int, overlap: int, precision: str, threads: int, batch: int,
+def job_spec(root: Path, table: str, chip: int, overlap: int, precision: str, threads: int, batch: int | None,
              backend: str = "torch"):
     from pipeline.spec import JobSpec
 
@@ -175,7 +175,7 @@ def job_spec(root: Path, table: str, chip: int, overlap: int, precision: str, th
     })
 
 
-def ours(root: Path, table: str, chip: int, overlap: int, precision: str, threads: int, batch: int,
+def ours(root: Path, table: str, chip: int, overlap: int, precision: str, threads: int, batch: int | None,
          backend: str = "torch") -> int:
     """(c): `pipeline run` through run_job into root/table. Returns committed detections."""
     from pipeline.execution import run_job
@@ -184,7 +184,12 @@ def ours(root: Path, table: str, chip: int, overlap: int, precision: str, thread
                      log=lambda m: None)
     if report["exit_code"] != 0:
         raise SystemExit(f"pipeline run failed: {report}")
+    STARTUP.setdefault((precision, backend), []).append(report["startup_seconds"])
     return report["detections"]
+
+
+# (precision, backend) -> seconds until our first predictions arrived, per run
+STARTUP: dict[tuple[str, str], list[float]] = {}
 
 
 def same_model_check(scene: Path, tv_model, checkpoint: Path, chip: int) -> tuple[int, float]:
@@ -211,7 +216,8 @@ def main(argv=None) -> None:
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8, help="our model.batch_size")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="our model.batch_size (default null: the job's own choice, 1 chip on CPU)")
     parser.add_argument("--head-std", type=float, default=0.016,
                         help="std of the head conv weights (scores are very sensitive to it: 0.015 gives almost "
                              "none above the threshold, 0.018 hundreds per chip)")
@@ -295,6 +301,10 @@ def main(argv=None) -> None:
         ratio_fp32 = f"{t / ours_fp32:.2f}x" if ours_fp32 else "-"
         lines.append(f"| {label} | {t:.2f} | {chips / t:.2f} | {counts[label]} | {ratio_auto} | {paired} "
                      f"| {ratio_fp32} |")
+    lines += ["", "Start-up of ours (run start until the first predictions reach the driver: actor process, "
+                  "imports, checkpoint load, first batch), median s: "
+                  + ", ".join(f"{precision}/{backend} {statistics.median(v):.1f}" for (precision, backend), v
+                              in STARTUP.items()) + "."]
     lines += ["", "ref / ours: ratio of the medians. Same, per round: median over rounds of the ratio within "
                   "a round (neighbours in time share the load of the moment, so this one drifts less when "
                   "other work comes and goes)."]

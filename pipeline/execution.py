@@ -28,6 +28,8 @@ from pipeline.spec import JobSpec, check_runnable, is_remote, job_hash
 # GDAL block cache per chip-reading task, in MB: holds the blocks one batch of
 # neighbouring chips shares (a 512-px RGB uint8 chip spans < 1 MB of blocks).
 READ_TASK_CACHE_MB = 64
+# Chips per read task at least (see run_job).
+MIN_READ_BATCH = 8
 
 @dataclass
 class ScenePlan:
@@ -267,17 +269,20 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         ctx.max_errored_blocks = 0  # never drop a block silently
         dtypes = {p.info.dtype for p in plans if p.windows}  # mixed dtypes travel as float32
         itemsize = np.dtype(dtypes.pop()).itemsize if len(dtypes) == 1 else 4
-        budget = in_flight_bytes(spec.compute.prefetch_batches, spec.compute.actors, batch_size, in_channels,
+        # Reads go in runs of at least MIN_READ_BATCH chips (one Ray task each) even when the
+        # predictors take one chip at a time (CPU), so task overhead stays small per chip.
+        read_batch = max(batch_size, MIN_READ_BATCH)
+        budget = in_flight_bytes(spec.compute.prefetch_batches, spec.compute.actors, read_batch, in_channels,
                                  spec.tiling.chip_size, itemsize)
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=budget)
         rows = chip_rows(plans)
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // read_batch, 1000)))
         with warnings.catch_warnings():
             # max_retries / max_restarts travel as ray_remote_args, which Ray 2.60 deprecates
             # without a named replacement; pyproject keeps Ray below 2.64, where they go.
             warnings.simplefilter("ignore", RayDeprecationWarning)
-            ds = ds.map_batches(read_chip_batch, batch_size=batch_size, batch_format="numpy",
+            ds = ds.map_batches(read_chip_batch, batch_size=read_batch, batch_format="numpy",
                                 fn_kwargs={"bands": spec.inputs.bands, "chip_size": spec.tiling.chip_size,
                                            "out_channels": in_channels},
                                 # Reads reserve no CPU slot: the predictor actors hold the slots, and

@@ -234,6 +234,8 @@ class ChipPredictor:
     def _predict(self, batch, indices, chip_ids, detections) -> None:
         import torch
 
+        from retinanet.runtime import to_device
+
         if self.faults:
             self.faults.apply([chip_ids[i] for i in indices])
         pixels = np.ascontiguousarray(batch["pixels"][indices])  # file dtype; the detector casts on device
@@ -241,7 +243,8 @@ class ChipPredictor:
             raise ValueError(f"chips have {pixels.shape[1]} bands, the model expects {self.in_channels}")
         images = torch.from_numpy(pixels)
         if not images.is_floating_point():  # integer chips travel small and become float on the device
-            images = images.to(getattr(self.detector, "device", "cpu"), non_blocking=True).float()
+            # through pinned memory: a non-blocking copy from pageable memory would block
+            images = to_device(images, torch.device(getattr(self.detector, "device", "cpu"))).float()
         results = self.detector(images)
         chip_size = pixels.shape[-1]
         for i, r in zip(indices, results):

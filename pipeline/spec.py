@@ -6,7 +6,7 @@ contract; unknown keys are rejected so a typo never silently falls back to a def
     name: satellite-nightly
     inputs:   {paths: ["../data/scenes/*.tif"], bands: [1, 2, 3]}
     tiling:   {chip_size: 512, overlap: 64, min_valid_fraction: 0.05}
-    model:    {checkpoint: ../models/retinanet.pt, score_threshold: 0.3, batch_size: 8,
+    model:    {checkpoint: ../models/retinanet.pt, score_threshold: 0.3, batch_size: null,
                precision: auto, device: auto}
     compute:  {address: null, actors: 2, gpus_per_actor: 1, cpus_per_actor: 1,
                max_retries: 2, read_concurrency: null, prefetch_batches: 8}
@@ -178,8 +178,9 @@ class ModelSpec(BaseModel):
 
     checkpoint: str = Field(min_length=1)
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)
-    # None lets the predictor choose a batch size for the device.
-    batch_size: Optional[int] = Field(8, ge=1)
+    # None: chosen for the predictors' device (from free GPU memory on CUDA; 1 on CPU,
+    # which is fastest per chip there, see retinanet.runtime.CPU_BATCH_SIZE).
+    batch_size: Optional[int] = Field(None, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch: the checkpoint in torch. onnx: its ONNX export in onnxruntime (fp32 graph;
@@ -210,9 +211,10 @@ class ComputeSpec(BaseModel):
     max_retries: int = Field(2, ge=0)
     # None: Ray Data decides how many read tasks run at once.
     read_concurrency: Optional[int] = Field(None, ge=1)
-    # Chip batches read ahead of each predictor actor. Bounds the object-store memory that
-    # chips in flight take, so memory stays flat however large the scene: reading is
-    # ~30x faster than a CPU forward and would otherwise buffer a whole scene.
+    # Read batches (max(model.batch_size, 8) chips each) waiting ahead of each predictor
+    # actor. Bounds the object-store memory that chips in flight take, so memory stays
+    # flat however large the scene: reading is ~30x faster than a CPU forward and would
+    # otherwise buffer a whole scene.
     prefetch_batches: int = Field(8, ge=1)
 
     @field_validator("address")

@@ -78,8 +78,9 @@ def test_tightest_prefetch_budget_streams_every_chip(workspace, clean_run):
     assert report["exit_code"] == 0, report
     assert committed_rows(workspace / "prefetch-1") == clean_run[1]
     limits = ray.data.DataContext.get_current().execution_options.resource_limits
-    # 2 actors x 1 batch x 4 chips of 3 x 256^2 uint8 pixels + 256 x 32 mask bytes
-    assert limits.object_store_memory == in_flight_bytes(1, 2, 4, 3, 256, 1) == 8 * (3 * 256 * 256 + 256 * 32)
+    # 2 actors x 1 read batch (MIN_READ_BATCH = 8 chips, above model.batch_size 4) of
+    # 3 x 256^2 uint8 pixels + 256 x 32 mask bytes
+    assert limits.object_store_memory == in_flight_bytes(1, 2, 8, 3, 256, 1) == 16 * (3 * 256 * 256 + 256 * 32)
 
 
 def test_actor_killed_once_mid_batch_loses_nothing(workspace, clean_run, tmp_path):

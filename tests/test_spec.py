@@ -61,8 +61,9 @@ def test_repo_jobs_load_and_resolve_against_their_directory():
 def test_defaults_fill_optional_sections(tmp_path):
     spec = load_job(write(tmp_path, "name: j\ninputs: {paths: [a.tif]}\nmodel: {checkpoint: m.pt}\noutput: {table: t}\n"))
     assert (spec.tiling.chip_size, spec.tiling.overlap, spec.tiling.min_valid_fraction) == (512, 64, 0.05)
-    assert (spec.model.score_threshold, spec.model.batch_size, spec.model.precision, spec.model.device) == (0.3, 8, "auto", "auto")
-    assert (spec.compute.address, spec.compute.actors, spec.compute.gpus_per_actor, spec.compute.max_retries) == (None, 2, 1.0, 2)
+    assert (spec.model.score_threshold, spec.model.batch_size, spec.model.precision, spec.model.device) == (0.3, None, "auto", "auto")
+    assert (spec.compute.address, spec.compute.actors, spec.compute.gpus_per_actor, spec.compute.max_retries,
+            spec.compute.prefetch_batches) == (None, 2, 1.0, 2, 8)
     assert (spec.merge.method, spec.merge.iou_threshold, spec.merge.seam_margin) == ("nms", 0.5, 64)
     assert spec.output.crs == "EPSG:4326" and spec.inputs.bands is None
 
