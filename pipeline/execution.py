@@ -28,7 +28,7 @@ from pipeline.spec import JobSpec, check_runnable, is_remote, job_hash
 # GDAL block cache per chip-reading task, in MB: holds the blocks one batch of
 # neighbouring chips shares (a 512-px RGB uint8 chip spans < 1 MB of blocks).
 READ_TASK_CACHE_MB = 64
-# Chips per read task at least (see run_job).
+# Chips per read task and predictor call when the model takes fewer (see transport_batch).
 MIN_READ_BATCH = 8
 
 @dataclass
@@ -184,6 +184,17 @@ def default_read_tasks(actors: int, cpus_per_actor: float, cluster_cpus: float) 
     return max(2 * actors, int(cluster_cpus - actors * cpus_per_actor))
 
 
+def transport_batch(batch_size: int, n_chips: int, actors: int) -> int:
+    """Chips per read task and per predictor call: at least `batch_size`, and runs of up to
+    MIN_READ_BATCH when the model takes fewer per forward, as long as every actor still
+    gets about four calls' worth of work.
+
+    Examples: (1, 10000, 2) -> 8; (64, 10000, 2) -> 64; (1, 18, 2) -> 3; (4, 18, 2) -> 4.
+    """
+    spread = -(-n_chips // (4 * actors))  # ceil
+    return max(batch_size, min(MIN_READ_BATCH, spread))
+
+
 def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channels: int, chip_size: int,
                     itemsize: int) -> int:
     """Object-store budget for chips in flight: `prefetch_batches` batches per actor.
@@ -269,9 +280,10 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         ctx.max_errored_blocks = 0  # never drop a block silently
         dtypes = {p.info.dtype for p in plans if p.windows}  # mixed dtypes travel as float32
         itemsize = np.dtype(dtypes.pop()).itemsize if len(dtypes) == 1 else 4
-        # Reads go in runs of at least MIN_READ_BATCH chips (one Ray task each) even when the
-        # predictors take one chip at a time (CPU), so task overhead stays small per chip.
-        read_batch = max(batch_size, MIN_READ_BATCH)
+        # Chips travel in runs of at least MIN_READ_BATCH (one read task, one predictor call
+        # each) even when the model takes one chip per forward (CPU): Ray's per-call cost
+        # (task dispatch, ledger round trips) is then paid once per run, not per chip.
+        read_batch = transport_batch(batch_size, n_chips, spec.compute.actors)
         budget = in_flight_bytes(spec.compute.prefetch_batches, spec.compute.actors, read_batch, in_channels,
                                  spec.tiling.chip_size, itemsize)
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
@@ -292,14 +304,14 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                                 compute=ray.data.TaskPoolStrategy(size=read_tasks))
             # Bounded actor restarts: enough for each poison chip to collect its strikes.
             restarts = (retries + 2) * 4
-            ds = ds.map_batches(ChipPredictor, batch_size=batch_size, batch_format="numpy",
+            ds = ds.map_batches(ChipPredictor, batch_size=read_batch, batch_format="numpy",
                                 fn_constructor_kwargs={"checkpoint": spec.model.checkpoint,
                                                        "score_threshold": spec.model.score_threshold,
                                                        "precision": spec.model.precision, "device": spec.model.device,
                                                        "backend": spec.model.backend,
                                                        "ledger": ledger, "max_strikes": retries,
                                                        "num_threads": max(1, int(spec.compute.cpus_per_actor)),
-                                                       "faults": faults},
+                                                       "faults": faults, "forward_batch": batch_size},
                                 compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
                                 max_restarts=restarts, max_task_retries=restarts)
         last_log = time.time()

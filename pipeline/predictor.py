@@ -155,7 +155,7 @@ class ChipPredictor:
 
     def __init__(self, checkpoint: str, score_threshold: float, precision: str = "auto", device: str = "auto",
                  ledger=None, max_strikes: int = 2, num_threads: int | None = None,
-                 faults: FaultPlan | None = None, backend: str = "torch"):
+                 faults: FaultPlan | None = None, backend: str = "torch", forward_batch: int | None = None):
         import ray
         import torch
 
@@ -182,6 +182,9 @@ class ChipPredictor:
         self.ledger = ledger
         self.max_strikes = max_strikes
         self.faults = faults
+        # Chips per forward pass; Ray hands over larger batches (fewer, cheaper transfers) and
+        # they are cut to this size here. None: the whole Ray batch at once.
+        self.forward_batch = forward_batch
         gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
         self.worker = f"pid={os.getpid()} gpus=[{gpu_ids}] device={self.detector.device} {self.detector.precision}"
         if backend == "onnx":
@@ -245,7 +248,8 @@ class ChipPredictor:
         if not images.is_floating_point():  # integer chips travel small and become float on the device
             # through pinned memory: a non-blocking copy from pageable memory would block
             images = to_device(images, torch.device(getattr(self.detector, "device", "cpu"))).float()
-        results = self.detector(images)
+        step = self.forward_batch or len(images)
+        results = [r for start in range(0, len(images), step) for r in self.detector(images[start:start + step])]
         chip_size = pixels.shape[-1]
         for i, r in zip(indices, results):
             boxes, scores, labels = r["boxes"].cpu().numpy(), r["scores"].cpu().numpy(), r["labels"].cpu().numpy()

@@ -78,9 +78,9 @@ def test_tightest_prefetch_budget_streams_every_chip(workspace, clean_run):
     assert report["exit_code"] == 0, report
     assert committed_rows(workspace / "prefetch-1") == clean_run[1]
     limits = ray.data.DataContext.get_current().execution_options.resource_limits
-    # 2 actors x 1 read batch (MIN_READ_BATCH = 8 chips, above model.batch_size 4) of
-    # 3 x 256^2 uint8 pixels + 256 x 32 mask bytes
-    assert limits.object_store_memory == in_flight_bytes(1, 2, 8, 3, 256, 1) == 16 * (3 * 256 * 256 + 256 * 32)
+    # 2 actors x 1 batch of 4 chips (model.batch_size; 18 chips are too few for longer
+    # runs, see transport_batch) of 3 x 256^2 uint8 pixels + 256 x 32 mask bytes
+    assert limits.object_store_memory == in_flight_bytes(1, 2, 4, 3, 256, 1) == 8 * (3 * 256 * 256 + 256 * 32)
 
 
 def test_actor_killed_once_mid_batch_loses_nothing(workspace, clean_run, tmp_path):
@@ -113,6 +113,31 @@ def test_python_exception_in_a_chip_quarantines_only_that_chip(workspace, ray_se
     assert report["exit_code"] == 1
     assert [q["chip_id"] for q in report["chips_quarantined"]] == ["synth_000/r0c0"]
     assert "injected failure" in report["chips_quarantined"][0]["reason"]
+
+
+def test_predictor_cuts_ray_batches_into_forward_batches(workspace, ray_session):
+    """forward_batch only changes how many chips go through one forward, not what is found."""
+    from pipeline.predictor import ChipPredictor, decode_detections
+
+    rng = np.random.default_rng(0)
+    n = 5
+    batch = {"chip_id": np.array([f"s/r0c{i}" for i in range(n)], dtype=object),
+             "scene_id": np.array(["s"] * n, dtype=object), "col_off": np.arange(n) * 224, "row_off": np.zeros(n, int),
+             "pixels": rng.integers(0, 255, (n, 3, 256, 256), dtype=np.uint8),
+             "valid": np.full((n, 256, 32), 255, dtype=np.uint8),
+             "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object)}
+    outputs = {}
+    for step in (None, 2):
+        predictor = ChipPredictor(str(workspace / "model.pt"), score_threshold=0.3, precision="fp32", device="cpu",
+                                  forward_batch=step)
+        outputs[step] = predictor(batch)
+    assert list(outputs[2]["status"]) == ["ok"] * n
+    found = 0
+    for whole, cut in zip(outputs[None]["detections"], outputs[2]["detections"]):
+        a, b = decode_detections(whole), decode_detections(cut)
+        assert a.shape == b.shape and np.allclose(a, b, atol=1e-3)
+        found += len(a)
+    assert found > 0
 
 
 def test_detections_centred_on_nodata_are_dropped():

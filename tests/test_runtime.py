@@ -247,3 +247,16 @@ def test_in_flight_bytes_counts_pixels_and_packed_masks():
     assert in_flight_bytes(4, 1, 4, 3, 512, 1) == 16 * (786432 + 32768)
     # uint16 bands cost twice the pixels; a chip width not divisible by 8 rounds its mask rows up
     assert in_flight_bytes(1, 1, 1, 4, 100, 2) == 4 * 100 * 100 * 2 + 100 * 13
+
+
+@pytest.mark.parametrize("batch_size, n_chips, actors, expected", [
+    (1, 10000, 2, 8),   # CPU: one chip per forward, eight per Ray call
+    (64, 10000, 2, 64),  # GPU batches are already large
+    (1, 18, 2, 3),      # a small job still spreads over both actors
+    (4, 18, 2, 4),
+    (1, 0, 1, 1),
+])
+def test_transport_batch(batch_size, n_chips, actors, expected):
+    from pipeline.execution import transport_batch
+
+    assert transport_batch(batch_size, n_chips, actors) == expected
