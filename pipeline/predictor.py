@@ -53,7 +53,7 @@ class FaultPlan:
     crash_always: chip ids whose prediction kills the actor process on every attempt.
     crash_once: chip ids that kill the actor the first time only (marker files in marker_dir).
     raise_always: chip ids whose prediction raises a Python exception.
-    stall: chip ids whose first prediction writes ``stalled-<chip>`` into marker_dir and then
+    stall: chip ids whose first prediction writes ``stalled-<chip>`` (holding the pid) into marker_dir and then
     sleeps ``stall_seconds``, so a test can act (remove a node) while the chip is in flight.
     """
 
@@ -78,7 +78,8 @@ class FaultPlan:
             if cid in self.stall:
                 marker = os.path.join(self.marker_dir, f"stalled-{cid.replace('/', '_')}")
                 if not os.path.exists(marker):
-                    open(marker, "w").close()
+                    with open(marker, "w") as f:  # the stalled process, for the test to tell it apart
+                        f.write(str(os.getpid()))
                     time.sleep(self.stall_seconds)
 
 

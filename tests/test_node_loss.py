@@ -76,7 +76,8 @@ CHILD = textwrap.dedent('''
     killed = outcome["report"]
     print(json.dumps({"clean": rows("clean"), "killed": rows("killed"),
                       "exit_codes": [clean["exit_code"], killed["exit_code"]],
-                      "workers": killed["workers"]}))
+                      "workers": killed["workers"], "chips": killed["chips_read"],
+                      "stalled_pid": int(marker.read_text())}))
     ray.shutdown()
     cluster.shutdown()
 ''')
@@ -89,5 +90,9 @@ def test_worker_node_removed_mid_job_loses_and_duplicates_nothing(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["exit_codes"] == [0, 0], result
     assert result["killed"] == result["clean"] and result["clean"], result
-    # The removed node's actor died mid-job: another actor on the surviving node finished the work.
-    assert len(result["workers"]) >= 2, (result["workers"], proc.stderr[-3000:])
+    # The removed node's actor died mid-job with the stalled chip: another actor on the
+    # surviving node finished the work. (Which chips the dead actor's earlier calls still
+    # delivered depends on the order Ray handed them out; a chip whose output was lost with
+    # the node is recomputed by the survivor.)
+    survivors = {w: n for w, n in result["workers"].items() if f"pid={result['stalled_pid']} " not in w}
+    assert survivors and sum(result["workers"].values()) == result["chips"], (result, proc.stderr[-3000:])
