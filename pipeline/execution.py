@@ -103,8 +103,18 @@ def chip_rows(plans: list[ScenePlan]) -> list[dict]:
     ]
 
 
+def transport_dtype(scene_dtypes: set[str]) -> str:
+    """The one pixel dtype chips travel in for a run: the scenes' own when they all share it
+    (uint8 moves 4x fewer bytes than float32), else float32, which holds every supported band
+    type. One dtype per run: Ray Data cannot put chips of two dtypes in one block.
+
+    Examples: {"uint8"} -> "uint8"; {"uint8", "float32"} -> "float32"; set() -> "float32".
+    """
+    return next(iter(scene_dtypes)) if len(scene_dtypes) == 1 else "float32"
+
+
 def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_size: int,
-                    out_channels: int) -> dict[str, np.ndarray]:
+                    out_channels: int, dtype: str = "float32") -> dict[str, np.ndarray]:
     """Ray Data task: read the pixels of a batch of chip windows, opening each scene once.
 
     A window that fails to read (damaged tiles) marks its chip ``read_error``; a scene that
@@ -142,8 +152,6 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
             else:
                 chips_of[i] = chip.pixels
                 valid[i] = np.packbits(chip.valid, axis=-1)
-    dtypes = {a.dtype for a in chips_of.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else np.float32  # scenes of mixed dtypes: common float
     pixels = np.zeros((n, out_channels, chip_size, chip_size), dtype=dtype)
     for i, chip in chips_of.items():
         pixels[i] = chip
@@ -278,8 +286,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.max_errored_blocks = 0  # never drop a block silently
-        dtypes = {p.info.dtype for p in plans if p.windows}  # mixed dtypes travel as float32
-        itemsize = np.dtype(dtypes.pop()).itemsize if len(dtypes) == 1 else 4
+        pixel_dtype = transport_dtype({p.info.dtype for p in plans if p.windows})
+        itemsize = np.dtype(pixel_dtype).itemsize
         # Chips travel in runs of at least MIN_READ_BATCH (one read task, one predictor call
         # each) even when the model takes one chip per forward (CPU): Ray's per-call cost
         # (task dispatch, ledger round trips) is then paid once per run, not per chip.
@@ -296,7 +304,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
             warnings.simplefilter("ignore", RayDeprecationWarning)
             ds = ds.map_batches(read_chip_batch, batch_size=read_batch, batch_format="numpy",
                                 fn_kwargs={"bands": spec.inputs.bands, "chip_size": spec.tiling.chip_size,
-                                           "out_channels": in_channels},
+                                           "out_channels": in_channels, "dtype": pixel_dtype},
                                 # Reads reserve no CPU slot: the predictor actors hold the slots, and
                                 # a reserved read would deadlock a node whose CPUs all went to actors.
                                 # The task pool size bounds how many run at once instead.

@@ -260,3 +260,13 @@ def test_transport_batch(batch_size, n_chips, actors, expected):
     from pipeline.execution import transport_batch
 
     assert transport_batch(batch_size, n_chips, actors) == expected
+
+
+@pytest.mark.parametrize("scene_dtypes, expected", [
+    ({"uint8"}, "uint8"), ({"uint16"}, "uint16"), ({"uint8", "float32"}, "float32"),
+    ({"uint8", "uint16"}, "float32"), (set(), "float32"),
+])
+def test_transport_dtype(scene_dtypes, expected):
+    from pipeline.execution import transport_dtype
+
+    assert transport_dtype(scene_dtypes) == expected
