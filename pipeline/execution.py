@@ -135,7 +135,7 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
         windows = [ChipWindow(int(batch["row"][i]), int(batch["col"][i]), int(batch["col_off"][i]),
                               int(batch["row_off"][i]), int(batch["width"][i]), int(batch["height"][i]))
                    for i in rows]
-        try:  # the file's own dtype: uint8 chips move 4x fewer bytes to the actor than float32
+        try:  # read in the file's dtype, stored below in the run's transport dtype
             # A batch is a run of neighbouring chips: a small block cache serves their
             # overlaps; GDAL's default (5 % of RAM per reader) only grows with the scene.
             with bounded_block_cache(READ_TASK_CACHE_MB):
@@ -276,12 +276,12 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         import ray.data
         from ray.util.annotations import RayDeprecationWarning
 
-        cluster_gpus = ray.cluster_resources().get("GPU", 0)
-        gpus = actor_gpus(spec.compute.gpus_per_actor, cluster_gpus, spec.compute.address is None, log)
+        cluster = ray.cluster_resources()
+        gpus = actor_gpus(spec.compute.gpus_per_actor, cluster.get("GPU", 0), spec.compute.address is None, log)
         retries = spec.compute.max_retries
         batch_size = resolve_batch_size(spec.model, spec.tiling.chip_size, gpus)  # null: from free GPU memory
         read_tasks = spec.compute.read_concurrency or default_read_tasks(
-            spec.compute.actors, spec.compute.cpus_per_actor, ray.cluster_resources().get("CPU", 0))
+            spec.compute.actors, spec.compute.cpus_per_actor, cluster.get("CPU", 0))
         ledger = ray.remote(num_cpus=0, max_restarts=-1)(ChipLedger).remote()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

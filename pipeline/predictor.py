@@ -248,7 +248,7 @@ class ChipPredictor:
         images = torch.from_numpy(pixels)
         if not images.is_floating_point():  # integer chips travel small and become float on the device
             # through pinned memory: a non-blocking copy from pageable memory would block
-            images = to_device(images, torch.device(getattr(self.detector, "device", "cpu"))).float()
+            images = to_device(images, self.detector.device).float()
         step = self.forward_batch or len(images)
         results = [r for start in range(0, len(images), step) for r in self.detector(images[start:start + step])]
         chip_size = pixels.shape[-1]

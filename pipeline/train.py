@@ -314,15 +314,10 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2,
 
     # Ray Train's print patch would bypass contextlib.redirect_stdout (pycocotools' chatter).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    started_ray = False
-    if not ray.is_initialized():
-        # compute.address null: a Ray of our own ("local"); None would join any cluster
-        # started with `ray start` on this machine.
-        if spec.compute.address is None:
-            ray.init(address="local", include_dashboard=False, log_to_driver=True)
-        else:
-            ray.init(address=spec.compute.address)
-        started_ray = True
+    from pipeline.execution import connect_ray
+
+    started_ray = not ray.is_initialized()
+    connect_ray(spec.compute.address, quiet=False)  # null: a Ray of our own, with worker logs shown
     try:
         cpus = _cpus_per_worker(t)
         loop_config = {
@@ -452,15 +447,6 @@ def _augment_config(aug: dict):
                          brightness_contrast=aug["brightness_contrast"], scale_jitter=aug["scale_jitter"],
                          brightness=aug["brightness"], contrast=aug["contrast"],
                          scale_range=tuple(aug["scale_range"]))
-
-
-def _autocast_dtype(precision: str, device):
-    """Training autocast dtype: the inference rule (retinanet.runtime.resolve_precision):
-    bf16 on CUDA and on CPUs with bf16 matrix units, where a training step measured 1.7x
-    faster than fp32 (docs/training.md). Weights, optimizer state and losses stay fp32."""
-    from retinanet.runtime import resolve_precision
-
-    return resolve_precision(precision, device)
 
 
 def _load_init_weights(model, path: str) -> int:
@@ -603,6 +589,7 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     from retinanet.model import RetinaNetConfig, build_model
+    from retinanet.runtime import resolve_precision
 
     prepared: Prepared = config["prepared"]
     t = config["train"]
@@ -641,7 +628,9 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world > 1
     core = model.module if hasattr(model, "module") else model
 
-    dtype = _autocast_dtype(t["precision"], device)
+    # The inference rule: bf16 on CUDA and on CPUs with bf16 matrix units, where a training
+    # step measured 1.7x faster than fp32 (docs/training.md). Weights, optimizer and losses stay fp32.
+    dtype = resolve_precision(t["precision"], device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
     augment = _augment_config(t["augment"])
     mean, std = prepared.stats["mean"], prepared.stats["std"]
