@@ -33,24 +33,23 @@ def demo(chips: int, size: int, backbone: str, precision: str) -> None:
                    f"({row['seconds'] * 1000:.0f} ms/chip on {row['device']}, {row['precision']})")
 
 
-def _load(job: str, overrides: tuple[str, ...]):
-    from pipeline.spec import check_runnable, load_job
-
-    spec = load_job(job, list(overrides))
-    check_runnable(spec)
-    return spec
-
-
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a job field")
 def validate(job: str, overrides: tuple[str, ...]) -> None:
-    """Check a job file without running it (exit code 2 and the bad field if it is invalid)."""
+    """Check a job and every scene it names against the model, without running it
+    (exit code 2 and every problem if it cannot run)."""
+    from pipeline.execution import preflight
+    from pipeline.spec import load_job
+
     try:
-        spec = _load(job, overrides)
+        spec = load_job(job, list(overrides))
+        checked = preflight(spec)
     except PipelineError as err:
         fail(err)
-    click.echo(f"{job}: ok ({spec.name})")
+    for warning in checked.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"{job}: ok ({spec.name}: {len(checked.inputs.scenes)} scenes, model {checked.model.location})")
 
 
 @main.command()
@@ -59,13 +58,17 @@ def validate(job: str, overrides: tuple[str, ...]) -> None:
 @click.option("--run-id", default=None, help="name of this run (default: timestamp + random suffix)")
 @click.option("--force", is_flag=True, help="reprocess scenes already committed for this model and job")
 def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool) -> None:
-    """Run a job: tile scenes, detect on Ray actors, merge seams, commit GeoParquet."""
+    """Run a job: tile scenes, detect on Ray actors, merge seams, commit GeoParquet.
+
+    Exit code 0 when every scene is complete (or was already), 1 while any scene is
+    partial or failed, 2 when the job cannot start (bad field, no scene found)."""
     import json
 
     from pipeline.execution import run_job
+    from pipeline.spec import load_job
 
     try:
-        spec = _load(job, overrides)
+        spec = load_job(job, list(overrides))
         report = run_job(spec, run_id=run_id, force=force)
     except PipelineError as err:
         fail(err)
@@ -73,7 +76,10 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool) -
                                       "chips_per_second", "wall_seconds", "startup_seconds",
                                       "report_path")}
     summary["scenes_ok"] = len(report["scenes_ok"])
+    summary["scenes_skipped_done"] = len(report["scenes_skipped_done"])
+    summary["scenes_partial"] = report["scenes_partial"]
     summary["scenes_failed"] = report["scenes_failed"]
+    summary["inputs_unmatched"] = report["inputs_unmatched"]
     summary["chips_quarantined"] = report["chips_quarantined"]
     click.echo(json.dumps(summary, indent=2))
     sys.exit(report["exit_code"])

@@ -303,9 +303,11 @@ def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: dict[s
     """Ground truth per scene id -> ((N, 4) boxes, N label names, width, height) and the
     class names (COCO category order when a COCO file is given, else sorted names).
 
-    Image-indexed formats are matched by file stem; vector files are read per scene on
+    Image-indexed formats are matched to the table's scene ids by
+    :func:`pipeline.inputs.match_label_images`; vector files are read per scene on
     the raster at ``scene_paths[scene_id]`` (the table's scene_path).
     """
+    from pipeline.inputs import match_label_images
     from pipeline.labels import by_scene, read_labels
     from pipeline.raster import read_scene_info
 
@@ -316,9 +318,12 @@ def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: dict[s
         if path.suffix.lower() in (".json", ".xml", ".csv"):
             if path.suffix.lower() == ".json":
                 classes += [c for c in _coco_category_names(path) if c not in classes]
-            for scene_id, ann in by_scene(read_labels(path)).items():
+            images = by_scene(read_labels(path))
+            matched = match_label_images(images, list(scene_paths), str(path))
+            for image_id, ann in images.items():
                 size = _coco_image_size(path, ann.image) if path.suffix.lower() == ".json" else (0, 0)
-                _add_truth(out, scene_id, ann.boxes, ann.labels, size, path)
+                # truth of a scene the table lacks keeps its own id: reported as not in the table
+                _add_truth(out, matched.get(image_id, image_id), ann.boxes, ann.labels, size, path)
         else:
             for scene_id, scene_path in scene_paths.items():
                 if not scene_path:

@@ -10,8 +10,6 @@ what it finished and memory holds detections, never pixels, on the driver.
 """
 from __future__ import annotations
 
-import glob
-import os
 import sys
 import time
 import uuid
@@ -21,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.raster import scene_id_for
-from pipeline.spec import JobSpec, check_runnable, is_remote, job_hash
+from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.inputs import InputSet, SceneInput, scene_key
+from pipeline.spec import JobSpec, check_runnable, job_hash
 
 # GDAL block cache per chip-reading task, in MB: holds the blocks one batch of
 # neighbouring chips shares (a 512-px RGB uint8 chip spans < 1 MB of blocks).
@@ -40,58 +38,155 @@ class ScenePlan:
     skipped_empty: int
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What planning and validation need from the checkpoint, read once on the driver."""
+
+    location: str
+    local_path: str
+    class_names: list
+    in_channels: int
+    image_mean: tuple
+    image_std: tuple
+    model_id: str
+
+
 @dataclass
 class RunState:
     """What the driver accumulates while chips stream back."""
 
     expected: dict[str, int]
     chips: dict[str, list] = field(default_factory=lambda: defaultdict(list))
-    quarantined: list[dict] = field(default_factory=list)
+    missing: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     workers: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     done_chips: int = 0
 
 
-def expand_inputs(paths: list[str]) -> list[str]:
-    """Local globs expanded and sorted; remote URLs kept as given. Duplicates dropped."""
-    out: list[str] = []
-    for p in paths:
-        matches = [p] if is_remote(p) else sorted(glob.glob(p))
-        out.extend(m for m in matches if m not in out)
-    return out
+def model_facts(location: str) -> ModelFacts:
+    """Read ``model.checkpoint`` (local, or fetched once from s3:// / gs://) without
+    building the model. Raises ConfigError naming the field when it is not a checkpoint."""
+    from pipeline.objstore import local_file
+    from retinanet.checkpoint import CheckpointError, file_sha256, read_checkpoint
+
+    try:
+        local = local_file(location)
+        payload = read_checkpoint(local)
+    except (CheckpointError, PipelineError) as err:
+        raise ConfigError(f"model.checkpoint: {err}") from None
+    config = payload["config"]
+    return ModelFacts(location, local, list(payload["class_names"]), int(config["in_channels"]),
+                      tuple(config["image_mean"]), tuple(config["image_std"]), file_sha256(local)[:16])
 
 
-def scene_key(path: str) -> dict:
-    """Identity of a scene's content for skipping done work: size + mtime (local) or ETag (remote)."""
-    if path.startswith(("http://", "https://")):
-        import urllib.request
-
-        with urllib.request.urlopen(urllib.request.Request(path, method="HEAD"), timeout=30) as resp:
-            return {"url": path, "etag": resp.headers.get("ETag"), "size": resp.headers.get("Content-Length"),
-                    "mtime": resp.headers.get("Last-Modified")}
-    if is_remote(path):  # s3:// gs://: no credentials-free HEAD here; the URL alone identifies it
-        return {"url": path}
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def eight_bit_statistics(image_mean, image_std) -> bool:
+    """True when a model's input statistics describe 0-255 data (every band's mean + 3 std
+    within 255): such a model has never seen the values of a 16-bit or float scene."""
+    return all(m + 3 * s <= 255.0 * 1.05 for m, s in zip(image_mean, image_std))
 
 
-def chip_id(scene_id: str, row: int, col: int) -> str:
-    return f"{scene_id}/r{row}c{col}"
+def scene_problems(info, bands, model: ModelFacts, output_crs) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of feeding this scene to this model into this table.
+
+    Errors: the band selection cannot feed the model's channels; a scene without
+    georeferencing into a table with a CRS (its boxes would be pixels labelled as map
+    coordinates: write it to a table with ``output.crs: null``); an 8-bit scene into a
+    model whose statistics need larger values. Warning: a 16-bit or float scene into a
+    model with 8-bit statistics (values above 255 saturate it, unless the file only
+    holds 0-255).
+    """
+    from pipeline.tiling import select_bands
+
+    errors, warnings_ = [], []
+    try:
+        select_bands(info, bands, model.in_channels)
+    except PipelineError as err:
+        errors.append(str(err))
+    if output_crs is not None and not info.georeferenced:
+        errors.append(f"{info.path}: has no georeferencing (no CRS) but output.crs is {output_crs!r}; "
+                      "write it to a table with output.crs: null (pixel coordinates)")
+    eight_bit = eight_bit_statistics(model.image_mean, model.image_std)
+    if info.dtype == "uint8" and max(model.image_mean) > 255:
+        errors.append(f"{info.path}: uint8 scene, but the model's image_mean {list(model.image_mean)} "
+                      "is for larger values (16-bit data)")
+    elif info.dtype != "uint8" and eight_bit:
+        warnings_.append(f"{info.path}: {info.dtype} scene, but the model's statistics (image_mean "
+                         f"{list(model.image_mean)}) are for 8-bit data: values above 255 saturate it; "
+                         "rescale to 8-bit (gdal_translate -ot Byte -scale) or use a model trained on this data")
+    return errors, warnings_
 
 
-def plan_scenes(spec: JobSpec, paths: list[str]) -> tuple[list[ScenePlan], list[dict]]:
-    """Plan the chip windows of every scene; scenes that cannot be opened are reported, not raised."""
+def plan_scene(scene: SceneInput, spec: JobSpec, model: ModelFacts) -> ScenePlan:
+    """Chip windows of one scene worth reading; raises PipelineError when it cannot run."""
     from pipeline.tiling import plan_chips
 
+    info, windows, skipped = plan_chips(scene.location, spec.tiling.chip_size, spec.tiling.overlap,
+                                        spec.tiling.min_valid_fraction, scene_id=scene.scene_id)
+    errors, _ = scene_problems(info, spec.inputs.bands, model, spec.output.crs)
+    if errors:
+        raise InputError("; ".join(errors))
+    return ScenePlan(scene.scene_id, scene.location, info, windows, skipped)
+
+
+def plan_scenes(spec: JobSpec, scenes: list[SceneInput], model: ModelFacts) -> tuple[list[ScenePlan], list[dict]]:
+    """Plan every scene; scenes that cannot run are reported with the reason, not raised."""
     plans, failed = [], []
-    for path in paths:
+    for scene in scenes:
         try:
-            info, windows, skipped = plan_chips(path, spec.tiling.chip_size, spec.tiling.overlap,
-                                                spec.tiling.min_valid_fraction)
+            plans.append(plan_scene(scene, spec, model))
         except PipelineError as err:
-            failed.append({"path": path, "reason": str(err)})
-            continue
-        plans.append(ScenePlan(info.scene_id, path, info, windows, skipped))
+            failed.append({"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)})
     return plans, failed
+
+
+@dataclass
+class Preflight:
+    """What `pipeline validate` checks and `pipeline run` starts from."""
+
+    inputs: InputSet
+    stac: object
+    model: ModelFacts
+    warnings: list[str]
+
+
+def preflight(spec: JobSpec, check_scenes: bool = True) -> Preflight:
+    """Everything a run needs, checked before anything runs; raises one ConfigError
+    listing every problem.
+
+    Job level (always): the job's files (:func:`pipeline.spec.check_runnable`), the
+    checkpoint is readable and is a checkpoint, the inputs expand to at least one scene
+    and no two scenes share an id. Scene level (``check_scenes``, what validate adds):
+    each scene's header against the model and the table (:func:`scene_problems`).
+    `pipeline run` skips the scene level: there a bad scene fails alone, the others run.
+    Patterns that match nothing are warnings (a nightly folder may be empty tonight).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.inputs import job_inputs, require_scenes
+    from pipeline.raster import read_scene_info
+
+    source = spec.source or "job"
+    check_runnable(spec)
+    model = model_facts(spec.model.checkpoint)
+    inputs, stac = job_inputs(spec)
+    field_name = "inputs.stac" if spec.inputs.stac else "inputs.paths"
+    require_scenes(inputs, field_name, source)
+    warnings_ = [f"{source}: {field_name}: {p!r} matched nothing" for p in inputs.unmatched]
+    if check_scenes:
+        def check(scene: SceneInput) -> tuple[list[str], list[str]]:
+            try:
+                info = read_scene_info(scene.location, scene_id=scene.scene_id)
+            except PipelineError as err:
+                return [str(err)], []
+            return scene_problems(info, spec.inputs.bands, model, spec.output.crs)
+
+        errors = []
+        with ThreadPoolExecutor(max_workers=8) as pool:  # header reads wait on I/O (remote: round trips)
+            for errs, warns in pool.map(check, inputs.scenes):
+                errors += errs
+                warnings_ += warns
+        if errors:
+            raise ConfigError("\n".join(f"{source}: scene {e}" for e in errors))
+    return Preflight(inputs, stac, model, warnings_)
 
 
 def chip_rows(plans: list[ScenePlan]) -> list[dict]:
@@ -215,57 +310,93 @@ def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channel
 
 
 def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=None, faults=None) -> dict:
-    """Run a job to completion and return its report (also written next to the manifests)."""
+    """Run a job to completion and return its report (also written next to the manifests).
+
+    A scene is complete when every planned chip was predicted; one with unpredicted
+    chips is committed as ``partial`` (its rows, plus the missing chips and reasons) and
+    one with none, or that cannot be planned, as ``failed``. Neither counts as done: the
+    next run processes it again, whole (the seam merge needs all of a scene's chips, and
+    the chip-level raw detections are not kept). Exit code 1 while any scene is not complete.
+    """
     from pipeline import table
-    from pipeline.finalize import finalize_scene
-    from pipeline.stac import REPORT_KEY, select_stac
-    from pipeline.table import RunInfo
+    from pipeline.finalize import empty_scene_rows, finalize_scene
     from pipeline.predictor import ChipLedger, ChipPredictor, resolve_batch_size
-    from retinanet.checkpoint import file_sha256, read_checkpoint
+    from pipeline.stac import REPORT_KEY
+    from pipeline.table import RunInfo
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = time.time()
-    check_runnable(spec)
+    pre = preflight(spec, check_scenes=False)
+    for warning in pre.warnings:
+        log(f"warning: {warning}")
+    model, stac = pre.model, pre.stac
     run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    payload = read_checkpoint(spec.model.checkpoint)
-    class_names = list(payload["class_names"])
-    in_channels = int(payload["config"]["in_channels"])
-    model_id = file_sha256(spec.model.checkpoint)[:16]
+    class_names, in_channels, model_id = model.class_names, model.in_channels, model.model_id
     jhash = job_hash(spec)
-
     run_info = RunInfo(run_id, spec.name, jhash, model_id, spec.output.crs)
-    stac = select_stac(spec.inputs.stac, spec.output.table, spec.name) if spec.inputs.stac else None
-    paths = stac.paths if stac else expand_inputs(spec.inputs.paths)
-    keys = {p: scene_key(p) for p in paths}
-    done = set()
-    if not force:  # incremental: the table's own manifests say what is already committed
-        committed = table.committed_scenes(spec.output.table)
-        done = {scene_id_for(p) for p in paths
-                if table.is_current(committed.get((spec.name, scene_id_for(p))), keys[p], model_id, jhash)}
-    plans, failed = plan_scenes(spec, [p for p in paths if scene_id_for(p) not in done])
+
+    keys, failed = {}, []
+    for scene in pre.inputs.scenes:
+        try:
+            keys[scene.scene_id] = scene_key(scene.location)
+        except PipelineError as err:
+            failed.append({"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)})
+    committed = {} if force else table.committed_scenes(spec.output.table)
+    done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and table.is_current(
+        committed.get((spec.name, s.scene_id)), keys[s.scene_id], model_id, jhash)}
+    todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
+    plans, unplanned = plan_scenes(spec, todo, model)
+    failed += unplanned
     n_chips = sum(len(p.windows) for p in plans)
     log(f"run {run_id}: {len(plans)} scenes ({len(done)} already committed, skipped), {n_chips} chips to read, "
         f"{sum(p.skipped_empty for p in plans)} empty chips skipped, {len(failed)} scenes failed to open")
 
     report = {"run_id": run_id, "job_name": spec.name, "job_hash": jhash, "model_id": model_id,
               REPORT_KEY: stac.newest if stac else None, "stac_skipped": stac.skipped if stac else [],
-              "scenes_ok": [], "scenes_skipped_done": sorted(done), "scenes_failed": failed, "chips_read": 0,
-              "chips_skipped_empty": sum(p.skipped_empty for p in plans), "chips_quarantined": [],
+              "inputs_unmatched": pre.inputs.unmatched, "warnings": pre.warnings,
+              "scenes_ok": [], "scenes_partial": [], "scenes_skipped_done": sorted(done), "scenes_failed": [],
+              "chips_read": 0, "chips_skipped_empty": sum(p.skipped_empty for p in plans), "chips_quarantined": [],
               "detections": 0, "workers": {}}
     state = RunState(expected={p.scene_id: len(p.windows) for p in plans})
     plan_by_scene = {p.scene_id: p for p in plans}
 
+    def record_failure(failure: dict) -> None:
+        """A scene with nothing to show: reported, and committed as failed so that
+        `pipeline query`'s scenes view says so and the next run tries it again."""
+        report["scenes_failed"].append(failure)
+        try:
+            empty = empty_scene_rows(spec.name, failure["scene_id"], failure["path"], class_names, run_id, model_id,
+                                     jhash)
+            table.commit_scene(spec.output.table, run_info, failure["scene_id"], keys.get(failure["scene_id"]),
+                               empty, scene_path=failure["path"], status="failed", reason=failure["reason"])
+        except PipelineError as err:
+            log(f"warning: scene {failure['scene_id']}: could not record its failure: {err}")
+
     def commit(scene_id: str) -> None:
         plan = plan_by_scene[scene_id]
-        try:
-            rows = finalize_scene(spec, plan, state.chips.pop(scene_id, []), class_names, run_id, model_id, jhash)
-            table.commit_scene(spec.output.table, run_info, scene_id, keys[plan.path], rows, scene_path=plan.path)
-        except PipelineError as err:
-            report["scenes_failed"].append({"path": plan.path, "reason": str(err)})
+        missing = state.missing.pop(scene_id, [])
+        chips = state.chips.pop(scene_id, [])
+        if missing and not chips:
+            reasons = sorted({m["reason"] for m in missing})
+            record_failure({"scene_id": scene_id, "path": plan.path,
+                            "reason": f"no chip of {len(missing)} was predicted: " + "; ".join(reasons)[:2000]})
             return
-        report["scenes_ok"].append(scene_id)
+        try:
+            rows = finalize_scene(spec, plan, chips, class_names, run_id, model_id, jhash)
+            table.commit_scene(spec.output.table, run_info, scene_id, keys[scene_id], rows, scene_path=plan.path,
+                               status="partial" if missing else "complete", missing_chips=missing)
+        except PipelineError as err:
+            report["scenes_failed"].append({"scene_id": scene_id, "path": plan.path, "reason": str(err)})
+            return
+        if missing:
+            report["scenes_partial"].append({"scene_id": scene_id, "path": plan.path, "chips_missing": len(missing),
+                                             "chips_predicted": len(chips)})
+        else:
+            report["scenes_ok"].append(scene_id)
         report["detections"] += rows.num_rows
 
+    for failure in failed:
+        record_failure(failure)
     for scene_id, count in list(state.expected.items()):
         if count == 0:  # nothing valid to read: commit an empty result so the scene counts as done
             commit(scene_id)
@@ -335,8 +466,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                     report["chips_read"] += 1
                     state.chips[scene_id].append((str(batch["chip_id"][i]), batch["detections"][i]))
                 else:
-                    report["chips_quarantined"].append({"chip_id": str(batch["chip_id"][i]), "status": status,
-                                                        "reason": str(batch["error"][i])})
+                    lost = {"chip_id": str(batch["chip_id"][i]), "status": status, "reason": str(batch["error"][i])}
+                    report["chips_quarantined"].append(lost)
+                    state.missing[scene_id].append(lost)
                 state.expected[scene_id] -= 1
                 if state.expected[scene_id] == 0:
                     commit(scene_id)
@@ -350,6 +482,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     report["wall_seconds"] = round(wall, 3)
     report["startup_seconds"] = round(first_predictions, 3) if first_predictions is not None else None
     report["chips_per_second"] = round(state.done_chips / wall, 3) if wall else 0.0
-    report["exit_code"] = 0 if not report["scenes_failed"] and not report["chips_quarantined"] else 1
+    incomplete = report["scenes_failed"] or report["scenes_partial"] or report["chips_quarantined"]
+    report["exit_code"] = 1 if incomplete else 0
     report["report_path"] = str(table.write_run_report(spec.output.table, run_id, report))
     return report

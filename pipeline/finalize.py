@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.georef import boxes_to_polygons
+from pipeline.georef import boxes_to_polygons, clip_boxes_to_scene, valid_polygons
 from pipeline.merge import merge_detections
 from pipeline.predictor import decode_detections
 
@@ -25,6 +25,8 @@ def finalize_scene(spec, plan, chip_results: list[tuple[str, bytes]], class_name
     """Merged, georeferenced detections of one scene as a GeoParquet-ready Arrow table.
 
     Polygons are in output.crs, or in scene pixels when the scene or the job has no CRS.
+    Boxes are clipped to the scene first (empty ones dropped); a geometry that is not a
+    valid polygon after reprojection is written as null.
     """
     from pipeline.table import build_detection_table
 
@@ -36,8 +38,23 @@ def finalize_scene(spec, plan, chip_results: list[tuple[str, bytes]], class_name
     boxes, scores, labels, chip_index = gather_scene_detections(chip_results, index_of)
     merged = merge_detections(boxes, scores, labels, chip_index, windows, method=spec.merge.method,
                               iou_threshold=spec.merge.iou_threshold, seam_margin=spec.merge.seam_margin)
+    # Boxes may reach into the padding of edge chips: clip to the scene, drop what is left empty.
+    boxes, keep = clip_boxes_to_scene(merged.boxes, plan.info.width, plan.info.height)
+    boxes, scores, labels = boxes[keep], np.asarray(merged.scores)[keep], np.asarray(merged.labels)[keep]
     crs = plan.info.crs_wkt if spec.output.crs else None
-    corners = boxes_to_polygons(merged.boxes, plan.info.transform, crs, spec.output.crs)
-    return build_detection_table(corners, merged.boxes, merged.scores, merged.labels, class_names, run_id=run_id,
+    corners = boxes_to_polygons(boxes, plan.info.transform, crs, spec.output.crs)
+    # A reprojection can fold a quad; NaN corners make the table write a null geometry.
+    corners[~valid_polygons(corners)] = np.nan
+    return build_detection_table(corners, boxes, scores, labels, class_names, run_id=run_id,
                                  job_name=spec.name, scene_id=plan.scene_id, scene_path=plan.path,
                                  model_id=model_id, job_hash=job_hash)
+
+
+def empty_scene_rows(job_name: str, scene_id: str, scene_path: str, class_names: list[str], run_id: str,
+                     model_id: str, job_hash: str):
+    """The (zero) rows of a scene that produced nothing: what a failed scene commits."""
+    from pipeline.table import build_detection_table
+
+    return build_detection_table(np.zeros((0, 4, 2)), np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64),
+                                 class_names, run_id=run_id, job_name=job_name, scene_id=scene_id,
+                                 scene_path=scene_path, model_id=model_id, job_hash=job_hash)

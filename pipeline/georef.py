@@ -46,6 +46,29 @@ def chip_to_scene_boxes(boxes: np.ndarray, col_off: float, row_off: float) -> np
     return boxes + np.array([col_off, row_off, col_off, row_off], dtype=np.float64)
 
 
+def clip_boxes_to_scene(boxes: np.ndarray, width: float, height: float) -> tuple[np.ndarray, np.ndarray]:
+    """Clip XYXY scene-pixel boxes to the scene ``[0, width] x [0, height]``.
+
+    Boxes of edge chips and of scenes smaller than a chip can reach into the zero
+    padding; clipped, they georeference inside the scene.
+
+    Returns:
+        (clipped (N, 4) float64, keep (N,) bool); keep is False where a box is
+        non-finite or has zero/negative width or height after clipping.
+
+    Example:
+        >>> clipped, keep = clip_boxes_to_scene([[-5, 10, 30, 300], [40, 300, 50, 400]], 512, 256)
+        >>> clipped[0].tolist(), keep.tolist()
+        ([0.0, 10.0, 30.0, 256.0], [True, False])
+    """
+    # numpy rather than torchvision.ops.clip_boxes_to_image: the driver holds numpy, not tensors.
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    clipped = np.clip(boxes, 0.0, [width, height, width, height])
+    keep = (np.isfinite(boxes).all(axis=1) & (clipped[:, 2] > clipped[:, 0])
+            & (clipped[:, 3] > clipped[:, 1]))
+    return clipped, keep
+
+
 def box_corners(boxes: np.ndarray) -> np.ndarray:
     """(N, 4) XYXY pixel boxes -> (N, 4, 2) pixel corners (col, row).
 
@@ -156,6 +179,18 @@ def boxes_to_polygons(boxes: np.ndarray, transform: Sequence[float], src_crs: st
 def finite_boxes(corners: np.ndarray) -> np.ndarray:
     """(N, 4, 2) -> (N,) bool: True where every corner is finite."""
     return np.isfinite(corners).all(axis=(1, 2))
+
+
+def valid_polygons(corners: np.ndarray) -> np.ndarray:
+    """(N, 4, 2) -> (N,) bool: True where the corners make a valid polygon (shapely).
+
+    A clipped north-up box always does; a reprojection can still fold a quad into a
+    bow tie or collapse it, and such rings must not be written as geometry.
+    """
+    corners = np.asarray(corners, dtype=np.float64).reshape(-1, 4, 2)
+    ok = finite_boxes(corners)
+    ok[ok] = shapely.is_valid(corners_to_shapely(corners[ok]))
+    return ok
 
 
 def corners_to_shapely(corners: np.ndarray) -> np.ndarray:

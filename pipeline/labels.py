@@ -34,7 +34,8 @@ import shapely
 
 from pipeline.errors import InputError
 from pipeline.georef import map_to_pixel, reproject_points
-from pipeline.raster import SceneInfo, read_scene_info, scene_id_for
+from pipeline.inputs import label_image_id
+from pipeline.raster import SceneInfo, read_scene_info
 
 CSV_COLUMNS = ("image_path", "xmin", "ymin", "xmax", "ymax", "label")
 
@@ -57,8 +58,9 @@ class Annotations:
 
     @property
     def scene_id(self) -> str:
-        """Scene id the image maps to (file stem, as :func:`pipeline.raster.scene_id_for`)."""
-        return scene_id_for(self.image)
+        """The image's id as the label file names it (its path without suffix), matched to
+        scene ids by :func:`pipeline.inputs.match_label_images`."""
+        return label_image_id(self.image)
 
     def __len__(self) -> int:
         return len(self.labels)

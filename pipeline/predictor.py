@@ -116,7 +116,9 @@ def probe_batch_size(checkpoint: str, chip_size: int, precision: str, device: st
     from retinanet import load_checkpoint
     from retinanet.runtime import auto_batch_size
 
-    model, _ = load_checkpoint(checkpoint)
+    from pipeline.objstore import local_file
+
+    model, _ = load_checkpoint(local_file(checkpoint))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return auto_batch_size(model, chip_size, device, precision, fraction=fraction)
@@ -160,8 +162,10 @@ class ChipPredictor:
         import ray
         import torch
 
+        from pipeline.objstore import local_file
         from retinanet import Detector, load_checkpoint
 
+        checkpoint = local_file(checkpoint)  # s3:// / gs://: fetched once per node
         if num_threads:
             torch.set_num_threads(num_threads)
         if backend == "onnx":

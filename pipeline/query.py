@@ -9,6 +9,16 @@ metadata); ``bbox`` is the GeoParquet covering struct, so ``bbox.xmin`` ... filt
 boxes without any spatial extension. An empty table gives an empty view with the same
 columns and types.
 
+The view ``scenes`` has one row per current scene manifest
+(:func:`pipeline.table.committed_scenes`), so SQL can count scene outcomes or join them
+to ``detections`` on ``(job_name, scene_id)``: job_name, scene_id, scene_path,
+``status`` ('complete', 'partial' or 'failed'; manifests of older versions have no
+status and count as 'complete'), ``rows``, ``missing_chips`` (how many chips of the
+scene were never predicted), ``reason`` (why a failed scene failed; for a partial scene
+the distinct reasons of its missing chips joined with '; '; NULL for complete scenes),
+run_id, model_id and ``committed_at`` (TIMESTAMPTZ). Failed scenes have no rows, so
+they appear only here. A table without manifests gives an empty view of these columns.
+
 Output (:func:`format_result`): an aligned text table for people, CSV or JSON (an
 array of row objects) for programs.
 """
@@ -32,6 +42,20 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError, PipelineError
 
 VIEW = "detections"
+SCENES_VIEW = "scenes"
+# Columns of the ``scenes`` view; fixed here so an empty table gets the same types.
+SCENES_SCHEMA = pa.schema([
+    ("job_name", pa.string()),
+    ("scene_id", pa.string()),
+    ("scene_path", pa.string()),
+    ("status", pa.string()),
+    ("rows", pa.int64()),
+    ("missing_chips", pa.int64()),
+    ("reason", pa.string()),
+    ("run_id", pa.string()),
+    ("model_id", pa.string()),
+    ("committed_at", pa.timestamp("us", tz="UTC")),
+])
 FORMATS = ("table", "csv", "json")
 Format = Literal["table", "csv", "json"]
 # The aligned table cuts cells longer than this (CSV and JSON never cut).
@@ -70,9 +94,49 @@ def view_sql(files: list[str], hive: bool = True) -> str:
     return f"CREATE VIEW {VIEW} AS SELECT * REPLACE (CAST(date AS DATE) AS date) FROM {source}"
 
 
+def _committed_at(text: Any) -> dt.datetime | None:
+    """A manifest's ``committed_at`` (ISO 8601) as an aware UTC datetime; naive means UTC."""
+    if not text:
+        return None
+    when = dt.datetime.fromisoformat(text)
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def _scene_reason(manifest: dict, status: str, missing: list) -> str | None:
+    """Why a scene is not complete: the failure's reason, or a partial scene's chip reasons."""
+    if status == "failed":
+        return manifest.get("reason")
+    if status == "partial":
+        reasons = sorted({c.get("reason") for c in missing if c.get("reason")})
+        return "; ".join(reasons) or manifest.get("reason")
+    return None
+
+
+def scenes_table(scenes: dict[tuple[str, str], dict]) -> pa.Table:
+    """The rows of the ``scenes`` view from :func:`pipeline.table.committed_scenes`."""
+    from pipeline.table import scene_status
+
+    rows = []
+    for (job_name, scene_id), m in sorted(scenes.items()):
+        status = scene_status(m)
+        missing = m.get("missing_chips") or []
+        try:
+            committed_at = _committed_at(m.get("committed_at"))
+        except (TypeError, ValueError):  # a damaged manifest: name it, no traceback
+            raise QueryError(f"manifest {m.get('manifest')}: bad committed_at {m.get('committed_at')!r}") from None
+        rows.append({
+            "job_name": job_name, "scene_id": scene_id, "scene_path": m.get("scene_path"),
+            "status": status, "rows": m.get("rows"), "missing_chips": len(missing),
+            "reason": _scene_reason(m, status, missing), "run_id": m.get("run_id"),
+            "model_id": m.get("model_id"), "committed_at": committed_at,
+        })
+    return pa.Table.from_pylist(rows, schema=SCENES_SCHEMA)
+
+
 @contextlib.contextmanager
 def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
-    """An in-memory DuckDB connection with the view ``detections`` (committed rows only).
+    """An in-memory DuckDB connection with the views ``detections`` (committed rows
+    only) and ``scenes`` (one row per current scene manifest).
 
     For a table without committed files, an empty Parquet file with the table's schema
     and ``geo`` metadata is written to a temporary directory for the life of the
@@ -80,12 +144,15 @@ def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
     """
     import duckdb
 
-    from pipeline.table import committed_files, read_committed
+    from pipeline.table import committed_files, committed_scenes, read_committed
 
     root = _check_table_root(table_root)
+    scenes = scenes_table(committed_scenes(root))
     files = committed_files(root)
     con = duckdb.connect(":memory:")
     try:
+        # A registered Arrow table reads as a view and keeps its schema with no rows.
+        con.register(SCENES_VIEW, scenes)
         with tempfile.TemporaryDirectory(prefix="pipeline-query-") as tmp:
             if files:
                 con.execute(view_sql(files, hive=True))
@@ -99,7 +166,7 @@ def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
 
 
 def run_query(table_root: os.PathLike | str, sql: str) -> pa.Table:
-    """Run ``sql`` against the committed rows (view ``detections``); return the result.
+    """Run ``sql`` against the views ``detections`` and ``scenes``; return the result.
 
     Statements that return nothing give an empty table. Raises QueryError naming the
     table for SQL DuckDB rejects, InputError for a missing table.
@@ -230,12 +297,12 @@ def format_result(result: pa.Table, fmt: Format = "table") -> str:
 
 
 def query_text(table_root: os.PathLike | str, sql: str, fmt: Format = "table") -> str:
-    """Run ``sql`` on the table's committed rows and render the result (the CLI's work)."""
+    """Run ``sql`` on the table's views and render the result (the CLI's work)."""
     return format_result(run_query(table_root, sql), fmt)
 
 
-def table_columns(table_root: os.PathLike | str) -> list[tuple[str, str]]:
-    """(name, DuckDB type) of every column of the ``detections`` view."""
+def table_columns(table_root: os.PathLike | str, view: str = VIEW) -> list[tuple[str, str]]:
+    """(name, DuckDB type) of every column of a view (``detections`` or ``scenes``)."""
     with open_detections(table_root) as con:
-        return [(row[0], row[1]) for row in con.sql(f"DESCRIBE {VIEW}").fetchall()]
+        return [(row[0], row[1]) for row in con.sql(f"DESCRIBE {view}").fetchall()]
 

@@ -11,8 +11,8 @@ travel over the network:
 
 Georeferencing rules (see docs/imagery.md):
 
-- The scene id is the file stem (``/data/a/tile_07.tif`` -> ``tile_07``); two scenes
-  in one job must therefore have distinct file names.
+- Scene ids come from :mod:`pipeline.inputs` (the path relative to its input pattern's
+  folder, without suffix); a bare path's id is its file stem.
 - A raster without a CRS is not georeferenced: its geotransform, if any, is ignored and
   the scene lives in its own pixel frame (identity transform, ``crs_wkt=None``), so
   every output stays in pixels.
@@ -36,6 +36,8 @@ from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from pipeline.errors import GeoreferenceError, InputError
+from pipeline.inputs import is_remote, scene_id_for
+from pipeline.objstore import gdal_options
 
 IDENTITY: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -52,7 +54,7 @@ class SceneInfo:
     """What the pipeline needs to know about a scene, read from its header only.
 
     Attributes:
-        scene_id: file stem of ``path``; unique within a job.
+        scene_id: the scene's id (see :mod:`pipeline.inputs`); unique within a job.
         path: the path as given by the user (before any /vsi mapping).
         width, height: raster size in pixels.
         count: number of bands.
@@ -97,14 +99,6 @@ class SceneInfo:
                 if i >= len(self.colorinterp) or self.colorinterp[i] != "alpha"]
 
 
-def scene_id_for(path: str | Path) -> str:
-    """Scene id of a path or URL: its file stem (``s3://b/x/tile_07.tif`` -> ``tile_07``)."""
-    text = str(path)
-    if "://" in text:
-        text = text.split("?", 1)[0]  # drop URL query strings (signed URLs, tokens)
-    return Path(text.rstrip("/")).stem
-
-
 def gdal_path(path: str | Path) -> str:
     """Map a local path or an s3/gs/http(s) URL onto what GDAL opens."""
     text = str(path)
@@ -114,11 +108,6 @@ def gdal_path(path: str | Path) -> str:
     if text.startswith(_VSICURL_SCHEMES):
         return "/vsicurl/" + text
     return text
-
-
-def is_remote(path: str | Path) -> bool:
-    """True for URLs and paths already on a GDAL virtual file system."""
-    return gdal_path(path).startswith("/vsi")
 
 
 @contextmanager
@@ -134,7 +123,7 @@ def open_raster(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
     if not is_remote(path) and Path(path).is_dir():
         raise InputError(f"{path}: is a directory, expected a raster file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), rasterio.Env(**gdal_options(str(path))):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             dataset = rasterio.open(gdal_path(path))
     except RasterioError as err:
@@ -180,7 +169,7 @@ def is_rotated(transform: tuple[float, ...] | Affine, tolerance: float = 1e-12) 
 
 
 def scene_info_from_dataset(dataset: rasterio.io.DatasetReader, path: str | Path,
-                            allow_rotated: bool = False) -> SceneInfo:
+                            allow_rotated: bool = False, scene_id: str | None = None) -> SceneInfo:
     """Build a SceneInfo from an open dataset; see :func:`read_scene_info`."""
     transform = tuple(float(v) for v in tuple(dataset.transform)[:6])
     if is_rotated(transform) and not allow_rotated:
@@ -198,7 +187,7 @@ def scene_info_from_dataset(dataset: rasterio.io.DatasetReader, path: str | Path
         raise InputError(f"{path}: raster has no bands")
     nodata = dataset.nodata
     return SceneInfo(
-        scene_id=scene_id_for(path),
+        scene_id=scene_id if scene_id is not None else scene_id_for(path),
         path=str(path),
         width=int(dataset.width),
         height=int(dataset.height),
@@ -218,8 +207,8 @@ def _has_gcps_or_rpcs(dataset: rasterio.io.DatasetReader) -> bool:
     return bool(gcps) or dataset.rpcs is not None
 
 
-def read_scene_info(path: str | Path, allow_rotated: bool = False) -> SceneInfo:
-    """Describe a scene from its header (no pixel reads).
+def read_scene_info(path: str | Path, allow_rotated: bool = False, scene_id: str | None = None) -> SceneInfo:
+    """Describe a scene from its header (no pixel reads). ``scene_id``: default the file stem.
 
     Raises:
         InputError: missing, unreadable or not a raster (message names the file).
@@ -227,4 +216,4 @@ def read_scene_info(path: str | Path, allow_rotated: bool = False) -> SceneInfo:
             or georeferencing by GCPs/RPCs only.
     """
     with open_raster(path) as dataset:
-        return scene_info_from_dataset(dataset, path, allow_rotated=allow_rotated)
+        return scene_info_from_dataset(dataset, path, allow_rotated=allow_rotated, scene_id=scene_id)

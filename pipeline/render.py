@@ -4,8 +4,8 @@ The picture is read decimated (``out_shape``), so GDAL serves it from the scene'
 overviews instead of reading full-resolution pixels: a 40 000 px scene costs a few
 megabytes. Pixel values are stretched between the 2nd and 98th percentile of the valid
 pixels of each band, for display only (nothing is written back). Detections come from
-the committed table (rows of ``scene_id`` = the file stem of the scene path, optionally
-of one run or job) and are drawn from their ``px_*`` columns as rectangle outlines,
+the committed table (the rows of the scene committed with that path, optionally of one
+run or job) and are drawn from their ``px_*`` columns as rectangle outlines,
 coloured by class, with a legend strip under the image listing each class and its count.
 
 Display coordinates: a box edge at scene pixel ``x`` is drawn at ``floor(x * sx)`` with
@@ -191,9 +191,7 @@ def render_quicklook(table_root: os.PathLike | str, scene_path: str, out: os.Pat
     ``classes`` ({label: count}), ``scene_size`` and ``picture_size`` ((width, height)).
     Raises InputError for a missing scene or table.
     """
-    from pipeline.raster import scene_id_for
-
-    scene_id = scene_id_for(scene_path)
+    scene_id = committed_scene_id(table_root, scene_path, job_name)
     dets = scene_detections(table_root, scene_id, run_id, job_name)
     picture, scene_size = read_quicklook(scene_path, max_size)
     shape = (picture.shape[1], picture.shape[0])
@@ -209,6 +207,22 @@ def render_quicklook(table_root: os.PathLike | str, scene_path: str, out: os.Pat
     return {"path": str(out_path), "scene_id": scene_id, "detections": int(len(dets.boxes)),
             "classes": {name: count for _, name, count in legend},
             "scene_size": list(scene_size), "picture_size": list(shape), "reports": reports}
+
+
+def committed_scene_id(table_root: os.PathLike | str, scene_path: str, job_name: Optional[str] = None) -> str:
+    """The scene id under which the table holds ``scene_path`` (ids depend on the job's input
+    patterns, so the manifests are asked); the file stem when no committed scene has that path."""
+    from pipeline.inputs import is_remote, scene_id_for
+    from pipeline.table import committed_scenes
+
+    if not Path(table_root).is_dir():
+        raise InputError(f"{table_root}: no detection table here (directory not found)")
+    wanted = scene_path if is_remote(scene_path) else os.path.abspath(scene_path)
+    ids = sorted({sid for (job, sid), entry in committed_scenes(table_root).items()
+                  if entry.get("scene_path") == wanted and (job_name is None or job == job_name)})
+    if len(ids) > 1:
+        raise InputError(f"{scene_path}: committed under several scene ids {ids}; pick one job with --job")
+    return ids[0] if ids else scene_id_for(scene_path)
 
 
 def link_in_run_reports(table_root: os.PathLike | str, scene_id: str, png: os.PathLike | str,

@@ -26,7 +26,6 @@ the file and the YAML path of the field, one line per problem, e.g.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -47,6 +46,7 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError
+from pipeline.inputs import is_remote
 
 # Bump when the meaning of a hashed field changes, so old table rows are not mistaken
 # for results of the new semantics.
@@ -54,14 +54,8 @@ JOB_HASH_VERSION = 1
 
 # Names end up in file names and table partitions: keep them shell- and path-safe.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # `host:port` of a running Ray head (the GCS address), e.g. 10.0.0.5:6379.
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
-
-
-def is_remote(path: str) -> bool:
-    """True for URLs such as ``s3://bucket/key`` or ``https://host/x.tif`` (never globbed)."""
-    return bool(_REMOTE.match(path))
 
 
 class StacSpec(BaseModel):
@@ -652,23 +646,6 @@ def load_job(path: os.PathLike | str, overrides: Sequence[str] = ()) -> JobSpec:
     return parse_job(data, source=source)
 
 
-def _glob_local(pattern: str) -> list[str]:
-    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-
-
-def input_files(spec: JobSpec) -> list[str]:
-    """Expand ``inputs.paths``: local globs to sorted existing files, URLs as given.
-
-    Duplicates (a file matched by two patterns) are listed once, first match order.
-    """
-    seen: dict[str, None] = {}
-    for pattern in spec.inputs.paths or []:  # STAC inputs: pipeline.stac.select_stac
-        matches = [pattern] if is_remote(pattern) else _glob_local(pattern)
-        for m in matches:
-            seen.setdefault(m, None)
-    return list(seen)
-
-
 def _nearest_existing(path: Path) -> Path:
     p = path
     while not p.exists() and p != p.parent:
@@ -694,24 +671,23 @@ def _writable_dir_problem(table: str) -> Optional[str]:
 
 
 def check_runnable(spec: JobSpec) -> None:
-    """Check that the job can start; raise one ConfigError listing every problem.
+    """Check the job's own files before any scene is looked at; raise one ConfigError
+    listing every problem (the scenes are checked by :func:`pipeline.execution.preflight`).
 
-    - each local ``inputs.paths`` glob matches at least one file (URLs are not checked),
-      and a local ``inputs.stac.source`` is an existing file;
-    - a local ``model.checkpoint`` is an existing file;
+    - a local ``inputs.stac.source`` is an existing file;
+    - ``model.checkpoint`` is a file (local, or an ``s3://``/``gs://`` object);
     - ``output.table`` is a writable directory or can be created (the nearest existing
       parent is checked with ``os.access``; nothing is written).
     """
     source = spec.source or "job"
     problems = []
-    for i, pattern in enumerate(spec.inputs.paths or []):
-        if not is_remote(pattern) and not _glob_local(pattern):
-            problems.append(f"{source}: inputs.paths[{i}]: no file matches {pattern!r}")
     stac = spec.inputs.stac
     if stac is not None and not is_remote(stac.source) and not os.path.isfile(stac.source):
         problems.append(f"{source}: inputs.stac.source: file not found: {stac.source}")
     ckpt = spec.model.checkpoint
-    if not is_remote(ckpt) and not os.path.isfile(ckpt):
+    if is_remote(ckpt) and not ckpt.startswith(("s3://", "gs://")):
+        problems.append(f"{source}: model.checkpoint: only local paths, s3:// and gs:// URLs are read, got {ckpt!r}")
+    elif not is_remote(ckpt) and not os.path.isfile(ckpt):
         problems.append(f"{source}: model.checkpoint: file not found: {ckpt}")
     why = _writable_dir_problem(spec.output.table)
     if why:

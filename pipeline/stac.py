@@ -25,8 +25,9 @@ not picked up by this rule (use a fixed ``datetime`` range or ``--force`` for ba
 
 Hrefs are returned absolute: relative asset hrefs are resolved against the item's own
 location (or the source's, for ItemCollections), ``file://`` URIs become local paths.
-Scene ids are file stems, so two selected assets with the same file name would collide
-in the table; that is refused with both items named.
+A STAC scene's id is its item id, so items whose assets share a file name (every
+Sentinel-2 item holds a ``TCI.tif``) are distinct scenes; two selected items with the same
+id are refused before anything runs (:func:`pipeline.inputs.require_scenes`).
 """
 from __future__ import annotations
 
@@ -240,12 +241,6 @@ class StacSelection:
     skipped: list[dict] = field(default_factory=list)
 
 
-def _scene_stem(href: str) -> str:
-    from pipeline.raster import scene_id_for
-
-    return scene_id_for(href)
-
-
 def choose(items: Sequence[Any], source: str, asset: str, window: Interval,
            bbox: Optional[Sequence[float]]) -> StacSelection:
     """Filter ``items`` by time ``window`` and ``bbox``; collect their ``asset`` hrefs."""
@@ -261,18 +256,12 @@ def choose(items: Sequence[Any], source: str, asset: str, window: Interval,
     far_past = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
     picked.sort(key=lambda p: ((p[0] or (far_past, far_past))[0], p[1].id))
     out = StacSelection()
-    stems: dict[str, str] = {}
     newest: Optional[dt.datetime] = None
     for when, item in picked:
         href = asset_href(item, asset, source)
         if href is None:
             out.skipped.append({"item": item.id, "reason": f"no asset {asset!r} (has: {', '.join(sorted(item.assets))})"})
             continue
-        stem = _scene_stem(href)
-        if stem in stems:
-            raise InputError(f"{source}: items {stems[stem]!r} and {item.id!r} both give a scene named {stem!r} "
-                             f"(asset {asset!r}); scene ids are file names and must be unique")
-        stems[stem] = item.id
         out.paths.append(href)
         out.item_ids.append(item.id)
         if when is not None and (newest is None or when[1] > newest):

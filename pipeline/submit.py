@@ -32,7 +32,8 @@ from typing import Callable, Optional, Sequence
 import yaml
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.spec import apply_overrides, is_remote, parse_job, read_job_file, resolve_paths
+from pipeline.inputs import expand_patterns, id_collisions, is_remote
+from pipeline.spec import apply_overrides, parse_job, read_job_file, resolve_paths
 
 JOB_FILE = "job.yaml"
 
@@ -54,7 +55,11 @@ def resolved_job_data(job_path: str | Path, overrides: Sequence[str] = (),
     compute = data.get("compute")
     if compute is None or (isinstance(compute, dict) and compute.get("address") is None):
         data["compute"] = {**(compute or {}), "address": "auto"}
-    parse_job(data, source=source)  # validate only; the dict is what gets uploaded
+    spec = parse_job(data, source=source)  # validate only; the dict is what gets uploaded
+    if spec.inputs.paths:  # the one expander: two inputs with one scene id fail here, not on the cluster
+        collisions = id_collisions(expand_patterns(spec.inputs.paths).scenes)
+        if collisions:
+            raise ConfigError("\n".join(f"{source}: inputs.paths: {c}" for c in collisions))
     return data
 
 

@@ -63,6 +63,7 @@ MANIFEST_FORMAT = "retinanet-pipeline/scene-manifest"
 TABLE_FORMAT = "retinanet-pipeline/detections"
 MANIFEST_VERSION = 1
 SCHEMA_VERSION = 1
+SCENE_STATUSES = ("complete", "partial", "failed")
 
 STAGING, MANIFESTS, REPORTS, TABLE_INFO = "_staging", "_manifests", "_reports", "_table.json"
 _TMP_PREFIX = ".tmp-"
@@ -409,8 +410,16 @@ def commit_scene(
     scene_key: Any,
     table: pa.Table,
     scene_path: Optional[str] = None,
+    status: str = "complete",
+    missing_chips: Sequence[Mapping[str, str]] = (),
+    reason: Optional[str] = None,
 ) -> dict:
     """Commit one scene's rows atomically; return its manifest (see module doc).
+
+    status: ``complete`` (every planned chip was predicted), ``partial`` (rows of the
+    chips that were; ``missing_chips`` lists the others as ``{chip_id, status, reason}``)
+    or ``failed`` (no chip predicted, no rows; ``reason`` says why). Only a complete
+    scene counts as done for incremental runs (:func:`is_current`).
 
     table: rows from :func:`build_detection_table` for this run and scene (may be
     empty: the scene is then recorded as done with no detections).
@@ -423,6 +432,10 @@ def commit_scene(
     root = Path(table_root)
     _check_id(run.run_id, "run_id")
     _check_rows(table, run, scene_id)
+    if status not in SCENE_STATUSES:
+        raise CommitError(f"scene {scene_id}: status must be one of {SCENE_STATUSES}, got {status!r}")
+    if status == "failed" and table.num_rows:
+        raise CommitError(f"scene {scene_id}: a failed scene has no rows, got {table.num_rows}")
     try:
         json.dumps(scene_key)
     except (TypeError, ValueError) as err:
@@ -460,6 +473,9 @@ def commit_scene(
             "scene_key": scene_key,
             "rows": table.num_rows,
             "files": files,
+            "status": status,
+            "missing_chips": [dict(m) for m in missing_chips],
+            "reason": reason,
         }
         manifest["manifest"] = _publish_manifest(root, manifest)
     except BaseException as err:
@@ -514,9 +530,16 @@ def committed_scenes(table_root: os.PathLike | str) -> dict[tuple[str, str], dic
     return current
 
 
+def scene_status(entry: Mapping) -> str:
+    """A manifest's status; manifests written before statuses existed count as complete."""
+    return entry.get("status", "complete")
+
+
 def is_current(entry: Optional[Mapping], scene_key: Any, model_id: str, job_hash: str) -> bool:
-    """True when a committed entry already holds this scene content, model and job hash."""
-    return bool(entry) and entry["scene_key"] == scene_key and entry["model_id"] == model_id and entry["job_hash"] == job_hash
+    """True when a committed entry already holds this scene content, model and job hash,
+    complete: partial and failed scenes are always processed again."""
+    return (bool(entry) and scene_status(entry) == "complete" and entry["scene_key"] == scene_key
+            and entry["model_id"] == model_id and entry["job_hash"] == job_hash)
 
 
 def committed_files(table_root: os.PathLike | str) -> list[str]:

@@ -304,7 +304,8 @@ def valid_fractions(dataset: rasterio.io.DatasetReader, windows: Sequence[ChipWi
 
 
 def plan_chips(path: str | Path, chip_size: int, overlap: int, min_valid_fraction: float,
-               *, align_to_blocks: bool = True, allow_rotated: bool = False) -> ChipPlan:
+               *, align_to_blocks: bool = True, allow_rotated: bool = False,
+               scene_id: str | None = None) -> ChipPlan:
     """Windows of a scene worth reading, without reading pixels.
 
     A window is kept when its estimated valid fraction is >= ``min_valid_fraction``
@@ -316,7 +317,7 @@ def plan_chips(path: str | Path, chip_size: int, overlap: int, min_valid_fractio
         RasterReadError: the decimated mask could not be read.
     """
     with open_raster(path) as dataset:
-        scene = scene_info_from_dataset(dataset, path, allow_rotated=allow_rotated)
+        scene = scene_info_from_dataset(dataset, path, allow_rotated=allow_rotated, scene_id=scene_id)
         _check_dtype(scene)
         block = scene.block_shape if align_to_blocks else None
         windows = chip_grid(scene.width, scene.height, chip_size, overlap, block)

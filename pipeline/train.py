@@ -56,7 +56,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError, PipelineError
-from pipeline.spec import JobSpec, TrainSpec, _glob_local, _writable_dir_problem, is_remote
+from pipeline.inputs import expand_patterns, is_remote
+from pipeline.spec import JobSpec, TrainSpec, _writable_dir_problem
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -89,7 +90,7 @@ def check_trainable(spec: JobSpec) -> None:
     for i, pattern in enumerate(t.scenes):
         if is_remote(pattern):
             problems.append(f"{source}: train.scenes[{i}]: training scenes must be local files, got {pattern!r}")
-        elif not _glob_local(pattern):
+        elif expand_patterns([pattern]).unmatched:
             problems.append(f"{source}: train.scenes[{i}]: no file matches {pattern!r}")
     for i, path in enumerate(t.labels):
         if not os.path.isfile(path):
@@ -191,14 +192,14 @@ def training_data(spec: JobSpec):
     from pipeline.trainset import build_records, expand_scene_paths, labelled_scenes, split_regions
 
     t = spec.train
-    paths = expand_scene_paths(t.scenes)
-    scenes = labelled_scenes(paths, t.labels, t.classes, t.label_field, t.scene_field)
+    inputs = expand_scene_paths(t.scenes)
+    scenes = labelled_scenes(inputs, t.labels, t.classes, t.label_field, t.scene_field)
     gap = t.val_split.gap if t.val_split.gap is not None else t.chip_size
     train_regions, val_regions = split_regions(scenes, t.val_split.by, t.val_split.fraction, gap,
                                                t.val_split.side, t.seed)
     common = (t.chip_size, t.overlap, t.min_box_inside, t.min_valid_fraction)
     return (scenes, build_records(scenes, train_regions, *common), build_records(scenes, val_regions, *common),
-            paths)
+            [s.location for s in inputs])
 
 
 def fit_job_anchors(spec: JobSpec):

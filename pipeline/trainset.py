@@ -20,8 +20,6 @@ Pixels are read later, where they are used (:func:`read_records`, in the workers
 """
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.inputs import SceneInput, expand_patterns, id_collisions, match_label_images, scene_id_for
 from pipeline.labels import Annotations, by_scene, chip_labels, read_labels
 from pipeline.raster import SceneInfo, open_raster, read_scene_info
 from pipeline.tiling import ChipWindow, chip_grid, read_chips, valid_fractions
@@ -93,17 +92,16 @@ class ChipRecord:
         return f"{self.scene_id}/x{col_off}y{row_off}"
 
 
-def expand_scene_paths(patterns: Sequence[str], source: str = "train.scenes") -> list[str]:
-    """Local globs -> sorted existing files (duplicates once). Raises ConfigError when a
-    pattern matches nothing, naming the pattern."""
-    seen: dict[str, None] = {}
-    for i, pattern in enumerate(patterns):
-        matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        if not matches and "://" not in pattern:
-            raise ConfigError(f"{source}[{i}]: no file matches {pattern!r}")
-        for m in matches or [pattern]:
-            seen.setdefault(m, None)
-    return list(seen)
+def expand_scene_paths(patterns: Sequence[str], source: str = "train.scenes") -> list[SceneInput]:
+    """Training scenes through the one expander (:func:`pipeline.inputs.expand_patterns`),
+    with their ids. Raises ConfigError naming each pattern that matches nothing (a missing
+    training scene would silently shrink the training set) and each id collision."""
+    inputs = expand_patterns(patterns)
+    problems = [f"{source}[{list(patterns).index(p)}]: no file matches {p!r}" for p in inputs.unmatched]
+    problems += [f"{source}: {c}" for c in id_collisions(inputs.scenes)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return inputs.scenes
 
 
 def class_indices(annotations: Annotations, classes: Sequence[str]) -> np.ndarray:
@@ -116,24 +114,29 @@ def class_indices(annotations: Annotations, classes: Sequence[str]) -> np.ndarra
     return np.array([lookup[label] for label in annotations.labels], dtype=np.int64)
 
 
-def labelled_scenes(scene_paths: Sequence[str], label_paths: Sequence[str], classes: Sequence[str],
+def labelled_scenes(scenes: Sequence[SceneInput | str], label_paths: Sequence[str], classes: Sequence[str],
                     label_field: str = "label", scene_field: str | None = None) -> list[LabelledScene]:
     """Pair every scene with its annotations from any of the label files.
 
-    Image-indexed formats (COCO, VOC, CSV) are matched by scene id (file stem); vector
-    files are read per scene (reprojected into its pixel grid). A scene listed by no
-    label file raises InputError: an unlabelled training scene would teach the model
-    that its objects are background.
+    Image-indexed formats (COCO, VOC, CSV) are matched to scene ids by
+    :func:`pipeline.inputs.match_label_images` (the image name relative to the scenes'
+    folder, or a file name that only one scene has); vector files are read per scene
+    (reprojected into its pixel grid). A scene listed by no label file raises
+    InputError: an unlabelled training scene would teach the model that its objects are
+    background. Plain paths get their file stem as id.
     """
-    infos = [read_scene_info(p) for p in scene_paths]
+    scenes = [s if isinstance(s, SceneInput) else SceneInput(s, scene_id_for(s), s) for s in scenes]
+    infos = [read_scene_info(s.location, scene_id=s.scene_id) for s in scenes]
     indexed: dict[str, Annotations] = {}
     vector_files = []
     for path in label_paths:
         if Path(path).suffix.lower() in (".json", ".xml", ".csv"):
-            for scene_id, ann in by_scene(read_labels(path)).items():
+            images = by_scene(read_labels(path))
+            for image_id, scene_id in match_label_images(images, [i.scene_id for i in infos], path).items():
                 if scene_id in indexed:
-                    raise InputError(f"{path}: scene {scene_id!r} is also labelled in {indexed[scene_id].source}")
-                indexed[scene_id] = ann
+                    raise InputError(f"{path}: scene {scene_id!r} is also labelled by image "
+                                     f"{indexed[scene_id].image!r} of {indexed[scene_id].source}")
+                indexed[scene_id] = images[image_id]
         else:
             vector_files.append(path)
     out = []

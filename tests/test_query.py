@@ -1,4 +1,4 @@
-"""`pipeline query`: the detections view over committed files only, and the output formats."""
+"""`pipeline query`: the detections view over committed files only, the scenes view, and the output formats."""
 from __future__ import annotations
 
 import csv
@@ -144,3 +144,129 @@ def test_examples_in_the_operations_doc_run(table):
     assert counts.column_names == ["date", "label", "detections"] and sum(counts["detections"].to_pylist()) == 5
     assert inside.column_names[:3] == ["scene_id", "label", "score"]  # lon/lat box: no rows in this UTM table
     assert top.column_names[:2] == ["scene_id", "label"] and top.num_rows == 5  # at most 3 per scene: 3 + 2
+
+
+# ---------------------------------------------------------------- the scenes view
+
+
+def set_manifest_fields(root: Path, manifest: dict, **fields) -> None:
+    """Add fields to a published manifest file, as a newer writer would have written them.
+
+    commit_scene does not take status arguments yet; the files are plain JSON, and this
+    tests the reader only.
+    """
+    path = root / T.MANIFESTS / manifest["manifest"]
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}, indent=2, sort_keys=True))
+
+
+@pytest.fixture()
+def outcomes(table) -> Path:
+    """The two complete scenes of ``table`` (old manifests: no status) plus a partial
+    scene c (1 row, 3 missing chips) and a failed scene d (no rows, no files)."""
+    run = T.RunInfo("r3", "sat", "h", "m2", "EPSG:32633")
+    c = T.commit_scene(table, run, "c", {"k": 4}, scene_rows(run, "c", [[0, 0, 4, 4]], [1], [0.4], "2026-01-03"),
+                       scene_path="/scenes/c.tif")
+    set_manifest_fields(table, c, status="partial", missing_chips=[
+        {"chip_id": "c-0-512", "status": "error", "reason": "read error"},
+        {"chip_id": "c-512-0", "status": "error", "reason": "timeout"},
+        {"chip_id": "c-512-512", "status": "error", "reason": "read error"}])
+    d = T.commit_scene(table, run, "d", {"k": 5}, scene_rows(run, "d", [], [], [], "2026-01-03"),
+                       scene_path="/scenes/d.tif")
+    set_manifest_fields(table, d, status="failed", reason="unreadable scene: bad TIFF header")
+    return table
+
+
+def committed_at(root: Path, scene_id: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(T.committed_scenes(root)[("sat", scene_id)]["committed_at"])
+
+
+SCENE_COLUMNS = [("job_name", "VARCHAR"), ("scene_id", "VARCHAR"), ("scene_path", "VARCHAR"), ("status", "VARCHAR"),
+                 ("rows", "BIGINT"), ("missing_chips", "BIGINT"), ("reason", "VARCHAR"), ("run_id", "VARCHAR"),
+                 ("model_id", "VARCHAR"), ("committed_at", "TIMESTAMP WITH TIME ZONE")]
+
+
+def test_scenes_view_one_row_per_current_manifest(outcomes):
+    result = run_query(outcomes, "SELECT * FROM scenes ORDER BY scene_id")
+    assert result.column_names == [n for n, _ in SCENE_COLUMNS]
+    rows = result.to_pylist()
+    assert [r.pop("committed_at") for r in rows] == [committed_at(outcomes, s) for s in "abcd"]
+    assert rows == [
+        {"job_name": "sat", "scene_id": "a", "scene_path": "/scenes/a.tif", "status": "complete", "rows": 3,
+         "missing_chips": 0, "reason": None, "run_id": "r1", "model_id": "m"},
+        {"job_name": "sat", "scene_id": "b", "scene_path": "/scenes/b.tif", "status": "complete", "rows": 2,
+         "missing_chips": 0, "reason": None, "run_id": "r1", "model_id": "m"},
+        {"job_name": "sat", "scene_id": "c", "scene_path": "/scenes/c.tif", "status": "partial", "rows": 1,
+         "missing_chips": 3, "reason": "read error; timeout", "run_id": "r3", "model_id": "m2"},
+        {"job_name": "sat", "scene_id": "d", "scene_path": "/scenes/d.tif", "status": "failed", "rows": 0,
+         "missing_chips": 0, "reason": "unreadable scene: bad TIFF header", "run_id": "r3", "model_id": "m2"},
+    ]
+    counts = run_query(outcomes, "SELECT status, count(*) AS n FROM scenes GROUP BY ALL ORDER BY status")
+    assert counts.to_pylist() == [{"status": "complete", "n": 2}, {"status": "failed", "n": 1},
+                                  {"status": "partial", "n": 1}]
+
+
+def test_old_manifests_without_status_are_complete(table):
+    for m in T.committed_scenes(table).values():  # written without the new fields
+        raw = json.loads((table / T.MANIFESTS / m["manifest"]).read_text())
+        assert not {"status", "missing_chips", "reason"} & raw.keys()
+    result = run_query(table, "SELECT scene_id, status, missing_chips, reason FROM scenes ORDER BY scene_id")
+    assert result.to_pylist() == [{"scene_id": "a", "status": "complete", "missing_chips": 0, "reason": None},
+                                  {"scene_id": "b", "status": "complete", "missing_chips": 0, "reason": None}]
+
+
+def test_scenes_view_follows_the_supersede_rule(outcomes):
+    # Scene d is rerun and succeeds: its failed manifest is superseded.
+    run = T.RunInfo("r4", "sat", "h", "m2", "EPSG:32633")
+    T.commit_scene(outcomes, run, "d", {"k": 5}, scene_rows(run, "d", [[0, 0, 4, 4]], [0], [0.7], "2026-01-04"))
+    result = run_query(outcomes, "SELECT run_id, status, rows, reason FROM scenes WHERE scene_id = 'd'")
+    assert result.to_pylist() == [{"run_id": "r4", "status": "complete", "rows": 1, "reason": None}]
+    assert run_query(outcomes, "SELECT count(*) AS n FROM scenes").to_pylist() == [{"n": 4}]
+
+
+def test_empty_table_has_an_empty_scenes_view_with_the_same_types(tmp_path, outcomes):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_query(empty, "SELECT count(*) AS n FROM scenes").to_pylist() == [{"n": 0}]
+    assert table_columns(empty, "scenes") == SCENE_COLUMNS == table_columns(outcomes, "scenes")
+    # Usable in expressions and joins although empty.
+    sql = ("SELECT s.status, count(d.score) AS n FROM scenes s LEFT JOIN detections d USING (job_name, scene_id) "
+           "WHERE s.committed_at > TIMESTAMPTZ '2020-01-01 00:00:00+00' AND s.missing_chips >= 0 GROUP BY ALL")
+    assert run_query(empty, sql).num_rows == 0
+
+
+def test_join_detections_to_scenes(outcomes):
+    # Rows per scene outcome: failed scenes have none, so a LEFT JOIN from scenes keeps them.
+    sql = ("SELECT s.status, count(DISTINCT s.scene_id) AS scenes, count(d.score) AS detections "
+           "FROM scenes s LEFT JOIN detections d USING (job_name, scene_id) GROUP BY ALL ORDER BY s.status")
+    assert run_query(outcomes, sql).to_pylist() == [
+        {"status": "complete", "scenes": 2, "detections": 5},
+        {"status": "failed", "scenes": 1, "detections": 0},
+        {"status": "partial", "scenes": 1, "detections": 1}]
+    # Detections of incomplete scenes, with the reason next to each row.
+    sql = ("SELECT d.scene_id, d.label, s.missing_chips, s.reason FROM detections d "
+           "JOIN scenes s USING (job_name, scene_id) WHERE s.status <> 'complete'")
+    assert run_query(outcomes, sql).to_pylist() == [
+        {"scene_id": "c", "label": "building", "missing_chips": 3, "reason": "read error; timeout"}]
+
+
+def test_scenes_as_json_and_from_the_cli(outcomes):
+    sql = ("SELECT scene_id, status, rows, missing_chips, reason, committed_at FROM scenes "
+           "WHERE status <> 'complete' ORDER BY scene_id")
+    data = json.loads(query_text(outcomes, sql, "json"))
+    assert [dt.datetime.fromisoformat(r.pop("committed_at")) for r in data] == [committed_at(outcomes, s) for s in "cd"]
+    assert data == [
+        {"scene_id": "c", "status": "partial", "rows": 1, "missing_chips": 3, "reason": "read error; timeout"},
+        {"scene_id": "d", "status": "failed", "rows": 0, "missing_chips": 0,
+         "reason": "unreadable scene: bad TIFF header"}]
+    ok = CliRunner().invoke(main, ["query", str(outcomes), "SELECT status, count(*) AS n FROM scenes GROUP BY ALL "
+                                   "ORDER BY status", "--format", "json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output) == [{"status": "complete", "n": 2}, {"status": "failed", "n": 1},
+                                     {"status": "partial", "n": 1}]
+
+
+def test_damaged_committed_at_is_named(table):
+    manifest = T.committed_scenes(table)[("sat", "a")]
+    set_manifest_fields(table, manifest, committed_at="yesterday")
+    with pytest.raises(QueryError, match=f"{manifest['manifest']}: bad committed_at 'yesterday'"):
+        run_query(table, "SELECT count(*) FROM scenes")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ConfigError
+from pipeline.inputs import expand_patterns
 from pipeline.spec import (
     JobSpec,
     apply_overrides,
     check_runnable,
-    input_files,
     job_hash,
     load_job,
     parse_job,
@@ -203,7 +203,8 @@ def test_check_runnable_ok_and_writes_nothing(tmp_path):
     before = sorted(p for p in tmp_path.rglob("*"))
     check_runnable(spec)
     assert sorted(p for p in tmp_path.rglob("*")) == before  # output dir not created
-    assert input_files(spec) == [str(tmp_path / "data" / "s1.tif"), str(tmp_path / "data" / "s2.tif")]
+    assert expand_patterns(spec.inputs.paths).locations == [str(tmp_path / "data" / "s1.tif"),
+                                                            str(tmp_path / "data" / "s2.tif")]
 
 
 def test_check_runnable_names_every_problem(tmp_path):
@@ -216,9 +217,9 @@ def test_check_runnable_names_every_problem(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_runnable(spec)
     lines = str(err.value).splitlines()
-    assert lines[0].startswith(f"{job}: inputs.paths[0]: no file matches")
-    assert lines[1].startswith(f"{job}: model.checkpoint: file not found")
-    assert lines[2].startswith(f"{job}: output.table: cannot be created")
+    assert lines[0].startswith(f"{job}: model.checkpoint: file not found")
+    assert lines[1].startswith(f"{job}: output.table: cannot be created")
+    assert expand_patterns(spec.inputs.paths).unmatched == [str(tmp_path / "data" / "*.tif")]  # preflight's job
 
 
 def test_check_runnable_table_path_is_a_file(tmp_path):
@@ -242,11 +243,11 @@ def test_check_runnable_read_only_parent(tmp_path):
         ro.chmod(0o755)
 
 
-def test_remote_inputs_are_not_globbed(tmp_path):
+def test_http_inputs_are_taken_as_given(tmp_path):
     job = runnable_tree(tmp_path)
-    spec = load_job(job, ["inputs.paths=['https://example.com/a.tif', 's3://b/*.tif']"])
+    spec = load_job(job, ["inputs.paths=['https://example.com/a.tif']"])
     check_runnable(spec)  # no network access, no error
-    assert input_files(spec) == ["https://example.com/a.tif", "s3://b/*.tif"]
+    assert expand_patterns(spec.inputs.paths).locations == ["https://example.com/a.tif"]
 
 
 # ---------------------------------------------------------------- job hash

@@ -205,14 +205,18 @@ def test_errors_name_the_problem(catalog, scenes, tmp_path):
         stac_scene_paths(str(tmp_path / "bad.json"), "visual")
     with pytest.raises(ConfigError, match="start 2026-02-01 is after end 2026-01-01"):
         stac_scene_paths(str(catalog), "visual", datetime_range="2026-02-01/2026-01-01")
-    # Two items whose assets share a file name would collide as scene ids.
+
+
+def test_items_whose_assets_share_a_file_name_are_distinct_scenes(scenes, tmp_path):
+    """Sentinel-2 layout: every item folder holds the same file name; item ids tell them apart."""
     twin = tmp_path / "twin"
     twin.mkdir()
     (twin / scenes[0].name).write_bytes(scenes[0].read_bytes())
     a, b = make_item(0, scenes[0]).to_dict(), make_item(1, twin / scenes[0].name).to_dict()
     (tmp_path / "dup.json").write_text(json.dumps({"type": "FeatureCollection", "features": [a, b]}))
-    with pytest.raises(InputError, match="'item-0' and 'item-1' both give a scene named 'synth_000'"):
-        stac_scene_paths(str(tmp_path / "dup.json"), "visual")
+    sel = select_scenes(str(tmp_path / "dup.json"), "visual")
+    assert sel.item_ids == ["item-0", "item-1"]
+    assert sel.paths == [str(scenes[0]), str(twin / scenes[0].name)]
 
 
 def test_parse_interval():

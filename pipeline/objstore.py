@@ -1,0 +1,134 @@
+"""Object storage (s3://, gs://): listing, object metadata and downloads through obstore.
+
+Why obstore: one maintained client (Rust ``object_store``, the one DataFusion and
+delta-rs use) that lists prefixes, returns each object's ETag / size / last-modified in
+one HEAD, downloads, and supports conditional writes, for S3-compatible stores and GCS
+alike, and reads the standard environment (``AWS_ACCESS_KEY_ID``, ``AWS_REGION``,
+``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ``GOOGLE_APPLICATION_CREDENTIALS``...).
+
+Pixels are still read through GDAL's ``/vsis3/`` and ``/vsigs/`` (ranged reads of the
+windows only). GDAL has its own names for a custom S3 endpoint, so
+:func:`gdal_options` derives them from ``AWS_ENDPOINT_URL``: one setting serves both
+clients (MinIO, Ceph, moto, ...).
+"""
+from __future__ import annotations
+
+import os
+import urllib.parse
+from functools import lru_cache
+from pathlib import Path
+
+from pipeline.errors import InputError
+
+OBJECT_SCHEMES = ("s3://", "gs://")
+
+
+def is_object_url(location: str) -> bool:
+    """True for ``s3://`` and ``gs://`` URLs (listable object stores)."""
+    return str(location).startswith(OBJECT_SCHEMES)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b.tif`` -> (``s3://bucket``, ``a/b.tif``)."""
+    parsed = urllib.parse.urlparse(url)
+    return f"{parsed.scheme}://{parsed.netloc}", parsed.path.lstrip("/")
+
+
+@lru_cache(maxsize=32)
+def _store(bucket_url: str):
+    from obstore.store import from_url
+
+    return from_url(bucket_url)
+
+
+def _fail(url: str, err: Exception) -> InputError:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return InputError(f"{url}: object store request failed: {text}")
+
+
+def list_objects(prefix_url: str) -> list[str]:
+    """URLs of every object under ``prefix_url`` (recursive), sorted."""
+    bucket, prefix = split_url(prefix_url)
+    try:
+        import obstore
+
+        keys = [meta["path"] for chunk in obstore.list(_store(bucket), prefix=prefix or None) for meta in chunk]
+    except Exception as err:  # obstore raises its own hierarchy; any failure names the URL
+        raise _fail(prefix_url, err) from err
+    return sorted(f"{bucket}/{key}" for key in keys)
+
+
+def head(url: str) -> dict:
+    """What the store says about one object: ``etag``, ``size``, ``last_modified`` (ISO 8601).
+
+    Raises InputError naming the URL when it does not exist or cannot be reached.
+    """
+    bucket, key = split_url(url)
+    try:
+        import obstore
+
+        meta = obstore.head(_store(bucket), key)
+    except FileNotFoundError:
+        raise InputError(f"{url}: object not found") from None
+    except Exception as err:
+        raise _fail(url, err) from err
+    modified = meta.get("last_modified")
+    return {"etag": meta.get("e_tag"), "size": int(meta["size"]),
+            "last_modified": modified.isoformat() if modified is not None else None}
+
+
+def download(url: str, dest: str | os.PathLike) -> Path:
+    """Copy one object to ``dest`` (written under a temporary name, then renamed)."""
+    bucket, key = split_url(url)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
+    try:
+        import obstore
+
+        data = obstore.get(_store(bucket), key).bytes()
+        tmp.write_bytes(bytes(data))
+        os.replace(tmp, dest)
+    except FileNotFoundError:
+        raise InputError(f"{url}: object not found") from None
+    except Exception as err:
+        if isinstance(err, InputError):
+            raise
+        raise _fail(url, err) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def gdal_options(location: str) -> dict[str, str]:
+    """GDAL config for reading ``location`` when ``AWS_ENDPOINT_URL`` names a custom S3
+    endpoint: GDAL wants host:port, the scheme and path-style addressing separately.
+    Empty for everything else (AWS itself, GCS, local files)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint or not str(location).startswith(("s3://", "/vsis3/")):
+        return {}
+    parsed = urllib.parse.urlparse(endpoint)
+    return {"AWS_S3_ENDPOINT": parsed.netloc, "AWS_HTTPS": "NO" if parsed.scheme == "http" else "YES",
+            "AWS_VIRTUAL_HOSTING": "FALSE"}
+
+
+def cache_dir() -> Path:
+    """Where downloaded objects are kept: ``$RETINANET_PIPELINE_CACHE``, else
+    ``~/.cache/retinanet-pipeline``."""
+    return Path(os.environ.get("RETINANET_PIPELINE_CACHE") or Path.home() / ".cache" / "retinanet-pipeline")
+
+
+def local_file(location: str) -> str:
+    """A local path holding ``location``'s bytes: local paths as they are; ``s3://`` and
+    ``gs://`` objects downloaded once per node into :func:`cache_dir`, keyed by URL and
+    ETag, so an overwritten object is fetched again and an unchanged one never is."""
+    if not is_object_url(location):
+        return str(location)
+    import hashlib
+
+    meta = head(location)
+    key = hashlib.sha256(f"{location}\n{meta['etag']}\n{meta['size']}".encode()).hexdigest()[:16]
+    dest = cache_dir() / "objects" / f"{key}-{location.rsplit('/', 1)[-1]}"
+    if not dest.is_file() or dest.stat().st_size != meta["size"]:
+        download(location, dest)
+    return str(dest)
