@@ -189,6 +189,10 @@ def preflight(spec: JobSpec, check_scenes: bool = True) -> Preflight:
     return Preflight(inputs, stac, model, warnings_)
 
 
+def chip_id(scene_id: str, row: int, col: int) -> str:
+    return f"{scene_id}/r{row}c{col}"
+
+
 def chip_rows(plans: list[ScenePlan]) -> list[dict]:
     """One small row per chip to read: identifiers and the window, no pixels."""
     return [

@@ -21,3 +21,55 @@ def ray_session():
         ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# Object storage: a local S3-compatible server (moto's server mode) on 127.0.0.1. The
+# endpoint is fixed when this file is imported, before Ray starts, so Ray's worker
+# processes inherit it (GDAL's /vsis3/ reads and obstore both read AWS_ENDPOINT_URL).
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_ALLOW_HTTP": "true",
+})
+os.environ.setdefault("RETINANET_PIPELINE_CACHE", __import__("tempfile").mkdtemp(prefix="pipeline-test-cache-"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for this test session; yields a boto3 client for setup.
+
+    Only the process started here is stopped at the end.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("moto S3 server did not start")
+            time.sleep(0.2)
+    yield boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    proc.terminate()
+    proc.wait(timeout=10)

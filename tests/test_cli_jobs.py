@@ -1,7 +1,9 @@
 """Bad job files through the real CLI: exit code 2, the message names the field, nothing written."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import rasterio
 import torch
 import yaml
 from click.testing import CliRunner
@@ -13,7 +15,10 @@ from retinanet import build_model, save_checkpoint
 @pytest.fixture()
 def good_job(tmp_path):
     (tmp_path / "scenes").mkdir()
-    (tmp_path / "scenes" / "a.tif").write_bytes(b"not read by validate")
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "uint8", "crs": "EPSG:32633",
+               "transform": rasterio.transform.from_origin(500000, 4000000, 1, 1)}
+    with rasterio.open(tmp_path / "scenes" / "a.tif", "w", **profile) as dst:  # validate reads its header
+        dst.write(np.zeros((3, 64, 64), np.uint8))
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "model.pt", build_model(num_classes=1, backbone="resnet18", head_width=16,
                                                        head_depth=1), ["thing"])
