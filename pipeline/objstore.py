@@ -101,15 +101,27 @@ def download(url: str, dest: str | os.PathLike) -> Path:
 
 
 def gdal_options(location: str) -> dict[str, str]:
-    """GDAL config for reading ``location`` when ``AWS_ENDPOINT_URL`` names a custom S3
-    endpoint: GDAL wants host:port, the scheme and path-style addressing separately.
-    Empty for everything else (AWS itself, GCS, local files)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint or not str(location).startswith(("s3://", "/vsis3/")):
+    """GDAL config for reading ``location``.
+
+    Remote files are not kept in GDAL's process-wide /vsicurl cache: Ray workers live
+    across runs, and a cached header or tile of an object overwritten since would mix
+    the old image into the new one's chips (within one open, GDAL's block cache still
+    serves shared tiles). With ``AWS_ENDPOINT_URL`` set, GDAL is pointed at that custom
+    S3 endpoint (it wants host:port, the scheme and path-style addressing separately).
+    """
+    from pipeline.raster import gdal_path
+
+    text = str(location)
+    vsi = gdal_path(text)
+    if not vsi.startswith(("/vsis3/", "/vsigs/", "/vsicurl/")):
         return {}
-    parsed = urllib.parse.urlparse(endpoint)
-    return {"AWS_S3_ENDPOINT": parsed.netloc, "AWS_HTTPS": "NO" if parsed.scheme == "http" else "YES",
-            "AWS_VIRTUAL_HOSTING": "FALSE"}
+    options = {"CPL_VSIL_CURL_NON_CACHED": vsi}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and vsi.startswith("/vsis3/"):
+        parsed = urllib.parse.urlparse(endpoint)
+        options.update({"AWS_S3_ENDPOINT": parsed.netloc, "AWS_HTTPS": "NO" if parsed.scheme == "http" else "YES",
+                        "AWS_VIRTUAL_HOSTING": "FALSE"})
+    return options
 
 
 def cache_dir() -> Path:

@@ -19,6 +19,7 @@ import duckdb
 import numpy as np
 import pytest
 import rasterio
+import rasterio.warp
 import shapely
 import torch
 import yaml
@@ -77,19 +78,20 @@ def run_report(output: str) -> dict:
     return json.loads(output[output.index("{"):])
 
 
+ROW_SQL = "SELECT scene_id, label, round(px_xmin, 3), round(px_ymin, 3), round(score, 3) FROM read_parquet({})"
+
+
 def glob_rows(table: Path) -> list[tuple]:
     """Rows as a plain reader sees them: DuckDB over the table's files, hive partitions."""
-    return duckdb.sql(
-        f"SELECT scene_id, label, round(px_xmin, 3), round(px_ymin, 3), round(score, 3) "
-        f"FROM read_parquet('{table}/date=*/*.parquet', hive_partitioning = true) ORDER BY ALL").fetchall()
+    files = f"'{table}/date=*/*.parquet', hive_partitioning = true"
+    return duckdb.sql(ROW_SQL.format(files) + " ORDER BY ALL").fetchall()
 
 
 def committed_rows(table: Path) -> list[tuple]:
-    from pipeline.table import read_committed
+    """The same, over the files the current manifests list (a rerun leaves superseded files)."""
+    from pipeline.table import committed_files
 
-    t = read_committed(table).to_pydict()
-    return sorted(zip(t["scene_id"], t["label"], np.round(t["px_xmin"], 3), np.round(t["px_ymin"], 3),
-                      np.round(t["score"], 3)))
+    return duckdb.sql(ROW_SQL.format(committed_files(table)) + " ORDER BY ALL").fetchall()
 
 
 def scenes_view(table: Path) -> dict[str, tuple]:
@@ -218,7 +220,7 @@ def test_damaged_tiles_make_a_partial_scene_that_the_next_run_retries(ws, ray_se
         assert partial["scene_id"] == "corrupt" and partial["chips_missing"] >= 1 and partial["chips_predicted"] >= 1
     status, missing, reason = scenes_view(ws / "partial")["corrupt"]
     assert status == "partial" and missing == partial["chips_missing"] and reason
-    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{ws}/partial/date=*/*.parquet')").fetchone()[0] > 0
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{ws}/partial/date=*/*.parquet')").fetchall()[0][0] > 0
 
 
 def test_a_scene_that_cannot_feed_the_model_is_failed_not_ok(ws, ray_session):
@@ -289,12 +291,12 @@ def test_a_scene_without_georeferencing_never_enters_a_crs_table(ws, ray_session
     assert code == 2 and "no georeferencing" in out and png.name in out, out
     code, out = cli("run", job)
     assert code == 1 and "no georeferencing" in out, out
-    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{ws}/yell/date=*/*.parquet')").fetchone()[0] == 0
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{ws}/yell/date=*/*.parquet')").fetchall()[0][0] == 0
     code, out = cli("run", write_job(ws, "yell-px", paths=[str(png)], crs=None))
     assert code == 0, out
     meta = json.loads(duckdb.sql(
         f"SELECT decode(value) FROM parquet_kv_metadata('{ws}/yell-px/date=*/*.parquet') WHERE key = 'geo'"
-    ).fetchone()[0])
+    ).fetchall()[0][0])
     assert meta["columns"]["geometry"]["crs"] is None  # pixel table, said so in the file
 
 
@@ -309,7 +311,7 @@ def test_boxes_of_a_scene_smaller_than_a_chip_stay_inside_it(ws, ray_session):
     files = f"{ws}/world/date=*/*.parquet"
     n, xmin, ymin, xmax, ymax = duckdb.sql(
         f"SELECT count(*), min(bbox.xmin), min(bbox.ymin), max(bbox.xmax), max(bbox.ymax) FROM read_parquet('{files}')"
-    ).fetchone()
+    ).fetchall()[0]
     with rasterio.open(world) as src:
         left, bottom, right, top = src.bounds
     assert n > 0
