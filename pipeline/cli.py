@@ -80,6 +80,7 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool) -
     summary["scenes_partial"] = report["scenes_partial"]
     summary["scenes_failed"] = report["scenes_failed"]
     summary["inputs_unmatched"] = report["inputs_unmatched"]
+    summary["warnings"] = report["warnings"]
     summary["chips_quarantined"] = report["chips_quarantined"]
     click.echo(json.dumps(summary, indent=2))
     sys.exit(report["exit_code"])

@@ -36,6 +36,7 @@ class ScenePlan:
     info: object
     windows: list
     skipped_empty: int
+    warnings: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,10 @@ def plan_scene(scene: SceneInput, spec: JobSpec, model: ModelFacts) -> ScenePlan
 
     info, windows, skipped = plan_chips(scene.location, spec.tiling.chip_size, spec.tiling.overlap,
                                         spec.tiling.min_valid_fraction, scene_id=scene.scene_id)
-    errors, _ = scene_problems(info, spec.inputs.bands, model, spec.output.crs)
+    errors, warnings_ = scene_problems(info, spec.inputs.bands, model, spec.output.crs)
     if errors:
         raise InputError("; ".join(errors))
-    return ScenePlan(scene.scene_id, scene.location, info, windows, skipped)
+    return ScenePlan(scene.scene_id, scene.location, info, windows, skipped, warnings_)
 
 
 def plan_scenes(spec: JobSpec, scenes: list[SceneInput], model: ModelFacts) -> tuple[list[ScenePlan], list[dict]]:
@@ -352,13 +353,16 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
     plans, unplanned = plan_scenes(spec, todo, model)
     failed += unplanned
+    scene_warnings = [w for p in plans for w in p.warnings]
+    for warning in scene_warnings:
+        log(f"warning: {warning}")
     n_chips = sum(len(p.windows) for p in plans)
     log(f"run {run_id}: {len(plans)} scenes ({len(done)} already committed, skipped), {n_chips} chips to read, "
         f"{sum(p.skipped_empty for p in plans)} empty chips skipped, {len(failed)} scenes failed to open")
 
     report = {"run_id": run_id, "job_name": spec.name, "job_hash": jhash, "model_id": model_id,
               REPORT_KEY: stac.newest if stac else None, "stac_skipped": stac.skipped if stac else [],
-              "inputs_unmatched": pre.inputs.unmatched, "warnings": pre.warnings,
+              "inputs_unmatched": pre.inputs.unmatched, "warnings": pre.warnings + scene_warnings,
               "scenes_ok": [], "scenes_partial": [], "scenes_skipped_done": sorted(done), "scenes_failed": [],
               "chips_read": 0, "chips_skipped_empty": sum(p.skipped_empty for p in plans), "chips_quarantined": [],
               "detections": 0, "workers": {}}

@@ -326,7 +326,7 @@ def test_boxes_of_a_scene_smaller_than_a_chip_stay_inside_it(ws, ray_session):
 # ---------------------------------------------------------------- 6. validate checks what run needs
 
 
-def test_validate_checks_bands_checkpoint_and_dtype(ws):
+def test_validate_checks_bands_checkpoint_and_dtype(ws, ray_session):
     job = write_job(ws, "v-bands", paths=[str(ws / "src" / "*.tif")], bands=[1, 2])
     code, out = cli("validate", job)
     assert code == 2 and "synth_000.tif" in out and "takes 3 channels" in out, out
@@ -335,5 +335,8 @@ def test_validate_checks_bands_checkpoint_and_dtype(ws):
                                           checkpoint=str(ws / "notes.pt")))
     assert code == 2 and "model.checkpoint" in out and "notes.pt" in out, out
     synthesize(ws / "u16", scenes=1, size=300, seed=9, dtype="uint16")
-    code, out = cli("validate", write_job(ws, "v-u16", paths=[str(ws / "u16" / "*.tif")]))
+    job = write_job(ws, "v-u16", paths=[str(ws / "u16" / "*.tif")])
+    code, out = cli("validate", job)
     assert code == 0 and "uint16 scene" in out and "8-bit" in out, out
+    code, out = cli("run", job)  # a warning, not a refusal: run says it too, and in the report
+    assert code == 0 and "uint16 scene" in out and any("uint16 scene" in w for w in run_report(out)["warnings"])
