@@ -127,6 +127,26 @@ def query(table: str, sql: str, fmt: str) -> None:
 
 
 @main.command()
+@click.argument("table", type=click.Path(exists=True, file_okay=False))
+@click.option("--dry-run", is_flag=True, help="list what would be removed, remove nothing")
+@click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(min=0),
+              help="seconds: anything younger is kept (commits and reads in flight)")
+def vacuum(table: str, dry_run: bool, grace: float) -> None:
+    """Finish interrupted commits, then remove superseded files, orphans and stale staging."""
+    from pipeline.table import vacuum as vacuum_table
+
+    try:
+        found = vacuum_table(table, grace_s=grace, dry_run=dry_run)
+    except PipelineError as err:
+        fail(err)
+    verb = "would remove" if dry_run else "removed"
+    for kind, paths in found.items():
+        for path in paths:
+            click.echo(f"{verb} {kind}: {path}")
+    click.echo(f"{table}: {verb} " + ", ".join(f"{len(v)} {k}" for k, v in found.items()))
+
+
+@main.command()
 @click.argument("table", type=click.Path(file_okay=False))
 @click.argument("scene_path")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write")

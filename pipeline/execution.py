@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 import uuid
 import warnings
 from collections import defaultdict
@@ -347,6 +348,11 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
             keys[scene.scene_id] = scene_key(scene.location)
         except PipelineError as err:
             failed.append({"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)})
+    if Path(spec.output.table).is_dir():  # finish commits an earlier run published but did not move into place
+        recovered = table.recover(spec.output.table)
+        if recovered["moved"] or recovered["removed"]:
+            log(f"recovered interrupted commits: {len(recovered['moved'])} files moved into place, "
+                f"{len(recovered['removed'])} superseded files removed")
     committed = {} if force else table.committed_scenes(spec.output.table)
     done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and table.is_current(
         committed.get((spec.name, s.scene_id)), keys[s.scene_id], model_id, jhash)}

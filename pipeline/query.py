@@ -79,17 +79,23 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def view_sql(files: list[str], hive: bool = True) -> str:
+FILES_VIEW = "_committed_files"
+
+
+def view_sql(files: list[str], dated: bool = True) -> str:
     """``CREATE VIEW detections`` over these Parquet files.
 
-    hive=True: ``date`` is read from the ``date=YYYY-MM-DD`` directories (as DATE).
-    hive=False (the empty placeholder file): the file's own ``date`` column is cast to
+    dated=True: each file's ``date`` (a DATE) comes from the relation ``_committed_files``
+    (filename, date), registered beside it: the files hold no date column, and the
+    staged files of an interrupted commit are not under their ``date=`` folder yet.
+    dated=False (the empty placeholder file): the file's own ``date`` column, cast to
     DATE so the view has the same types either way.
     """
     listed = "[" + ", ".join(_sql_string(f) for f in files) + "]"
-    if hive:
-        source = f"read_parquet({listed}, hive_partitioning = true)"
-        return f"CREATE VIEW {VIEW} AS SELECT * FROM {source}"
+    if dated:
+        source = f"read_parquet({listed}, hive_partitioning = false, filename = true)"
+        return (f"CREATE VIEW {VIEW} AS SELECT d.* EXCLUDE (filename), f.date FROM {source} d "
+                f"JOIN {FILES_VIEW} f USING (filename)")
     source = f"read_parquet({listed}, hive_partitioning = false)"
     return f"CREATE VIEW {VIEW} AS SELECT * REPLACE (CAST(date AS DATE) AS date) FROM {source}"
 
@@ -144,22 +150,25 @@ def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
     """
     import duckdb
 
-    from pipeline.table import committed_files, committed_scenes, read_committed
+    from pipeline.table import committed_parts, committed_scenes, read_committed
 
     root = _check_table_root(table_root)
     scenes = scenes_table(committed_scenes(root))
-    files = committed_files(root)
+    parts = committed_parts(root)
     con = duckdb.connect(":memory:")
     try:
         # A registered Arrow table reads as a view and keeps its schema with no rows.
         con.register(SCENES_VIEW, scenes)
         with tempfile.TemporaryDirectory(prefix="pipeline-query-") as tmp:
-            if files:
-                con.execute(view_sql(files, hive=True))
+            if parts:
+                dates = pa.table({"filename": [p for p, _ in parts],
+                                  "date": pa.array([dt.date.fromisoformat(d) for _, d in parts], pa.date32())})
+                con.register(FILES_VIEW, dates)
+                con.execute(view_sql([p for p, _ in parts]))
             else:
                 placeholder = os.path.join(tmp, "empty.parquet")
                 pq.write_table(read_committed(root), placeholder)
-                con.execute(view_sql([placeholder], hive=False))
+                con.execute(view_sql([placeholder], dated=False))
             yield con
     finally:
         con.close()

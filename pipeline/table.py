@@ -5,23 +5,37 @@ Layout of a table root (``output.table``)::
     date=2024-05-01/<run_id>-<scene>-<uuid>.parquet   data files (hive partition `date`)
     _manifests/<sequence>-<run_id>-<uuid>.json         one per committed scene
     _manifests/.tmp-*                                  manifests being written (ignored)
-    _staging/<run_id>-<uuid>/                          files of a commit in progress
+    _staging/<run_id>-<uuid>/*.parquet.tmp             files of a commit in progress
     _reports/<run_id>.json                             run reports
     _table.json                                        created once: format and CRS
+
+The data files are plain GeoParquet under hive ``date=`` folders and hold no ``date``
+column (it comes from the folder), so DuckDB's ``read_parquet('T/**/*.parquet',
+hive_partitioning = true)``, ``pyarrow.dataset.dataset(T, partitioning="hive")``,
+``geopandas.read_parquet(T)`` and :func:`read_committed` see the same rows. Staged files
+live under ``_staging`` (skipped by pyarrow and GeoPandas, whose readers ignore ``_``
+folders) and end in ``.tmp``, so no ``*.parquet`` glob reaches them either.
 
 Commit protocol (:func:`commit_scene`, one call per scene, so a crashed run keeps the
 scenes it finished and a rerun can skip them):
 
 1. write the scene's rows as Parquet under ``_staging/<run_id>-<uuid>/`` and fsync;
 2. count: the row count in each file's footer must equal the rows handed in;
-3. move each file to its final hive path with ``os.replace`` (same file system);
-4. publish the manifest: write ``_manifests/.tmp-<uuid>``, fsync, then ``os.link`` it
-   to its final name. ``link`` is atomic and fails if the name exists (O_EXCL
-   semantics), so a manifest is either absent or complete, and never overwritten.
+3. publish the manifest (the commit point): write ``_manifests/.tmp-<uuid>``, fsync,
+   then ``os.link`` it to its final name. ``link`` is atomic and fails if the name exists
+   (O_EXCL semantics), so a manifest is either absent or complete, never overwritten;
+4. move each staged file to its final hive path with ``os.replace``;
+5. settle the scene: delete the files of its superseded manifests (see
+   :func:`settle_scene`), so plain readers never see a scene twice at rest.
 
-Readers (:func:`committed_files`, :func:`read_committed`, query, eval) read only files
-listed by a published manifest. A crash before step 4 leaves files nobody lists:
-invisible, and removed later by :func:`cleanup_staging`.
+A failure before step 3 publishes nothing and leaves nothing a reader can see. A crash
+between 3 and 4 leaves a published manifest whose files are still staged: our readers
+read them from ``_staging`` (:func:`committed_files`), plain readers still see the
+scene's previous rows, and :func:`recover` (run by every ``pipeline run`` and by
+``pipeline vacuum``) finishes the move and settles the scene. A reader that lists the
+folder *during* a commit can see, for the milliseconds between steps 4 and 5, both the
+old and the new rows of that one scene, or find that a file it listed was just removed
+(retry the read).
 
 Supersede rule: a manifest describes one scene of one job, keyed by
 ``(job_name, scene_id)``. Among the manifests of one key the one with the highest
@@ -67,6 +81,7 @@ SCENE_STATUSES = ("complete", "partial", "failed")
 
 STAGING, MANIFESTS, REPORTS, TABLE_INFO = "_staging", "_manifests", "_reports", "_table.json"
 _TMP_PREFIX = ".tmp-"
+STAGED_SUFFIX = ".tmp"  # staged data files: no *.parquet glob matches them
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -446,21 +461,14 @@ def commit_scene(
 
     staging = root / STAGING / f"{run.run_id}-{uuid.uuid4().hex}"
     staging.mkdir()
-    moved: list[Path] = []
     try:
         files = []
-        dates = sorted(set(table["date"].to_pylist()))
-        for day in dates:
-            part = table.filter(pc.equal(table["date"], day))
+        for day in sorted(set(table["date"].to_pylist())):
+            part = table.filter(pc.equal(table["date"], day)).drop_columns(["date"])  # the folder says it
             name = f"{run.run_id}-{_safe_part(scene_id)}-{uuid.uuid4().hex[:12]}.parquet"
-            staged = _stage_file(staging, part, run.crs, name)
-            rel = f"date={day}/{name}"
-            final = root / rel
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
-            moved.append(final)
-            _fsync_dir(final.parent)
-            files.append({"path": rel, "rows": part.num_rows, "bytes": final.stat().st_size})
+            staged = _stage_file(staging, part, run.crs, name + STAGED_SUFFIX)
+            files.append({"path": f"date={day}/{name}", "staged": str(staged.relative_to(root)),
+                          "rows": part.num_rows, "bytes": staged.stat().st_size})
         paths_in_rows = sorted({p for p in table["scene_path"].to_pylist() if p is not None})
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -479,18 +487,64 @@ def commit_scene(
         }
         manifest["manifest"] = _publish_manifest(root, manifest)
     except BaseException as err:
-        # Not published: take the moved files back (best effort; cleanup_staging
-        # removes whatever a hard crash leaves).
-        for path in moved:
-            path.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # not published: nothing to take back
         if isinstance(err, (OSError, pa.ArrowException)):
             raise CommitError(f"scene {scene_id}: commit into {root} failed, nothing published: {err}") from err
         raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    # Published from here on: a failure now must not touch the files.
+    # Published from here on: a failure below leaves work for recover(), never a wrong row.
     _fsync_dir(root / MANIFESTS)
+    _move_into_place(root, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+    settle_scene(root, run.job_name, scene_id)
     return manifest
+
+
+def _move_into_place(root: Path, manifest: Mapping) -> None:
+    """Step 4: staged files of a published manifest to their hive paths (idempotent)."""
+    for f in manifest["files"]:
+        final, staged = root / f["path"], root / f.get("staged", f["path"])
+        if staged != final and staged.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            _fsync_dir(final.parent)
+
+
+def _live_files(root: Path, current: Mapping[tuple[str, str], Mapping]) -> set[str]:
+    return {f["path"] for m in current.values() for f in m["files"]}
+
+
+def settle_scene(table_root: os.PathLike | str, job_name: str, scene_id: str) -> list[str]:
+    """Step 5: delete the data files of every superseded manifest of ``(job_name, scene_id)``
+    that no current manifest lists. Every writer settles after moving its own files, so
+    whichever of two concurrent writers of one scene finishes last removes the loser's."""
+    root = Path(table_root)
+    manifests = all_manifests(root)
+    current = _current(manifests)
+    live = _live_files(root, current)
+    removed = []
+    for m in manifests:
+        if (m["job_name"], m["scene_id"]) != (job_name, scene_id) or current.get((job_name, scene_id)) is m:
+            continue
+        for f in m["files"]:
+            if f["path"] not in live and (root / f["path"]).exists():
+                (root / f["path"]).unlink(missing_ok=True)
+                removed.append(f["path"])
+    return removed
+
+
+def recover(table_root: os.PathLike | str) -> dict:
+    """Finish what crashed commits published: move the staged files of current manifests
+    into place and settle their scenes. Idempotent; safe beside running writers (their
+    files are moved by whoever gets there first). Returns what it did."""
+    root = Path(table_root)
+    moved, removed = [], []
+    for (job, scene), m in _current(all_manifests(root)).items():
+        missing = [f for f in m["files"] if not (root / f["path"]).exists()]
+        if missing:
+            _move_into_place(root, m)
+            moved += [f["path"] for f in missing if (root / f["path"]).exists()]
+        removed += settle_scene(root, job, scene)
+    return {"moved": moved, "removed": removed}
 
 
 # ---------------------------------------------------------------- reading
@@ -524,8 +578,13 @@ def committed_scenes(table_root: os.PathLike | str) -> dict[tuple[str, str], dic
     Each entry holds scene_key, scene_path, model_id, job_hash, run_id, rows, files
     (paths relative to the root), sequence, committed_at and the manifest file name.
     """
+    return _current(all_manifests(table_root))
+
+
+def _current(manifests: Sequence[dict]) -> dict[tuple[str, str], dict]:
+    """The supersede rule over manifests sorted oldest first: later ones overwrite."""
     current: dict[tuple[str, str], dict] = {}
-    for m in all_manifests(table_root):  # oldest first: later ones overwrite
+    for m in manifests:
         current[(m["job_name"], m["scene_id"])] = m
     return current
 
@@ -542,9 +601,11 @@ def is_current(entry: Optional[Mapping], scene_key: Any, model_id: str, job_hash
             and entry["model_id"] == model_id and entry["job_hash"] == job_hash)
 
 
-def committed_files(table_root: os.PathLike | str) -> list[str]:
-    """Absolute paths of the data files readers may see, sorted.
+def committed_parts(table_root: os.PathLike | str) -> list[tuple[str, str]]:
+    """(absolute path, date partition) of every data file readers may see, sorted.
 
+    A current manifest whose commit was interrupted after publishing (step 4 not done)
+    is read from its staged files, so our readers always see every committed scene.
     Raises CommitError if a current manifest lists a file that is missing or has a
     different size (the table was damaged from outside).
     """
@@ -553,14 +614,21 @@ def committed_files(table_root: os.PathLike | str) -> list[str]:
     for entry in committed_scenes(root).values():
         for f in entry["files"]:
             path = root / f["path"]
+            if not path.exists() and "staged" in f and (root / f["staged"]).exists():
+                path = root / f["staged"]
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
                 raise CommitError(f"{path}: listed by manifest {entry['manifest']} but missing") from None
             if size != f["bytes"]:
                 raise CommitError(f"{path}: {size} bytes, manifest {entry['manifest']} says {f['bytes']}")
-            out.append(str(path))
+            out.append((str(path), f["path"].split("/", 1)[0].removeprefix("date=")))
     return sorted(out)
+
+
+def committed_files(table_root: os.PathLike | str) -> list[str]:
+    """Absolute paths of the data files readers may see, sorted (see :func:`committed_parts`)."""
+    return [path for path, _ in committed_parts(table_root)]
 
 
 def read_committed(
@@ -574,12 +642,17 @@ def read_committed(
     e.g. ``ds.field("date") == "2024-05-01"`` (the date partition prunes files).
     The result's schema carries the table's ``geo`` metadata (without a bbox).
     """
+    import pyarrow.fs
+
     root = Path(table_root)
-    files = committed_files(root)
+    parts = committed_parts(root)
     schema = detection_schema()
-    if files:
-        partitioning = ds.partitioning(pa.schema([schema.field("date")]), flavor="hive")
-        dataset = ds.dataset(files, schema=schema, format="parquet", partitioning=partitioning, partition_base_dir=str(root))
+    if parts:
+        # The date comes from each file's partition (staged files of an interrupted commit
+        # are not under a date= folder yet), given per file rather than parsed from paths.
+        dataset = ds.FileSystemDataset.from_paths(
+            [path for path, _ in parts], schema=schema, format=ds.ParquetFileFormat(),
+            filesystem=pyarrow.fs.LocalFileSystem(), partitions=[ds.field("date") == day for _, day in parts])
         result = dataset.to_table(columns=columns, filter=filters)
     else:
         result = schema.empty_table()
@@ -603,35 +676,58 @@ def _older(path: Path, cutoff: float) -> bool:
         return False
 
 
-def cleanup_staging(table_root: os.PathLike | str, older_than_s: float = 24 * 3600) -> list[str]:
-    """Remove what crashed commits left, if older than ``older_than_s`` seconds.
+def vacuum(table_root: os.PathLike | str, grace_s: float = 3600, dry_run: bool = False) -> dict[str, list[str]]:
+    """Remove what no reader may see: returns the removed paths (relative to the root) by kind.
 
-    Removes staging directories, temporary manifests, and data files under ``date=*``
-    that no manifest (current or superseded) lists. The age guard keeps a commit in
-    progress safe: its files are seconds old. Files of superseded manifests are kept.
-    Returns the removed paths.
+    First :func:`recover` finishes interrupted commits (not in a dry run). Then, for
+    anything older than ``grace_s`` seconds (so commits in flight and readers that just
+    listed the folder are safe):
+
+    - ``superseded``: data files that only superseded manifests list (a crash between a
+      commit's move and its settle), and those superseded manifests themselves, once
+      none of their files is left (they only slow every read down);
+    - ``orphans``: data files under ``date=*`` that no manifest lists (written by older
+      versions that moved files before publishing, or by hand);
+    - ``staging``: staging folders and temporary manifests of commits that never published.
+
+    ``dry_run``: list, delete nothing.
     """
     root = Path(table_root)
-    cutoff = time.time() - older_than_s
-    removed: list[str] = []
+    if not dry_run:
+        recover(root)
+    cutoff = time.time() - grace_s
+    manifests = all_manifests(root)
+    current = _current(manifests)
+    live = _live_files(root, current)
+    listed = {f["path"] for m in manifests for f in m["files"]}
+    staged_live = {f["staged"].split("/")[1] for m in current.values() for f in m["files"]
+                   if "staged" in f and not (root / f["path"]).exists()}
+    found: dict[str, list[str]] = {"superseded": [], "orphans": [], "staging": []}
+    current_names = {m["manifest"] for m in current.values()}
+    for m in manifests:
+        if m["manifest"] in current_names:
+            continue
+        dead = [f["path"] for f in m["files"] if f["path"] not in live and (root / f["path"]).exists()]
+        found["superseded"] += [p for p in dead if _older(root / p, cutoff)]
+        if not dead and _older(root / MANIFESTS / m["manifest"], cutoff):
+            found["superseded"].append(f"{MANIFESTS}/{m['manifest']}")
+    for data in sorted(root.glob("date=*/*.parquet")):
+        rel = str(data.relative_to(root))
+        if rel not in listed and _older(data, cutoff):
+            found["orphans"].append(rel)
     staging = root / STAGING
-    if staging.is_dir():
-        for d in staging.iterdir():
-            if _older(d, cutoff):
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(str(d))
+    for d in sorted(staging.iterdir()) if staging.is_dir() else []:
+        if d.name not in staged_live and _older(d, cutoff):
+            found["staging"].append(str(d.relative_to(root)))
     for folder in (root / MANIFESTS, root / REPORTS, root):
-        if folder.is_dir():
-            for tmp in folder.glob(f"{_TMP_PREFIX}*"):
-                if _older(tmp, cutoff):
-                    tmp.unlink(missing_ok=True)
-                    removed.append(str(tmp))
-    listed = {str(root / f["path"]) for m in all_manifests(root) for f in m["files"]}
-    for data in root.glob("date=*/*.parquet"):
-        if str(data) not in listed and _older(data, cutoff):
-            data.unlink(missing_ok=True)
-            removed.append(str(data))
-    return removed
+        for tmp in sorted(folder.glob(f"{_TMP_PREFIX}*")) if folder.is_dir() else []:
+            if _older(tmp, cutoff):
+                found["staging"].append(str(tmp.relative_to(root)))
+    if not dry_run:
+        for rel in (p for kind in found.values() for p in kind):
+            target = root / rel
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    return found
 
 
 def write_run_report(table_root: os.PathLike | str, run_id: str, report: Mapping[str, Any]) -> Path:

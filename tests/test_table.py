@@ -214,7 +214,7 @@ def test_failure_before_manifest_leaves_previous_state(tmp_path, monkeypatch):
 
 
 def _commit_then_die(root: str) -> None:
-    """Child process: stage and move a scene's files, then die before the manifest."""
+    """Child process: stage a scene's files, then die before the manifest."""
     T._publish_manifest = lambda *a, **k: os._exit(17)
     T.shutil.rmtree = lambda *a, **k: None  # a killed process cleans nothing up
     run = run_info()
@@ -229,14 +229,17 @@ def test_hard_crash_between_staging_and_manifest_is_invisible(tmp_path):
     child.start()
     child.join(60)
     assert child.exitcode == 17
-    assert len(list(tmp_path.glob("date=*/*.parquet"))) == 2  # the orphan is on disk...
-    assert visible(tmp_path) == before  # ...but no reader sees it
+    assert len(list(tmp_path.glob("**/*.parquet"))) == 1  # the staged file is on disk, but no glob reaches it
+    assert len(list((tmp_path / T.STAGING).glob(f"*/*{T.STAGED_SUFFIX}"))) == 1
+    assert visible(tmp_path) == before
     assert T.committed_scenes(tmp_path)[("sat", "a")]["scene_key"] == "k"
 
-    assert T.cleanup_staging(tmp_path, older_than_s=3600) == []  # too fresh to be garbage
-    removed = T.cleanup_staging(tmp_path, older_than_s=0)
-    assert any(r.endswith(".parquet") for r in removed) and any(T.STAGING in r for r in removed)
-    assert len(list(tmp_path.glob("date=*/*.parquet"))) == 1 and visible(tmp_path) == before
+    assert T.vacuum(tmp_path, grace_s=3600) == {"superseded": [], "orphans": [], "staging": []}  # too fresh
+    assert T.vacuum(tmp_path, grace_s=0, dry_run=True)["staging"]  # listed, not removed
+    assert len(list((tmp_path / T.STAGING).iterdir())) == 1
+    removed = T.vacuum(tmp_path, grace_s=0)
+    assert [r.split("/")[0] for r in removed["staging"]] == [T.STAGING] and not removed["orphans"]
+    assert list((tmp_path / T.STAGING).iterdir()) == [] and visible(tmp_path) == before
     T.commit_scene(tmp_path, run, "a", "k2", rows(run, "a", 99, seed=2))  # the rerun completes
     assert len(visible(tmp_path)) == 99
 

@@ -1,0 +1,107 @@
+"""Any reader, same rows: DuckDB, pyarrow, GeoPandas and Polars on the table folder return
+exactly `pipeline query`'s rows after reruns, supersedes, concurrent writers and crashes."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import pyarrow.parquet as pq
+
+import pipeline.table as T
+from readers import assert_every_reader_agrees, duckdb_rows, pipeline_rows
+from test_table import rows, run_info
+
+
+def test_reruns_and_dates_leave_one_version_per_scene(tmp_path):
+    run = run_info()
+    for scene, n in (("a", 10), ("b", 7)):
+        T.commit_scene(tmp_path, run, scene, "k", rows(run, scene, n, seed=n, date="2024-05-01"))
+    assert len(assert_every_reader_agrees(tmp_path)) == 17
+    # The next night re-runs scene a (another partition) and b twice: only the newest stays on disk.
+    again = run_info(run_id="r2")
+    T.commit_scene(tmp_path, again, "a", "k", rows(again, "a", 4, seed=1, date="2024-05-02"))
+    T.commit_scene(tmp_path, again, "b", "k", rows(again, "b", 3, seed=2, date="2024-05-02"))
+    T.commit_scene(tmp_path, again, "b", "k", rows(again, "b", 5, seed=3, date="2024-05-02"))
+    found = assert_every_reader_agrees(tmp_path)
+    assert len(found) == 9 and {r[-1] for r in found} == {"2024-05-02"}
+    assert len(list(tmp_path.glob("date=*/*.parquet"))) == 2  # superseded files are gone
+    for path in T.committed_files(tmp_path):  # no column clashes with the date= folders
+        assert "date" not in pq.read_schema(path).names
+
+
+def _publish_then_die(root: str) -> None:
+    """Child process: commit scene a again, die after publishing, before the move."""
+    T._move_into_place = lambda *a, **k: os._exit(17)
+    T.shutil.rmtree = lambda *a, **k: None
+    run = run_info(run_id="r9")
+    T.commit_scene(root, run, "a", "k9", rows(run, "a", 3, seed=9, date="2024-05-03"))
+
+
+def test_a_crash_after_publishing_is_finished_by_recover(tmp_path):
+    run = run_info()
+    T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1, date="2024-05-01"))
+    child = mp.get_context("spawn").Process(target=_publish_then_die, args=(str(tmp_path),))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 17
+    # Published: our readers see the new rows (from staging); plain readers still the old.
+    assert len(pipeline_rows(tmp_path)) == 3 and len(duckdb_rows(tmp_path)) == 10
+    planned = T.vacuum(tmp_path, grace_s=0, dry_run=True)
+    assert len(planned["superseded"]) == 1 and planned["staging"] == []  # the staged commit is live: kept
+    done = T.recover(tmp_path)
+    assert len(done["moved"]) == 1 and len(done["removed"]) == 1
+    assert len(assert_every_reader_agrees(tmp_path)) == 3
+    T.vacuum(tmp_path, grace_s=0)
+    assert list((tmp_path / T.STAGING).iterdir()) == []
+    assert len(assert_every_reader_agrees(tmp_path)) == 3
+
+
+def _writer(root: str, name: str, barrier) -> None:
+    run = run_info(run_id=name)
+    barrier.wait()
+    for k in range(6):
+        T.commit_scene(root, run, f"{name}-{k}", k, rows(run, f"{name}-{k}", 5 + k, seed=k))
+        T.commit_scene(root, run, "shared", name, rows(run, "shared", 3 + k, seed=k))
+
+
+def test_two_concurrent_writers_leave_every_reader_the_same_rows(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), name, barrier)) for name in ("w1", "w2")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    found = assert_every_reader_agrees(tmp_path)
+    assert len({r[1] for r in found}) == 13  # 12 own scenes + the shared one, once
+    assert len(list(tmp_path.glob("date=*/*.parquet"))) == 13
+
+
+def test_vacuum_removes_orphans_of_older_versions_and_keeps_young_ones(tmp_path):
+    run = run_info()
+    T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1, date="2024-05-01"))
+    orphan = tmp_path / "date=2024-05-01" / "left-by-a-crash.parquet"
+    orphan.write_bytes((tmp_path / T.committed_files(tmp_path)[0]).read_bytes())
+    assert len(duckdb_rows(tmp_path)) == 20  # an older version moved files before publishing
+    assert T.vacuum(tmp_path, grace_s=3600)["orphans"] == []  # young: may be a commit in flight
+    assert T.vacuum(tmp_path, grace_s=0, dry_run=True)["orphans"] == [str(orphan.relative_to(tmp_path))]
+    assert orphan.exists()
+    T.vacuum(tmp_path, grace_s=0)
+    assert len(assert_every_reader_agrees(tmp_path)) == 10
+
+
+def test_vacuum_cli_dry_run_lists_and_removes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    run = run_info()
+    T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1))
+    (tmp_path / T.STAGING / "r0-dead").mkdir(parents=True)
+    result = CliRunner().invoke(main, ["vacuum", str(tmp_path), "--grace", "0", "--dry-run"])
+    assert result.exit_code == 0 and "would remove staging: _staging/r0-dead" in result.output
+    assert (tmp_path / T.STAGING / "r0-dead").exists()
+    result = CliRunner().invoke(main, ["vacuum", str(tmp_path), "--grace", "0"])
+    assert result.exit_code == 0 and "removed 0 superseded, 0 orphans, 1 staging" in result.output
+    assert not (tmp_path / T.STAGING / "r0-dead").exists()
