@@ -127,7 +127,7 @@ def query(table: str, sql: str, fmt: str) -> None:
 
 
 @main.command()
-@click.argument("table", type=click.Path(exists=True, file_okay=False))
+@click.argument("table")
 @click.option("--dry-run", is_flag=True, help="list what would be removed, remove nothing")
 @click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(min=0),
               help="seconds: anything younger is kept (commits and reads in flight)")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 import uuid
 import warnings
 from collections import defaultdict
@@ -330,6 +329,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     from pipeline.predictor import ChipLedger, ChipPredictor, resolve_batch_size
     from pipeline.stac import REPORT_KEY
     from pipeline.table import RunInfo
+    from pipeline.tablestore import open_store
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = time.time()
@@ -348,7 +348,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
             keys[scene.scene_id] = scene_key(scene.location)
         except PipelineError as err:
             failed.append({"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)})
-    if Path(spec.output.table).is_dir():  # finish commits an earlier run published but did not move into place
+    if open_store(spec.output.table).exists():  # finish commits an earlier run published but did not move
         recovered = table.recover(spec.output.table)
         if recovered["moved"] or recovered["removed"]:
             log(f"recovered interrupted commits: {len(recovered['moved'])} files moved into place, "

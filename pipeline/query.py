@@ -66,12 +66,18 @@ class QueryError(PipelineError):
     """The SQL could not be run against the table (syntax, unknown column, ...)."""
 
 
-def _check_table_root(table_root: os.PathLike | str) -> Path:
-    """A table root must be an existing directory: a typo must not read as 'no rows'."""
-    root = Path(table_root)
-    if not root.is_dir():
-        raise InputError(f"{root}: no detection table here (directory not found)")
-    return root
+def _check_table_root(table_root: os.PathLike | str) -> str:
+    """A table root must exist: a typo must not read as 'no rows'. An object-store table
+    must hold its ``_table.json``."""
+    from pipeline.table import TABLE_INFO
+    from pipeline.tablestore import LocalStore, open_store
+
+    store = open_store(table_root)
+    if isinstance(store, LocalStore) and not store.exists():
+        raise InputError(f"{table_root}: no detection table here (directory not found)")
+    if not isinstance(store, LocalStore) and store.stat(TABLE_INFO) is None:
+        raise InputError(f"{table_root}: no detection table here ({TABLE_INFO} not found)")
+    return str(table_root)
 
 
 def _sql_string(text: str) -> str:
@@ -160,7 +166,12 @@ def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
         # A registered Arrow table reads as a view and keeps its schema with no rows.
         con.register(SCENES_VIEW, scenes)
         with tempfile.TemporaryDirectory(prefix="pipeline-query-") as tmp:
-            if parts:
+            if parts and "://" in parts[0][0]:
+                # An object-store table: read through the store's client (DuckDB's own S3
+                # reader would need its httpfs extension and a second set of credentials).
+                con.register("_committed_rows", read_committed(root))
+                con.execute(f"CREATE VIEW {VIEW} AS SELECT * REPLACE (CAST(date AS DATE) AS date) FROM _committed_rows")
+            elif parts:
                 dates = pa.table({"filename": [p for p, _ in parts],
                                   "date": pa.array([dt.date.fromisoformat(d) for _, d in parts], pa.date32())})
                 con.register(FILES_VIEW, dates)

@@ -244,8 +244,8 @@ class OutputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    # A local directory (the commit protocol relies on atomic renames of a POSIX file
-    # system, which object stores do not offer).
+    # A local directory, or an s3:// / gs:// prefix (pipeline.tablestore: exclusive
+    # manifest creates are conditional PUTs there).
     table: str = Field(min_length=1)
     # Any CRS pyproj understands; null or "pixel" keep scene pixel coordinates (for
     # images without georeferencing). "pixel" is normalised to null.
@@ -253,9 +253,9 @@ class OutputSpec(BaseModel):
 
     @field_validator("table")
     @classmethod
-    def _local_table(cls, v: str) -> str:
-        if is_remote(v):
-            raise ValueError(f"must be a local directory (atomic commits need a POSIX file system), got {v!r}")
+    def _table_location(cls, v: str) -> str:
+        if is_remote(v) and not v.startswith(("s3://", "gs://")):
+            raise ValueError(f"must be a local directory or an s3:// or gs:// prefix, got {v!r}")
         return v
 
     @field_validator("crs")
@@ -689,7 +689,8 @@ def check_runnable(spec: JobSpec) -> None:
         problems.append(f"{source}: model.checkpoint: only local paths, s3:// and gs:// URLs are read, got {ckpt!r}")
     elif not is_remote(ckpt) and not os.path.isfile(ckpt):
         problems.append(f"{source}: model.checkpoint: file not found: {ckpt}")
-    why = _writable_dir_problem(spec.output.table)
+    # An object-store table needs no folder: its first commit creates the keys.
+    why = None if is_remote(spec.output.table) else _writable_dir_problem(spec.output.table)
     if why:
         problems.append(f"{source}: output.table: {why}")
     if problems:

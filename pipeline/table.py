@@ -71,6 +71,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import CommitError
+from pipeline.tablestore import LocalStore, open_store
 
 GEOPARQUET_VERSION = "1.1.0"
 MANIFEST_FORMAT = "retinanet-pipeline/scene-manifest"
@@ -261,47 +262,7 @@ def build_detection_table(
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-# ---------------------------------------------------------------- small file helpers
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_replace(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new content, never a mix."""
-    tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-    _write_synced(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _link_exclusive(path: Path, data: bytes) -> None:
-    """Create ``path`` atomically with ``data``; FileExistsError if it exists.
-
-    The content is written and fsynced under a temporary name first, then hard-linked:
-    the name appears with its full content or not at all. Call _fsync_dir after.
-    """
-    tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-    _write_synced(tmp, data)
-    try:
-        os.link(tmp, path)
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass  # a stray temp is harmless and cleanup_staging removes it
+# ---------------------------------------------------------------- names
 
 
 def _safe_part(text: str, limit: int = 80) -> str:
@@ -339,32 +300,30 @@ def new_run_id(now: Optional[dt.datetime] = None) -> str:
     return f"{when:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-def _ensure_table_info(root: Path, crs: Optional[str]) -> None:
+def _ensure_table_info(store, crs: Optional[str]) -> None:
     """Create ``_table.json`` on first commit; afterwards refuse a different CRS, so one
     table never mixes coordinate systems (readers attach a single CRS)."""
     info = {"format": TABLE_FORMAT, "schema_version": SCHEMA_VERSION, "crs": crs}
-    path = root / TABLE_INFO
-    if not path.exists():
+    if store.stat(TABLE_INFO) is None:
         try:
-            _link_exclusive(path, json.dumps(info, indent=2).encode())
-            _fsync_dir(root)
+            store.create(TABLE_INFO, json.dumps(info, indent=2).encode())
             return
         except FileExistsError:
             pass  # a concurrent writer created it first: compare with theirs
-    existing = _read_table_info(root)
+    existing = _read_table_info(store)
     if existing.get("crs") != crs:
-        raise CommitError(f"{root}: table holds crs {existing.get('crs')!r}; this run writes crs {crs!r}")
+        raise CommitError(f"{store.url}: table holds crs {existing.get('crs')!r}; this run writes crs {crs!r}")
 
 
-def _read_table_info(root: Path) -> dict:
+def _read_table_info(store) -> dict:
     try:
-        info = json.loads((root / TABLE_INFO).read_text())
+        info = json.loads(store.read(TABLE_INFO))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
-        raise CommitError(f"{root / TABLE_INFO}: unreadable table info: {err}") from None
+        raise CommitError(f"{store.url}/{TABLE_INFO}: unreadable table info: {err}") from None
     if info.get("format") != TABLE_FORMAT or info.get("schema_version") != SCHEMA_VERSION:
-        raise CommitError(f"{root / TABLE_INFO}: not a detection table of schema version {SCHEMA_VERSION}")
+        raise CommitError(f"{store.url}/{TABLE_INFO}: not a detection table of schema version {SCHEMA_VERSION}")
     return info
 
 
@@ -388,33 +347,29 @@ def _geometry_bbox(table: pa.Table) -> Optional[list[float]]:
             pc.max(flat(bbox, "xmax")).as_py(), pc.max(flat(bbox, "ymax")).as_py()]
 
 
-def _stage_file(staging: Path, part: pa.Table, crs: Optional[str], name: str) -> Path:
-    """Write one Parquet file with its ``geo`` metadata, fsync it, check its row count."""
+def _parquet_bytes(part: pa.Table, crs: Optional[str], name: str) -> bytes:
+    """One GeoParquet file with its ``geo`` metadata, its footer's row count checked."""
     meta = {b"geo": json.dumps(geo_metadata(crs, _geometry_bbox(part))).encode()}
-    path = staging / name
-    pq.write_table(part.replace_schema_metadata(meta), path, compression="zstd")
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    counted = pq.read_metadata(path).num_rows
+    sink = pa.BufferOutputStream()
+    pq.write_table(part.replace_schema_metadata(meta), sink, compression="zstd")
+    data = sink.getvalue()
+    counted = pq.read_metadata(pa.BufferReader(data)).num_rows
     if counted != part.num_rows:
-        raise CommitError(f"{path}: wrote {part.num_rows} rows but the file holds {counted}")
-    return path
+        raise CommitError(f"{name}: wrote {part.num_rows} rows but the file holds {counted}")
+    return data.to_pybytes()
 
 
-def _next_sequence(root: Path) -> int:
+def _next_sequence(names: Sequence[str]) -> int:
     """Commit time in ns, above every published sequence (clock steps cannot reorder)."""
-    latest = 0
-    for name in os.listdir(root / MANIFESTS):
-        head = name.split("-", 1)[0]
-        if head.isdigit():
-            latest = max(latest, int(head))
+    latest = max((int(h) for h in (n.rsplit("/", 1)[-1].split("-", 1)[0] for n in names) if h.isdigit()),
+                 default=0)
     return max(time.time_ns(), latest + 1)
 
 
-def _publish_manifest(root: Path, manifest: dict) -> str:
-    """Step 4 of the protocol: make the manifest (and so the files) visible at once."""
+def _publish_manifest(store, manifest: dict) -> str:
+    """Step 3 of the protocol, the commit point: create the manifest exclusively."""
     name = f"{manifest['sequence']:020d}-{manifest['run_id']}-{uuid.uuid4().hex[:12]}.json"
-    _link_exclusive(root / MANIFESTS / name, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    store.create(f"{MANIFESTS}/{name}", json.dumps(manifest, indent=2, sort_keys=True).encode())
     return name
 
 
@@ -444,7 +399,7 @@ def commit_scene(
     The commit supersedes earlier manifests of ``(run.job_name, scene_id)``.
     Raises CommitError; on error nothing of this scene becomes visible.
     """
-    root = Path(table_root)
+    store = open_store(table_root)
     _check_id(run.run_id, "run_id")
     _check_rows(table, run, scene_id)
     if status not in SCENE_STATUSES:
@@ -455,25 +410,22 @@ def commit_scene(
         json.dumps(scene_key)
     except (TypeError, ValueError) as err:
         raise CommitError(f"scene {scene_id}: scene_key is not JSON-serialisable: {err}") from None
-    for sub in (STAGING, MANIFESTS):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    _ensure_table_info(root, run.crs)
-
-    staging = root / STAGING / f"{run.run_id}-{uuid.uuid4().hex}"
-    staging.mkdir()
+    staging = f"{STAGING}/{run.run_id}-{uuid.uuid4().hex}"
     try:
+        _ensure_table_info(store, run.crs)
         files = []
         for day in sorted(set(table["date"].to_pylist())):
             part = table.filter(pc.equal(table["date"], day)).drop_columns(["date"])  # the folder says it
             name = f"{run.run_id}-{_safe_part(scene_id)}-{uuid.uuid4().hex[:12]}.parquet"
-            staged = _stage_file(staging, part, run.crs, name + STAGED_SUFFIX)
-            files.append({"path": f"date={day}/{name}", "staged": str(staged.relative_to(root)),
-                          "rows": part.num_rows, "bytes": staged.stat().st_size})
+            staged = f"{staging}/{name}{STAGED_SUFFIX}"
+            data = _parquet_bytes(part, run.crs, name)
+            store.write(staged, data)
+            files.append({"path": f"date={day}/{name}", "staged": staged, "rows": part.num_rows, "bytes": len(data)})
         paths_in_rows = sorted({p for p in table["scene_path"].to_pylist() if p is not None})
         manifest = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
-            "sequence": _next_sequence(root),
+            "sequence": _next_sequence([e.key for e in store.list(MANIFESTS)]),
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             **asdict(run),
             "scene_id": scene_id,
@@ -485,31 +437,28 @@ def commit_scene(
             "missing_chips": [dict(m) for m in missing_chips],
             "reason": reason,
         }
-        manifest["manifest"] = _publish_manifest(root, manifest)
+        manifest["manifest"] = _publish_manifest(store, manifest)
     except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)  # not published: nothing to take back
-        if isinstance(err, (OSError, pa.ArrowException)):
-            raise CommitError(f"scene {scene_id}: commit into {root} failed, nothing published: {err}") from err
+        store.delete_prefix(staging)  # not published: nothing to take back
+        if isinstance(err, (OSError, pa.ArrowException)) or type(err).__module__.startswith("obstore"):
+            raise CommitError(f"scene {scene_id}: commit into {store.url} failed, nothing published: {err}") from err
         raise
     # Published from here on: a failure below leaves work for recover(), never a wrong row.
-    _fsync_dir(root / MANIFESTS)
-    _move_into_place(root, manifest)
-    shutil.rmtree(staging, ignore_errors=True)
-    settle_scene(root, run.job_name, scene_id)
+    _move_into_place(store, manifest)
+    store.delete_prefix(staging)
+    settle_scene(table_root, run.job_name, scene_id)
     return manifest
 
 
-def _move_into_place(root: Path, manifest: Mapping) -> None:
+def _move_into_place(store, manifest: Mapping) -> None:
     """Step 4: staged files of a published manifest to their hive paths (idempotent)."""
     for f in manifest["files"]:
-        final, staged = root / f["path"], root / f.get("staged", f["path"])
-        if staged != final and staged.exists():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
-            _fsync_dir(final.parent)
+        staged = f.get("staged")
+        if staged and store.stat(f["path"]) is None and store.stat(staged) is not None:
+            store.move(staged, f["path"])
 
 
-def _live_files(root: Path, current: Mapping[tuple[str, str], Mapping]) -> set[str]:
+def _live_files(current: Mapping[tuple[str, str], Mapping]) -> set[str]:
     return {f["path"] for m in current.values() for f in m["files"]}
 
 
@@ -517,17 +466,17 @@ def settle_scene(table_root: os.PathLike | str, job_name: str, scene_id: str) ->
     """Step 5: delete the data files of every superseded manifest of ``(job_name, scene_id)``
     that no current manifest lists. Every writer settles after moving its own files, so
     whichever of two concurrent writers of one scene finishes last removes the loser's."""
-    root = Path(table_root)
-    manifests = all_manifests(root)
+    store = open_store(table_root)
+    manifests = all_manifests(table_root)
     current = _current(manifests)
-    live = _live_files(root, current)
+    live = _live_files(current)
     removed = []
     for m in manifests:
         if (m["job_name"], m["scene_id"]) != (job_name, scene_id) or current.get((job_name, scene_id)) is m:
             continue
         for f in m["files"]:
-            if f["path"] not in live and (root / f["path"]).exists():
-                (root / f["path"]).unlink(missing_ok=True)
+            if f["path"] not in live and store.stat(f["path"]) is not None:
+                store.delete(f["path"])
                 removed.append(f["path"])
     return removed
 
@@ -536,39 +485,40 @@ def recover(table_root: os.PathLike | str) -> dict:
     """Finish what crashed commits published: move the staged files of current manifests
     into place and settle their scenes. Idempotent; safe beside running writers (their
     files are moved by whoever gets there first). Returns what it did."""
-    root = Path(table_root)
+    store = open_store(table_root)
+    on_disk = {e.key for e in store.list() if e.key.startswith("date=")}
     moved, removed = [], []
-    for (job, scene), m in _current(all_manifests(root)).items():
-        missing = [f for f in m["files"] if not (root / f["path"]).exists()]
+    for (job, scene), m in _current(all_manifests(table_root)).items():
+        missing = [f["path"] for f in m["files"] if f["path"] not in on_disk]
         if missing:
-            _move_into_place(root, m)
-            moved += [f["path"] for f in missing if (root / f["path"]).exists()]
-        removed += settle_scene(root, job, scene)
+            _move_into_place(store, m)
+            moved += [p for p in missing if store.stat(p) is not None]
+        removed += settle_scene(table_root, job, scene)
     return {"moved": moved, "removed": removed}
 
 
 # ---------------------------------------------------------------- reading
 
 
-def _load_manifest(path: Path) -> dict:
+def _load_manifest(store, key: str) -> dict:
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(store.read(key))
     except (OSError, ValueError) as err:
         # Published manifests are complete by construction: damage here is loud.
-        raise CommitError(f"{path}: unreadable manifest: {err}") from None
+        raise CommitError(f"{store.url}/{key}: unreadable manifest: {err}") from None
     required = ("sequence", "run_id", "job_name", "scene_id", "scene_key", "model_id", "job_hash", "rows", "files")
     if m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION or any(k not in m for k in required):
-        raise CommitError(f"{path}: not a version {MANIFEST_VERSION} scene manifest")
-    m["manifest"] = path.name
+        raise CommitError(f"{store.url}/{key}: not a version {MANIFEST_VERSION} scene manifest")
+    m["manifest"] = key.rsplit("/", 1)[-1]
     return m
 
 
 def all_manifests(table_root: os.PathLike | str) -> list[dict]:
     """Every published manifest, superseded ones included, oldest first."""
-    folder = Path(table_root) / MANIFESTS
-    if not folder.is_dir():
-        return []
-    manifests = [_load_manifest(folder / n) for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(_TMP_PREFIX)]
+    store = open_store(table_root)
+    keys = [e.key for e in store.list(MANIFESTS)
+            if e.key.endswith(".json") and not e.key.rsplit("/", 1)[-1].startswith(_TMP_PREFIX)]
+    manifests = [_load_manifest(store, k) for k in keys]
     return sorted(manifests, key=lambda m: (m["sequence"], m["manifest"]))
 
 
@@ -601,33 +551,42 @@ def is_current(entry: Optional[Mapping], scene_key: Any, model_id: str, job_hash
             and entry["model_id"] == model_id and entry["job_hash"] == job_hash)
 
 
-def committed_parts(table_root: os.PathLike | str) -> list[tuple[str, str]]:
-    """(absolute path, date partition) of every data file readers may see, sorted.
+def _committed_keys(table_root: os.PathLike | str) -> list[tuple[str, str]]:
+    """(key relative to the root, date partition) of every data file readers may see.
 
     A current manifest whose commit was interrupted after publishing (step 4 not done)
     is read from its staged files, so our readers always see every committed scene.
     Raises CommitError if a current manifest lists a file that is missing or has a
     different size (the table was damaged from outside).
     """
-    root = Path(table_root)
+    store = open_store(table_root)
+    sizes = {e.key: e.size for e in store.list() if e.key.startswith(("date=", STAGING))}
     out = []
-    for entry in committed_scenes(root).values():
+    for entry in committed_scenes(table_root).values():
         for f in entry["files"]:
-            path = root / f["path"]
-            if not path.exists() and "staged" in f and (root / f["staged"]).exists():
-                path = root / f["staged"]
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise CommitError(f"{path}: listed by manifest {entry['manifest']} but missing") from None
-            if size != f["bytes"]:
-                raise CommitError(f"{path}: {size} bytes, manifest {entry['manifest']} says {f['bytes']}")
-            out.append((str(path), f["path"].split("/", 1)[0].removeprefix("date=")))
+            key = f["path"]
+            if key not in sizes and f.get("staged") in sizes:
+                key = f["staged"]
+            if key not in sizes:
+                raise CommitError(f"{store.url}/{key}: listed by manifest {entry['manifest']} but missing")
+            if sizes[key] != f["bytes"]:
+                raise CommitError(f"{store.url}/{key}: {sizes[key]} bytes, manifest {entry['manifest']} says "
+                                  f"{f['bytes']}")
+            out.append((key, f["path"].split("/", 1)[0].removeprefix("date=")))
     return sorted(out)
 
 
+def committed_parts(table_root: os.PathLike | str) -> list[tuple[str, str]]:
+    """(location, date partition) of every data file readers may see, sorted: absolute
+    paths for a local table, URLs for one in an object store (see :func:`_committed_keys`)."""
+    store = open_store(table_root)
+    if isinstance(store, LocalStore):
+        return [(str(store.path(k)), day) for k, day in _committed_keys(table_root)]
+    return [(f"{store.url}/{k}", day) for k, day in _committed_keys(table_root)]
+
+
 def committed_files(table_root: os.PathLike | str) -> list[str]:
-    """Absolute paths of the data files readers may see, sorted (see :func:`committed_parts`)."""
+    """The locations of :func:`committed_parts`, sorted."""
     return [path for path, _ in committed_parts(table_root)]
 
 
@@ -636,23 +595,31 @@ def read_committed(
     columns: Optional[list[str]] = None,
     filters: Optional[ds.Expression] = None,
 ) -> pa.Table:
-    """The committed rows: a pyarrow dataset over exactly :func:`committed_files`.
+    """The committed rows: a pyarrow dataset over exactly :func:`committed_parts`.
 
     columns: names to read (default all); filters: a ``pyarrow.dataset`` expression,
     e.g. ``ds.field("date") == "2024-05-01"`` (the date partition prunes files).
     The result's schema carries the table's ``geo`` metadata (without a bbox).
+    An object-store table is read through the store's client into memory.
     """
     import pyarrow.fs
 
-    root = Path(table_root)
-    parts = committed_parts(root)
+    store = open_store(table_root)
+    keys = _committed_keys(table_root)
     schema = detection_schema()
-    if parts:
+    if keys:
         # The date comes from each file's partition (staged files of an interrupted commit
         # are not under a date= folder yet), given per file rather than parsed from paths.
-        dataset = ds.FileSystemDataset.from_paths(
-            [path for path, _ in parts], schema=schema, format=ds.ParquetFileFormat(),
-            filesystem=pyarrow.fs.LocalFileSystem(), partitions=[ds.field("date") == day for _, day in parts])
+        partitions = [ds.field("date") == day for _, day in keys]
+        if isinstance(store, LocalStore):
+            dataset = ds.FileSystemDataset.from_paths(
+                [str(store.path(k)) for k, _ in keys], schema=schema, format=ds.ParquetFileFormat(),
+                filesystem=pyarrow.fs.LocalFileSystem(), partitions=partitions)
+        else:
+            dataset = ds.InMemoryDataset(pa.concat_tables(
+                [pq.read_table(pa.BufferReader(store.read(k))).append_column(
+                    "date", pa.array([day] * pq.read_metadata(pa.BufferReader(store.read(k))).num_rows, pa.string()))
+                 .select(schema.names).cast(schema) for k, day in keys]))
         result = dataset.to_table(columns=columns, filter=filters)
     else:
         result = schema.empty_table()
@@ -660,7 +627,7 @@ def read_committed(
             result = result.filter(filters)
         if columns is not None:
             result = result.select(columns)
-    info = _read_table_info(root)
+    info = _read_table_info(store)
     if "geometry" in result.column_names:
         result = result.replace_schema_metadata({b"geo": json.dumps(geo_metadata(info.get("crs", None))).encode()})
     return result
@@ -669,15 +636,8 @@ def read_committed(
 # ---------------------------------------------------------------- housekeeping
 
 
-def _older(path: Path, cutoff: float) -> bool:
-    try:
-        return path.stat().st_mtime < cutoff
-    except FileNotFoundError:
-        return False
-
-
 def vacuum(table_root: os.PathLike | str, grace_s: float = 3600, dry_run: bool = False) -> dict[str, list[str]]:
-    """Remove what no reader may see: returns the removed paths (relative to the root) by kind.
+    """Remove what no reader may see: returns the removed keys (relative to the root) by kind.
 
     First :func:`recover` finishes interrupted commits (not in a dry run). Then, for
     anything older than ``grace_s`` seconds (so commits in flight and readers that just
@@ -688,53 +648,56 @@ def vacuum(table_root: os.PathLike | str, grace_s: float = 3600, dry_run: bool =
       none of their files is left (they only slow every read down);
     - ``orphans``: data files under ``date=*`` that no manifest lists (written by older
       versions that moved files before publishing, or by hand);
-    - ``staging``: staging folders and temporary manifests of commits that never published.
+    - ``staging``: staged files and temporary manifests of commits that never published.
 
     ``dry_run``: list, delete nothing.
     """
-    root = Path(table_root)
+    store = open_store(table_root)
+    if not store.exists():
+        raise CommitError(f"{table_root}: no detection table here (directory not found)")
     if not dry_run:
-        recover(root)
+        recover(table_root)
     cutoff = time.time() - grace_s
-    manifests = all_manifests(root)
+    entries = {e.key: e for e in store.list()}
+    young = {k for k, e in entries.items() if e.mtime >= cutoff}
+    manifests = all_manifests(table_root)
     current = _current(manifests)
-    live = _live_files(root, current)
+    live = _live_files(current)
     listed = {f["path"] for m in manifests for f in m["files"]}
-    staged_live = {f["staged"].split("/")[1] for m in current.values() for f in m["files"]
-                   if "staged" in f and not (root / f["path"]).exists()}
+    staged_live = {f["staged"] for m in current.values() for f in m["files"]
+                   if f.get("staged") and f["path"] not in entries}
     found: dict[str, list[str]] = {"superseded": [], "orphans": [], "staging": []}
     current_names = {m["manifest"] for m in current.values()}
     for m in manifests:
         if m["manifest"] in current_names:
             continue
-        dead = [f["path"] for f in m["files"] if f["path"] not in live and (root / f["path"]).exists()]
-        found["superseded"] += [p for p in dead if _older(root / p, cutoff)]
-        if not dead and _older(root / MANIFESTS / m["manifest"], cutoff):
-            found["superseded"].append(f"{MANIFESTS}/{m['manifest']}")
-    for data in sorted(root.glob("date=*/*.parquet")):
-        rel = str(data.relative_to(root))
-        if rel not in listed and _older(data, cutoff):
-            found["orphans"].append(rel)
-    staging = root / STAGING
-    for d in sorted(staging.iterdir()) if staging.is_dir() else []:
-        if d.name not in staged_live and _older(d, cutoff):
-            found["staging"].append(str(d.relative_to(root)))
-    for folder in (root / MANIFESTS, root / REPORTS, root):
-        for tmp in sorted(folder.glob(f"{_TMP_PREFIX}*")) if folder.is_dir() else []:
-            if _older(tmp, cutoff):
-                found["staging"].append(str(tmp.relative_to(root)))
+        dead = [f["path"] for f in m["files"] if f["path"] not in live and f["path"] in entries]
+        found["superseded"] += [p for p in dead if p not in young]
+        key = f"{MANIFESTS}/{m['manifest']}"
+        if not dead and key not in young:
+            found["superseded"].append(key)
+    for key in sorted(entries):
+        name = key.rsplit("/", 1)[-1]
+        if key.startswith("date=") and key.endswith(".parquet") and key not in listed and key not in young:
+            found["orphans"].append(key)
+        elif (key.startswith(f"{STAGING}/") and key not in staged_live or name.startswith(_TMP_PREFIX)) \
+                and key not in young:
+            found["staging"].append(key)
     if not dry_run:
-        for rel in (p for kind in found.values() for p in kind):
-            target = root / rel
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        for key in (k for kind in found.values() for k in kind):
+            store.delete(key)
+        if isinstance(store, LocalStore):  # folders left empty by the deletes
+            for folder in sorted(store.root.glob(f"{STAGING}/*"), reverse=True):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
     return found
 
 
-def write_run_report(table_root: os.PathLike | str, run_id: str, report: Mapping[str, Any]) -> Path:
-    """Write ``_reports/<run_id>.json`` atomically (a rerun replaces it); return the path."""
+def write_run_report(table_root: os.PathLike | str, run_id: str, report: Mapping[str, Any]) -> Path | str:
+    """Write ``_reports/<run_id>.json`` atomically (a rerun replaces it); return its path
+    (a URL for a table in an object store)."""
     _check_id(run_id, "run_id")
-    folder = Path(table_root) / REPORTS
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{run_id}.json"
-    _atomic_replace(path, json.dumps(dict(report), indent=2, sort_keys=True, default=str).encode())
-    return path
+    store = open_store(table_root)
+    key = f"{REPORTS}/{run_id}.json"
+    store.write(key, json.dumps(dict(report), indent=2, sort_keys=True, default=str).encode())
+    return store.path(key) if isinstance(store, LocalStore) else f"{store.url}/{key}"

@@ -20,6 +20,7 @@ import yaml
 
 from pipeline.synth import SYNTH_CLASSES, synthesize
 from retinanet import build_model, save_checkpoint
+from readers import assert_every_reader_agrees
 from real_data import REAL_DATA
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -91,11 +92,22 @@ def test_driver_killed_mid_run_then_rerun_gives_the_clean_rows(scenes, address, 
     committed_scenes = {r[0] for r in partial}
     assert 1 <= len(committed_scenes) <= 3
     assert partial == [r for r in clean_rows if r[0] in committed_scenes]
+    # Plain readers too, once a commit the kill interrupted after publishing is finished
+    # (what the next run does first; vacuum does it on its own).
+    vacuum = subprocess.run([sys.executable, "-m", "pipeline.cli", "vacuum", str(scenes / "killed"), "--grace", "0"],
+                            capture_output=True, text=True)
+    assert vacuum.returncode == 0, vacuum.stderr
+    assert len(assert_every_reader_agrees(scenes / "killed")) == len(partial)
 
     rerun = start_run(job)
     out, _ = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, out
     assert rows(scenes / "killed") == clean_rows
+    assert len(assert_every_reader_agrees(scenes / "killed")) == len(clean_rows)
+    forced = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--force"], capture_output=True,
+                            text=True, timeout=240)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert len(assert_every_reader_agrees(scenes / "killed")) == len(clean_rows)  # superseded files are gone
 
 
 def test_two_runs_commit_into_one_table_at_once(scenes, address, clean_rows):
@@ -112,6 +124,7 @@ def test_two_runs_commit_into_one_table_at_once(scenes, address, clean_rows):
                       zip(t["scene_id"], t["label"], t["px_xmin"], t["px_ymin"], t["score"], t["job_name"])
                       if j == name)
         assert mine == clean_rows, name
+    assert len(assert_every_reader_agrees(scenes / "shared")) == 2 * len(clean_rows)
 
 
 @pytest.mark.skipif(not REAL_DATA.exists(), reason=f"real test rasters not found at {REAL_DATA}")

@@ -99,8 +99,9 @@ def test_vacuum_cli_dry_run_lists_and_removes_nothing(tmp_path):
     run = run_info()
     T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1))
     (tmp_path / T.STAGING / "r0-dead").mkdir(parents=True)
+    (tmp_path / T.STAGING / "r0-dead" / "x.parquet.tmp").write_bytes(b"never published")
     result = CliRunner().invoke(main, ["vacuum", str(tmp_path), "--grace", "0", "--dry-run"])
-    assert result.exit_code == 0 and "would remove staging: _staging/r0-dead" in result.output
+    assert result.exit_code == 0 and "would remove staging: _staging/r0-dead/x.parquet.tmp" in result.output
     assert (tmp_path / T.STAGING / "r0-dead").exists()
     result = CliRunner().invoke(main, ["vacuum", str(tmp_path), "--grace", "0"])
     assert result.exit_code == 0 and "removed 0 superseded, 0 orphans, 1 staging" in result.output

@@ -1,0 +1,198 @@
+"""Where a detection table lives: a local folder or an object-store prefix, behind the few
+operations the commit protocol needs (:mod:`pipeline.table`).
+
+Keys are paths relative to the table root with ``/`` separators. Two backends:
+
+- :class:`LocalStore`: POSIX files. Exclusive creates are a hard link of a fully written
+  and fsynced temporary file (atomic, fails if the name exists); overwrites and moves
+  are ``os.replace``; folders are fsynced after each change, so a power cut cannot lose
+  a published manifest.
+- :class:`ObjectStore`: ``s3://bucket/prefix`` or ``gs://bucket/prefix`` through obstore.
+  Exclusive creates are a conditional PUT (``If-None-Match: *``), so two writers can
+  never both publish one name; a PUT is atomic per object; a move is a server-side copy
+  then a delete. There are no folders.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pipeline.objstore import is_object_url, split_url
+
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored object: its key, size in bytes and last-modified time (epoch seconds)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+def open_store(root: str | os.PathLike):
+    """The store of a table root: an object store for s3:// and gs:// URLs, else local."""
+    text = str(root)
+    return ObjectStore(text) if is_object_url(text) else LocalStore(text)
+
+
+class LocalStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def stat(self, key: str) -> Optional[Entry]:
+        try:
+            st = self.path(key).stat()
+        except FileNotFoundError:
+            return None
+        return Entry(key, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        """Every file under ``prefix`` (a folder key, '' for all), recursively."""
+        base = self.path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        out = []
+        for folder, _, names in os.walk(base):
+            for name in names:
+                full = Path(folder) / name
+                try:
+                    st = full.stat()
+                except FileNotFoundError:
+                    continue  # removed while listing
+                out.append(Entry(full.relative_to(self.root).as_posix(), st.st_size, st.st_mtime))
+        return sorted(out, key=lambda e: e.key)
+
+    def read(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def _write_synced(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write(self, key: str, data: bytes) -> None:
+        """Readers see the old or the new content, never a mix."""
+        final = self.path(key)
+        tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        self._write_synced(tmp, data)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+    def create(self, key: str, data: bytes) -> None:
+        """Create ``key`` with ``data`` atomically; FileExistsError if it exists."""
+        final = self.path(key)
+        tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        self._write_synced(tmp, data)
+        try:
+            os.link(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(final.parent)
+
+    def move(self, src: str, dst: str) -> None:
+        target = self.path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path(src), target)
+        fsync_dir(target.parent)
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ObjectStore:
+    def __init__(self, url: str):
+        from obstore.store import from_url
+
+        self.url = url.rstrip("/")
+        bucket, prefix = split_url(self.url)
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.store = from_url(bucket)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def exists(self) -> bool:
+        return True  # object stores have no folders: an empty table reads as empty
+
+    def stat(self, key: str) -> Optional[Entry]:
+        import obstore
+
+        try:
+            meta = obstore.head(self.store, self._key(key))
+        except FileNotFoundError:
+            return None
+        return Entry(key, int(meta["size"]), meta["last_modified"].timestamp())
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        import obstore
+
+        base = self._key(prefix.rstrip("/")) if prefix else self.prefix
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        out = [Entry(m["path"][cut:], int(m["size"]), m["last_modified"].timestamp())
+               for chunk in obstore.list(self.store, prefix=(base + "/") if base else None) for m in chunk]
+        return sorted(out, key=lambda e: e.key)
+
+    def read(self, key: str) -> bytes:
+        import obstore
+
+        return bytes(obstore.get(self.store, self._key(key)).bytes())
+
+    def write(self, key: str, data: bytes) -> None:
+        import obstore
+
+        obstore.put(self.store, self._key(key), data)
+
+    def create(self, key: str, data: bytes) -> None:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError
+
+        try:
+            obstore.put(self.store, self._key(key), data, mode="create")  # If-None-Match: *
+        except AlreadyExistsError:
+            raise FileExistsError(f"{self.url}/{key}") from None
+
+    def move(self, src: str, dst: str) -> None:
+        import obstore
+
+        obstore.rename(self.store, self._key(src), self._key(dst))
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self.store, self._key(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        import obstore
+
+        keys = [self._key(e.key) for e in self.list(prefix)]
+        if keys:
+            obstore.delete(self.store, keys)

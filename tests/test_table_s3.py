@@ -1,0 +1,152 @@
+"""The detection table in an S3-compatible object store (moto on 127.0.0.1): the same
+commit protocol with conditional manifest writes, through `pipeline run`, query, vacuum."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import pipeline.table as T
+from pipeline.cli import main
+from pipeline.tablestore import open_store
+from test_table import rows, run_info
+
+BUCKET = "detections-bucket"
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    s3_server.create_bucket(Bucket=BUCKET)
+    return s3_server
+
+
+def table_url(name: str) -> str:
+    return f"s3://{BUCKET}/tables/{name}"
+
+
+def data_keys(url: str) -> list[str]:
+    return [e.key for e in open_store(url).list() if e.key.startswith("date=")]
+
+
+def plain_rows(url: str) -> int:
+    """What a plain reader listing the prefix sees: every *.parquet under date=."""
+    import pyarrow.parquet as pq
+    import pyarrow as pa
+
+    store = open_store(url)
+    return sum(pq.read_metadata(pa.BufferReader(store.read(k))).num_rows for k in data_keys(url))
+
+
+def test_manifests_are_created_with_a_conditional_write(bucket):
+    store = open_store(table_url("conditional"))
+    store.create("_manifests/x.json", b"first")
+    with pytest.raises(FileExistsError):
+        store.create("_manifests/x.json", b"second")
+    assert store.read("_manifests/x.json") == b"first"
+
+
+def test_commit_rerun_and_supersede(bucket):
+    url = table_url("commits")
+    run = run_info()
+    T.commit_scene(url, run, "a", "k", rows(run, "a", 10, seed=1, date="2024-05-01"))
+    T.commit_scene(url, run, "b", "k", rows(run, "b", 7, seed=2, date="2024-05-01"))
+    again = run_info(run_id="r2")
+    T.commit_scene(url, again, "a", "k2", rows(again, "a", 4, seed=3, date="2024-05-02"))
+    assert T.read_committed(url).num_rows == 11 == plain_rows(url)
+    assert len(data_keys(url)) == 2 and not [e for e in open_store(url).list(T.STAGING)]
+    assert T.committed_scenes(url)[("sat", "a")]["scene_key"] == "k2"
+
+
+def _publish_then_die(url: str) -> None:
+    T._move_into_place = lambda *a, **k: os._exit(17)
+    run = run_info(run_id="r9")
+    T.commit_scene(url, run, "a", "k9", rows(run, "a", 3, seed=9))
+
+
+def test_a_writer_killed_mid_commit_is_recovered(bucket):
+    url = table_url("killed")
+    run = run_info()
+    T.commit_scene(url, run, "a", "k", rows(run, "a", 10, seed=1))
+    child = mp.get_context("spawn").Process(target=_publish_then_die, args=(url,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 17
+    assert T.read_committed(url).num_rows == 3 and plain_rows(url) == 10  # published; not yet moved
+    T.vacuum(url, grace_s=0)
+    assert T.read_committed(url).num_rows == 3 == plain_rows(url)
+    assert not open_store(url).list(T.STAGING)
+
+
+def _writer(url: str, name: str, barrier) -> None:
+    run = run_info(run_id=name)
+    barrier.wait()
+    for k in range(4):
+        T.commit_scene(url, run, f"{name}-{k}", k, rows(run, f"{name}-{k}", 5 + k, seed=k))
+        T.commit_scene(url, run, "shared", name, rows(run, "shared", 3 + k, seed=k))
+
+
+def test_two_concurrent_writers(bucket):
+    url = table_url("concurrent")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(url, name, barrier)) for name in ("w1", "w2")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    names = [e.key for e in open_store(url).list(T.MANIFESTS)]
+    assert len(names) == len(set(names)) == 16  # every commit published under its own name
+    current = T.committed_scenes(url)
+    assert len(current) == 9 and T.read_committed(url).num_rows == plain_rows(url)
+
+
+def test_pipeline_run_rerun_force_query_vacuum_into_s3(bucket, tmp_path, ray_session):
+    import torch
+
+    from pipeline.synth import SYNTH_CLASSES, synthesize
+    from retinanet import build_model, save_checkpoint
+
+    synthesize(tmp_path / "scenes", scenes=2, size=300, seed=4)
+    torch.manual_seed(0)
+    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=32, head_depth=1,
+                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
+    save_checkpoint(tmp_path / "model.pt", model, list(SYNTH_CLASSES))
+    bucket.upload_file(str(tmp_path / "model.pt"), BUCKET, "models/model.pt")
+    url = table_url("nightly")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "s3-nightly",
+        "inputs": {"paths": [str(tmp_path / "scenes" / "*.tif")], "bands": [1, 2, 3]},
+        "tiling": {"chip_size": 256, "overlap": 32},
+        "model": {"checkpoint": f"s3://{BUCKET}/models/model.pt", "precision": "fp32"},
+        "compute": {"actors": 1, "gpus_per_actor": 0, "max_retries": 0},
+        "output": {"table": url},
+    }))
+    cli = CliRunner()
+
+    def run(*extra) -> dict:
+        result = cli.invoke(main, ["run", str(job), *extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output[result.output.index("{"):])
+
+    first = run()
+    assert first["scenes_ok"] == 2 and first["report_path"].startswith(url)
+    n = T.read_committed(url).num_rows
+    assert n > 0 and plain_rows(url) == n
+    assert run()["scenes_skipped_done"] == 2
+    assert run("--force")["scenes_ok"] == 2
+    assert plain_rows(url) == n == T.read_committed(url).num_rows and len(data_keys(url)) == 2
+    query = cli.invoke(main, ["query", url, "SELECT count(*) AS n, min(date) IS NOT NULL AS dated FROM detections",
+                              "--format", "json"])
+    assert query.exit_code == 0 and json.loads(query.output) == [{"n": n, "dated": True}], query.output
+    scenes = cli.invoke(main, ["query", url, "SELECT status, count(*) AS n FROM scenes GROUP BY ALL", "--format",
+                               "json"])
+    assert json.loads(scenes.output) == [{"status": "complete", "n": 2}]
+    vacuum = cli.invoke(main, ["vacuum", url, "--grace", "0"])
+    assert vacuum.exit_code == 0 and "2 superseded" in vacuum.output, vacuum.output  # the first run's manifests
+    assert T.read_committed(url).num_rows == n
