@@ -81,6 +81,12 @@ SCHEMA_VERSION = 1
 SCENE_STATUSES = ("complete", "partial", "failed")
 
 STAGING, MANIFESTS, REPORTS, TABLE_INFO = "_staging", "_manifests", "_reports", "_table.json"
+SNAPSHOTS = "_snapshots"
+SNAPSHOT_FORMAT = "retinanet-pipeline/manifest-snapshot"
+# A commit folds the manifests into a new snapshot once this many are not in one yet, and
+# removes manifests folded earlier than SNAPSHOT_GRACE_S ago (readers in flight are safe).
+SNAPSHOT_EVERY = 200
+SNAPSHOT_GRACE_S = 600.0
 _TMP_PREFIX = ".tmp-"
 STAGED_SUFFIX = ".tmp"  # staged data files: no *.parquet glob matches them
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -425,7 +431,7 @@ def commit_scene(
         manifest = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
-            "sequence": _next_sequence([e.key for e in store.list(MANIFESTS)]),
+            "sequence": _next_sequence([e.key for e in store.list(MANIFESTS)] + [e.key for e in store.list(SNAPSHOTS)]),
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             **asdict(run),
             "scene_id": scene_id,
@@ -447,6 +453,8 @@ def commit_scene(
     _move_into_place(store, manifest)
     store.delete_prefix(staging)
     settle_scene(table_root, run.job_name, scene_id)
+    if len(_manifest_state(store)[1]) >= SNAPSHOT_EVERY:
+        write_snapshot(table_root)
     return manifest
 
 
@@ -513,13 +521,75 @@ def _load_manifest(store, key: str) -> dict:
     return m
 
 
+def _latest_snapshot(store) -> Optional[dict]:
+    """The newest snapshot of the current manifests, or None (see :func:`write_snapshot`)."""
+    keys = [e.key for e in store.list(SNAPSHOTS) if e.key.endswith(".json")]
+    if not keys:
+        return None
+    key = max(keys)  # names start with the zero-padded sequence
+    try:
+        snap = json.loads(store.read(key))
+    except (OSError, ValueError) as err:
+        raise CommitError(f"{store.url}/{key}: unreadable snapshot: {err}") from None
+    if snap.get("format") != SNAPSHOT_FORMAT:
+        raise CommitError(f"{store.url}/{key}: not a manifest snapshot")
+    snap["key"] = key
+    return snap
+
+
+def _manifest_state(store) -> tuple[Optional[dict], list[dict]]:
+    """(latest snapshot, manifests published but not folded into it)."""
+    snap = _latest_snapshot(store)
+    folded = set(snap["folded"]) if snap else set()
+    keys = [e.key for e in store.list(MANIFESTS) if e.key.endswith(".json")
+            and not e.key.rsplit("/", 1)[-1].startswith(_TMP_PREFIX) and e.key.rsplit("/", 1)[-1] not in folded]
+    return snap, [_load_manifest(store, k) for k in keys]
+
+
 def all_manifests(table_root: os.PathLike | str) -> list[dict]:
-    """Every published manifest, superseded ones included, oldest first."""
-    store = open_store(table_root)
-    keys = [e.key for e in store.list(MANIFESTS)
-            if e.key.endswith(".json") and not e.key.rsplit("/", 1)[-1].startswith(_TMP_PREFIX)]
-    manifests = [_load_manifest(store, k) for k in keys]
+    """The manifests that can still matter, oldest first: the current ones folded into the
+    latest snapshot, and every one published since (superseded ones included)."""
+    snap, loose = _manifest_state(open_store(table_root))
+    manifests = (snap["entries"] if snap else []) + loose
     return sorted(manifests, key=lambda m: (m["sequence"], m["manifest"]))
+
+
+def write_snapshot(table_root: os.PathLike | str, grace_s: Optional[float] = None) -> Optional[str]:
+    """Fold the current manifests into one snapshot (as Delta Lake checkpoints its log), so
+    reading the table's state costs the current scenes, not its whole history. Manifests
+    the previous snapshot folded are removed first, once older than ``grace_s`` (a reader
+    that listed them a moment ago can still read them). Returns the new snapshot's key
+    (None when a concurrent writer created that name first).
+
+    Safe beside writers: a manifest published while the snapshot is written is not in its
+    ``folded`` list, so readers still apply it; the supersede rule orders the two by sequence.
+    """
+    store = open_store(table_root)
+    previous, loose = _manifest_state(store)
+    cutoff = time.time() - (SNAPSHOT_GRACE_S if grace_s is None else grace_s)
+    still_folded = []
+    if previous is not None:
+        on_store = {e.key: e for e in store.list(MANIFESTS)}
+        for name in previous["folded"]:
+            entry = on_store.get(f"{MANIFESTS}/{name}")
+            if entry is not None and entry.mtime < cutoff:
+                store.delete(entry.key)
+            elif entry is not None:
+                still_folded.append(name)
+        for old in store.list(SNAPSHOTS):
+            if old.key != previous["key"] and old.mtime < cutoff:
+                store.delete(old.key)
+    merged = sorted((previous["entries"] if previous else []) + loose, key=lambda m: (m["sequence"], m["manifest"]))
+    entries = sorted(_current(merged).values(), key=lambda m: (m["sequence"], m["manifest"]))
+    sequence = max([m["sequence"] for m in entries], default=0)
+    snap = {"format": SNAPSHOT_FORMAT, "version": 1, "sequence": sequence, "entries": entries,
+            "folded": sorted({m["manifest"] for m in loose} | set(still_folded))}
+    key = f"{SNAPSHOTS}/{sequence:020d}-{uuid.uuid4().hex[:12]}.json"
+    try:
+        store.create(key, json.dumps(snap, sort_keys=True).encode())
+    except FileExistsError:
+        return None
+    return key
 
 
 def committed_scenes(table_root: os.PathLike | str) -> dict[tuple[str, str], dict]:
@@ -686,6 +756,7 @@ def vacuum(table_root: os.PathLike | str, grace_s: float = 3600, dry_run: bool =
     if not dry_run:
         for key in (k for kind in found.values() for k in kind):
             store.delete(key)
+        write_snapshot(table_root, grace_s)
         if isinstance(store, LocalStore):  # folders left empty by the deletes
             for folder in sorted(store.root.glob(f"{STAGING}/*"), reverse=True):
                 if folder.is_dir() and not any(folder.iterdir()):

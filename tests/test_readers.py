@@ -106,3 +106,23 @@ def test_vacuum_cli_dry_run_lists_and_removes_nothing(tmp_path):
     result = CliRunner().invoke(main, ["vacuum", str(tmp_path), "--grace", "0"])
     assert result.exit_code == 0 and "removed 0 superseded, 0 orphans, 1 staging" in result.output
     assert not (tmp_path / T.STAGING / "r0-dead").exists()
+
+
+def test_snapshots_keep_the_manifest_folder_small_and_the_state_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "SNAPSHOT_EVERY", 5)
+    monkeypatch.setattr(T, "SNAPSHOT_GRACE_S", 0.0)
+    for night in range(8):  # three scenes re-run every night: history grows, the state does not
+        run = run_info(run_id=f"n{night}")
+        for scene in "abc":
+            T.commit_scene(tmp_path, run, scene, night, rows(run, scene, 2 + night, seed=night))
+    manifests = list((tmp_path / T.MANIFESTS).glob("*.json"))
+    assert len(manifests) < 2 * T.SNAPSHOT_EVERY  # not the 24 ever published
+    assert list((tmp_path / T.SNAPSHOTS).glob("*.json"))
+    current = T.committed_scenes(tmp_path)
+    assert {k: m["scene_key"] for k, m in current.items()} == {("sat", s): 7 for s in "abc"}
+    assert len(assert_every_reader_agrees(tmp_path)) == 3 * 9
+    # A scene committed after the latest snapshot still supersedes the snapshot's entry.
+    late = run_info(run_id="late")
+    T.commit_scene(tmp_path, late, "a", "late", rows(late, "a", 1, seed=1))
+    assert T.committed_scenes(tmp_path)[("sat", "a")]["scene_key"] == "late"
+    assert len(assert_every_reader_agrees(tmp_path)) == 2 * 9 + 1

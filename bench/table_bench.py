@@ -1,0 +1,112 @@
+"""Benchmark: does the detection table's cost stay flat as its history grows?
+
+    python bench/table_bench.py                       # N = 1,000 and 10,000 commits
+    python bench/table_bench.py --sizes 1000 10000 100000
+
+A nightly table: ``--scenes`` scenes (default 500) re-run every night, so N commits are
+N / scenes nights of history while the current state stays one version per scene. Rows
+per scene follow a log-normal distribution (median 150, a long tail to a few thousand),
+as detection counts over mixed scenes do. Each table is built with the real commit path
+(``pipeline.table.commit_scene``: Parquet, manifest, move, settle, snapshots).
+
+Measured on each table, repeated ``--reps`` times, medians:
+
+  commit   one more scene commit;
+  scenes   listing the current scenes (``committed_scenes``: what every run starts with);
+  count    ``SELECT count(*) FROM detections`` through ``pipeline query``.
+
+Printed as seconds per table and as the ratio largest N / smallest N (target <= 1.5x).
+The machine's load average is printed beside them: measure when it is quiet.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import table as T  # noqa: E402
+from pipeline.query import run_query  # noqa: E402
+
+CLASSES = ["vehicle", "building", "tank"]
+
+
+def scene_rows(run: T.RunInfo, scene: str, n: int, rng: np.random.Generator):
+    xy = rng.uniform(0, 10000, size=(n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 50, size=(n, 2))], axis=1)
+    corners = np.stack([boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [2, 3]], boxes[:, [0, 3]]], axis=1) + 500000.0
+    return T.build_detection_table(corners, boxes, rng.uniform(0.3, 1, n), rng.integers(0, 3, n), CLASSES,
+                                   run_id=run.run_id, job_name=run.job_name, scene_id=scene,
+                                   scene_path=f"/scenes/{scene}.tif", model_id=run.model_id, job_hash=run.job_hash)
+
+
+def build(root: Path, commits: int, scenes: int, seed: int = 0) -> None:
+    # History built in seconds stands for months of nights: the grace that protects readers
+    # in flight from a folded manifest's removal (10 min) would otherwise keep every manifest.
+    T.SNAPSHOT_GRACE_S = 0.0
+    rng = np.random.default_rng(seed)
+    done = 0
+    night = 0
+    while done < commits:
+        run = T.RunInfo(f"night{night:05d}", "nightly", "h", "m", "EPSG:32633")
+        for s in range(min(scenes, commits - done)):
+            n = int(min(5000, max(1, rng.lognormal(np.log(150), 1.0))))
+            T.commit_scene(root, run, f"scene_{s:05d}", night, scene_rows(run, f"scene_{s:05d}", n, rng))
+            done += 1
+        night += 1
+
+
+def measure(root: Path, reps: int) -> dict[str, float]:
+    rng = np.random.default_rng(1)
+    times: dict[str, list[float]] = {"commit": [], "scenes": [], "count": []}
+    for r in range(reps):
+        run = T.RunInfo(f"bench{r:03d}", "nightly", "h", "m", "EPSG:32633")
+        rows = scene_rows(run, "scene_00000", 150, rng)
+        t0 = time.perf_counter()
+        T.commit_scene(root, run, "scene_00000", f"b{r}", rows)
+        t1 = time.perf_counter()
+        T.committed_scenes(root)
+        t2 = time.perf_counter()
+        run_query(root, "SELECT count(*) FROM detections")
+        t3 = time.perf_counter()
+        times["commit"].append(t1 - t0)
+        times["scenes"].append(t2 - t1)
+        times["count"].append(t3 - t2)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--scenes", type=int, default=500)
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="table-bench-") as tmp:
+        for n in args.sizes:
+            root = Path(tmp) / f"t{n}"
+            t0 = time.perf_counter()
+            build(root, n, args.scenes)
+            built = time.perf_counter() - t0
+            results[n] = measure(root, args.reps)
+            manifests = len(list((root / T.MANIFESTS).glob("*.json")))
+            files = len(list(root.glob("date=*/*.parquet")))
+            print(f"N={n:>7}: built in {built:7.1f} s ({built / n * 1000:.1f} ms/commit); "
+                  f"{manifests} manifests and {files} data files on disk; "
+                  + "; ".join(f"{k} {v * 1000:.1f} ms" for k, v in results[n].items())
+                  + f"; load {os.getloadavg()[0]:.2f}", flush=True)
+    small, large = min(results), max(results)
+    print(f"ratio N={large} / N={small}: "
+          + ", ".join(f"{k} {results[large][k] / results[small][k]:.2f}x" for k in results[small])
+          + " (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
