@@ -32,7 +32,6 @@ import io
 import json
 import os
 import tempfile
-from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np

@@ -36,7 +36,6 @@ import json
 import os
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pipeline.errors import ConfigError, InputError
@@ -305,15 +304,16 @@ def last_success_datetime(table_root: os.PathLike | str, job_name: str) -> Optio
     matches and :data:`REPORT_KEY` is set. None when there is no such report (then the
     whole configured range is taken). Raises InputError for an unreadable report.
     """
-    folder = Path(table_root) / "_reports"
-    if not folder.is_dir():
-        return None
+    from pipeline.tablestore import open_store
+
+    store = open_store(table_root)
     best: Optional[dt.datetime] = None
-    for path in sorted(folder.glob("*.json")):
-        if path.name.startswith("."):
+    for entry in store.list("_reports"):
+        path = f"{store.url}/{entry.key}"
+        if not entry.key.endswith(".json") or entry.key.rsplit("/", 1)[-1].startswith("."):
             continue
         try:
-            report = json.loads(path.read_text())
+            report = json.loads(store.read(entry.key))
         except (OSError, ValueError) as err:
             raise InputError(f"{path}: unreadable run report: {err}") from None
         if report.get("exit_code") != 0 or report.get("job_name") != job_name or not report.get(REPORT_KEY):

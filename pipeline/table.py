@@ -1,10 +1,12 @@
 """The detection table: GeoParquet 1.1 files published atomically through manifests.
 
-Layout of a table root (``output.table``)::
+Layout of a table root (``output.table``: a local folder, or an ``s3://`` / ``gs://``
+prefix through :mod:`pipeline.tablestore`, with the same protocol)::
 
     date=2024-05-01/<run_id>-<scene>-<uuid>.parquet   data files (hive partition `date`)
     _manifests/<sequence>-<run_id>-<uuid>.json         one per committed scene
     _manifests/.tmp-*                                  manifests being written (ignored)
+    _snapshots/<sequence>-<uuid>.json                  the current manifests, folded
     _staging/<run_id>-<uuid>/*.parquet.tmp             files of a commit in progress
     _reports/<run_id>.json                             run reports
     _table.json                                        created once: format and CRS
@@ -44,9 +46,16 @@ visible. So running a scene again (same run id, or a new run) replaces exactly t
 scene's rows, and every other scene and job is untouched. Keep scene ids unique per
 acquisition if the table should keep history of a place.
 
+Snapshots (:func:`write_snapshot`): every ``SNAPSHOT_EVERY`` commits (and at each
+vacuum) the current manifests are folded into one snapshot file, as Delta Lake
+checkpoints its log; manifests an earlier snapshot folded are removed after a grace
+period. Reading the state is then the latest snapshot plus the manifests published since,
+so its cost follows the number of current scenes, not the length of the history.
+
 Concurrency: writers share no mutable file. Data files and manifests have unique names
-(uuid4), manifests are created exclusively, so any number of processes or machines
-on one POSIX file system can commit into one table at once. ``sequence`` is the commit
+(uuid4), manifests are created exclusively (a hard link locally, a conditional PUT with
+``If-None-Match: *`` in an object store), so any number of processes or machines can
+commit into one table at once. ``sequence`` is the commit
 time in ns, raised above every sequence already published, so on one machine a later
 commit of a scene always wins; two machines committing the *same* scene at the same
 moment are ordered by their clocks.
@@ -57,7 +66,6 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass

@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pytest
 import rasterio
 import rasterio.warp

@@ -56,28 +56,6 @@ def test_a_crash_after_publishing_is_finished_by_recover(tmp_path):
     assert len(assert_every_reader_agrees(tmp_path)) == 3
 
 
-def _writer(root: str, name: str, barrier) -> None:
-    run = run_info(run_id=name)
-    barrier.wait()
-    for k in range(6):
-        T.commit_scene(root, run, f"{name}-{k}", k, rows(run, f"{name}-{k}", 5 + k, seed=k))
-        T.commit_scene(root, run, "shared", name, rows(run, "shared", 3 + k, seed=k))
-
-
-def test_two_concurrent_writers_leave_every_reader_the_same_rows(tmp_path):
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), name, barrier)) for name in ("w1", "w2")]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    found = assert_every_reader_agrees(tmp_path)
-    assert len({r[1] for r in found}) == 13  # 12 own scenes + the shared one, once
-    assert len(list(tmp_path.glob("date=*/*.parquet"))) == 13
-
-
 def test_vacuum_removes_orphans_of_older_versions_and_keeps_young_ones(tmp_path):
     run = run_info()
     T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1, date="2024-05-01"))

@@ -253,15 +253,24 @@ def _writer(root: str, name: str, barrier) -> None:
         T.commit_scene(root, run, "shared", name, rows(run, "shared", 5, seed=k))
 
 
-def test_two_concurrent_writers_both_commit(tmp_path):
+def run_two_writers(root: str) -> None:
+    """Two processes commit into ``root`` at once (see _writer) and both succeed."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), name, barrier)) for name in ("w1", "w2")]
+    procs = [ctx.Process(target=_writer, args=(root, name, barrier)) for name in ("w1", "w2")]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_two_concurrent_writers_both_commit(tmp_path):
+    from readers import assert_every_reader_agrees
+
+    run_two_writers(str(tmp_path))
+    assert len(assert_every_reader_agrees(tmp_path)) == 2 * sum(20 + k for k in range(8)) + 5
+    assert len(list(tmp_path.glob("date=*/*.parquet"))) == 17  # the shared scene's loser is gone
 
     scenes = T.committed_scenes(tmp_path)
     assert len(scenes) == 17  # 8 per writer + the shared one
