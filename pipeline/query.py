@@ -1,9 +1,11 @@
 """`pipeline query`: SQL over the committed rows of a detection table, with DuckDB.
 
 The rows are the view ``detections``, defined over exactly
-:func:`pipeline.table.committed_files`: files of runs that crashed before publishing
-their manifest, files still in ``_staging`` and files of superseded manifests are not
-part of it. ``date`` comes from the hive partition directory and is a DATE;
+:func:`pipeline.table.committed_parts`: the files of the current manifests (read from
+``_staging`` where a crash interrupted a published commit before its move); files of
+runs that crashed before publishing and of superseded manifests are not part of it.
+``date`` is each file's partition, a DATE (the files hold no date column). A table in an
+object store is read into memory through the store's client;
 ``geometry`` is the WKB box (DuckDB 1.4+ reads it as GEOMETRY from the GeoParquet
 metadata); ``bbox`` is the GeoParquet covering struct, so ``bbox.xmin`` ... filter
 boxes without any spatial extension. An empty table gives an empty view with the same

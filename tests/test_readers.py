@@ -32,7 +32,6 @@ def test_reruns_and_dates_leave_one_version_per_scene(tmp_path):
 def _publish_then_die(root: str) -> None:
     """Child process: commit scene a again, die after publishing, before the move."""
     T._move_into_place = lambda *a, **k: os._exit(17)
-    T.shutil.rmtree = lambda *a, **k: None
     run = run_info(run_id="r9")
     T.commit_scene(root, run, "a", "k9", rows(run, "a", 3, seed=9, date="2024-05-03"))
 

@@ -90,7 +90,7 @@ MALFORMED = [
     ("paths-not-list", replace_line("inputs:", "inputs: {paths: a.tif}"), "inputs.paths"),
     ("paths-item-type", replace_line("inputs:", "inputs: {paths: [a.tif, 3]}"), "inputs.paths[1]"),
     ("bad-crs", replace_line("output:", "output: {table: t, crs: 'EPSG:999999'}"), "output.crs"),
-    ("remote-table", replace_line("output:", "output: {table: 's3://b/t'}"), "output.table"),
+    ("remote-table", replace_line("output:", "output: {table: 'https://host/t'}"), "output.table"),
     ("gpu-fraction", replace_line("compute:", "compute: {gpus_per_actor: 1.5}"), "compute.gpus_per_actor"),
     ("address", replace_line("compute:", "compute: {address: somewhere}"), "compute.address"),
     ("precision", replace_line("model:", "model: {checkpoint: m.pt, precision: fp8}"), "model.precision"),

@@ -216,7 +216,6 @@ def test_failure_before_manifest_leaves_previous_state(tmp_path, monkeypatch):
 def _commit_then_die(root: str) -> None:
     """Child process: stage a scene's files, then die before the manifest."""
     T._publish_manifest = lambda *a, **k: os._exit(17)
-    T.shutil.rmtree = lambda *a, **k: None  # a killed process cleans nothing up
     run = run_info()
     T.commit_scene(root, run, "a", "k2", rows(run, "a", 99, seed=2))
 
