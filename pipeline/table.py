@@ -63,6 +63,7 @@ moment are ordered by their clocks.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -380,9 +381,23 @@ def _next_sequence(names: Sequence[str]) -> int:
     return max(time.time_ns(), latest + 1)
 
 
+def _scene_tag(job_name: str, scene_id: str) -> str:
+    """A short hash of the scene's key in its manifest's name: a commit finds the
+    manifests of its own scene by name, without reading every other one."""
+    return "s" + hashlib.sha1(f"{job_name}\0{scene_id}".encode()).hexdigest()[:10]
+
+
+def _name_tag(key: str) -> Optional[str]:
+    """The scene tag of a manifest name; None for names written before tags existed."""
+    parts = key.rsplit("/", 1)[-1].removesuffix(".json").rsplit("-", 2)
+    tag = parts[1] if len(parts) == 3 else ""
+    return tag if len(tag) == 11 and tag[0] == "s" and all(c in "0123456789abcdef" for c in tag[1:]) else None
+
+
 def _publish_manifest(store, manifest: dict) -> str:
     """Step 3 of the protocol, the commit point: create the manifest exclusively."""
-    name = f"{manifest['sequence']:020d}-{manifest['run_id']}-{uuid.uuid4().hex[:12]}.json"
+    tag = _scene_tag(manifest["job_name"], manifest["scene_id"])
+    name = f"{manifest['sequence']:020d}-{manifest['run_id']}-{tag}-{uuid.uuid4().hex[:12]}.json"
     store.create(f"{MANIFESTS}/{name}", json.dumps(manifest, indent=2, sort_keys=True).encode())
     return name
 
@@ -461,7 +476,7 @@ def commit_scene(
     _move_into_place(store, manifest)
     store.delete_prefix(staging)
     settle_scene(table_root, run.job_name, scene_id)
-    if len(_manifest_state(store)[1]) >= SNAPSHOT_EVERY:
+    if len(_loose_keys(store, _latest_snapshot(store))) >= SNAPSHOT_EVERY:
         write_snapshot(table_root)
     return manifest
 
@@ -483,13 +498,16 @@ def settle_scene(table_root: os.PathLike | str, job_name: str, scene_id: str) ->
     that no current manifest lists. Every writer settles after moving its own files, so
     whichever of two concurrent writers of one scene finishes last removes the loser's."""
     store = open_store(table_root)
-    manifests = all_manifests(table_root)
-    current = _current(manifests)
-    live = _live_files(current)
+    key = (job_name, scene_id)
+    snap, loose = _manifest_state(store, key)
+    manifests = sorted([m for m in (snap["entries"] if snap else []) + loose if (m["job_name"], m["scene_id"]) == key],
+                       key=lambda m: (m["sequence"], m["manifest"]))
+    if not manifests:
+        return []
+    current = manifests[-1]
+    live = {f["path"] for f in current["files"]}  # data files are never shared between scenes
     removed = []
-    for m in manifests:
-        if (m["job_name"], m["scene_id"]) != (job_name, scene_id) or current.get((job_name, scene_id)) is m:
-            continue
+    for m in manifests[:-1]:
         for f in m["files"]:
             if f["path"] not in live and store.stat(f["path"]) is not None:
                 store.delete(f["path"])
@@ -545,12 +563,21 @@ def _latest_snapshot(store) -> Optional[dict]:
     return snap
 
 
-def _manifest_state(store) -> tuple[Optional[dict], list[dict]]:
-    """(latest snapshot, manifests published but not folded into it)."""
-    snap = _latest_snapshot(store)
+def _loose_keys(store, snap: Optional[dict]) -> list[str]:
+    """Keys of the manifests published but not folded into ``snap``."""
     folded = set(snap["folded"]) if snap else set()
-    keys = [e.key for e in store.list(MANIFESTS) if e.key.endswith(".json")
+    return [e.key for e in store.list(MANIFESTS) if e.key.endswith(".json")
             and not e.key.rsplit("/", 1)[-1].startswith(_TMP_PREFIX) and e.key.rsplit("/", 1)[-1] not in folded]
+
+
+def _manifest_state(store, scene: Optional[tuple[str, str]] = None) -> tuple[Optional[dict], list[dict]]:
+    """(latest snapshot, manifests published but not folded into it); with ``scene``
+    (job_name, scene_id), only that scene's loose manifests are read."""
+    snap = _latest_snapshot(store)
+    keys = _loose_keys(store, snap)
+    if scene is not None:
+        tag = _scene_tag(*scene)
+        keys = [k for k in keys if _name_tag(k) in (tag, None)]
     return snap, [_load_manifest(store, k) for k in keys]
 
 
