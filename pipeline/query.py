@@ -101,7 +101,12 @@ def view_sql(files: list[str], dated: bool = True) -> str:
     listed = "[" + ", ".join(_sql_string(f) for f in files) + "]"
     if dated:
         source = f"read_parquet({listed}, hive_partitioning = false, filename = true)"
-        return (f"CREATE VIEW {VIEW} AS SELECT d.* EXCLUDE (filename), f.date FROM {source} d "
+        from pipeline.table import detection_schema
+
+        # Columns named, not d.*: files of tables written before the date left the files
+        # still hold one, and it must not appear twice.
+        columns = ", ".join(f"d.{name}" for name in detection_schema().names if name != "date")
+        return (f"CREATE VIEW {VIEW} AS SELECT {columns}, f.date FROM {source} d "
                 f"JOIN {FILES_VIEW} f USING (filename)")
     source = f"read_parquet({listed}, hive_partitioning = false)"
     return f"CREATE VIEW {VIEW} AS SELECT * REPLACE (CAST(date AS DATE) AS date) FROM {source}"

@@ -2,9 +2,11 @@
 exactly `pipeline query`'s rows after reruns, supersedes, concurrent writers and crashes."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipeline.table as T
@@ -103,3 +105,20 @@ def test_snapshots_keep_the_manifest_folder_small_and_the_state_exact(tmp_path, 
     T.commit_scene(tmp_path, late, "a", "late", rows(late, "a", 1, seed=1))
     assert T.committed_scenes(tmp_path)[("sat", "a")]["scene_key"] == "late"
     assert len(assert_every_reader_agrees(tmp_path)) == 2 * 9 + 1
+
+
+def test_files_of_older_tables_with_a_date_column_still_query(tmp_path):
+    """Tables written before the date left the files: `pipeline query` reads them as before."""
+    run = run_info()
+    T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 4, seed=1, date="2024-05-01"))
+    [path] = T.committed_files(tmp_path)
+    old = pq.read_table(path)
+    old = old.append_column("date", pa.array(["2024-05-01"] * old.num_rows))
+    pq.write_table(old, path)  # as an older version wrote it (the manifest's byte count is fixed below)
+    manifest = next((tmp_path / T.MANIFESTS).glob("*.json"))
+    data = json.loads(manifest.read_text())
+    data["files"][0]["bytes"] = os.path.getsize(path)
+    manifest.write_text(json.dumps(data))
+    result = pipeline_rows(tmp_path)
+    assert len(result) == 4 and {r[-1] for r in result} == {"2024-05-01"}
+    assert T.read_committed(tmp_path).num_rows == 4
