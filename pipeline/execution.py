@@ -353,7 +353,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         if recovered["moved"] or recovered["removed"]:
             log(f"recovered interrupted commits: {len(recovered['moved'])} files moved into place, "
                 f"{len(recovered['removed'])} superseded files removed")
-    committed = {} if force else table.committed_scenes(spec.output.table)
+    committed_entries = table.committed_scenes(spec.output.table)
+    committed = {} if force else committed_entries
     done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and table.is_current(
         committed.get((spec.name, s.scene_id)), keys[s.scene_id], model_id, jhash)}
     todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
@@ -377,8 +378,15 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
 
     def record_failure(failure: dict) -> None:
         """A scene with nothing to show: reported, and committed as failed so that
-        `pipeline query`'s scenes view says so and the next run tries it again."""
+        `pipeline query`'s scenes view says so and the next run tries it again. Not when
+        the table holds complete rows of the same content (or the content could not even
+        be identified): a transient error (a throttled request) must not wipe good rows."""
         report["scenes_failed"].append(failure)
+        previous = committed_entries.get((spec.name, failure["scene_id"]))
+        key = keys.get(failure["scene_id"])
+        if previous and table.scene_status(previous) == "complete" and (key is None or previous["scene_key"] == key):
+            failure["reason"] += "; the rows committed earlier are kept"
+            return
         try:
             empty = empty_scene_rows(spec.name, failure["scene_id"], failure["path"], class_names, run_id, model_id,
                                      jhash)

@@ -394,12 +394,29 @@ def _name_tag(key: str) -> Optional[str]:
     return tag if len(tag) == 11 and tag[0] == "s" and all(c in "0123456789abcdef" for c in tag[1:]) else None
 
 
-def _publish_manifest(store, manifest: dict) -> str:
-    """Step 3 of the protocol, the commit point: create the manifest exclusively."""
+def _manifest_name(manifest: Mapping) -> str:
     tag = _scene_tag(manifest["job_name"], manifest["scene_id"])
-    name = f"{manifest['sequence']:020d}-{manifest['run_id']}-{tag}-{uuid.uuid4().hex[:12]}.json"
-    store.create(f"{MANIFESTS}/{name}", json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return name
+    return f"{manifest['sequence']:020d}-{manifest['run_id']}-{tag}-{uuid.uuid4().hex[:12]}.json"
+
+
+def _publish_manifest(store, name: str, manifest: dict) -> None:
+    """Step 3 of the protocol, the commit point: create the manifest exclusively. The name
+    is unique (uuid), so finding it taken means an earlier attempt of this very create
+    succeeded (an object store's retried PUT): published."""
+    try:
+        store.create(f"{MANIFESTS}/{name}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    except FileExistsError:
+        pass
+
+
+def _maybe_published(store, name: Optional[str]) -> bool:
+    """After a failure in step 3: True unless the manifest is known to be absent."""
+    if name is None:
+        return False
+    try:
+        return store.stat(f"{MANIFESTS}/{name}") is not None
+    except Exception:  # cannot tell (store unreachable): keep what recover() may need
+        return True
 
 
 def commit_scene(
@@ -440,6 +457,7 @@ def commit_scene(
     except (TypeError, ValueError) as err:
         raise CommitError(f"scene {scene_id}: scene_key is not JSON-serialisable: {err}") from None
     staging = f"{STAGING}/{run.run_id}-{uuid.uuid4().hex}"
+    manifest_name = None
     try:
         _ensure_table_info(store, run.crs)
         files = []
@@ -466,11 +484,17 @@ def commit_scene(
             "missing_chips": [dict(m) for m in missing_chips],
             "reason": reason,
         }
-        manifest["manifest"] = _publish_manifest(store, manifest)
+        manifest_name = _manifest_name(manifest)
+        _publish_manifest(store, manifest_name, manifest)
+        manifest["manifest"] = manifest_name
     except BaseException as err:
-        store.delete_prefix(staging)  # not published: nothing to take back
+        if not _maybe_published(store, manifest_name):
+            store.delete_prefix(staging)  # not published: nothing to take back
+            outcome = "nothing published"
+        else:  # the staged files stay for recover(); vacuum removes them if no manifest lists them
+            outcome = "the manifest was published; the next run or vacuum finishes the commit"
         if isinstance(err, (OSError, pa.ArrowException)) or type(err).__module__.startswith("obstore"):
-            raise CommitError(f"scene {scene_id}: commit into {store.url} failed, nothing published: {err}") from err
+            raise CommitError(f"scene {scene_id}: commit into {store.url} failed, {outcome}: {err}") from err
         raise
     # Published from here on: a failure below leaves work for recover(), never a wrong row.
     _move_into_place(store, manifest)
@@ -486,7 +510,11 @@ def _move_into_place(store, manifest: Mapping) -> None:
     for f in manifest["files"]:
         staged = f.get("staged")
         if staged and store.stat(f["path"]) is None and store.stat(staged) is not None:
-            store.move(staged, f["path"])
+            try:
+                store.move(staged, f["path"])
+            except FileNotFoundError:  # another writer or recover() moved it first
+                if store.stat(f["path"]) is None:
+                    raise
 
 
 def _live_files(current: Mapping[tuple[str, str], Mapping]) -> set[str]:
@@ -592,9 +620,10 @@ def all_manifests(table_root: os.PathLike | str) -> list[dict]:
 def write_snapshot(table_root: os.PathLike | str, grace_s: Optional[float] = None) -> Optional[str]:
     """Fold the current manifests into one snapshot (as Delta Lake checkpoints its log), so
     reading the table's state costs the current scenes, not its whole history. Manifests
-    the previous snapshot folded are removed first, once older than ``grace_s`` (a reader
-    that listed them a moment ago can still read them). Returns the new snapshot's key
-    (None when a concurrent writer created that name first).
+    the previous snapshot folded, and older snapshots, are removed first once that
+    snapshot is older than ``grace_s`` (a reader that listed them before it existed may
+    still be reading them). Returns the new snapshot's key (None when a concurrent
+    writer created that name first).
 
     Safe beside writers: a manifest published while the snapshot is written is not in its
     ``folded`` list, so readers still apply it; the supersede rule orders the two by sequence.
@@ -602,23 +631,30 @@ def write_snapshot(table_root: os.PathLike | str, grace_s: Optional[float] = Non
     store = open_store(table_root)
     previous, loose = _manifest_state(store)
     cutoff = time.time() - (SNAPSHOT_GRACE_S if grace_s is None else grace_s)
-    still_folded = []
-    if previous is not None:
-        on_store = {e.key: e for e in store.list(MANIFESTS)}
+    still_folded = list(previous["folded"]) if previous else []
+    snapshots = {e.key: e for e in store.list(SNAPSHOTS)}
+    # The grace runs from the moment the previous snapshot took over (its own age): a
+    # reader that listed the manifests before it existed may still be reading them.
+    if previous is not None and snapshots.get(previous["key"]) and snapshots[previous["key"]].mtime < cutoff:
         for name in previous["folded"]:
-            entry = on_store.get(f"{MANIFESTS}/{name}")
-            if entry is not None and entry.mtime < cutoff:
-                store.delete(entry.key)
-            elif entry is not None:
-                still_folded.append(name)
-        for old in store.list(SNAPSHOTS):
-            if old.key != previous["key"] and old.mtime < cutoff:
+            store.delete(f"{MANIFESTS}/{name}")
+        still_folded = []
+        for old in snapshots.values():
+            if old.key < previous["key"]:
                 store.delete(old.key)
     merged = sorted((previous["entries"] if previous else []) + loose, key=lambda m: (m["sequence"], m["manifest"]))
-    entries = sorted(_current(merged).values(), key=lambda m: (m["sequence"], m["manifest"]))
+    current = _current(merged)
+    entries = sorted(current.values(), key=lambda m: (m["sequence"], m["manifest"]))
+    # A superseded manifest whose files are still on disk (its scene not settled yet: a
+    # writer between move and settle, or a crash there) stays loose, so settle_scene and
+    # recover() can still find and delete those files.
+    on_disk = {e.key for e in store.list() if e.key.startswith("date=")}
+    current_names = {m["manifest"] for m in entries}
+    foldable = [m["manifest"] for m in loose
+                if m["manifest"] in current_names or not any(f["path"] in on_disk for f in m["files"])]
     sequence = max([m["sequence"] for m in entries], default=0)
     snap = {"format": SNAPSHOT_FORMAT, "version": 1, "sequence": sequence, "entries": entries,
-            "folded": sorted({m["manifest"] for m in loose} | set(still_folded))}
+            "folded": sorted(set(foldable) | set(still_folded))}
     key = f"{SNAPSHOTS}/{sequence:020d}-{uuid.uuid4().hex[:12]}.json"
     try:
         store.create(key, json.dumps(snap, sort_keys=True).encode())

@@ -257,6 +257,28 @@ def test_every_chip_failing_is_failed_and_a_transient_fault_converges(ws, src_ro
     assert by_scene(glob_rows(ws / "converge")) == src_rows  # plain readers: superseded attempts are gone
 
 
+def test_a_transient_error_never_wipes_complete_rows(ws, src_rows, monkeypatch, ray_session):
+    from pipeline import execution
+    from pipeline.errors import InputError
+    from pipeline.execution import run_job
+    from pipeline.spec import load_job
+
+    spec = load_job(write_job(ws, "transient", paths=[str(ws / "src" / "*.tif")]))
+    assert run_job(spec)["exit_code"] == 0
+    real_key = execution.scene_key
+
+    def throttled(location):
+        if location.endswith("synth_000.tif"):
+            raise InputError(f"{location}: HEAD request failed: 503 Slow Down")
+        return real_key(location)
+
+    monkeypatch.setattr(execution, "scene_key", throttled)
+    report = run_job(spec, force=True)
+    assert report["exit_code"] == 1 and "rows committed earlier are kept" in report["scenes_failed"][0]["reason"]
+    assert by_scene(committed_rows(ws / "transient")) == src_rows
+    assert scenes_view(ws / "transient")["synth_000"][0] == "complete"
+
+
 # ---------------------------------------------------------------- 4. remote content keys
 
 

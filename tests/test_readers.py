@@ -122,3 +122,18 @@ def test_files_of_older_tables_with_a_date_column_still_query(tmp_path):
     result = pipeline_rows(tmp_path)
     assert len(result) == 4 and {r[-1] for r in result} == {"2024-05-01"}
     assert T.read_committed(tmp_path).num_rows == 4
+
+
+def test_a_snapshot_never_folds_a_superseded_manifest_whose_files_remain(tmp_path, monkeypatch):
+    """A writer between its move and its settle (or crashed there) while a snapshot is written."""
+    run = run_info()
+    T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1))
+    with monkeypatch.context() as m:
+        m.setattr(T, "settle_scene", lambda *a, **k: [])
+        again = run_info(run_id="r2")
+        T.commit_scene(tmp_path, again, "a", "k2", rows(again, "a", 4, seed=2))
+    assert len(list(tmp_path.glob("date=*/*.parquet"))) == 2  # not settled yet
+    T.write_snapshot(tmp_path, grace_s=0)
+    T.recover(tmp_path)  # what the next run does first
+    assert len(assert_every_reader_agrees(tmp_path)) == 4
+    assert len(list(tmp_path.glob("date=*/*.parquet"))) == 1

@@ -202,7 +202,7 @@ def test_failure_before_manifest_leaves_previous_state(tmp_path, monkeypatch):
     T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1))
     before, files_before = visible(tmp_path), T.committed_files(tmp_path)
 
-    def boom(root, manifest):
+    def boom(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(T, "_publish_manifest", boom)
