@@ -16,12 +16,14 @@ import uuid
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.inputs import InputSet, SceneInput, scene_key
 from pipeline.spec import JobSpec, check_runnable, job_hash
+from pipeline.stac import StacSelection
 
 # GDAL block cache per chip-reading task, in MB: holds the blocks one batch of
 # neighbouring chips shares (a 512-px RGB uint8 chip spans < 1 MB of blocks).
@@ -44,7 +46,6 @@ class ModelFacts:
     """What planning and validation need from the checkpoint, read once on the driver."""
 
     location: str
-    local_path: str
     class_names: list
     in_channels: int
     image_mean: tuple
@@ -75,7 +76,7 @@ def model_facts(location: str) -> ModelFacts:
     except (CheckpointError, PipelineError) as err:
         raise ConfigError(f"model.checkpoint: {err}") from None
     config = payload["config"]
-    return ModelFacts(location, local, list(payload["class_names"]), int(config["in_channels"]),
+    return ModelFacts(location, list(payload["class_names"]), int(config["in_channels"]),
                       tuple(config["image_mean"]), tuple(config["image_std"]), file_sha256(local)[:16])
 
 
@@ -145,7 +146,7 @@ class Preflight:
     """What `pipeline validate` checks and `pipeline run` starts from."""
 
     inputs: InputSet
-    stac: object
+    stac: Optional[StacSelection]  # the STAC selection (newest item time, skipped items), or None
     model: ModelFacts
     warnings: list[str]
 

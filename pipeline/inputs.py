@@ -44,6 +44,7 @@ from typing import Iterable, Optional, Sequence
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.objstore import head, is_object_url, list_objects
+from pipeline.stac import StacSelection
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg", ".img", ".vrt", ".ntf")
 _WILDCARD = re.compile(r"[*?\[]")
@@ -215,7 +216,7 @@ def require_scenes(inputs: InputSet, field_name: str, source: str = "job") -> No
         raise ConfigError("\n".join(problems))
 
 
-def job_inputs(spec, table_root: Optional[str] = None) -> tuple[InputSet, object]:
+def job_inputs(spec, table_root: Optional[str] = None) -> tuple[InputSet, Optional[StacSelection]]:
     """The scenes of a job's ``inputs`` section -> (InputSet, StacSelection or None).
 
     STAC scenes take the item id as their scene id; ``table_root`` (default

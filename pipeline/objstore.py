@@ -35,7 +35,8 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 @lru_cache(maxsize=32)
-def _store(bucket_url: str):
+def store_for(bucket_url: str):
+    """The obstore client of one bucket (``s3://bucket``), made once per process."""
     from obstore.store import from_url
 
     return from_url(bucket_url)
@@ -52,7 +53,7 @@ def list_objects(prefix_url: str) -> list[str]:
     try:
         import obstore
 
-        keys = [meta["path"] for chunk in obstore.list(_store(bucket), prefix=prefix or None) for meta in chunk]
+        keys = [meta["path"] for chunk in obstore.list(store_for(bucket), prefix=prefix or None) for meta in chunk]
     except Exception as err:  # obstore raises its own hierarchy; any failure names the URL
         raise _fail(prefix_url, err) from err
     return sorted(f"{bucket}/{key}" for key in keys)
@@ -67,7 +68,7 @@ def head(url: str) -> dict:
     try:
         import obstore
 
-        meta = obstore.head(_store(bucket), key)
+        meta = obstore.head(store_for(bucket), key)
     except FileNotFoundError:
         raise InputError(f"{url}: object not found") from None
     except Exception as err:
@@ -86,7 +87,7 @@ def download(url: str, dest: str | os.PathLike) -> Path:
     try:
         import obstore
 
-        data = obstore.get(_store(bucket), key).bytes()
+        data = obstore.get(store_for(bucket), key).bytes()
         tmp.write_bytes(bytes(data))
         os.replace(tmp, dest)
     except FileNotFoundError:

@@ -757,10 +757,12 @@ def read_committed(
                 [str(store.path(k)) for k, _ in keys], schema=schema, format=ds.ParquetFileFormat(),
                 filesystem=pyarrow.fs.LocalFileSystem(), partitions=partitions)
         else:
-            dataset = ds.InMemoryDataset(pa.concat_tables(
-                [pq.read_table(pa.BufferReader(store.read(k))).append_column(
-                    "date", pa.array([day] * pq.read_metadata(pa.BufferReader(store.read(k))).num_rows, pa.string()))
-                 .select(schema.names).cast(schema) for k, day in keys]))
+            parts = []
+            for k, day in keys:  # one GET per file
+                part = pq.read_table(pa.BufferReader(store.read(k)))
+                part = part.append_column("date", pa.array([day] * part.num_rows, pa.string()))
+                parts.append(part.select(schema.names).cast(schema))
+            dataset = ds.InMemoryDataset(pa.concat_tables(parts))
         result = dataset.to_table(columns=columns, filter=filters)
     else:
         result = schema.empty_table()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.objstore import is_object_url, split_url
+from pipeline.objstore import is_object_url, split_url, store_for
 
 TMP_PREFIX = ".tmp-"
 
@@ -127,12 +127,10 @@ def fsync_dir(path: Path) -> None:
 
 class ObjectStore:
     def __init__(self, url: str):
-        from obstore.store import from_url
-
         self.url = url.rstrip("/")
         bucket, prefix = split_url(self.url)
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.store = from_url(bucket)
+        self.store = store_for(bucket)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
