@@ -220,17 +220,27 @@ def train(job: str, overrides: tuple[str, ...], resume: bool) -> None:
               help="folder for eval.json and the precision-recall PNG")
 @click.option("--label-field", default="label", show_default=True, help="vector truth: class attribute")
 @click.option("--scene-field", default=None, help="vector truth: scene id attribute (multi-scene files)")
+@click.option("--label-map", "label_map", multiple=True, metavar="DETECTED=TRUTH",
+              help="read a detection label as a truth label, e.g. tree=Tree (repeatable, or comma-separated)")
 def evaluate(table: str, truth: tuple[str, ...], run_id: str | None, job_name: str | None, voc: bool,
-             out_dir: str, label_field: str, scene_field: str | None) -> None:
+             out_dir: str, label_field: str, scene_field: str | None, label_map: tuple[str, ...]) -> None:
     """Scene-level COCO evaluation of a committed run against ground truth."""
-    from pipeline.evaluate import evaluate_table, format_table
+    from pipeline.evaluate import evaluate_table, format_table, parse_label_map
 
     try:
         metrics = evaluate_table(table, list(truth), run_id=run_id, job_name=job_name, voc=voc, out_dir=out_dir,
-                                 label_field=label_field, scene_field=scene_field)
+                                 label_field=label_field, scene_field=scene_field,
+                                 label_map=parse_label_map(label_map))
     except PipelineError as err:
         fail(err)
     click.echo(format_table(metrics))
+    if metrics["unknown_labels"]:
+        counts = ", ".join(f"{name!r} ({n})" for name, n in sorted(metrics["unknown_labels"].items()))
+        click.echo(f"warning: detections labelled {counts} match no truth class ({', '.join(metrics['per_class'])}) "
+                   "and were left out; map them with --label-map DETECTED=TRUTH", err=True)
+    if metrics["truth_labels_unmatched"]:
+        click.echo(f"warning: no detection carries the truth classes {', '.join(metrics['truth_labels_unmatched'])}",
+                   err=True)
     if metrics["scenes_not_in_table"]:
         click.echo(f"note: {len(metrics['scenes_not_in_table'])} truth scenes are not committed in the table "
                    f"and were left out: {', '.join(metrics['scenes_not_in_table'][:10])}", err=True)
@@ -307,6 +317,41 @@ def anchors(job: str, overrides: tuple[str, ...]) -> None:
                f"mean best IoU {fit.mean_iou_before:.3f} -> {fit.mean_iou_after:.3f}")
     click.echo(json.dumps(fit.to_dict()))
     click.echo("to train with them: train.fit_anchors: true")
+
+
+@main.command(name="import")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint to write (model.checkpoint)")
+@click.option("--kind", type=click.Choice(["auto", "torchvision", "deepforest"]), default="auto", show_default=True,
+              help="what SOURCE is; auto: a Lightning checkpoint or model.* keys mean DeepForest")
+@click.option("--classes", default=None, metavar="NAME,NAME,...",
+              help="class names in the model's order (required when SOURCE names none)")
+@click.option("--input-range", default="0-1", show_default=True, metavar="0-1|0-255",
+              help="values the source model saw for the scenes' pixels (torchvision, DeepForest: 0-1)")
+@click.option("--pixel-max", default=255.0, show_default=True, type=float,
+              help="scene pixel value the source saw as the top of --input-range (255 for 8-bit)")
+@click.option("--no-resize", is_flag=True, help="run chips at native size instead of the source's resize rule")
+def import_model(source: str, out: str, kind: str, classes: str | None, input_range: str, pixel_max: float,
+                 no_resize: bool) -> None:
+    """Import a torchvision or DeepForest RetinaNet so that it predicts as at home."""
+    from retinanet.checkpoint import CheckpointError, save_checkpoint
+    from retinanet.imports import import_model as read_model
+
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    overrides = {"min_size": None, "max_size": None} if no_resize else {}
+    try:
+        imported = read_model(source, kind, names, input_range, pixel_max, **overrides)
+        path = save_checkpoint(out, imported.model, imported.class_names, imported.metadata)
+    except (CheckpointError, ValueError) as err:
+        fail(ConfigError(str(err)))
+    info, cfg = imported.metadata["imported_from"], imported.model.config
+    resize = f"min_size {cfg.min_size}, max_size {cfg.max_size}" if cfg.min_size else "none (native chips)"
+    click.echo(f"{path}: {info['architecture']} from a {info['kind']} {info['form']}; "
+               f"classes {', '.join(imported.class_names)}")
+    click.echo(f"input: source saw {info['input_range']} for pixels 0-{pixel_max:g}; image_mean "
+               f"{[round(v, 3) for v in cfg.image_mean]}, image_std {[round(v, 3) for v in cfg.image_std]} (pixel units)")
+    click.echo(f"inference: resize {resize}; score > {cfg.score_threshold}, NMS IoU {cfg.nms_threshold}, "
+               f"{cfg.detections_per_image} detections per chip (job fields override them)")
 
 
 @main.command(name="export")

@@ -25,11 +25,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 
 AREA_NAMES = ("all", "small", "medium", "large")
 
@@ -358,16 +358,33 @@ def _coco_image_size(path: Path, file_name: str) -> tuple[int, int]:
     return (0, 0)
 
 
+def parse_label_map(pairs: Sequence[str]) -> dict[str, str]:
+    """``["tree=Tree", "car=vehicle"]`` -> ``{"tree": "Tree", "car": "vehicle"}``
+    (detection label = truth label). Raises ConfigError on a malformed pair."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        for item in (p for p in pair.split(",") if p.strip()):
+            detected, sep, truth = item.partition("=")
+            if not sep or not detected.strip() or not truth.strip():
+                raise ConfigError(f"--label-map: expected DETECTED=TRUTH (e.g. tree=Tree), got {item!r}")
+            out[detected.strip()] = truth.strip()
+    return out
+
+
 def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike], run_id: Optional[str] = None,
                    job_name: Optional[str] = None, voc: bool = False, out_dir: Optional[str | os.PathLike] = None,
-                   label_field: str = "label", scene_field: Optional[str] = None) -> dict:
+                   label_field: str = "label", scene_field: Optional[str] = None,
+                   label_map: Optional[Mapping[str, str]] = None) -> dict:
     """Scene-level evaluation of the committed detections of a table.
 
     Evaluated scenes: those committed in the table (current manifests; filtered by
     ``run_id`` / ``job_name`` when given) that have ground truth. A committed scene with
     no detections counts (all its objects missed). Truth scenes that are not committed
     are listed under ``scenes_not_in_table`` and left out; committed scenes without truth
-    under ``scenes_without_truth``. Detection labels are matched to truth classes by name.
+    under ``scenes_without_truth``. Detection labels are matched to truth classes by name,
+    after ``label_map`` (detection label -> truth label, e.g. ``{"tree": "Tree"}``).
+    Detection labels that still match no truth class are counted in ``unknown_labels``;
+    truth classes that no detection label reaches are listed in ``truth_labels_unmatched``.
 
     Returns the :func:`coco_metrics` dict plus ``voc`` (when asked), ``scenes``, the
     lists above and ``files`` (written reports, when ``out_dir`` is given).
@@ -418,7 +435,7 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
         truth_images.append(ImageBoxes(scene_id, boxes, np.array([lookup[l] for l in labels], dtype=np.int64),
                                        None, w, h))
         part = rows.filter(pc.equal(rows["scene_id"], scene_id)) if rows.num_rows else rows
-        names = part["label"].to_pylist()
+        names = [label_map.get(n, n) for n in part["label"].to_pylist()] if label_map else part["label"].to_pylist()
         known = np.array([n in lookup for n in names], dtype=bool)
         for n in names:
             if n not in lookup:
@@ -435,6 +452,8 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
     metrics["scenes_not_in_table"] = sorted(s for s in gt if s not in scene_paths)
     metrics["scenes_without_truth"] = sorted(s for s in scene_paths if s not in gt)
     metrics["unknown_labels"] = unknown_labels
+    reached = {label_map.get(n, n) if label_map else n for n in rows["label"].to_pylist()} if rows.num_rows else set()
+    metrics["truth_labels_unmatched"] = sorted(c for c in classes if c not in reached)
     metrics["table"] = str(table)
     metrics["run_id"] = run_id
     if out_dir is not None:

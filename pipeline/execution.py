@@ -87,13 +87,20 @@ def eight_bit_statistics(image_mean, image_std) -> bool:
     return all(m + s <= 255.0 for m, s in zip(image_mean, image_std))
 
 
+def unit_statistics(image_mean, image_std) -> bool:
+    """True when a model's input statistics describe values in [0, 1] (torchvision's
+    convention: ImageNet mean 0.485), not pixel values: fed raw pixels it saturates."""
+    return max(image_mean) <= 1.0 and max(image_std) <= 1.0
+
+
 def scene_problems(info, bands, model: ModelFacts, output_crs) -> tuple[list[str], list[str]]:
     """(errors, warnings) of feeding this scene to this model into this table.
 
     Errors: the band selection cannot feed the model's channels; a scene without
     georeferencing into a table with a CRS (its boxes would be pixels labelled as map
     coordinates: write it to a table with ``output.crs: null``); an 8-bit scene into a
-    model whose statistics need larger values. Warning: a 16-bit or float scene into a
+    model whose statistics need larger values; integer pixels into a model whose statistics
+    are for [0, 1] inputs. Warning: a 16-bit or float scene into a
     model with 8-bit statistics (values above 255 saturate it, unless the file only
     holds 0-255).
     """
@@ -108,7 +115,12 @@ def scene_problems(info, bands, model: ModelFacts, output_crs) -> tuple[list[str
         errors.append(f"{info.path}: has no georeferencing (no CRS) but output.crs is {output_crs!r}; "
                       "write it to a table with output.crs: null (pixel coordinates)")
     eight_bit = eight_bit_statistics(model.image_mean, model.image_std)
-    if info.dtype == "uint8" and max(model.image_mean) > 255:
+    if not info.dtype.startswith("float") and unit_statistics(model.image_mean, model.image_std):
+        errors.append(f"{info.path}: {info.dtype} pixel values, but the model's statistics (image_mean "
+                      f"{list(model.image_mean)}) are for inputs in [0, 1]: every score would saturate. "
+                      "Import the model with `pipeline import SOURCE --out MODEL.pt` (it rescales the "
+                      "normalisation to pixel units; --input-range says what the source saw)")
+    elif info.dtype == "uint8" and max(model.image_mean) > 255:
         errors.append(f"{info.path}: uint8 scene, but the model's image_mean {list(model.image_mean)} "
                       "is for larger values (16-bit data)")
     elif info.dtype != "uint8" and eight_bit:
@@ -470,6 +482,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
             ds = ds.map_batches(ChipPredictor, batch_size=read_batch, batch_format="numpy",
                                 fn_constructor_kwargs={"checkpoint": spec.model.checkpoint,
                                                        "score_threshold": spec.model.score_threshold,
+                                                       "nms_threshold": spec.model.nms_threshold,
+                                                       "detections_per_chip": spec.model.detections_per_chip,
                                                        "precision": spec.model.precision, "device": spec.model.device,
                                                        "backend": spec.model.backend,
                                                        "ledger": ledger, "max_strikes": retries,

@@ -156,9 +156,10 @@ class ChipPredictor:
     error, detections (bytes, see encode_detections; boxes in SCENE pixels), worker.
     """
 
-    def __init__(self, checkpoint: str, score_threshold: float, precision: str = "auto", device: str = "auto",
+    def __init__(self, checkpoint: str, score_threshold: float | None = None, precision: str = "auto", device: str = "auto",
                  ledger=None, max_strikes: int = 2, num_threads: int | None = None,
-                 faults: FaultPlan | None = None, backend: str = "torch", forward_batch: int | None = None):
+                 faults: FaultPlan | None = None, backend: str = "torch", forward_batch: int | None = None,
+                 nms_threshold: float | None = None, detections_per_chip: int | None = None):
         import ray
         import torch
 
@@ -182,7 +183,11 @@ class ChipPredictor:
             if device == "auto":  # Ray pins the actor's GPUs through CUDA_VISIBLE_DEVICES
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             self.detector = Detector(model, device=device, precision=precision)
-        model.config.score_threshold = score_threshold
+        # The job's settings where it has them, else the checkpoint's own.
+        for name, value in (("score_threshold", score_threshold), ("nms_threshold", nms_threshold),
+                            ("detections_per_image", detections_per_chip)):
+            if value is not None:
+                setattr(model.config, name, value)
         self.in_channels = model.config.in_channels
         self.ledger = ledger
         self.max_strikes = max_strikes

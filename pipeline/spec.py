@@ -6,8 +6,8 @@ contract; unknown keys are rejected so a typo never silently falls back to a def
     name: satellite-nightly
     inputs:   {paths: ["../data/scenes/*.tif"], bands: [1, 2, 3]}
     tiling:   {chip_size: 512, overlap: 64, min_valid_fraction: 0.05}
-    model:    {checkpoint: ../models/retinanet.pt, score_threshold: 0.3, batch_size: null,
-               precision: auto, device: auto}
+    model:    {checkpoint: ../models/retinanet.pt, score_threshold: 0.3, nms_threshold: null,
+               detections_per_chip: null, batch_size: null, precision: auto, device: auto}
     compute:  {address: null, actors: 2, gpus_per_actor: 1, cpus_per_actor: 1,
                max_retries: 2, read_concurrency: null, prefetch_batches: 8}
     merge:    {method: nms, iou_threshold: 0.5, seam_margin: null}
@@ -171,7 +171,11 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
     checkpoint: str = Field(min_length=1)
-    score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    # null: the checkpoint's own setting (what it was trained or imported with; see
+    # `pipeline import`). Within-chip NMS IoU and the detections kept per chip likewise.
+    score_threshold: Optional[float] = Field(None, ge=0.0, le=1.0)
+    nms_threshold: Optional[float] = Field(None, gt=0.0, le=1.0)
+    detections_per_chip: Optional[int] = Field(None, ge=1)
     # None: chosen for the predictors' device (from free GPU memory on CUDA; 1 on CPU,
     # which is fastest per chip there, see retinanet.runtime.CPU_BATCH_SIZE).
     batch_size: Optional[int] = Field(None, ge=1)
@@ -710,7 +714,8 @@ def _canonical_crs(crs: Optional[str]) -> Optional[str]:
 def hashed_fields(spec: JobSpec) -> dict:
     """The settings that change the rows a job writes, as a plain dict.
 
-    Included: ``inputs.bands``, all of ``tiling``, ``model.score_threshold``, all of
+    Included: ``inputs.bands``, all of ``tiling``, ``model.score_threshold`` (and
+    ``nms_threshold`` / ``detections_per_chip`` when set), all of
     ``merge`` (with seam_margin resolved) and ``output.crs`` (canonicalised).
     Excluded, because they change speed or placement but not results: ``compute``
     (address, actors, GPUs, retries), ``model.batch_size``, ``model.device``,
@@ -725,6 +730,9 @@ def hashed_fields(spec: JobSpec) -> dict:
         "score_threshold": spec.model.score_threshold,
         "merge": spec.merge.model_dump(),
         "crs": _canonical_crs(spec.output.crs),
+        # only when set, so the hashes of jobs written before these fields existed stay put
+        **{k: v for k, v in (("nms_threshold", spec.model.nms_threshold),
+                             ("detections_per_chip", spec.model.detections_per_chip)) if v is not None},
     }
 
 

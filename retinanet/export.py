@@ -314,6 +314,8 @@ class OnnxDetector:
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> list[dict[str, Tensor]]:
         self.model._check_images(images)  # the torch model's own input checks and messages
+        input_hw = tuple(int(s) for s in images.shape[-2:])
+        images, _ = self.model.resize_input(images)  # the graph holds the network, not the resize rule
         height, width = (int(s) for s in images.shape[-2:])
         if min(height, width) < MIN_SIDE:
             raise ValueError(f"{self.path}: the ONNX graph serves images of at least {MIN_SIDE} x {MIN_SIDE} "
@@ -326,4 +328,5 @@ class OnnxDetector:
         if sum(level_counts) != cls_logits.shape[1]:
             raise RuntimeError(f"{self.path}: the graph returned {cls_logits.shape[1]} anchors, the config implies "
                                f"{sum(level_counts)} (file and metadata disagree)")
-        return self.model.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))
+        detections = self.model.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))
+        return self.model.boxes_to_input(detections, (height, width), input_hw)

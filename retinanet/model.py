@@ -1,6 +1,7 @@
 """RetinaNet (Lin et al., "Focal Loss for Dense Object Detection", 2017) for fixed-size chips."""
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 
@@ -20,6 +21,16 @@ from retinanet.matcher import BACKGROUND, IGNORE, match_batch, pad_targets
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIZE_DIVISOR = 32  # every level down to P5 must tile the padded input exactly
+
+
+def resize_factor(height: int, width: int, min_size: int | None, max_size: int | None) -> float:
+    """torchvision's resize rule: the factor that brings the short side to ``min_size``
+    without the long side passing ``max_size`` (1.0 without a rule). Example: a 400-px chip
+    with min_size 800, max_size 1333 -> 2.0; 1000x400 -> 1.333 (the long side caps it)."""
+    if min_size is None:
+        return 1.0
+    factor = min_size / min(height, width)
+    return min(factor, max_size / max(height, width)) if max_size is not None else factor
 
 
 @dataclass
@@ -58,6 +69,11 @@ class RetinaNetConfig:
     topk_candidates: int = 1000
     nms_threshold: float = 0.5
     detections_per_image: int = 100
+    # Chip resize rule (torchvision's GeneralizedRCNNTransform): scale each input so its
+    # short side is min_size, unless that makes its long side exceed max_size; boxes are
+    # mapped back to input pixels. None: no resizing (models trained here).
+    min_size: int | None = None
+    max_size: int | None = None
 
     def __post_init__(self):
         self.image_mean = tuple(float(v) for v in self.image_mean)
@@ -73,6 +89,10 @@ class RetinaNetConfig:
             raise ValueError(f"image_std must be positive, got {self.image_std}")
         if self.p6_from not in ("c5", "p5"):
             raise ValueError(f"p6_from must be 'c5' or 'p5', got {self.p6_from!r}")
+        if self.max_size is not None and self.min_size is None:
+            raise ValueError("max_size needs min_size (the resize rule scales the short side to min_size)")
+        if any(v is not None and v < 1 for v in (self.min_size, self.max_size)):
+            raise ValueError(f"min_size/max_size must be positive, got {self.min_size}/{self.max_size}")
         if len(self.anchor_sizes) != 5:
             raise ValueError(f"anchor_sizes needs one tuple per level P3-P7 (5), got {len(self.anchor_sizes)}")
 
@@ -96,7 +116,8 @@ class RetinaNet(nn.Module):
     Train mode: model(images, targets) -> {"classification": loss, "bbox_regression": loss}.
     Eval mode:  model(images) -> [{"boxes": (N, 4) float32 XYXY chip pixels, "scores": (N,),
     "labels": (N,) int64 in [0, num_classes)} per image].
-    images: (B, C, H, W) floating tensor in the units of config.image_mean; no resizing.
+    images: (B, C, H, W) floating tensor in the units of config.image_mean; resized by the
+    config's rule (min_size/max_size) when it has one, boxes always in input pixels.
     targets: one dict per image with "boxes" (N, 4) XYXY pixels and "labels" (N,) int64.
     """
 
@@ -123,8 +144,10 @@ class RetinaNet(nn.Module):
             if targets is None:
                 raise ValueError("training mode needs targets: model(images, targets)")
             self._check_targets(targets, len(images))
-        height, width = images.shape[-2:]
-        x = (images - self.image_mean) / self.image_std
+        input_hw = tuple(images.shape[-2:])
+        # Normalise, then resize: torchvision's order (equal in exact arithmetic, closer in float).
+        x, targets = self.resize_input((images - self.image_mean) / self.image_std, targets)
+        height, width = x.shape[-2:]
         pad_h = -height % SIZE_DIVISOR
         pad_w = -width % SIZE_DIVISOR
         if pad_h or pad_w:  # pad after normalising: padding is "mean colour", like torchvision
@@ -138,7 +161,36 @@ class RetinaNet(nn.Module):
         if self.training:
             return self.compute_loss(cls_logits, box_deltas, anchors, targets)
         level_counts = [h * w * self.anchor_generator.num_anchors_per_location for h, w in feature_hws]
-        return self.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))
+        detections = self.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))
+        return self.boxes_to_input(detections, (height, width), input_hw)
+
+    # -- the resize rule (config.min_size / max_size) --------------------------------------
+    def network_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) the network sees for an input of height x width (torchvision's rounding)."""
+        factor = resize_factor(height, width, self.config.min_size, self.config.max_size)
+        return (height, width) if factor == 1.0 else (math.floor(height * factor), math.floor(width * factor))
+
+    def resize_input(self, images: Tensor, targets: list[dict] | None = None) -> tuple[Tensor, list[dict] | None]:
+        """Resize a batch by the config's rule (bilinear, as torchvision), and the targets'
+        boxes with it; unchanged without a rule. Done in float32 whatever the autocast."""
+        height, width = images.shape[-2:]
+        factor = resize_factor(height, width, self.config.min_size, self.config.max_size)
+        if factor == 1.0:
+            return images, targets
+        resized = F.interpolate(images.float(), scale_factor=factor, mode="bilinear", recompute_scale_factor=True,
+                                align_corners=False)
+        if targets is not None:
+            ratio = _box_ratios((height, width), tuple(resized.shape[-2:]), images.device)
+            targets = [{**t, "boxes": t["boxes"] * ratio} for t in targets]
+        return resized, targets
+
+    def boxes_to_input(self, detections: list[dict[str, Tensor]], network_hw: tuple[int, int],
+                       input_hw: tuple[int, int]) -> list[dict[str, Tensor]]:
+        """Map detections from the network's (resized) pixels back to the input's."""
+        if tuple(network_hw) == tuple(input_hw):
+            return detections
+        ratio = _box_ratios(network_hw, input_hw, detections[0]["boxes"].device if detections else None)
+        return [{**d, "boxes": d["boxes"] * ratio} for d in detections]
 
     # -- training --------------------------------------------------------------------------
     def compute_loss(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
@@ -249,6 +301,14 @@ class RetinaNet(nn.Module):
             if labels.is_floating_point() or labels.min() < 0 or labels.max() >= self.num_classes:
                 raise ValueError(f"target {i}: labels must be integers in [0, {self.num_classes}), "
                                  f"got {labels.tolist()[:10]}")
+
+
+def _box_ratios(from_hw: tuple[int, int], to_hw: tuple[int, int], device) -> Tensor:
+    """(4,) XYXY multipliers from one image size to another, in float32 as torchvision
+    computes them (to_size / from_size per axis)."""
+    ratio_h = torch.tensor(to_hw[0], dtype=torch.float32) / torch.tensor(from_hw[0], dtype=torch.float32)
+    ratio_w = torch.tensor(to_hw[1], dtype=torch.float32) / torch.tensor(from_hw[1], dtype=torch.float32)
+    return torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(device)
 
 
 def build_model(config: RetinaNetConfig | None = None, **overrides) -> RetinaNet:
