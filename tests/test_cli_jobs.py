@@ -20,8 +20,10 @@ def good_job(tmp_path):
     with rasterio.open(tmp_path / "scenes" / "a.tif", "w", **profile) as dst:  # validate reads its header
         dst.write(np.zeros((3, 64, 64), np.uint8))
     torch.manual_seed(0)
+    # statistics in pixel units, as training here and `pipeline import` write them
     save_checkpoint(tmp_path / "model.pt", build_model(num_classes=1, backbone="resnet18", head_width=16,
-                                                       head_depth=1), ["thing"])
+                                                       head_depth=1, image_mean=(120.0,) * 3,
+                                                       image_std=(60.0,) * 3), ["thing"])
     return {
         "name": "cli-test",
         "inputs": {"paths": ["scenes/*.tif"], "bands": [1, 2, 3]},

@@ -61,7 +61,9 @@ def test_repo_jobs_load_and_resolve_against_their_directory():
 def test_defaults_fill_optional_sections(tmp_path):
     spec = load_job(write(tmp_path, "name: j\ninputs: {paths: [a.tif]}\nmodel: {checkpoint: m.pt}\noutput: {table: t}\n"))
     assert (spec.tiling.chip_size, spec.tiling.overlap, spec.tiling.min_valid_fraction) == (512, 64, 0.05)
-    assert (spec.model.score_threshold, spec.model.batch_size, spec.model.precision, spec.model.device) == (0.3, None, "auto", "auto")
+    # score, NMS IoU and detections per chip: null means the checkpoint's own settings
+    assert (spec.model.score_threshold, spec.model.nms_threshold, spec.model.detections_per_chip) == (None, None, None)
+    assert (spec.model.batch_size, spec.model.precision, spec.model.device) == (None, "auto", "auto")
     assert (spec.compute.address, spec.compute.actors, spec.compute.gpus_per_actor, spec.compute.max_retries,
             spec.compute.prefetch_batches) == (None, 2, 1.0, 2, 8)
     assert (spec.merge.method, spec.merge.iou_threshold, spec.merge.seam_margin) == ("nms", 0.5, 64)
