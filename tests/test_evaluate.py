@@ -280,3 +280,36 @@ def test_vector_truth_equals_coco_truth_on_synthetic_scenes(tmp_path):
     for key in ("AP", "AP50", "AP75"):
         assert by_vector[key] == pytest.approx(by_json[key], abs=1e-6)
     assert by_json["AP50"] > 0.9
+
+
+def test_label_map_reads_detection_labels_as_truth_labels(tmp_path):
+    """DeepForest's CSV labels say `Tree`; a model whose class is `tree` scores 0 until mapped,
+    and the console says which labels matched nothing."""
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from real_data import real
+
+    csv = real("OSBS_029.csv")
+    truth = pd.read_csv(csv)
+    assert set(truth["label"]) == {"Tree"}
+    boxes = truth[["xmin", "ymin", "xmax", "ymax"]].to_numpy(float)
+    table = tmp_path / "table"
+    commit(table, "r", "OSBS_029", boxes, [0] * len(boxes), np.linspace(0.9, 0.5, len(boxes)), ["tree"])
+
+    def run_eval(*extra):
+        result = CliRunner().invoke(main, ["eval", "--table", str(table), "--truth", str(csv), "--out",
+                                           str(tmp_path / "ev"), *extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output, json.loads((tmp_path / "ev" / "eval.json").read_text())
+
+    out, metrics = run_eval()
+    assert metrics["detections"] == 0 and metrics["unknown_labels"] == {"tree": len(boxes)}
+    assert f"detections labelled 'tree' ({len(boxes)}) match no truth class (Tree)" in out
+    assert "--label-map" in out and "no detection carries the truth classes Tree" in out
+    out, metrics = run_eval("--label-map", "tree=Tree")
+    assert metrics["AP50"] == pytest.approx(1.0) and metrics["detections"] == len(boxes)
+    assert "warning" not in out
+    result = CliRunner().invoke(main, ["eval", "--table", str(table), "--truth", str(csv), "--label-map", "tree"])
+    assert result.exit_code == 2 and "expected DETECTED=TRUTH" in result.output
