@@ -246,8 +246,19 @@ def prepare(spec: JobSpec) -> Prepared:
         "anchor_sizes": tuple(tuple(level) for level in anchor_sizes), "aspect_ratios": tuple(ratios),
         "focal_alpha": t.focal_alpha, "focal_gamma": t.focal_gamma, "box_loss": t.box_loss,
     }
+    if t.init_checkpoint:  # fine-tuning keeps the source's resize rule and inference settings
+        from retinanet.checkpoint import read_checkpoint
+
+        source = read_checkpoint(t.init_checkpoint)["config"]
+        config.update({k: source[k] for k in INHERITED_FROM_INIT if k in source})
     return Prepared(config, list(t.classes), bands, train_records, val_records, per_epoch, total, fit,
                     stats.to_dict())
+
+
+# Config fields a fine-tuned model takes from train.init_checkpoint (an imported DeepForest
+# model keeps resizing its chips to 800 px and its thresholds).
+INHERITED_FROM_INIT = ("min_size", "max_size", "score_threshold", "nms_threshold", "detections_per_image",
+                       "topk_candidates")
 
 
 def _latest_checkpoint_dir(run_dir: Path) -> Optional[str]:

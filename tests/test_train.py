@@ -36,6 +36,7 @@ from pipeline.trainset import (
     split_regions,
 )
 from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, cell_anchors
+from retinanet import build_model, save_checkpoint
 from retinanet.checkpoint import load_checkpoint
 
 CLASSES = ["vehicle", "building", "tank"]
@@ -314,3 +315,20 @@ def test_a_batch_of_chips_without_objects_trains(synth_dir):
     losses = model(images, targets)
     assert torch.isfinite(losses["classification"]) and losses["bbox_regression"].item() == 0.0
     (losses["classification"] + losses["bbox_regression"]).backward()
+
+
+def test_fine_tuning_keeps_the_init_checkpoints_resize_rule_and_settings(tmp_path, job_folder):
+    """An imported DeepForest model fine-tuned here keeps resizing chips as it was trained to."""
+    from pipeline.train import prepare
+
+    source = build_model(num_classes=3, backbone="resnet18", fpn_channels=32, head_width=32, head_depth=1,
+                         min_size=800, max_size=1333, nms_threshold=0.05, score_threshold=0.1,
+                         detections_per_image=300)
+    save_checkpoint(tmp_path / "imported.pt", source, CLASSES)
+    prepared = prepare(load_job(write_job(job_folder, init_checkpoint=str(tmp_path / "imported.pt"))))
+    assert {k: prepared.model_config[k] for k in ("min_size", "max_size", "nms_threshold", "score_threshold",
+                                             "detections_per_image")} == \
+        {"min_size": 800, "max_size": 1333, "nms_threshold": 0.05, "score_threshold": 0.1,
+         "detections_per_image": 300}
+    plain = prepare(load_job(write_job(job_folder)))
+    assert "min_size" not in plain.model_config  # trained from scratch: native chips
