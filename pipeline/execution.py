@@ -488,7 +488,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                                                        "backend": spec.model.backend,
                                                        "ledger": ledger, "max_strikes": retries,
                                                        "num_threads": max(1, int(spec.compute.cpus_per_actor)),
-                                                       "faults": faults, "forward_batch": batch_size},
+                                                       "faults": faults, "forward_batch": batch_size,
+                                                       "chip_size": spec.tiling.chip_size},
                                 compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
                                 max_restarts=restarts, max_task_retries=restarts)
         last_log = time.time()

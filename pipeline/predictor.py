@@ -147,6 +147,18 @@ def resolve_batch_size(model_spec, chip_size: int, gpus_per_actor: float) -> int
     return int(ray.get(probe.remote(model_spec.checkpoint, chip_size, precision, model_spec.device, fraction)))
 
 
+def resolve_backend(backend: str, device: str) -> str:
+    """model.backend for an actor on `device` (cpu or cuda): ``auto`` is openvino on the
+    CPU where the package imports, torch otherwise."""
+    if backend != "auto":
+        return backend
+    if device == "cpu":
+        from retinanet.openvino_backend import openvino_available
+
+        return "openvino" if openvino_available() else "torch"
+    return "torch"
+
+
 class ChipPredictor:
     """Callable class for Ray Data's map_batches: loads the checkpoint once, predicts batches.
 
@@ -158,8 +170,9 @@ class ChipPredictor:
 
     def __init__(self, checkpoint: str, score_threshold: float | None = None, precision: str = "auto", device: str = "auto",
                  ledger=None, max_strikes: int = 2, num_threads: int | None = None,
-                 faults: FaultPlan | None = None, backend: str = "torch", forward_batch: int | None = None,
-                 nms_threshold: float | None = None, detections_per_chip: int | None = None):
+                 faults: FaultPlan | None = None, backend: str = "auto", forward_batch: int | None = None,
+                 nms_threshold: float | None = None, detections_per_chip: int | None = None,
+                 chip_size: int | None = None):
         import ray
         import torch
 
@@ -179,10 +192,22 @@ class ChipPredictor:
                                          num_threads=num_threads)
             model = self.detector.model  # weightless: config, anchors and postprocess only
         else:
-            model, info = load_checkpoint(checkpoint)
             if device == "auto":  # Ray pins the actor's GPUs through CUDA_VISIBLE_DEVICES
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.detector = Detector(model, device=device, precision=precision)
+            backend = resolve_backend(backend, device)
+            if backend == "openvino":
+                from retinanet.openvino_backend import OpenVinoDetector
+
+                self.detector = OpenVinoDetector(checkpoint, precision=precision, num_threads=num_threads)
+                if chip_size:  # convert (or load the cached graph) and compile now, not on the first batch
+                    self.detector.prepare((chip_size, chip_size))
+                model = self.detector.model
+            else:
+                from retinanet.runtime import fold_batch_norm
+
+                model = fold_batch_norm(load_checkpoint(checkpoint)[0])  # one op per conv, not two
+                self.detector = Detector(model, device=device, precision=precision)
+                model = self.detector.model
         # The job's settings where it has them, else the checkpoint's own.
         for name, value in (("score_threshold", score_threshold), ("nms_threshold", nms_threshold),
                             ("detections_per_image", detections_per_chip)):
@@ -197,8 +222,7 @@ class ChipPredictor:
         self.forward_batch = forward_batch
         gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
         self.worker = f"pid={os.getpid()} gpus=[{gpu_ids}] device={self.detector.device} {self.detector.precision}"
-        if backend == "onnx":
-            self.worker += " onnx"
+        self.worker += f" {backend}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray

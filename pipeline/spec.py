@@ -181,15 +181,20 @@ class ModelSpec(BaseModel):
     batch_size: Optional[int] = Field(None, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torch: the checkpoint in torch. onnx: its ONNX export in onnxruntime (fp32 graph;
-    # CUDA/TensorRT providers where installed), see retinanet.export.onnx_for_checkpoint.
-    backend: Literal["torch", "onnx"] = "torch"
+    # auto: openvino for CPU actors (where the package imports), torch for GPU actors.
+    # torch: the checkpoint in torch (batch norm folded). openvino: the network compiled by
+    # OpenVINO for the CPU (retinanet.openvino_backend; bf16 on AMX CPUs under precision auto).
+    # onnx: its ONNX export in onnxruntime (fp32 graph; CUDA/TensorRT providers where
+    # installed), see retinanet.export.onnx_for_checkpoint.
+    backend: Literal["auto", "torch", "openvino", "onnx"] = "auto"
 
     @model_validator(mode="after")
-    def _onnx_runs_fp32(self) -> "ModelSpec":
+    def _backend_fits(self) -> "ModelSpec":
         if self.backend == "onnx" and self.precision in ("bf16", "fp16"):
             raise ValueError(f"model.backend 'onnx' runs an fp32 graph; model.precision must be auto or fp32, "
                              f"got {self.precision!r}")
+        if self.backend == "openvino" and self.device == "cuda":
+            raise ValueError("model.backend 'openvino' runs on the CPU; use backend torch (or auto) with device cuda")
         return self
 
 

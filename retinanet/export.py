@@ -299,12 +299,6 @@ class OnnxDetector:
         self.precision = "fp32"
         self._shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}
 
-    def _pyramid_shapes(self, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
-        shapes = self._shapes.get(image_hw)
-        if shapes is None:
-            shapes = self._shapes[image_hw] = pyramid_shapes(self.model, image_hw)
-        return shapes
-
     def dense(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The ONNX part alone: images -> (cls_logits (B, A, K), box_deltas (B, A, 4)) CPU float32."""
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -314,19 +308,32 @@ class OnnxDetector:
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> list[dict[str, Tensor]]:
         self.model._check_images(images)  # the torch model's own input checks and messages
-        input_hw = tuple(int(s) for s in images.shape[-2:])
-        images, _ = self.model.resize_input(images)  # the graph holds the network, not the resize rule
-        height, width = (int(s) for s in images.shape[-2:])
+        height, width = self.model.network_size(*(int(s) for s in images.shape[-2:]))
         if min(height, width) < MIN_SIDE:
             raise ValueError(f"{self.path}: the ONNX graph serves images of at least {MIN_SIDE} x {MIN_SIDE} "
                              f"pixels, got {height} x {width} (use the torch backend for smaller chips)")
-        cls_logits, box_deltas = self.dense(images)
-        shapes = self._pyramid_shapes((height, width))
-        anchors = self.model.anchor_generator(padded_size(height, width), shapes, torch.device("cpu"))
-        per_location = self.model.anchor_generator.num_anchors_per_location
-        level_counts = [h * w * per_location for h, w in shapes]
-        if sum(level_counts) != cls_logits.shape[1]:
-            raise RuntimeError(f"{self.path}: the graph returned {cls_logits.shape[1]} anchors, the config implies "
-                               f"{sum(level_counts)} (file and metadata disagree)")
-        detections = self.model.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))
-        return self.model.boxes_to_input(detections, (height, width), input_hw)
+        return detect_with_dense(self.model, images, self.dense, self._shapes, str(self.path))
+
+
+def detect_with_dense(skeleton: RetinaNet, images: Tensor, dense, shapes_cache: dict, source: str
+                      ) -> list[dict[str, Tensor]]:
+    """Detections of a batch whose dense part (`dense`: network-size images -> (cls_logits,
+    box_deltas) on the CPU) runs outside torch: the model's resize rule before it, and its
+    own anchors, postprocess and box mapping after it, on a weightless ``skeleton``.
+    shapes_cache: a dict kept by the caller, pyramid shapes per network size."""
+    skeleton._check_images(images)
+    input_hw = tuple(int(s) for s in images.shape[-2:])
+    images, _ = skeleton.resize_input(images)  # the graphs hold the network, not the resize rule
+    height, width = (int(s) for s in images.shape[-2:])
+    cls_logits, box_deltas = dense(images)
+    shapes = shapes_cache.get((height, width))
+    if shapes is None:
+        shapes = shapes_cache[(height, width)] = pyramid_shapes(skeleton, (height, width))
+    anchors = skeleton.anchor_generator(padded_size(height, width), shapes, torch.device("cpu"))
+    per_location = skeleton.anchor_generator.num_anchors_per_location
+    level_counts = [h * w * per_location for h, w in shapes]
+    if sum(level_counts) != cls_logits.shape[1]:
+        raise RuntimeError(f"{source}: the graph returned {cls_logits.shape[1]} anchors, the config implies "
+                           f"{sum(level_counts)} (file and metadata disagree)")
+    detections = skeleton.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))
+    return skeleton.boxes_to_input(detections, (height, width), input_hw)

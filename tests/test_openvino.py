@@ -1,0 +1,166 @@
+"""The OpenVINO backend and batch-norm folding give the torch model's detections.
+
+Oracles: the unfolded torch model in fp32 (folding is exact up to float rounding), and
+OpenVINO forced to f32 (the same network on another runtime). bf16 changes scores by
+rounding, so it is compared by matched boxes, not bit for bit.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from retinanet import Detector, build_model, save_checkpoint
+from retinanet.openvino_backend import OpenVinoDetector
+from retinanet.runtime import fold_batch_norm
+
+pytest.importorskip("openvino")
+
+
+def with_running_stats(model):
+    """Batch norms with non-trivial statistics, so folding has something to fold."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "running_mean", None) is not None:
+                module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=gen) - 0.5)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+    return model.eval()
+
+
+def small_model(backbone="resnet18", **kw):
+    torch.manual_seed(0)
+    return with_running_stats(build_model(num_classes=3, backbone=backbone, head_width=32, head_depth=1,
+                                          image_mean=(120.0,) * 3, image_std=(60.0,) * 3, prior_probability=0.3,
+                                          **kw))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_folded_model_predicts_as_the_unfolded_one(backbone):
+    model = small_model(backbone)
+    folded = fold_batch_norm(model)
+    norms = lambda m: sum("BatchNorm" in type(x).__name__ for x in m.modules())  # noqa: E731
+    assert norms(model) > 10 and norms(folded) == 0
+    assert norms(model) == sum("BatchNorm" in type(x).__name__ for x in model.modules())  # original untouched
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.no_grad():
+        expected, got = model(images), folded(images)
+    for e, g in zip(expected, got):
+        assert len(e["boxes"]) == len(g["boxes"]) > 20
+        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-5, rtol=0)
+
+
+def test_group_norm_heads_are_left_alone():
+    model = small_model(head_group_norm=True)
+    folded = fold_batch_norm(model)
+    assert sum(isinstance(x, torch.nn.GroupNorm) for x in folded.modules()) == \
+        sum(isinstance(x, torch.nn.GroupNorm) for x in model.modules()) > 0
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, small_model(), ["a", "b", "c"])
+    return path
+
+
+def test_openvino_f32_equals_torch_and_reuses_its_cache(checkpoint, tmp_path):
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2)) * 255
+    detector = OpenVinoDetector(checkpoint, precision="fp32", num_threads=2, cache_dir=tmp_path / "cache")
+    got = detector(images)
+    assert detector.converted == 1 and detector.precision == "f32"
+    model = small_model()
+    expected = Detector(model, device="cpu", precision="fp32", channels_last=False)(images)
+    for e, g in zip(expected, got):
+        assert len(e["boxes"]) == len(g["boxes"]) > 20
+        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-2, rtol=0)
+        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-4, rtol=0)
+        assert torch.equal(g["labels"], e["labels"])
+    again = OpenVinoDetector(checkpoint, precision="fp32", cache_dir=tmp_path / "cache")
+    again.prepare((256, 256))
+    assert again.converted == 0  # the graph converted above is reused
+    # the job's thresholds reach the postprocessing, as with a torch model
+    again.model.config.detections_per_image = 5
+    assert [len(r["boxes"]) for r in again(images)] == [5, 5]
+
+
+def test_openvino_resizes_like_the_torch_model(tmp_path):
+    model = small_model(min_size=320, max_size=640)
+    save_checkpoint(tmp_path / "r.pt", model, ["a", "b", "c"])
+    images = torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(4)) * 255
+    got = OpenVinoDetector(tmp_path / "r.pt", precision="fp32", cache_dir=tmp_path / "cache")(images)[0]
+    with torch.no_grad():
+        expected = model(images)[0]
+    assert len(got["boxes"]) == len(expected["boxes"]) > 10
+    torch.testing.assert_close(got["boxes"], expected["boxes"], atol=1e-2, rtol=0)
+    assert float(got["boxes"].max()) <= 160  # boxes in input pixels, not the 320-px network's
+
+
+def test_openvino_bf16_keeps_the_boxes(checkpoint, tmp_path):
+    from retinanet.runtime import cpu_has_bf16_matmul
+
+    if not cpu_has_bf16_matmul():
+        pytest.skip("no bf16 matrix units on this CPU")
+    images = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(5)) * 255
+    got = OpenVinoDetector(checkpoint, precision="bf16", cache_dir=tmp_path / "cache")(images)[0]
+    expected = Detector(small_model(), device="cpu", precision="fp32")(images)[0]
+    from torchvision.ops import box_iou
+
+    iou = box_iou(expected["boxes"][:50], got["boxes"])
+    assert (iou.max(dim=1).values > 0.9).float().mean() >= 0.9  # nine in ten of the top boxes kept
+
+
+def test_backend_auto_picks_openvino_on_cpu_and_torch_on_gpu():
+    from pipeline.predictor import resolve_backend
+
+    assert resolve_backend("auto", "cpu") == "openvino"
+    assert resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+
+
+def test_openvino_on_cuda_is_refused_in_the_job():
+    from pydantic import ValidationError
+
+    from pipeline.spec import ModelSpec
+
+    with pytest.raises(ValidationError, match="runs on the CPU"):
+        ModelSpec(checkpoint="m.pt", backend="openvino", device="cuda")
+    assert ModelSpec(checkpoint="m.pt").backend == "auto"
+
+
+def test_pipeline_run_openvino_matches_torch(tmp_path, ray_session):
+    """Same job, backend torch fp32 vs openvino f32: the same rows in the table."""
+    import duckdb
+    import yaml
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.synth import SYNTH_CLASSES, synthesize
+
+    synthesize(tmp_path / "scenes", scenes=1, size=384, seed=2)
+    torch.manual_seed(0)
+    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=32, head_depth=1,
+                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
+    save_checkpoint(tmp_path / "model.pt", with_running_stats(model), list(SYNTH_CLASSES))
+    rows = {}
+    for backend in ("torch", "openvino"):
+        job = {"name": backend, "inputs": {"paths": [str(tmp_path / "scenes" / "*.tif")]},
+               "tiling": {"chip_size": 256, "overlap": 32},
+               "model": {"checkpoint": str(tmp_path / "model.pt"), "precision": "fp32", "backend": backend,
+                         "score_threshold": 0.3},
+               "compute": {"actors": 1, "gpus_per_actor": 0, "max_retries": 0},
+               "output": {"table": str(tmp_path / backend), "crs": None}}
+        (tmp_path / f"{backend}.yaml").write_text(yaml.safe_dump(job))
+        result = CliRunner().invoke(main, ["run", str(tmp_path / f"{backend}.yaml")], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        report = json.loads(next((tmp_path / backend / "_reports").iterdir()).read_text())
+        assert all(w.endswith(f" {backend}") for w in report["workers"]), report["workers"]
+        rows[backend] = duckdb.sql(f"SELECT label, px_xmin, px_ymin, px_xmax, px_ymax, score FROM read_parquet("
+                                   f"'{tmp_path / backend}/date=*/*.parquet') ORDER BY score DESC").fetchall()
+    assert len(rows["torch"]) > 20
+    assert len(rows["openvino"]) == len(rows["torch"])
+    a, b = np.array([r[1:] for r in rows["torch"]]), np.array([r[1:] for r in rows["openvino"]])
+    assert np.abs(np.sort(a, axis=0) - np.sort(b, axis=0)).max() < 0.05
