@@ -42,26 +42,35 @@ def make_checkpoint(path: Path, backbone: str) -> None:
     save_checkpoint(path, model, list(SYNTH_CLASSES))
 
 
-def job(root: Path, scenes: str, table: str, batch: int, actors: int, threads: int):
+def job(root: Path, scenes: str, table: str, batch: int, actors: int, threads: int, backend: str = "auto",
+        gpus_per_actor: float = 0):
     from pipeline.spec import JobSpec
 
     return JobSpec.model_validate({
         "name": "bench", "inputs": {"paths": [scenes], "bands": [1, 2, 3]},
         "tiling": {"chip_size": 512, "overlap": 64, "min_valid_fraction": 0.0},
-        "model": {"checkpoint": str(root / "model.pt"), "score_threshold": 0.3, "batch_size": batch},
-        "compute": {"actors": actors, "gpus_per_actor": 0, "cpus_per_actor": threads},
+        "model": {"checkpoint": str(root / "model.pt"), "score_threshold": 0.3, "batch_size": batch,
+                  "backend": backend},
+        "compute": {"actors": actors, "gpus_per_actor": gpus_per_actor, "cpus_per_actor": threads},
         "output": {"table": str(root / table), "crs": "EPSG:4326"},
     })
 
 
-def raw_forward_chips_per_s(root: Path, n_chips: int, batch: int, threads: int) -> float:
+def raw_forward_chips_per_s(root: Path, n_chips: int, batch: int, threads: int, backend: str = "auto") -> float:
+    """The model alone on the engine the pipeline's actors use (same backend rule)."""
     import torch
 
+    from pipeline.predictor import resolve_backend
     from retinanet import Detector, load_checkpoint
+    from retinanet.openvino_backend import OpenVinoDetector
+    from retinanet.runtime import fold_batch_norm
 
     torch.set_num_threads(threads)
-    model, _ = load_checkpoint(root / "model.pt")
-    detector = Detector(model, device="auto", precision="auto")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if resolve_backend(backend, device) == "openvino":
+        detector = OpenVinoDetector(root / "model.pt", num_threads=threads)
+    else:
+        detector = Detector(fold_batch_norm(load_checkpoint(root / "model.pt")[0]), device=device, precision="auto")
     images = torch.rand(batch, 3, 512, 512) * 255
     detector(images)  # warm-up
     start = time.perf_counter()
@@ -84,7 +93,8 @@ def throughput(args) -> dict:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     pipe, steady, startup, raw = [], [], [], []
     for r in range(args.repeats):
-        report = run_job(job(root, str(root / "scenes" / "*.tif"), f"t{r}", args.batch, 1, args.threads),
+        report = run_job(job(root, str(root / "scenes" / "*.tif"), f"t{r}", args.batch, 1, args.threads, args.backend,
+                                 args.gpus_per_actor),
                          force=True, log=lambda m: None)
         chips = report["chips_read"]
         pipe.append(chips / report["wall_seconds"])
@@ -93,7 +103,7 @@ def throughput(args) -> dict:
         # what a long nightly run sees once the actors are up
         first = transport_batch(args.batch, chips, 1)
         steady.append((chips - first) / (report["wall_seconds"] - report["startup_seconds"]))
-        raw.append(raw_forward_chips_per_s(root, chips, args.batch, args.threads))
+        raw.append(raw_forward_chips_per_s(root, chips, args.batch, args.threads, args.backend))
     ray.shutdown()
     p, s, m = statistics.median(pipe), statistics.median(steady), statistics.median(raw)
     return {"chips": chips, "pipeline_chips_per_s": round(p, 3), "raw_forward_chips_per_s": round(m, 3),
@@ -155,6 +165,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="also run the 4k^2 vs 16k^2 memory comparison")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino", "onnx"])
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     args = parser.parse_args()
     result = {"throughput": throughput(args)}
     print(json.dumps(result, indent=2), flush=True)

@@ -9,6 +9,7 @@ from pipeline.errors import ConfigError, PipelineError
 
 
 @click.group()
+@click.version_option(package_name="retinanet-pipeline", prog_name="pipeline")
 def main() -> None:
     """Find objects in very large imagery with RetinaNet on Ray."""
 
@@ -57,7 +58,8 @@ def validate(job: str, overrides: tuple[str, ...]) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a job field")
 @click.option("--run-id", default=None, help="name of this run (default: timestamp + random suffix)")
 @click.option("--force", is_flag=True, help="reprocess scenes already committed for this model and job")
-def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool) -> None:
+@click.option("--verbose", is_flag=True, help="show Ray's own log lines and the workers' output")
+def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool, verbose: bool) -> None:
     """Run a job: tile scenes, detect on Ray actors, merge seams, commit GeoParquet.
 
     Exit code 0 when every scene is complete (or was already), 1 while any scene is
@@ -69,7 +71,7 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool) -
 
     try:
         spec = load_job(job, list(overrides))
-        report = run_job(spec, run_id=run_id, force=force)
+        report = run_job(spec, run_id=run_id, force=force, verbose=verbose)
     except PipelineError as err:
         fail(err)
     summary = {k: report[k] for k in ("run_id", "detections", "chips_read", "chips_skipped_empty",

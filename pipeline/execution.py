@@ -10,6 +10,7 @@ what it finished and memory holds detections, never pixels, on the driver.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -279,6 +280,11 @@ def connect_ray(address: str | None, quiet: bool = True):
 
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": not quiet} if address is None else {}
+        if quiet:  # Ray's own lines (start-up info, token notice, core worker C++ log) only with --verbose
+            import logging
+
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+            kwargs["logging_level"] = logging.ERROR
         # "local": a new Ray of our own; address=None would join any Ray started on this
         # machine with `ray start` (someone else's cluster on a shared host).
         ray.init(address=address if address is not None else "local", **kwargs)
@@ -328,7 +334,8 @@ def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channel
     return prefetch_batches * actors * batch_size * chip_bytes
 
 
-def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=None, faults=None) -> dict:
+def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=None, faults=None,
+            verbose: bool = False) -> dict:
     """Run a job to completion and return its report (also written next to the manifests).
 
     A scene is complete when every planned chip was predicted; one with unpredicted
@@ -439,7 +446,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
 
     first_predictions = None
     if n_chips:
-        ray = connect_ray(spec.compute.address)
+        ray = connect_ray(spec.compute.address, quiet=not verbose)
         import ray.data
         from ray.util.annotations import RayDeprecationWarning
 

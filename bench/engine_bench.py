@@ -1,0 +1,103 @@
+"""Benchmark: inference engines for CPU actors, on the same weights and chips.
+
+    python bench/engine_bench.py                 # R50-FPN, 3 classes, 512² chips, 2 threads
+    python bench/engine_bench.py --reps 15 --backbone resnet18
+
+Variants, each one chip per call (the CPU actors' batch size), timed round-robin (one call
+of each per repetition, so a noisy neighbour slows all alike); figures are medians:
+
+- torch bf16:         `Detector(precision="auto")` on the model as loaded (the old default);
+- torch bf16 folded:  the same after `fold_batch_norm` (the torch path now);
+- openvino auto:      `OpenVinoDetector(precision="auto")` (bf16 AMX kernels where present);
+- openvino f32:       OpenVINO forced to f32.
+
+Also: postprocessing alone (anchors in, detections out) per chip, and how many of torch
+fp32's top boxes each variant keeps (IoU > 0.9). Ratios are against torch bf16 in the same
+process. The head gets a seeded spread so postprocessing sees realistic candidate counts.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from torchvision.ops import box_iou
+
+from retinanet import Detector, build_model, save_checkpoint
+from retinanet.export import detect_with_dense
+from retinanet.openvino_backend import OpenVinoDetector
+from retinanet.runtime import fold_batch_norm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--chip", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=9)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model(num_classes=3, backbone=args.backbone, image_mean=(120.0,) * 3, image_std=(60.0,) * 3).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.cls_head.parameters():
+            if p.ndim == 4:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    chips = [torch.rand(1, 3, args.chip, args.chip, generator=gen) * 255 for _ in range(args.reps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, "m.pt")
+        save_checkpoint(checkpoint, model, ["a", "b", "c"])
+        started = time.perf_counter()
+        ov_auto = OpenVinoDetector(checkpoint, precision="auto", num_threads=args.threads, cache_dir=tmp)
+        ov_auto.prepare((args.chip, args.chip))
+        convert_s = time.perf_counter() - started
+        started = time.perf_counter()
+        ov_f32 = OpenVinoDetector(checkpoint, precision="fp32", num_threads=args.threads, cache_dir=tmp)
+        ov_f32.prepare((args.chip, args.chip))
+        cached_s = time.perf_counter() - started
+        variants = {
+            "torch bf16": Detector(copy.deepcopy(model), device="cpu", precision="auto"),
+            "torch bf16 folded": Detector(fold_batch_norm(model), device="cpu", precision="auto"),
+            "openvino auto": ov_auto,
+            "openvino f32": ov_f32,
+        }
+        reference = Detector(copy.deepcopy(model), device="cpu", precision="fp32")
+        times = {name: [] for name in variants}
+        kept = {name: [] for name in variants}
+        for name, detector in variants.items():  # warm-up
+            detector(chips[0])
+        for chip in chips:
+            expected = reference(chip)[0]["boxes"][:100]
+            for name, detector in variants.items():
+                t = time.perf_counter()
+                got = detector(chip)[0]
+                times[name].append(time.perf_counter() - t)
+                if len(expected) and len(got["boxes"]):
+                    kept[name].append(float((box_iou(expected, got["boxes"]).max(dim=1).values > 0.9).float().mean()))
+        # postprocessing alone: the dense outputs of one chip, through the model's postprocess
+        post = []
+        for chip in chips:
+            cls_logits, box_deltas = ov_f32.dense(chip)
+            t = time.perf_counter()
+            detect_with_dense(ov_f32.model, chip, lambda _: (cls_logits, box_deltas), ov_f32._shapes, "bench")
+            post.append(time.perf_counter() - t)
+    base = statistics.median(times["torch bf16"])
+    print(f"load average {open('/proc/loadavg').read().split()[:3]}; {args.backbone}, {args.chip}² chips, "
+          f"{args.threads} threads, {args.reps} reps; openvino convert+compile {convert_s:.1f} s, "
+          f"from cache {cached_s:.2f} s; openvino auto runs {ov_auto.precision}")
+    print(f"{'variant':<20}{'s/chip':>9}{'vs torch bf16':>15}{'top boxes kept':>16}")
+    for name in variants:
+        median = statistics.median(times[name])
+        print(f"{name:<20}{median:>9.3f}{base / median:>14.2f}x{statistics.mean(kept[name] or [0]):>15.1%}")
+    post_s = statistics.median(post)
+    print(f"postprocessing alone: {post_s * 1000:.1f} ms/chip = "
+          f"{post_s / statistics.median(times['openvino auto']):.0%} of an openvino auto chip")
+
+
+if __name__ == "__main__":
+    main()
