@@ -280,11 +280,12 @@ def connect_ray(address: str | None, quiet: bool = True):
 
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": not quiet} if address is None else {}
-        if quiet:  # Ray's own lines (start-up info, token notice, core worker C++ log) only with --verbose
+        if quiet:  # Ray's own Python log lines (start-up, token notice, Ray Data plans) only with --verbose
             import logging
 
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
             kwargs["logging_level"] = logging.ERROR
+            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read when Ray Data configures its loggers
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
         # "local": a new Ray of our own; address=None would join any Ray started on this
         # machine with `ray start` (someone else's cluster on a shared host).
         ray.init(address=address if address is not None else "local", **kwargs)

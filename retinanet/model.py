@@ -228,29 +228,13 @@ class RetinaNet(nn.Module):
     # -- inference -------------------------------------------------------------------------
     def postprocess(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
                     level_counts: list[int], image_hw: tuple[int, int]) -> list[dict[str, Tensor]]:
-        """Per level: scores > threshold, top-k candidates; decode in float32; class-aware NMS
-        per image; keep the best detections_per_image. Vectorised over the batch: images are
-        told apart in NMS by folding the image index into the class index."""
+        """Scores > threshold, at most topk_candidates per image and level; decode in float32;
+        class-aware NMS per image; keep the best detections_per_image. Vectorised over the
+        batch and the levels (no Python loop): images are told apart in NMS by folding the
+        image index into the class index."""
         cfg = self.config
         batch, _, num_classes = cls_logits.shape
-        device = cls_logits.device
-        cand_scores, cand_anchor, cand_label = [], [], []
-        start = 0
-        for count in level_counts:
-            scores = torch.sigmoid(cls_logits[:, start:start + count].float()).reshape(batch, -1)
-            k = min(cfg.topk_candidates, scores.shape[1])
-            top_scores, top_index = scores.topk(k, dim=1)
-            cand_scores.append(top_scores)
-            cand_anchor.append(top_index // num_classes + start)
-            cand_label.append(top_index % num_classes)
-            start += count
-        scores = torch.cat(cand_scores, dim=1)
-        anchor_index = torch.cat(cand_anchor, dim=1)
-        labels = torch.cat(cand_label, dim=1)
-        image_index = torch.arange(batch, device=device)[:, None].expand_as(scores)
-
-        keep = scores > cfg.score_threshold
-        scores, anchor_index, labels, image_index = scores[keep], anchor_index[keep], labels[keep], image_index[keep]
+        image_index, anchor_index, labels, scores = self._candidates(cls_logits, level_counts)
         deltas = box_deltas[image_index, anchor_index]
         boxes = box_ops.clip_boxes(box_ops.decode(deltas, anchors[anchor_index]), *image_hw)
 
@@ -258,14 +242,56 @@ class RetinaNet(nn.Module):
         # kept is sorted by score; group by image (stable) and cap each image's count.
         kept = kept[torch.sort(image_index[kept], stable=True).indices]
         per_image = torch.bincount(image_index[kept], minlength=batch)
-        offsets = torch.cumsum(per_image, 0) - per_image
-        rank = torch.arange(len(kept), device=device) - offsets[image_index[kept]]
-        kept = kept[rank < cfg.detections_per_image]
+        kept = kept[_rank_in_groups(image_index[kept], per_image) < cfg.detections_per_image]
         counts = per_image.clamp(max=cfg.detections_per_image).tolist()
         return [
             {"boxes": b, "scores": s, "labels": l}
             for b, s, l in zip(boxes[kept].split(counts), scores[kept].split(counts), labels[kept].split(counts))
         ]
+
+    def _candidates(self, cls_logits: Tensor, level_counts: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(image index, anchor index, label, score) of every score above the threshold, at
+        most topk_candidates per image and pyramid level (the highest, as torchvision keeps).
+
+        One comparison on the raw logits (score > t  <=>  logit > log(t / (1 - t))) finds the
+        candidates, and the sigmoid runs on those only: a trained model lets a few hundred of
+        the ~150k anchor-class scores of a 512-px chip through."""
+        cfg = self.config
+        batch, _, num_classes = cls_logits.shape
+        device = cls_logits.device
+        t = cfg.score_threshold
+        # a small margin below the exact bound: sigmoid's float rounding decides, just below
+        bound = math.log(t / (1 - t)) - 1e-3 if 0 < t < 1 else (-math.inf if t <= 0 else math.inf)
+        flat = cls_logits.reshape(batch, -1)
+        image_index, flat_index = (flat > bound).nonzero(as_tuple=True)
+        scores = torch.sigmoid(flat[image_index, flat_index].float())
+        keep = scores > t
+        image_index, flat_index, scores = image_index[keep], flat_index[keep], scores[keep]
+        anchor_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+        labels = flat_index % num_classes
+        level_ends = torch.tensor(level_counts, device=device).cumsum(0)
+        group = image_index * len(level_counts) + torch.bucketize(anchor_index, level_ends, right=True)
+        per_group = torch.bincount(group, minlength=batch * len(level_counts))
+        if len(group) and int(per_group.max()) > cfg.topk_candidates:
+            # More candidates than top-k on some level (an untrained or miscalibrated head):
+            # per level top-k on the dense scores, which beats sorting thousands of survivors.
+            return self._dense_candidates(cls_logits, level_counts)
+        return image_index, anchor_index, labels, scores
+
+    def _dense_candidates(self, cls_logits: Tensor, level_counts: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`_candidates` by a top-k per level over all scores (the same selection)."""
+        cfg = self.config
+        batch, _, num_classes = cls_logits.shape
+        parts, start = [], 0
+        for count in level_counts:
+            scores = torch.sigmoid(cls_logits[:, start:start + count].float()).reshape(batch, -1)
+            top_scores, top_index = scores.topk(min(cfg.topk_candidates, scores.shape[1]), dim=1)
+            parts.append((top_scores, top_index // num_classes + start, top_index % num_classes))
+            start += count
+        scores, anchor_index, labels = (torch.cat(p, dim=1) for p in zip(*parts))
+        image_index = torch.arange(batch, device=cls_logits.device)[:, None].expand_as(scores)
+        keep = scores > cfg.score_threshold
+        return image_index[keep], anchor_index[keep], labels[keep], scores[keep]
 
     # -- input checks ----------------------------------------------------------------------
     def _check_images(self, images) -> None:
@@ -301,6 +327,13 @@ class RetinaNet(nn.Module):
             if labels.is_floating_point() or labels.min() < 0 or labels.max() >= self.num_classes:
                 raise ValueError(f"target {i}: labels must be integers in [0, {self.num_classes}), "
                                  f"got {labels.tolist()[:10]}")
+
+
+def _rank_in_groups(sorted_groups: Tensor, counts: Tensor) -> Tensor:
+    """Position of each element within its group, for group ids sorted ascending.
+    Example: groups [0, 0, 2, 2, 2] with counts [2, 0, 3] -> [0, 1, 0, 1, 2]."""
+    offsets = torch.cumsum(counts, 0) - counts
+    return torch.arange(len(sorted_groups), device=sorted_groups.device) - offsets[sorted_groups]
 
 
 def _box_ratios(from_hw: tuple[int, int], to_hw: tuple[int, int], device) -> Tensor:
