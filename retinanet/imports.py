@@ -112,9 +112,13 @@ def _safe_classes(path: Path) -> list[type]:
                 obj = None
         (allowed if isinstance(obj, type) else refused).append(obj if isinstance(obj, type) else name)
     if refused:
+        deepforest = any(n.split(".")[0] in ("deepforest", "omegaconf", "pytorch_lightning", "lightning")
+                         for n in refused)
+        how = ("in DeepForest, save the weights and labels instead: torch.save({'state_dict': "
+               "m.model.state_dict(), 'label_dict': m.label_dict}, 'deepforest_weights.pt')"
+               if deepforest else _SAVE_STATE_DICT)
         raise CheckpointError(f"{path}: refused: the file holds Python objects other than torch and torchvision "
-                              f"classes ({', '.join(sorted(refused)[:5])}), so reading it could run code; "
-                              f"{_SAVE_STATE_DICT}")
+                              f"classes ({', '.join(sorted(refused)[:5])}), so reading it could run code; {how}")
     return allowed
 
 
@@ -218,9 +222,11 @@ def import_model(path: str | os.PathLike, kind: str = "auto", class_names: Optio
         source = "torchvision"
         form = "whole model"
     elif isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):  # Lightning
-        state = _strip_prefix(payload["state_dict"], "model.")
+        # Lightning saves the module's keys (model.*); the recipe in our refusal message saves
+        # the network's own (no prefix)
+        state = _strip_prefix(payload["state_dict"], "model.") or _strip_prefix(payload["state_dict"], "")
         if not state:
-            raise CheckpointError(f"{path}: a Lightning checkpoint without model.* weights")
+            raise CheckpointError(f"{path}: a checkpoint whose state_dict holds no weights")
         source, form = ("torchvision" if kind == "torchvision" else "deepforest"), "lightning checkpoint"
         hyper = payload.get("hyper_parameters") or {}
         label_dict = payload.get("label_dict") or (hyper.get("label_dict") if isinstance(hyper, Mapping) else None)

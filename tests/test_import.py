@@ -214,6 +214,13 @@ def test_deepforest_checkpoint_predicts_as_deepforest(tmp_path):
         np.abs(unresized["boxes"] - expected["boxes"]).max() > 1
 
 
+def test_deepforest_weights_saved_by_the_refusal_recipe(tmp_path, tv_default):
+    """What the refusal of a DeepForest file with Python objects tells the user to save."""
+    torch.save({"state_dict": tv_default.state_dict(), "label_dict": {"Tree": 0}}, tmp_path / "df_weights.pt")
+    imported = import_model(tmp_path / "df_weights.pt")
+    assert imported.class_names == ["Tree"] and imported.metadata["imported_from"]["kind"] == "deepforest"
+
+
 def test_bare_deepforest_state_dict(tmp_path, tv_default):
     torch.save({f"model.{k}": v for k, v in tv_default.state_dict().items()}, tmp_path / "df_state.pt")
     imported = import_model(tmp_path / "df_state.pt")
