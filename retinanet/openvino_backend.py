@@ -76,9 +76,10 @@ class OpenVinoDetector:
             self._config["INFERENCE_NUM_THREADS"] = int(num_threads)
         if PRECISION_HINTS[precision]:
             self._config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
-        self._torch_model = None  # loaded only when a graph has to be converted
-        config = load_checkpoint(checkpoint)[0].config if not self._any_cached() else None
-        self.model = skeleton_model(config or self._cached_config())
+        # The torch model is loaded only when a graph has to be converted (nothing cached yet).
+        self._torch_model = None if self._any_cached() else load_checkpoint(checkpoint)[0]
+        self.model = skeleton_model(self._cached_config() if self._torch_model is None else self._torch_model.config)
+        self._folded = None
         self.device = torch.device("cpu")
         self._compiled: dict[tuple[int, int], object] = {}
         self._shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -102,22 +103,35 @@ class OpenVinoDetector:
         return self.cache_dir / f"{self._prefix()}-{network_hw[0]}x{network_hw[1]}.xml"
 
     def _convert(self, network_hw: tuple[int, int]) -> Path:
-        import openvino as ov
+        """The cached graph for this size, converting it first if no process on this node has.
+        Actors starting together take a file lock, so one converts and the others wait and
+        load its result (conversion is seconds of CPU the others would otherwise repeat)."""
+        import fcntl
 
         path = self.graph_path(network_hw)
         if path.is_file() and path.with_suffix(".bin").is_file():
             return path
-        if self._torch_model is None:
-            model, _ = load_checkpoint(self.checkpoint)
-            self._torch_model = fold_batch_norm(model)
-        channels = self._torch_model.config.in_channels
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            if path.is_file() and path.with_suffix(".bin").is_file():
+                return path
+            return self._convert_locked(network_hw, path)
+
+    def _convert_locked(self, network_hw: tuple[int, int], path: Path) -> Path:
+        import openvino as ov
+
+        if self._folded is None:
+            model = self._torch_model if self._torch_model is not None else load_checkpoint(self.checkpoint)[0]
+            self._folded = fold_batch_norm(model)
+            self._torch_model = None
+        channels = self._folded.config.in_channels
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # convert_model traces with torch.jit.trace
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            graph = ov.convert_model(DenseRetinaNet(self._torch_model),
+            graph = ov.convert_model(DenseRetinaNet(self._folded),
                                      example_input=torch.zeros(1, channels, *network_hw),
                                      input=[ov.PartialShape([-1, channels, *network_hw])])
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:8]}.xml")
         try:
             ov.save_model(graph, tmp, compress_to_fp16=False)
@@ -129,7 +143,7 @@ class OpenVinoDetector:
         config_file = self.cache_dir / f"{self._prefix()}.config.pt"
         if not config_file.is_file():
             tmp_config = config_file.with_name(f".{config_file.name}-{uuid.uuid4().hex[:8]}")
-            torch.save(self._torch_model.config.to_dict(), tmp_config)
+            torch.save(self._folded.config.to_dict(), tmp_config)
             os.replace(tmp_config, config_file)
         self.converted += 1
         return path
