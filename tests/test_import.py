@@ -232,13 +232,17 @@ def test_bare_deepforest_state_dict(tmp_path, tv_default):
 # ------------------------------------------------------------------ through `pipeline run`
 
 
-def test_pipeline_run_matches_torchvision_on_a_400px_chip(tmp_path, tv_default, ray_session):
+@pytest.mark.parametrize("backend, atol", [("torch", 1e-3), ("openvino", 5e-3)])
+def test_pipeline_run_matches_torchvision_on_a_400px_chip(tmp_path, tv_default, ray_session, backend, atol):
+    """torch fp32 is the exact path (1e-3 px); OpenVINO f32, the CPU default engine, resizes
+    before its graph normalises and rounds differently (measured 1.2e-3 px)."""
     scene = osbs_without_nodata(tmp_path)
     torch.save(tv_default.state_dict(), tmp_path / "weights.pt")
     assert cli("import", tmp_path / "weights.pt", "--out", tmp_path / "model.pt", "--classes", "tree")[0] == 0
     job = {"name": "byom", "inputs": {"paths": [str(scene)], "bands": [1, 2, 3]},
            "tiling": {"chip_size": 400, "overlap": 0, "min_valid_fraction": 0.05},
-           "model": {"checkpoint": str(tmp_path / "model.pt"), "precision": "fp32", "device": "cpu"},
+           "model": {"checkpoint": str(tmp_path / "model.pt"), "precision": "fp32", "device": "cpu",
+                     "backend": backend},
            "compute": {"actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "max_retries": 0},
            "output": {"table": str(tmp_path / "table"), "crs": "EPSG:4326"}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
@@ -250,7 +254,7 @@ def test_pipeline_run_matches_torchvision_on_a_400px_chip(tmp_path, tv_default, 
            "scores": rows["score"], "labels": np.zeros(len(rows["score"]), np.int64)}
     expected = torchvision_says(tv_default, osbs_pixels())
     assert len(expected["boxes"]) >= 20
-    assert_same_boxes(expected, got)
+    assert_same_boxes(expected, got, atol=atol)
 
 
 def test_job_fields_override_the_checkpoint_settings(tmp_path, tv_default, ray_session):
