@@ -313,6 +313,20 @@ def default_read_tasks(actors: int, cpus_per_actor: float, cluster_cpus: float) 
     return max(2 * actors, int(cluster_cpus - actors * cpus_per_actor))
 
 
+def progress_line(chips_done: int, chips_total: int, scenes_done: int, scenes_total: int,
+                  seconds_predicting: float) -> str:
+    """One progress line: the rate since the first predictions arrived (start-up excluded,
+    so it says what the rest of the run will do) and the time left at that rate.
+    Example: (120, 400, 3, 10, 60.0) -> '  120/400 chips, 3/10 scenes committed, 2.0 chips/s, ETA 2m20s'."""
+    rate = chips_done / seconds_predicting if seconds_predicting > 0 else 0.0
+    if rate > 0:
+        left = round((chips_total - chips_done) / rate)
+        eta = f"ETA {left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"ETA {left // 60}m{left % 60:02d}s"
+    else:
+        eta = "ETA unknown"
+    return f"  {chips_done}/{chips_total} chips, {scenes_done}/{scenes_total} scenes committed, {rate:.1f} chips/s, {eta}"
+
+
 def transport_batch(batch_size: int, n_chips: int, actors: int) -> int:
     """Chips per read task and per predictor call: at least `batch_size`, and runs of up to
     MIN_READ_BATCH when the model takes fewer per forward, as long as every actor still
@@ -521,9 +535,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                     commit(scene_id)
             if time.time() - last_log > 5:
                 last_log = time.time()
-                rate = state.done_chips / max(1e-9, last_log - started)
-                log(f"  {state.done_chips}/{n_chips} chips, {len(report['scenes_ok'])}/{len(plans)} scenes "
-                    f"committed, {rate:.1f} chips/s")
+                log(progress_line(state.done_chips, n_chips, len(report["scenes_ok"]), len(plans),
+                                  last_log - started - first_predictions))
     wall = time.time() - started
     report["workers"] = dict(state.workers)
     report["wall_seconds"] = round(wall, 3)

@@ -163,3 +163,11 @@ def test_quicklook_is_linked_from_the_run_report(clean_run, workspace, tmp_path)
     assert summary["reports"] == [report["report_path"]]
     saved = json.loads(open(report["report_path"]).read())
     assert saved["quicklooks"]["synth_000"] == str((tmp_path / "q.png").resolve())
+
+
+def test_progress_line_rate_excludes_start_up_and_gives_an_eta():
+    from pipeline.execution import progress_line
+
+    assert progress_line(120, 400, 3, 10, 60.0) == "  120/400 chips, 3/10 scenes committed, 2.0 chips/s, ETA 2m20s"
+    assert progress_line(10, 100000, 0, 10, 10.0).endswith("1.0 chips/s, ETA 27h46m")
+    assert progress_line(0, 400, 0, 10, 0.0).endswith("ETA unknown")
