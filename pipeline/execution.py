@@ -143,15 +143,25 @@ def plan_scene(scene: SceneInput, spec: JobSpec, model: ModelFacts) -> ScenePlan
     return ScenePlan(scene.scene_id, scene.location, info, windows, skipped, warnings_)
 
 
+# Scenes planned at once: a plan is a header and a decimated mask read, mostly waiting on
+# storage (GDAL releases the GIL), so remote scenes cost round trips in parallel, not in series.
+PLAN_THREADS = 8
+
+
 def plan_scenes(spec: JobSpec, scenes: list[SceneInput], model: ModelFacts) -> tuple[list[ScenePlan], list[dict]]:
-    """Plan every scene; scenes that cannot run are reported with the reason, not raised."""
-    plans, failed = [], []
-    for scene in scenes:
+    """Plan every scene, PLAN_THREADS at a time, in input order; scenes that cannot run
+    are reported with the reason, not raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(scene: SceneInput):
         try:
-            plans.append(plan_scene(scene, spec, model))
+            return plan_scene(scene, spec, model)
         except PipelineError as err:
-            failed.append({"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)})
-    return plans, failed
+            return {"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)}
+
+    with ThreadPoolExecutor(max_workers=max(1, min(PLAN_THREADS, len(scenes)))) as pool:
+        outcomes = list(pool.map(attempt, scenes))
+    return ([o for o in outcomes if isinstance(o, ScenePlan)], [o for o in outcomes if isinstance(o, dict)])
 
 
 @dataclass
@@ -393,7 +403,16 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and table.is_current(
         committed.get((spec.name, s.scene_id)), keys[s.scene_id], model_id, jhash)}
     todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
-    plans, unplanned = plan_scenes(spec, todo, model)
+    ray = None
+    if todo:  # Ray starts (seconds) while the scenes are planned
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            planning = pool.submit(plan_scenes, spec, todo, model)
+            ray = connect_ray(spec.compute.address, quiet=not verbose)
+            plans, unplanned = planning.result()
+    else:
+        plans, unplanned = [], []
     failed += unplanned
     scene_warnings = [w for p in plans for w in p.warnings]
     for warning in scene_warnings:
@@ -461,7 +480,6 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
 
     first_predictions = None
     if n_chips:
-        ray = connect_ray(spec.compute.address, quiet=not verbose)
         import ray.data
         from ray.util.annotations import RayDeprecationWarning
 
@@ -518,6 +536,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if first_predictions is None:  # start-up: planning, actor start, model load, first batch
                 first_predictions = time.time() - started
+                last_log = time.time()  # the first progress line comes with a measured rate
             for i in range(len(batch["chip_id"])):
                 scene_id = str(batch["scene_id"][i])
                 status = str(batch["status"][i])
