@@ -146,6 +146,7 @@ class OpenVinoDetector:
             torch.save(self._folded.config.to_dict(), tmp_config)
             os.replace(tmp_config, config_file)
         self.converted += 1
+        self._folded = None  # the torch copy was only needed to convert: do not keep it in the actor
         return path
 
     # -- inference -----------------------------------------------------------------------
