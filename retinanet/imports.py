@@ -184,12 +184,10 @@ def _whole_model_facts(model: nn.Module, where: str) -> tuple[dict[str, Tensor],
         raise CheckpointError(f"{where}: anchors with per-level aspect ratios or not five levels are not supported")
     if getattr(transform, "fixed_size", None):
         raise CheckpointError(f"{where}: a transform with fixed_size is not supported (use min_size/max_size)")
+    # several min_size values are a training-time multi-scale setting; inference uses the last
     settings = {"min_size": int(transform.min_size[-1]), "max_size": int(transform.max_size),
                 "score_threshold": float(model.score_thresh), "nms_threshold": float(model.nms_thresh),
                 "detections_per_image": int(model.detections_per_img), "topk_candidates": int(model.topk_candidates)}
-    if len(transform.min_size) > 1:
-        raise CheckpointError(f"{where}: several min_size values {transform.min_size} (a training-time "
-                              "multi-scale setting); set one before saving")
     if sizes != tuple(tuple(float(s) for s in level) for level in DEFAULT_SIZES) \
             or ratios != {tuple(float(r) for r in DEFAULT_ASPECT_RATIOS)}:
         settings.update(anchor_sizes=sizes, aspect_ratios=next(iter(ratios)))
