@@ -198,7 +198,10 @@ class ChipPredictor:
             if backend == "openvino":
                 from retinanet.openvino_backend import OpenVinoDetector
 
-                self.detector = OpenVinoDetector(checkpoint, precision=precision, num_threads=num_threads)
+                from pipeline.objstore import cache_dir
+
+                self.detector = OpenVinoDetector(checkpoint, precision=precision, num_threads=num_threads,
+                                                 cache_dir=cache_dir() / "openvino")
                 if chip_size:  # convert (or load the cached graph) and compile now, not on the first batch
                     self.detector.prepare((chip_size, chip_size))
                 model = self.detector.model

@@ -216,9 +216,10 @@ def is_export_of(onnx_path: str | os.PathLike, checkpoint_sha256: str) -> bool:
         return False
 
 
-def default_cache_dir() -> Path:
-    """Per-node cache of exported graphs: $TMPDIR/retinanet-onnx."""
-    return Path(tempfile.gettempdir()) / "retinanet-onnx"
+def default_cache_dir(engine: str = "onnx") -> Path:
+    """Per-node cache of graphs converted for an engine: $TMPDIR/retinanet-<engine>
+    (the pipeline passes its own cache folder instead)."""
+    return Path(tempfile.gettempdir()) / f"retinanet-{engine}"
 
 
 def onnx_for_checkpoint(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -21,7 +21,6 @@ pixel values. ``input_range="0-255"`` says the source saw raw values instead.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import pickle
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
-from retinanet.checkpoint import FORMAT_NAME, CheckpointError
+from retinanet.checkpoint import FORMAT_NAME, CheckpointError, file_sha256
 from retinanet.convert import from_torchvision
 from retinanet.model import IMAGENET_MEAN, IMAGENET_STD, RetinaNet
 
@@ -87,14 +86,6 @@ def torchvision_layout(state_dict: Mapping[str, Tensor]) -> tuple[int, bool]:
                               "or backbone.fpn.extra_blocks.p6 weights)")
     anchors = state_dict["head.regression_head.bbox_reg.weight"].shape[0] // 4
     return logits.shape[0] // anchors, p6.shape[1] != 256
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safe_classes(path: Path) -> list[type]:
@@ -262,7 +253,7 @@ def import_model(path: str | os.PathLike, kind: str = "auto", class_names: Optio
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
     inference = {k: getattr(model.config, k) for k in TORCHVISION_SETTINGS}
-    metadata = {"imported_from": {"path": str(path), "sha256": _file_digest(path), "kind": source, "form": form,
+    metadata = {"imported_from": {"path": str(path), "sha256": file_sha256(path), "kind": source, "form": form,
                                   "architecture": "retinanet_resnet50_fpn" + ("_v2" if v2 else ""),
                                   "input_range": f"0-{input_high:g}", "pixel_max": pixel_max,
                                   "source_mean": list(mean), "source_std": list(std), "inference": inference}}

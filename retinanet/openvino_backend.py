@@ -11,8 +11,8 @@ CPU has fp16 units). Measured on this project's 2-core AMX machine (R50-FPN, 512
 0.09-0.11 s per chip against 0.25-0.37 s for torch bf16 (see BENCHMARKS.md).
 
 Conversion takes seconds (a trace of the model), so converted graphs are cached per node
-under ``$RETINANET_PIPELINE_CACHE/openvino`` (default ``~/.cache/retinanet-pipeline``),
-keyed by the checkpoint's SHA-256 and the network's input size; writes are atomic, so
+(``cache_dir``: `pipeline run` passes ``<its cache>/openvino``, see
+:func:`pipeline.objstore.cache_dir`; default ``$TMPDIR/retinanet-openvino``), keyed by the checkpoint's SHA-256 and the network's input size; writes are atomic, so
 actors converting at once each end with a whole file and later runs reuse it.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from retinanet.checkpoint import file_sha256, load_checkpoint
-from retinanet.export import DenseRetinaNet, detect_with_dense, skeleton_model
+from retinanet.export import DenseRetinaNet, default_cache_dir, detect_with_dense, skeleton_model
 from retinanet.runtime import fold_batch_norm
 
 PRECISION_HINTS = {"auto": None, "fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -40,11 +40,6 @@ def openvino_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("RETINANET_PIPELINE_CACHE") or Path.home() / ".cache" / "retinanet-pipeline"
-    return Path(root) / "openvino"
 
 
 class OpenVinoDetector:
@@ -68,7 +63,7 @@ class OpenVinoDetector:
             raise ValueError(f"precision must be one of {tuple(PRECISION_HINTS)}, got {precision!r}")
         self.checkpoint = Path(checkpoint)
         self.sha256 = file_sha256(checkpoint)
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir("openvino")
         self._core = ov.Core()
         self._requested = precision
         self._config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -129,9 +124,14 @@ class OpenVinoDetector:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # convert_model traces with torch.jit.trace
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            graph = ov.convert_model(DenseRetinaNet(self._folded),
-                                     example_input=torch.zeros(1, channels, *network_hw),
-                                     input=[ov.PartialShape([-1, channels, *network_hw])])
+            try:
+                graph = ov.convert_model(DenseRetinaNet(self._folded),
+                                         example_input=torch.zeros(1, channels, *network_hw),
+                                         input=[ov.PartialShape([-1, channels, *network_hw])])
+            except Exception as err:  # noqa: BLE001 - name the checkpoint and the way out
+                raise RuntimeError(f"{self.checkpoint}: OpenVINO could not convert the network for "
+                                   f"{network_hw[0]}x{network_hw[1]} inputs ({type(err).__name__}: {err}); "
+                                   "run it with model.backend: torch") from err
         tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:8]}.xml")
         try:
             ov.save_model(graph, tmp, compress_to_fp16=False)
