@@ -4,7 +4,7 @@
     python bench/read_bench.py --size 4096 --workers 1 2
 
 The scene is planned as `pipeline run` plans it (`pipeline.tiling.plan_chips`) and its
-chip rows (`pipeline.execution.chip_rows`) are read in runs of `MIN_READ_BATCH` by the
+chip rows (`pipeline.execution.scene_rows`) are read in runs of `MIN_READ_BATCH` by the
 pipeline's own read task, `pipeline.execution.read_chip_batch` (windowed reads, one open
 per scene and batch, validity masks, the transport dtype), in N processes at once. Printed:
 chips/s per worker count, and the cores a node needs to feed a target rate (default 1,500
@@ -25,29 +25,23 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.execution import MIN_READ_BATCH, ScenePlan, chip_rows, read_chip_batch  # noqa: E402
+from pipeline.execution import MIN_READ_BATCH, ScenePlan, read_chip_batch, rows_to_batch, scene_rows  # noqa: E402
 from pipeline.synth import synthesize  # noqa: E402
 from pipeline.tiling import plan_chips  # noqa: E402
 
 
 def batches_of(rows: list[dict], size: int) -> list[dict]:
     """Chip rows cut into the column batches a read task receives."""
-    out = []
-    for start in range(0, len(rows), size):
-        part = rows[start:start + size]
-        out.append({k: np.array([r[k] for r in part], dtype=object if isinstance(part[0][k], str) else None)
-                    for k in part[0]})
-    return out
+    return [rows_to_batch(rows[start:start + size]) for start in range(0, len(rows), size)]
 
 
 def read_all(batches: list[dict], chip: int) -> int:
     read = 0
     for batch in batches:
-        out = read_chip_batch(batch, [1, 2, 3], chip, 3, "uint8")
+        out = read_chip_batch(batch, [1, 2, 3], chip, 3)
         read += int((out["status"] == "ok").sum())
     return read
 
@@ -74,7 +68,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="read-bench-"))
     scene = synthesize(root, scenes=1, size=args.size, seed=0)[0]
     info, windows, _ = plan_chips(str(scene), args.chip, args.overlap, 0.0, scene_id="s")
-    rows = chip_rows([ScenePlan("s", str(scene), info, windows, 0, [])])
+    rows = scene_rows(ScenePlan("s", str(scene), info, windows, 0, []))
     batches = batches_of(rows, MIN_READ_BATCH)
     read_all(batches, args.chip)  # page cache warm
     rates = {w: [] for w in args.workers}

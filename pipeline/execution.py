@@ -1,15 +1,20 @@
 """`pipeline run`: the streaming Ray Data graph from scenes to committed GeoParquet rows.
 
-    driver: expand inputs -> plan chip windows per scene (header + mask/overview only)
-    Ray Data: chip rows -> read windows (CPU tasks, bounded retries)
+    driver: expand inputs -> skip committed scenes -> plan the first PLAN_BATCH scenes (while Ray starts)
+    Ray Data: the other scenes -> plan tasks (header + mask/overview, across the cluster)
+              -> chip rows (the first planned scenes' rows ahead of them)
+              -> read windows (CPU tasks, bounded retries)
               -> ChipPredictor actor pool (GPU-pinned, bounded restarts)
     driver: collect detections per scene -> seam merge -> georeference -> commit the scene
 
+Each scene's plan travels down the stream with its first chip, so the driver holds the
+plans and detections of scenes in flight, never the job's chip list, and never pixels.
 Scenes are committed one by one as their last chip arrives, so an interrupted run keeps
-what it finished and memory holds detections, never pixels, on the driver.
+what it finished.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -56,13 +61,21 @@ class ModelFacts:
 
 @dataclass
 class RunState:
-    """What the driver accumulates while chips stream back."""
+    """What the driver holds while chips stream back: scenes in flight only."""
 
-    expected: dict[str, int]
+    plans: dict[str, "ScenePlan"] = field(default_factory=dict)  # planned, not yet committed
+    received: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # chips back per scene
     chips: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     missing: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    committed: set[str] = field(default_factory=set)  # scenes settled this run (ids only)
     workers: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> node id -> scenes/chips
     done_chips: int = 0
+    chips_planned: int = 0
+
+    def count(self, stage: str, node: str) -> None:
+        counts = self.nodes.setdefault(stage, {})
+        counts[node] = counts.get(node, 0) + 1
 
 
 def model_facts(location: str) -> ModelFacts:
@@ -148,9 +161,9 @@ def plan_scene(scene: SceneInput, spec: JobSpec, model: ModelFacts) -> ScenePlan
 PLAN_THREADS = 8
 
 
-def plan_scenes(spec: JobSpec, scenes: list[SceneInput], model: ModelFacts) -> tuple[list[ScenePlan], list[dict]]:
-    """Plan every scene, PLAN_THREADS at a time, in input order; scenes that cannot run
-    are reported with the reason, not raised."""
+def plan_scenes(spec: JobSpec, scenes: list[SceneInput], model: ModelFacts) -> list[ScenePlan | dict]:
+    """Plan every scene, PLAN_THREADS at a time -> one outcome per scene, in input order:
+    its plan, or for a scene that cannot run a dict with its id, path and the reason."""
     from concurrent.futures import ThreadPoolExecutor
 
     def attempt(scene: SceneInput):
@@ -160,8 +173,7 @@ def plan_scenes(spec: JobSpec, scenes: list[SceneInput], model: ModelFacts) -> t
             return {"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)}
 
     with ThreadPoolExecutor(max_workers=max(1, min(PLAN_THREADS, len(scenes)))) as pool:
-        outcomes = list(pool.map(attempt, scenes))
-    return ([o for o in outcomes if isinstance(o, ScenePlan)], [o for o in outcomes if isinstance(o, dict)])
+        return list(pool.map(attempt, scenes))
 
 
 @dataclass
@@ -219,48 +231,82 @@ def chip_id(scene_id: str, row: int, col: int) -> str:
     return f"{scene_id}/r{row}c{col}"
 
 
-def chip_rows(plans: list[ScenePlan]) -> list[dict]:
-    """One small row per chip to read: identifiers and the window, no pixels."""
+# Status of a row in the chip stream. "ok" rows are chips to read; the two scene markers
+# stand for a scene with no chip to read (all empty: committed with no rows) and one that
+# could not be planned (committed as failed). Markers pass the read and predict stages untouched.
+SCENE_EMPTY, SCENE_FAILED = "scene_empty", "scene_failed"
+
+
+def scene_rows(outcome: ScenePlan | dict, node: str = "") -> list[dict]:
+    """The chip stream's rows for one planned scene: one small row per chip to read
+    (identifiers and the window, no pixels), or one marker row when it has none.
+
+    The scene's first row carries its pickled plan (or failure) in ``plan``: the driver
+    learns a scene's chip count and geometry from the stream itself, so it never holds
+    the plans of scenes that are not in flight. Other rows carry ``b""``.
+    """
+    import pickle
+
+    blob = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+    if isinstance(outcome, dict):
+        return [{"chip_id": f"{outcome['scene_id']}/-", "scene_id": outcome["scene_id"], "path": outcome["path"],
+                 "row": -1, "col": -1, "col_off": 0, "row_off": 0, "width": 0, "height": 0,
+                 "status": SCENE_FAILED, "error": outcome["reason"], "plan": blob, "planned_on": node}]
+    if not outcome.windows:
+        return [{"chip_id": f"{outcome.scene_id}/-", "scene_id": outcome.scene_id, "path": outcome.path,
+                 "row": -1, "col": -1, "col_off": 0, "row_off": 0, "width": 0, "height": 0,
+                 "status": SCENE_EMPTY, "error": "", "plan": blob, "planned_on": node}]
     return [
-        {"chip_id": chip_id(p.scene_id, w.row, w.col), "scene_id": p.scene_id, "path": p.path,
-         "row": int(w.row), "col": int(w.col), "col_off": int(w.col_off), "row_off": int(w.row_off), "width": int(w.width), "height": int(w.height)}
-        for p in plans for w in p.windows
+        {"chip_id": chip_id(outcome.scene_id, w.row, w.col), "scene_id": outcome.scene_id, "path": outcome.path,
+         "row": int(w.row), "col": int(w.col), "col_off": int(w.col_off), "row_off": int(w.row_off),
+         "width": int(w.width), "height": int(w.height), "status": "ok", "error": "",
+         "plan": blob if i == 0 else b"", "planned_on": node}
+        for i, w in enumerate(outcome.windows)
     ]
 
 
-def transport_dtype(scene_dtypes: set[str]) -> str:
-    """The one pixel dtype chips travel in for a run: the scenes' own when they all share it
-    (uint8 moves 4x fewer bytes than float32), else float32, which holds every supported band
-    type. One dtype per run: Ray Data cannot put chips of two dtypes in one block.
+def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Row dicts -> one Ray Data numpy batch (strings and bytes as object columns)."""
+    return {k: np.array([r[k] for r in rows], dtype=object if isinstance(rows[0][k], (str, bytes)) else None)
+            for k in rows[0]}
 
-    Examples: {"uint8"} -> "uint8"; {"uint8", "float32"} -> "float32"; set() -> "float32".
-    """
-    return next(iter(scene_dtypes)) if len(scene_dtypes) == 1 else "float32"
+
+def plan_scene_batch(batch: dict[str, np.ndarray], spec: JobSpec, model: ModelFacts) -> dict[str, np.ndarray]:
+    """Ray Data task: plan a batch of scenes (PLAN_THREADS at a time) -> their chip rows."""
+    import ray
+
+    scenes = [SceneInput(str(loc), str(sid), str(src))
+              for loc, sid, src in zip(batch["location"], batch["scene_id"], batch["source"])]
+    node = ray.get_runtime_context().get_node_id()
+    return rows_to_batch([row for outcome in plan_scenes(spec, scenes, model) for row in scene_rows(outcome, node)])
 
 
 def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_size: int,
-                    out_channels: int, dtype: str = "float32") -> dict[str, np.ndarray]:
+                    out_channels: int) -> dict[str, np.ndarray]:
     """Ray Data task: read the pixels of a batch of chip windows, opening each scene once.
 
     A window that fails to read (damaged tiles) marks its chip ``read_error``; a scene that
-    fails as a whole marks all of its chips. Other chips are read normally.
+    fails as a whole marks all of its chips. Other chips are read normally. Scene marker
+    rows pass through unread.
     """
+    import ray
+
     from pipeline.raster import bounded_block_cache
     from pipeline.tiling import ChipWindow, read_chips
 
     n = len(batch["chip_id"])
-    status = np.array(["ok"] * n, dtype=object)
-    error = np.array([""] * n, dtype=object)
+    status = np.array([str(s) for s in batch["status"]], dtype=object)
+    error = np.array([str(e) for e in batch["error"]], dtype=object)
     paths = batch["path"].astype(str)
     chips_of: dict[int, np.ndarray] = {}
     # Valid-pixel masks, bit-packed along x (chip_size / 8 bytes per row).
     valid = np.zeros((n, chip_size, (chip_size + 7) // 8), dtype=np.uint8)
-    for path in dict.fromkeys(paths):
-        rows = np.flatnonzero(paths == path)
+    for path in dict.fromkeys(paths[status == "ok"]):
+        rows = np.flatnonzero((paths == path) & (status == "ok"))
         windows = [ChipWindow(int(batch["row"][i]), int(batch["col"][i]), int(batch["col_off"][i]),
                               int(batch["row_off"][i]), int(batch["width"][i]), int(batch["height"][i]))
                    for i in rows]
-        try:  # read in the file's dtype, stored below in the run's transport dtype
+        try:  # read in the file's dtype
             # A batch is a run of neighbouring chips: a small block cache serves their
             # overlaps; GDAL's default (5 % of RAM per reader) only grows with the scene.
             with bounded_block_cache(READ_TASK_CACHE_MB):
@@ -277,11 +323,18 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
             else:
                 chips_of[i] = chip.pixels
                 valid[i] = np.packbits(chip.valid, axis=-1)
-    pixels = np.zeros((n, out_channels, chip_size, chip_size), dtype=dtype)
-    for i, chip in chips_of.items():
-        pixels[i] = chip
-    return {"chip_id": batch["chip_id"], "scene_id": batch["scene_id"], "col_off": batch["col_off"],
-            "row_off": batch["row_off"], "pixels": pixels, "valid": valid, "status": status, "error": error}
+    # Each chip travels as its raw bytes in the file's dtype (uint8 moves 4x fewer bytes than
+    # float32); the predictor stacks them (pipeline.predictor.stack_chip_pixels).
+    pixels = np.array([chips_of[i].tobytes() if i in chips_of else b"" for i in range(n)], dtype=object)
+    pixel_dtype = np.array([str(chips_of[i].dtype) if i in chips_of else "" for i in range(n)], dtype=object)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    out = {"chip_id": batch["chip_id"], "scene_id": batch["scene_id"], "col_off": batch["col_off"],
+           "row_off": batch["row_off"], "pixels": pixels, "pixel_dtype": pixel_dtype, "valid": valid,
+           "status": status, "error": error, "read_on": np.array([node] * n, dtype=object)}
+    for passed in ("plan", "planned_on"):  # the scene's plan travels on to the driver
+        if passed in batch:
+            out[passed] = batch[passed]
+    return out
 
 
 def connect_ray(address: str | None, quiet: bool = True):
@@ -324,7 +377,7 @@ def default_read_tasks(actors: int, cpus_per_actor: float, cluster_cpus: float) 
 
 
 def progress_line(chips_done: int, chips_total: int, scenes_done: int, scenes_total: int,
-                  seconds_predicting: float) -> str:
+                  seconds_predicting: float, estimated: bool = False) -> str:
     """One progress line: the rate since the first predictions arrived (start-up excluded,
     so it says what the rest of the run will do) and the time left at that rate.
     Example: (120, 400, 3, 10, 60.0) -> '  120/400 chips, 3/10 scenes committed, 2.0 chips/s, ETA 2m20s'."""
@@ -334,7 +387,8 @@ def progress_line(chips_done: int, chips_total: int, scenes_done: int, scenes_to
         eta = f"ETA {left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"ETA {left // 60}m{left % 60:02d}s"
     else:
         eta = "ETA unknown"
-    return f"  {chips_done}/{chips_total} chips, {scenes_done}/{scenes_total} scenes committed, {rate:.1f} chips/s, {eta}"
+    total = f"~{chips_total}" if estimated else str(chips_total)  # "~": later scenes not yet planned
+    return f"  {chips_done}/{total} chips, {scenes_done}/{scenes_total} scenes committed, {rate:.1f} chips/s, {eta}"
 
 
 def transport_batch(batch_size: int, n_chips: int, actors: int) -> int:
@@ -359,9 +413,41 @@ def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channel
     return prefetch_batches * actors * batch_size * chip_bytes
 
 
+def scene_keys(scenes: list[SceneInput]) -> tuple[dict[str, dict], list[dict]]:
+    """Each scene's content identity (:func:`pipeline.inputs.scene_key`), PLAN_THREADS at a
+    time (remote scenes: one HEAD request each) -> ({scene id: key}, failures)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(scene: SceneInput):
+        try:
+            return scene_key(scene.location)
+        except PipelineError as err:
+            return {"scene_id": scene.scene_id, "path": scene.location, "reason": str(err), "failed": True}
+
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
+        outcomes = list(pool.map(attempt, scenes))
+    keys = {s.scene_id: k for s, k in zip(scenes, outcomes) if not k.get("failed")}
+    failed = [{f: k[f] for f in ("scene_id", "path", "reason")} for k in outcomes if k.get("failed")]
+    return keys, failed
+
+
+# Scenes per planning task of the chip stream (each plans them PLAN_THREADS at a time).
+PLAN_BATCH = 8
+
+
+def estimated_chips(head_chips: int, head_scenes: int, scenes: int) -> int:
+    """The job's chip count guessed from the scenes planned first (for batch sizes and the
+    ETA while later scenes are still being planned). Example: (30, 3, 10) -> 100."""
+    return round(head_chips / head_scenes * scenes) if head_scenes else 0
+
+
 def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=None, faults=None,
             verbose: bool = False) -> dict:
     """Run a job to completion and return its report (also written next to the manifests).
+
+    Scenes stream: the first PLAN_BATCH are planned on the driver while Ray starts, the rest
+    by Ray tasks across the cluster, and each scene's chips are read and predicted as soon
+    as it is planned. The driver holds the plans and detections of scenes in flight only.
 
     A scene is complete when every planned chip was predicted; one with unpredicted
     chips is committed as ``partial`` (its rows, plus the missing chips and reasons) and
@@ -369,6 +455,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     next run processes it again, whole (the seam merge needs all of a scene's chips, and
     the chip-level raw detections are not kept). Exit code 1 while any scene is not complete.
     """
+    import pickle
+
     from pipeline import table
     from pipeline.finalize import empty_scene_rows, finalize_scene
     from pipeline.predictor import ChipLedger, ChipPredictor, resolve_batch_size
@@ -387,12 +475,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     jhash = job_hash(spec)
     run_info = RunInfo(run_id, spec.name, jhash, model_id, spec.output.crs)
 
-    keys, failed = {}, []
-    for scene in pre.inputs.scenes:
-        try:
-            keys[scene.scene_id] = scene_key(scene.location)
-        except PipelineError as err:
-            failed.append({"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)})
+    keys, failed = scene_keys(pre.inputs.scenes)
     if open_store(spec.output.table).exists():  # finish commits an earlier run published but did not move
         recovered = table.recover(spec.output.table)
         if recovered["moved"] or recovered["removed"]:
@@ -403,32 +486,27 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and table.is_current(
         committed.get((spec.name, s.scene_id)), keys[s.scene_id], model_id, jhash)}
     todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
-    ray = None
-    if todo:  # Ray starts (seconds) while the scenes are planned
+    head, tail = todo[:PLAN_BATCH], todo[PLAN_BATCH:]
+    ray, head_rows = None, []
+    if todo:  # Ray starts (seconds) while the first scenes are planned
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=1) as pool:
-            planning = pool.submit(plan_scenes, spec, todo, model)
+            planning = pool.submit(plan_scenes, spec, head, model)
             ray = connect_ray(spec.compute.address, quiet=not verbose)
-            plans, unplanned = planning.result()
-    else:
-        plans, unplanned = [], []
-    failed += unplanned
-    scene_warnings = [w for p in plans for w in p.warnings]
-    for warning in scene_warnings:
-        log(f"warning: {warning}")
-    n_chips = sum(len(p.windows) for p in plans)
-    log(f"run {run_id}: {len(plans)} scenes ({len(done)} already committed, skipped), {n_chips} chips to read, "
-        f"{sum(p.skipped_empty for p in plans)} empty chips skipped, {len(failed)} scenes failed to open")
+            head_outcomes = planning.result()
+        node = ray.get_runtime_context().get_node_id()
+        head_rows = [row for outcome in head_outcomes for row in scene_rows(outcome, node)]
+    log(f"run {run_id}: {len(todo)} scenes to run ({len(done)} already committed, skipped), "
+        f"{len(failed)} scenes failed to open")
 
     report = {"run_id": run_id, "job_name": spec.name, "job_hash": jhash, "model_id": model_id,
               REPORT_KEY: stac.newest if stac else None, "stac_skipped": stac.skipped if stac else [],
-              "inputs_unmatched": pre.inputs.unmatched, "warnings": pre.warnings + scene_warnings,
+              "inputs_unmatched": pre.inputs.unmatched, "warnings": list(pre.warnings),
               "scenes_ok": [], "scenes_partial": [], "scenes_skipped_done": sorted(done), "scenes_failed": [],
-              "chips_read": 0, "chips_skipped_empty": sum(p.skipped_empty for p in plans), "chips_quarantined": [],
-              "detections": 0, "workers": {}}
-    state = RunState(expected={p.scene_id: len(p.windows) for p in plans})
-    plan_by_scene = {p.scene_id: p for p in plans}
+              "chips_read": 0, "chips_skipped_empty": 0, "chips_quarantined": [],
+              "detections": 0, "workers": {}, "nodes": {}}
+    state = RunState()
 
     def record_failure(failure: dict) -> None:
         """A scene with nothing to show: reported, and committed as failed so that
@@ -450,7 +528,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
             log(f"warning: scene {failure['scene_id']}: could not record its failure: {err}")
 
     def commit(scene_id: str) -> None:
-        plan = plan_by_scene[scene_id]
+        plan = state.plans.pop(scene_id)
+        state.received.pop(scene_id, None)
+        state.committed.add(scene_id)
         missing = state.missing.pop(scene_id, [])
         chips = state.chips.pop(scene_id, [])
         if missing and not chips:
@@ -472,14 +552,31 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
             report["scenes_ok"].append(scene_id)
         report["detections"] += rows.num_rows
 
-    for failure in failed:
-        record_failure(failure)
-    for scene_id, count in list(state.expected.items()):
-        if count == 0:  # nothing valid to read: commit an empty result so the scene counts as done
+    def arrived(outcome: ScenePlan | dict, node: str) -> None:
+        """A scene's plan (or planning failure) came down the stream."""
+        state.count("plan", node)
+        if isinstance(outcome, dict):
+            state.committed.add(outcome["scene_id"])
+            record_failure(outcome)
+            return
+        state.plans[outcome.scene_id] = outcome
+        state.chips_planned += len(outcome.windows)
+        report["chips_skipped_empty"] += outcome.skipped_empty
+        for warning in outcome.warnings:
+            report["warnings"].append(warning)
+            log(f"warning: {warning}")
+
+    def settle(scene_id: str) -> None:
+        """Commit the scene once its plan and every one of its chips have come back."""
+        plan = state.plans.get(scene_id)
+        if plan is not None and state.received[scene_id] == len(plan.windows):
             commit(scene_id)
 
+    for failure in failed:
+        record_failure(failure)
+
     first_predictions = None
-    if n_chips:
+    if todo:
         import ray.data
         from ray.util.annotations import RayDeprecationWarning
 
@@ -493,25 +590,34 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.max_errored_blocks = 0  # never drop a block silently
-        pixel_dtype = transport_dtype({p.info.dtype for p in plans if p.windows})
-        itemsize = np.dtype(pixel_dtype).itemsize
+        head_plans = [o for o in head_outcomes if isinstance(o, ScenePlan)]
+        chips_guess = estimated_chips(sum(len(p.windows) for p in head_plans), len(head_outcomes), len(todo))
         # Chips travel in runs of at least MIN_READ_BATCH (one read task, one predictor call
         # each) even when the model takes one chip per forward (CPU): Ray's per-call cost
         # (task dispatch, ledger round trips) is then paid once per run, not per chip.
-        read_batch = transport_batch(batch_size, n_chips, spec.compute.actors)
+        read_batch = transport_batch(batch_size, max(chips_guess, 1), spec.compute.actors)
+        # Budgeted at the pixel size of the scenes planned first (a budget, not a cap per chip).
+        itemsize = max((np.dtype(p.info.dtype).itemsize for p in head_plans), default=4)
         budget = in_flight_bytes(spec.compute.prefetch_batches, spec.compute.actors, read_batch, in_channels,
                                  spec.tiling.chip_size, itemsize)
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=budget)
-        rows = chip_rows(plans)
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // read_batch, 1000)))
+        ds = ray.data.from_items(head_rows, override_num_blocks=max(1, min(len(head_rows) // read_batch, 1000)))
         with warnings.catch_warnings():
             # max_retries / max_restarts travel as ray_remote_args, which Ray 2.60 deprecates
             # without a named replacement; pyproject keeps Ray below 2.64, where they go.
             warnings.simplefilter("ignore", RayDeprecationWarning)
+            if tail:  # the other scenes are planned by Ray tasks, their chips streaming on
+                scenes = ray.data.from_items([dataclasses.asdict(s) for s in tail],
+                                             override_num_blocks=-(-len(tail) // PLAN_BATCH))
+                # Reserve no CPU slot (as reads, below); the pool size bounds them instead.
+                ds = ds.union(scenes.map_batches(plan_scene_batch, batch_size=PLAN_BATCH, batch_format="numpy",
+                                                 fn_kwargs={"spec": spec, "model": model}, num_cpus=0,
+                                                 max_retries=retries,
+                                                 compute=ray.data.TaskPoolStrategy(size=read_tasks)))
             ds = ds.map_batches(read_chip_batch, batch_size=read_batch, batch_format="numpy",
                                 fn_kwargs={"bands": spec.inputs.bands, "chip_size": spec.tiling.chip_size,
-                                           "out_channels": in_channels, "dtype": pixel_dtype},
+                                           "out_channels": in_channels},
                                 # Reads reserve no CPU slot: the predictor actors hold the slots, and
                                 # a reserved read would deadlock a node whose CPUs all went to actors.
                                 # The task pool size bounds how many run at once instead.
@@ -538,26 +644,47 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                 first_predictions = time.time() - started
                 last_log = time.time()  # the first progress line comes with a measured rate
             for i in range(len(batch["chip_id"])):
-                scene_id = str(batch["scene_id"][i])
-                status = str(batch["status"][i])
-                state.done_chips += 1
-                state.workers[str(batch["worker"][i])] += 1
-                if status == "ok":
-                    report["chips_read"] += 1
-                    state.chips[scene_id].append((str(batch["chip_id"][i]), batch["detections"][i]))
-                else:
-                    lost = {"chip_id": str(batch["chip_id"][i]), "status": status, "reason": str(batch["error"][i])}
-                    report["chips_quarantined"].append(lost)
-                    state.missing[scene_id].append(lost)
-                state.expected[scene_id] -= 1
-                if state.expected[scene_id] == 0:
-                    commit(scene_id)
+                scene_id, status = str(batch["scene_id"][i]), str(batch["status"][i])
+                if batch["plan"][i]:
+                    arrived(pickle.loads(batch["plan"][i]), str(batch["planned_on"][i]))
+                if status == SCENE_FAILED:
+                    continue
+                if status != SCENE_EMPTY:
+                    state.done_chips += 1
+                    state.received[scene_id] += 1
+                    state.workers[str(batch["worker"][i])] += 1
+                    state.count("read", str(batch["read_on"][i]))
+                    state.count("predict", str(batch["predicted_on"][i]))
+                    if status == "ok":
+                        report["chips_read"] += 1
+                        state.chips[scene_id].append((str(batch["chip_id"][i]), batch["detections"][i]))
+                    else:
+                        lost = {"chip_id": str(batch["chip_id"][i]), "status": status,
+                                "reason": str(batch["error"][i])}
+                        report["chips_quarantined"].append(lost)
+                        state.missing[scene_id].append(lost)
+                settle(scene_id)
             if time.time() - last_log > 5:
                 last_log = time.time()
-                log(progress_line(state.done_chips, n_chips, len(report["scenes_ok"]), len(plans),
-                                  last_log - started - first_predictions))
+                planned = len(state.committed) + len(state.plans)
+                total = state.chips_planned if planned == len(todo) else max(
+                    state.chips_planned, estimated_chips(state.chips_planned, planned, len(todo)))
+                log(progress_line(state.done_chips, total, len(report["scenes_ok"]), len(todo),
+                                  last_log - started - first_predictions, estimated=planned < len(todo)))
+        for scene_id in list(state.plans):  # never expected (failed blocks raise): say so, lose nothing
+            plan = state.plans[scene_id]
+            returned = {c for c, _ in state.chips[scene_id]} | {m["chip_id"] for m in state.missing[scene_id]}
+            state.missing[scene_id] += [{"chip_id": chip_id(scene_id, w.row, w.col), "status": "lost",
+                                         "reason": "the chip never came back from the stream"}
+                                        for w in plan.windows if chip_id(scene_id, w.row, w.col) not in returned]
+            commit(scene_id)
+        for scene in todo:
+            if scene.scene_id not in state.committed:
+                record_failure({"scene_id": scene.scene_id, "path": scene.location,
+                                "reason": "its plan never came back from the stream"})
     wall = time.time() - started
     report["workers"] = dict(state.workers)
+    report["nodes"] = {stage: dict(counts) for stage, counts in state.nodes.items()}
     report["wall_seconds"] = round(wall, 3)
     report["startup_seconds"] = round(first_predictions, 3) if first_predictions is not None else None
     report["chips_per_second"] = round(state.done_chips / wall, 3) if wall else 0.0

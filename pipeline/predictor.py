@@ -92,6 +92,18 @@ def encode_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray)
     return rows.tobytes()
 
 
+def stack_chip_pixels(blobs: list[bytes], dtypes: list[str], chip_size: int) -> np.ndarray:
+    """Chips as they travel (each chip's raw bytes in its file's dtype) -> one (B, C, S, S)
+    array in the smallest dtype that holds them all exactly (numpy's promotion: uint8 with
+    uint16 -> uint16; with float32 -> float32).
+
+    Why bytes: Ray Data casts a batch merged from blocks of two tensor dtypes to the first
+    block's dtype (uint16 chips into uint8, silently), and a job may mix scenes of several
+    dtypes; a binary column merges without touching the values.
+    """
+    return np.stack([np.frombuffer(b, dtype=d).reshape(-1, chip_size, chip_size) for b, d in zip(blobs, dtypes)])
+
+
 def centres_on_valid_pixels(boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """(N,) bool: True where the centre of a chip-pixel XYXY box lies on a valid pixel.
 
@@ -162,7 +174,8 @@ def resolve_backend(backend: str, device: str) -> str:
 class ChipPredictor:
     """Callable class for Ray Data's map_batches: loads the checkpoint once, predicts batches.
 
-    Input batch columns: chip_id, scene_id, col_off, row_off, pixels (B, C, S, S) in the file's dtype,
+    Input batch columns: chip_id, scene_id, col_off, row_off, pixels (raw bytes of each chip's
+    (C, S, S) array) and pixel_dtype (its file's dtype), see :func:`stack_chip_pixels`,
     valid (B, S, S/8) bit-packed valid-pixel masks (detections centred on nodata are dropped),
     status ("ok" or a read failure), error. Output columns: chip_id, scene_id, status,
     error, detections (bytes, see encode_detections; boxes in SCENE pixels), worker.
@@ -230,6 +243,7 @@ class ChipPredictor:
         gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
         self.worker = f"pid={os.getpid()} gpus=[{gpu_ids}] device={self.detector.device} {self.detector.precision}"
         self.worker += f" {backend}"
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
@@ -259,8 +273,13 @@ class ChipPredictor:
             self._predict_into(batch, list(runnable), chip_ids, status, error, detections)
             if self.ledger:
                 ray.get(self.ledger.leave.remote([chip_ids[i] for i in runnable]))
-        return {"chip_id": np.array(chip_ids, dtype=object), "scene_id": batch["scene_id"], "status": status,
-                "error": error, "detections": detections, "worker": np.array([self.worker] * n, dtype=object)}
+        out = {"chip_id": np.array(chip_ids, dtype=object), "scene_id": batch["scene_id"], "status": status,
+               "error": error, "detections": detections, "worker": np.array([self.worker] * n, dtype=object),
+               "predicted_on": np.array([self.node] * n, dtype=object)}
+        for passed in ("plan", "planned_on", "read_on"):  # for the driver: the scene's plan, where work ran
+            if passed in batch:
+                out[passed] = batch[passed]
+        return out
 
     def _predict_into(self, batch, indices, chip_ids, status, error, detections) -> None:
         if not indices:
@@ -282,7 +301,9 @@ class ChipPredictor:
 
         if self.faults:
             self.faults.apply([chip_ids[i] for i in indices])
-        pixels = np.ascontiguousarray(batch["pixels"][indices])  # file dtype; the detector casts on device
+        chip_size = batch["valid"].shape[1]
+        pixels = stack_chip_pixels([batch["pixels"][i] for i in indices], [batch["pixel_dtype"][i] for i in indices],
+                                   chip_size)  # file dtypes; the detector casts on device
         if pixels.shape[1] != self.in_channels:
             raise ValueError(f"chips have {pixels.shape[1]} bands, the model expects {self.in_channels}")
         images = torch.from_numpy(pixels)
@@ -291,12 +312,10 @@ class ChipPredictor:
             images = to_device(images, self.detector.device).float()
         step = self.forward_batch or len(images)
         results = [r for start in range(0, len(images), step) for r in self.detector(images[start:start + step])]
-        chip_size = pixels.shape[-1]
         for i, r in zip(indices, results):
             boxes, scores, labels = r["boxes"].cpu().numpy(), r["scores"].cpu().numpy(), r["labels"].cpu().numpy()
-            if "valid" in batch:
-                valid = np.unpackbits(batch["valid"][i], axis=-1, count=chip_size).astype(bool)
-                keep = centres_on_valid_pixels(boxes, valid)
-                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            valid = np.unpackbits(batch["valid"][i], axis=-1, count=chip_size).astype(bool)
+            keep = centres_on_valid_pixels(boxes, valid)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             offset = np.array([batch["col_off"][i], batch["row_off"][i]] * 2, dtype=np.float32)
             detections[i] = encode_detections(boxes + offset, scores, labels)

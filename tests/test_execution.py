@@ -124,7 +124,9 @@ def test_predictor_cuts_ray_batches_into_forward_batches(workspace, ray_session)
     n = 5
     batch = {"chip_id": np.array([f"s/r0c{i}" for i in range(n)], dtype=object),
              "scene_id": np.array(["s"] * n, dtype=object), "col_off": np.arange(n) * 224, "row_off": np.zeros(n, int),
-             "pixels": rng.integers(0, 255, (n, 3, 256, 256), dtype=np.uint8),
+             "pixels": np.array([c.tobytes() for c in rng.integers(0, 255, (n, 3, 256, 256), dtype=np.uint8)],
+                                dtype=object),
+             "pixel_dtype": np.array(["uint8"] * n, dtype=object),
              "valid": np.full((n, 256, 32), 255, dtype=np.uint8),
              "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object)}
     outputs = {}
@@ -171,3 +173,4 @@ def test_progress_line_rate_excludes_start_up_and_gives_an_eta():
     assert progress_line(120, 400, 3, 10, 60.0) == "  120/400 chips, 3/10 scenes committed, 2.0 chips/s, ETA 2m20s"
     assert progress_line(10, 100000, 0, 10, 10.0).endswith("1.0 chips/s, ETA 27h46m")
     assert progress_line(0, 400, 0, 10, 0.0).endswith("ETA unknown")
+    assert progress_line(120, 400, 3, 10, 60.0, estimated=True).startswith("  120/~400 chips")

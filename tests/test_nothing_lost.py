@@ -239,6 +239,32 @@ def test_a_scene_that_cannot_feed_the_model_is_failed_not_ok(ws, ray_session):
     assert code == 1 and report["scenes_skipped_done"] == 1 and len(report["scenes_failed"]) == 1, out
 
 
+def test_scenes_planned_by_ray_tasks_fail_alone_and_lose_nothing(ws, src_rows, ray_session):
+    """More scenes than the driver plans first (PLAN_BATCH): the others are planned by Ray
+    tasks while the first are already predicted. A scene planned there that cannot feed
+    the model fails alone and is recorded; every other scene's rows are its image's rows."""
+    from pipeline.execution import PLAN_BATCH, run_job
+    from pipeline.spec import load_job
+
+    folder = ws / "many"
+    folder.mkdir()
+    for i in range(PLAN_BATCH + 2):
+        shutil.copy(ws / "src" / f"synth_00{i % 2}.tif", folder / f"a{i:02d}.tif")
+    synthesize(ws / "many-nir", scenes=1, size=300, seed=8, bands=4)
+    (ws / "many-nir" / "synth_000.tif").rename(folder / "z_four_band.tif")  # sorted last: a Ray task plans it
+    report = run_job(load_job(write_job(ws, "many", paths=[str(folder / "*.tif")], bands=None)))
+    assert report["exit_code"] == 1
+    assert len(report["scenes_ok"]) == PLAN_BATCH + 2
+    [failed] = report["scenes_failed"]
+    assert failed["scene_id"] == "z_four_band" and "takes 3 channels" in failed["reason"]
+    assert sum(report["nodes"]["plan"].values()) == PLAN_BATCH + 3  # every scene planned once
+    rows = by_scene(glob_rows(ws / "many"))
+    assert sorted(rows) == [f"a{i:02d}" for i in range(PLAN_BATCH + 2)]
+    for i in range(PLAN_BATCH + 2):
+        assert rows[f"a{i:02d}"] == src_rows[f"synth_00{i % 2}"], i
+    assert scenes_view(ws / "many")["z_four_band"][0] == "failed"
+
+
 def test_every_chip_failing_is_failed_and_a_transient_fault_converges(ws, src_rows, ray_session):
     from pipeline.execution import run_job
     from pipeline.spec import load_job

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -262,11 +263,19 @@ def test_transport_batch(batch_size, n_chips, actors, expected):
     assert transport_batch(batch_size, n_chips, actors) == expected
 
 
-@pytest.mark.parametrize("scene_dtypes, expected", [
-    ({"uint8"}, "uint8"), ({"uint16"}, "uint16"), ({"uint8", "float32"}, "float32"),
-    ({"uint8", "uint16"}, "float32"), (set(), "float32"),
-])
-def test_transport_dtype(scene_dtypes, expected):
-    from pipeline.execution import transport_dtype
+def test_chips_of_several_dtypes_stack_without_losing_values():
+    """Chips travel as raw bytes in their file's dtype; a batch that mixes scenes of two
+    dtypes stacks into the dtype that holds both, every value intact (Ray Data's own
+    tensor columns would cast uint16 chips into a uint8 batch)."""
+    from pipeline.predictor import stack_chip_pixels
 
-    assert transport_dtype(scene_dtypes) == expected
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    wide = rng.integers(0, 65536, (3, 8, 8), dtype=np.uint16)
+    real = rng.normal(size=(3, 8, 8)).astype(np.float32)
+    stacked = stack_chip_pixels([small.tobytes(), wide.tobytes()], ["uint8", "uint16"], 8)
+    assert stacked.dtype == np.uint16 and stacked.shape == (2, 3, 8, 8)
+    assert np.array_equal(stacked[0], small) and np.array_equal(stacked[1], wide)
+    assert stack_chip_pixels([small.tobytes()], ["uint8"], 8).dtype == np.uint8
+    mixed = stack_chip_pixels([wide.tobytes(), real.tobytes()], ["uint16", "float32"], 8)
+    assert mixed.dtype == np.float32 and np.array_equal(mixed[0], wide) and np.array_equal(mixed[1], real)
