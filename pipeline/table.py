@@ -48,8 +48,7 @@ acquisition if the table should keep history of a place.
 
 Snapshots (:func:`write_snapshot`): every ``SNAPSHOT_EVERY`` commits (and at each
 vacuum) the current manifests are folded into one snapshot file, as Delta Lake
-checkpoints its log; manifests an earlier snapshot folded are removed after a grace
-period. Reading the state is then the latest snapshot plus the manifests published since,
+checkpoints its log; a folded manifest is removed SNAPSHOT_GRACE_S after it was folded. Reading the state is then the latest snapshot plus the manifests published since,
 so its cost follows the number of current scenes, not the length of the history.
 
 Concurrency: writers share no mutable file. Data files and manifests have unique names
@@ -93,7 +92,7 @@ STAGING, MANIFESTS, REPORTS, TABLE_INFO = "_staging", "_manifests", "_reports", 
 SNAPSHOTS = "_snapshots"
 SNAPSHOT_FORMAT = "retinanet-pipeline/manifest-snapshot"
 # A commit folds the manifests into a new snapshot once this many are not in one yet, and
-# removes manifests folded earlier than SNAPSHOT_GRACE_S ago (readers in flight are safe).
+# removes manifests folded more than SNAPSHOT_GRACE_S ago (readers in flight are safe).
 SNAPSHOT_EVERY = 200
 SNAPSHOT_GRACE_S = 600.0
 _TMP_PREFIX = ".tmp-"
@@ -619,48 +618,60 @@ def all_manifests(table_root: os.PathLike | str) -> list[dict]:
 
 def write_snapshot(table_root: os.PathLike | str, grace_s: Optional[float] = None) -> Optional[str]:
     """Fold the current manifests into one snapshot (as Delta Lake checkpoints its log), so
-    reading the table's state costs the current scenes, not its whole history. Manifests
-    the previous snapshot folded, and older snapshots, are removed first once that
-    snapshot is older than ``grace_s`` (a reader that listed them before it existed may
-    still be reading them). Returns the new snapshot's key (None when a concurrent
-    writer created that name first).
+    reading the table's state costs the current scenes, not its whole history. Returns the
+    new snapshot's key (None when a concurrent writer created that name first).
+
+    Clean-up, first: each folded manifest is removed ``grace_s`` after the snapshot that
+    first folded it (the snapshot records when, per name), and each older snapshot
+    ``grace_s`` after its successor took over: a reader that listed them before may still
+    be reading them. Per name, not per snapshot, so a long burst of commits (a snapshot
+    every SNAPSHOT_EVERY commits, each younger than the grace) still drains the folder.
 
     Safe beside writers: a manifest published while the snapshot is written is not in its
     ``folded`` list, so readers still apply it; the supersede rule orders the two by sequence.
     """
     store = open_store(table_root)
     previous, loose = _manifest_state(store)
-    cutoff = time.time() - (SNAPSHOT_GRACE_S if grace_s is None else grace_s)
-    still_folded = list(previous["folded"]) if previous else []
-    snapshots = {e.key: e for e in store.list(SNAPSHOTS)}
-    # The grace runs from the moment the previous snapshot took over (its own age): a
-    # reader that listed the manifests before it existed may still be reading them.
-    if previous is not None and snapshots.get(previous["key"]) and snapshots[previous["key"]].mtime < cutoff:
-        for name in previous["folded"]:
-            store.delete(f"{MANIFESTS}/{name}")
-        still_folded = []
-        for old in snapshots.values():
-            if old.key < previous["key"]:
-                store.delete(old.key)
+    now = time.time()
+    cutoff = now - (SNAPSHOT_GRACE_S if grace_s is None else grace_s)
+    snapshots = sorted((e for e in store.list(SNAPSHOTS) if e.key.endswith(".json")), key=lambda e: e.key)
+    folded_at = _folded_at(previous, {e.key: e.mtime for e in snapshots})
+    for name in [n for n, t in folded_at.items() if t < cutoff]:
+        store.delete(f"{MANIFESTS}/{name}")
+        del folded_at[name]
+    for older, successor in zip(snapshots, snapshots[1:]):
+        if successor.mtime < cutoff:
+            store.delete(older.key)
     merged = sorted((previous["entries"] if previous else []) + loose, key=lambda m: (m["sequence"], m["manifest"]))
     current = _current(merged)
     entries = sorted(current.values(), key=lambda m: (m["sequence"], m["manifest"]))
     # A superseded manifest whose files are still on disk (its scene not settled yet: a
     # writer between move and settle, or a crash there) stays loose, so settle_scene and
     # recover() can still find and delete those files.
-    on_disk = {e.key for e in store.list() if e.key.startswith("date=")}
     current_names = {m["manifest"] for m in entries}
-    foldable = [m["manifest"] for m in loose
-                if m["manifest"] in current_names or not any(f["path"] in on_disk for f in m["files"])]
+    for m in loose:
+        if m["manifest"] in current_names or not any(store.stat(f["path"]) is not None for f in m["files"]):
+            folded_at[m["manifest"]] = now
     sequence = max([m["sequence"] for m in entries], default=0)
     snap = {"format": SNAPSHOT_FORMAT, "version": 1, "sequence": sequence, "entries": entries,
-            "folded": sorted(set(foldable) | set(still_folded))}
+            "folded": sorted(folded_at), "folded_at": folded_at}
     key = f"{SNAPSHOTS}/{sequence:020d}-{uuid.uuid4().hex[:12]}.json"
     try:
         store.create(key, json.dumps(snap, sort_keys=True).encode())
     except FileExistsError:
         return None
     return key
+
+
+def _folded_at(snap: Optional[dict], snapshot_mtimes: Mapping[str, float]) -> dict[str, float]:
+    """{manifest name: when a snapshot first folded it} of a snapshot; snapshots written
+    before the times were recorded count every name from the snapshot's own time."""
+    if snap is None:
+        return {}
+    if "folded_at" in snap:
+        return dict(snap["folded_at"])
+    written = snapshot_mtimes.get(snap["key"], time.time())
+    return {name: written for name in snap["folded"]}
 
 
 def committed_scenes(table_root: os.PathLike | str) -> dict[tuple[str, str], dict]:

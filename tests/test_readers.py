@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -105,6 +106,27 @@ def test_snapshots_keep_the_manifest_folder_small_and_the_state_exact(tmp_path, 
     T.commit_scene(tmp_path, late, "a", "late", rows(late, "a", 1, seed=1))
     assert T.committed_scenes(tmp_path)[("sat", "a")]["scene_key"] == "late"
     assert len(assert_every_reader_agrees(tmp_path)) == 2 * 9 + 1
+
+
+def test_a_burst_of_commits_drains_the_manifest_folder(tmp_path, monkeypatch):
+    """Thousands of commits within the grace period write a snapshot every SNAPSHOT_EVERY
+    commits, each younger than the grace: manifests still leave the folder once their own
+    grace has passed (before, the grace ran from the latest snapshot's age, which a burst
+    keeps young, so the folder and each commit's listing grew with the burst)."""
+    monkeypatch.setattr(T, "SNAPSHOT_EVERY", 5)
+    run = run_info(run_id="burst")
+    for i in range(10):  # two snapshots fold these ten
+        T.commit_scene(tmp_path, run, f"s{i}", i, rows(run, f"s{i}", 1, seed=i))
+    time.sleep(1.2)
+    for i in range(10, 15):  # a third snapshot, moments old
+        T.commit_scene(tmp_path, run, f"s{i}", i, rows(run, f"s{i}", 1, seed=i))
+    assert len(list((tmp_path / T.MANIFESTS).glob("*.json"))) == 15  # the default grace: all kept
+    T.write_snapshot(tmp_path, grace_s=1.0)
+    left = list((tmp_path / T.MANIFESTS).glob("*.json"))
+    assert len(left) == 5, sorted(p.name for p in left)  # the ten folded over a second ago are gone
+    assert len(list((tmp_path / T.SNAPSHOTS).glob("*.json"))) < 4  # superseded over a second ago
+    assert {k[1]: m["scene_key"] for k, m in T.committed_scenes(tmp_path).items()} == {f"s{i}": i for i in range(15)}
+    assert len(assert_every_reader_agrees(tmp_path)) == 15
 
 
 def test_files_of_older_tables_with_a_date_column_still_query(tmp_path):
