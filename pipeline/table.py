@@ -574,12 +574,22 @@ def _load_manifest(store, key: str) -> dict:
     return m
 
 
+# The last snapshot this process parsed, by (table, key): snapshots are created once and
+# never rewritten, and one holds every current scene (megabytes of JSON at 10,000s of
+# scenes), so a writer committing scene after scene parses each snapshot once, not per commit.
+_parsed_snapshot: dict[tuple[str, str], dict] = {}
+
+
 def _latest_snapshot(store) -> Optional[dict]:
-    """The newest snapshot of the current manifests, or None (see :func:`write_snapshot`)."""
+    """The newest snapshot of the current manifests, or None (see :func:`write_snapshot`).
+    Read-only: the dict may be shared with later calls."""
     keys = [e.key for e in store.list(SNAPSHOTS) if e.key.endswith(".json")]
     if not keys:
         return None
     key = max(keys)  # names start with the zero-padded sequence
+    cached = _parsed_snapshot.get((store.url, key))
+    if cached is not None:
+        return cached
     try:
         snap = json.loads(store.read(key))
     except (OSError, ValueError) as err:
@@ -587,12 +597,15 @@ def _latest_snapshot(store) -> Optional[dict]:
     if snap.get("format") != SNAPSHOT_FORMAT:
         raise CommitError(f"{store.url}/{key}: not a manifest snapshot")
     snap["key"] = key
+    snap["folded_names"] = frozenset(snap["folded"])
+    _parsed_snapshot.clear()
+    _parsed_snapshot[(store.url, key)] = snap
     return snap
 
 
 def _loose_keys(store, snap: Optional[dict]) -> list[str]:
     """Keys of the manifests published but not folded into ``snap``."""
-    folded = set(snap["folded"]) if snap else set()
+    folded = snap["folded_names"] if snap else frozenset()
     return [e.key for e in store.list(MANIFESTS) if e.key.endswith(".json")
             and not e.key.rsplit("/", 1)[-1].startswith(_TMP_PREFIX) and e.key.rsplit("/", 1)[-1] not in folded]
 
