@@ -9,7 +9,10 @@ of each per repetition, so a noisy neighbour slows all alike); figures are media
 - torch bf16:         `Detector(precision="auto")` on the model as loaded (the old default);
 - torch bf16 folded:  the same after `fold_batch_norm` (the torch path now);
 - openvino auto:      `OpenVinoDetector(precision="auto")` (bf16 AMX kernels where present);
-- openvino f32:       OpenVINO forced to f32.
+- openvino f32:       OpenVINO forced to f32;
+- openvino int8:      the graph quantised by NNCF (`OpenVinoDetector.quantize`), calibrated on
+                      8 chips like the timed ones (speed only: accuracy needs labelled data,
+                      see pipeline.int8 and BENCHMARKS.md).
 
 Also: postprocessing alone (anchors in, detections out) per chip, and how many of torch
 fp32's top boxes each variant keeps (IoU > 0.9). Ratios are against torch bf16 in the same
@@ -63,11 +66,17 @@ def main() -> None:
         ov_f32 = OpenVinoDetector(checkpoint, precision="fp32", num_threads=args.threads, cache_dir=tmp)
         ov_f32.prepare((args.chip, args.chip))
         cached_s = time.perf_counter() - started
+        started = time.perf_counter()
+        ov_f32.quantize((args.chip, args.chip), torch.cat(chips[:8]), "bench")
+        quantize_s = time.perf_counter() - started
+        ov_int8 = OpenVinoDetector(checkpoint, precision="int8", num_threads=args.threads, cache_dir=tmp,
+                                   int8_key="bench")
         variants = {
             "torch bf16": Detector(copy.deepcopy(model), device="cpu", precision="auto"),
             "torch bf16 folded": Detector(fold_batch_norm(model), device="cpu", precision="auto"),
             "openvino auto": ov_auto,
             "openvino f32": ov_f32,
+            "openvino int8": ov_int8,
         }
         reference = Detector(copy.deepcopy(model), device="cpu", precision="fp32")
         times = {name: [] for name in variants}
@@ -95,7 +104,7 @@ def main() -> None:
     base = statistics.median(times["torch bf16"])
     print(f"load average {open('/proc/loadavg').read().split()[:3]}; {args.backbone}, {args.chip}² chips, "
           f"{args.threads} threads, {args.reps} reps; openvino convert+compile {convert_s:.1f} s, "
-          f"from cache {cached_s:.2f} s; openvino auto runs {ov_auto.precision}")
+          f"from cache {cached_s:.2f} s, int8 quantisation {quantize_s:.1f} s; openvino auto runs {ov_auto.precision}")
     print(f"{'variant':<20}{'s/chip':>9}{'vs torch bf16':>15}{'top boxes kept':>16}")
     for name in variants:
         median = statistics.median(times[name])

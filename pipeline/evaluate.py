@@ -472,17 +472,25 @@ def predict_records(model, records, bands, chip_size: int, batch_size: int = 8, 
     Chips are read in batches (bounded memory) unless ``pixels`` (N, C, S, S) holds them
     already; ``precision`` as retinanet.runtime. Leaves the model in eval mode.
     """
-    import torch
-
     from retinanet.runtime import Detector
-    from pipeline.trainset import read_records
 
     detector = Detector(model, device=device, precision=precision, channels_last=channels_last)
+    return detect_records(detector, records, bands, chip_size, model.config.in_channels, batch_size, pixels)
+
+
+def detect_records(detector, records, bands, chip_size: int, in_channels: int, batch_size: int = 8,
+                   pixels: Optional[np.ndarray] = None) -> list[ImageBoxes]:
+    """Detections per chip record of any detector with `retinanet.Detector`'s interface
+    (torch, OpenVINO, ONNX): (B, C, S, S) float tensor -> one dict per chip."""
+    import torch
+
+    from pipeline.trainset import read_records
+
     out = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         if pixels is None:
-            chunk, _ = read_records(batch, bands, chip_size, model.config.in_channels)
+            chunk, _ = read_records(batch, bands, chip_size, in_channels)
         else:
             chunk = pixels[start:start + batch_size]
         results = detector(torch.from_numpy(np.ascontiguousarray(chunk)))

@@ -486,6 +486,16 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and table.is_current(
         committed.get((spec.name, s.scene_id)), keys[s.scene_id], model_id, jhash)}
     todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
+    int8 = None
+    if todo and spec.model.precision == "int8":  # before Ray starts: a refusal stops the run here
+        from pipeline.int8 import int8_allowed, int8_graph_for_actors, measure_int8
+        from pipeline.objstore import cache_dir
+
+        measured = measure_int8(spec, model, cache_dir() / "openvino", log)
+        running, message = int8_allowed(measured, spec.model.int8_max_ap50_drop, spec.model.int8_on_drop)
+        log(message + (" (measured earlier, cached)" if measured.cached else ""))
+        int8 = {"report": measured.report(spec.model.int8_max_ap50_drop, spec.model.int8_on_drop, running),
+                "graph": int8_graph_for_actors(spec, cache_dir() / "openvino", measured.key)}
     head, tail = todo[:PLAN_BATCH], todo[PLAN_BATCH:]
     ray, head_rows = None, []
     if todo:  # Ray starts (seconds) while the first scenes are planned
@@ -505,7 +515,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
               "inputs_unmatched": pre.inputs.unmatched, "warnings": list(pre.warnings),
               "scenes_ok": [], "scenes_partial": [], "scenes_skipped_done": sorted(done), "scenes_failed": [],
               "chips_read": 0, "chips_skipped_empty": 0, "chips_quarantined": [],
-              "detections": 0, "workers": {}, "nodes": {}}
+              "detections": 0, "workers": {}, "nodes": {}, "int8": int8["report"] if int8 else None}
     state = RunState()
 
     def record_failure(failure: dict) -> None:
@@ -582,6 +592,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
 
         cluster = ray.cluster_resources()
         gpus = actor_gpus(spec.compute.gpus_per_actor, cluster.get("GPU", 0), spec.compute.address is None, log)
+        if int8 and gpus > 0:
+            raise ConfigError(f"{spec.source or 'job'}: model.precision int8 runs on CPU actors (OpenVINO); "
+                              f"set compute.gpus_per_actor: 0 (it is {gpus:g})")
         retries = spec.compute.max_retries
         batch_size = resolve_batch_size(spec.model, spec.tiling.chip_size, gpus)  # null: from free GPU memory
         read_tasks = spec.compute.read_concurrency or default_read_tasks(
@@ -635,7 +648,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                                                        "ledger": ledger, "max_strikes": retries,
                                                        "num_threads": max(1, int(spec.compute.cpus_per_actor)),
                                                        "faults": faults, "forward_batch": batch_size,
-                                                       "chip_size": spec.tiling.chip_size},
+                                                       "chip_size": spec.tiling.chip_size,
+                                                       "int8": int8["graph"] if int8 else None},
                                 compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
                                 max_restarts=restarts, max_task_retries=restarts)
         last_log = time.time()

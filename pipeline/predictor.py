@@ -185,7 +185,7 @@ class ChipPredictor:
                  ledger=None, max_strikes: int = 2, num_threads: int | None = None,
                  faults: FaultPlan | None = None, backend: str = "auto", forward_batch: int | None = None,
                  nms_threshold: float | None = None, detections_per_chip: int | None = None,
-                 chip_size: int | None = None):
+                 chip_size: int | None = None, int8: dict | None = None):
         import ray
         import torch
 
@@ -214,10 +214,16 @@ class ChipPredictor:
                 from pipeline.objstore import cache_dir
 
                 self.detector = OpenVinoDetector(checkpoint, precision=precision, num_threads=num_threads,
-                                                 cache_dir=cache_dir() / "openvino")
+                                                 cache_dir=cache_dir() / "openvino",
+                                                 int8_key=int8["key"] if int8 else None)
+                if int8:  # measured and made by the driver (pipeline.int8): install it on this node
+                    self.detector.install_graph(int8["name"], int8["xml"], int8["bin"])
                 if chip_size:  # convert (or load the cached graph) and compile now, not on the first batch
                     self.detector.prepare((chip_size, chip_size))
                 model = self.detector.model
+            elif precision == "int8":
+                raise ValueError(f"model.precision int8 runs on OpenVINO CPU actors; this actor runs {backend} "
+                                 f"on {device}")
             else:
                 from retinanet.runtime import fold_batch_norm, resolve_precision
 

@@ -179,7 +179,7 @@ class ModelSpec(BaseModel):
     # None: chosen for the predictors' device (from free GPU memory on CUDA; 1 on CPU,
     # which is fastest per chip there, see retinanet.runtime.CPU_BATCH_SIZE).
     batch_size: Optional[int] = Field(None, ge=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: openvino for CPU actors (where the package imports), torch for GPU actors.
     # torch: the checkpoint in torch (batch norm folded). openvino: the network compiled by
@@ -187,6 +187,16 @@ class ModelSpec(BaseModel):
     # onnx: its ONNX export in onnxruntime (fp32 graph; CUDA/TensorRT providers where
     # installed), see retinanet.export.onnx_for_checkpoint.
     backend: Literal["auto", "torch", "openvino", "onnx"] = "auto"
+    # precision int8 (OpenVINO CPU actors only): the graph quantised with NNCF on
+    # int8_calibration_chips chips of the job's own scenes, then measured on labelled data
+    # (int8_labels: label files for int8_scenes, default the job's inputs.paths) against
+    # f32; an AP50 drop above int8_max_ap50_drop points is refused (int8_on_drop: refuse)
+    # or run with a warning (warn). See pipeline.int8.
+    int8_labels: list[str] = Field(default_factory=list)
+    int8_scenes: Optional[list[str]] = None
+    int8_max_ap50_drop: float = Field(1.0, ge=0.0)
+    int8_on_drop: Literal["refuse", "warn"] = "refuse"
+    int8_calibration_chips: int = Field(64, ge=1)
 
     @model_validator(mode="after")
     def _backend_fits(self) -> "ModelSpec":
@@ -195,6 +205,14 @@ class ModelSpec(BaseModel):
                              f"got {self.precision!r}")
         if self.backend == "openvino" and self.device == "cuda":
             raise ValueError("model.backend 'openvino' runs on the CPU; use backend torch (or auto) with device cuda")
+        if self.precision == "int8":
+            if self.backend not in ("auto", "openvino") or self.device == "cuda":
+                raise ValueError("model.precision 'int8' runs a quantised OpenVINO graph on CPU actors; "
+                                 f"backend must be auto or openvino and device not cuda, got backend "
+                                 f"{self.backend!r}, device {self.device!r}")
+            if not self.int8_labels:
+                raise ValueError("model.precision 'int8' needs model.int8_labels: label files of scenes to "
+                                 "measure what INT8 costs in AP50 before it runs (INT8 changes results)")
         return self
 
 
@@ -456,7 +474,8 @@ class JobSpec(BaseModel):
 
 # Fields holding local paths, as (section, key); resolved against the job file's dir.
 # ("inputs", "stac") is the STAC section: its ``source`` is the path.
-_PATH_FIELDS = (("inputs", "paths"), ("inputs", "stac"), ("model", "checkpoint"), ("output", "table"),
+_PATH_FIELDS = (("inputs", "paths"), ("inputs", "stac"), ("model", "checkpoint"), ("model", "int8_labels"),
+                ("model", "int8_scenes"), ("output", "table"),
                 ("train", "scenes"), ("train", "labels"), ("train", "backbone_weights"),
                 ("train", "init_checkpoint"), ("train", "output_dir"))
 
@@ -725,7 +744,8 @@ def hashed_fields(spec: JobSpec) -> dict:
     Excluded, because they change speed or placement but not results: ``compute``
     (address, actors, GPUs, retries), ``model.batch_size``, ``model.device``,
     ``model.backend`` and ``model.precision`` (both move scores by rounding noise only; hashing
-    it would re-run every scene when a job moves between CPU and GPU), the job name,
+    it would re-run every scene when a job moves between CPU and GPU; except precision int8,
+    hashed with its calibration size), the job name,
     and the paths (scenes and the checkpoint are identified by their own keys).
     """
     return {
@@ -738,6 +758,9 @@ def hashed_fields(spec: JobSpec) -> dict:
         # only when set, so the hashes of jobs written before these fields existed stay put
         **{k: v for k, v in (("nms_threshold", spec.model.nms_threshold),
                              ("detections_per_chip", spec.model.detections_per_chip)) if v is not None},
+        # INT8 moves scores beyond rounding noise (a calibrated graph): its rows are its own
+        **({"precision": "int8", "int8_calibration_chips": spec.model.int8_calibration_chips}
+           if spec.model.precision == "int8" else {}),
     }
 
 

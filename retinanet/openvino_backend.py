@@ -7,7 +7,10 @@ code (:func:`retinanet.export.detect_with_dense`), as for the ONNX backend.
 
 Precision: ``auto`` leaves the choice to OpenVINO, which runs bf16 on CPUs with AMX or
 AVX512-BF16 and f32 elsewhere; ``fp32`` and ``bf16`` force one (``fp16`` only where the
-CPU has fp16 units). Measured on this project's 2-core AMX machine (R50-FPN, 512² chips):
+CPU has fp16 units). ``int8`` runs a graph quantised by NNCF (:meth:`OpenVinoDetector.quantize`,
+post-training, calibrated on chips the caller chooses) and stored beside the f32 graph
+under a key naming its calibration; INT8 changes results, so the pipeline measures it first
+(`pipeline.int8`). Measured on this project's 2-core AMX machine (R50-FPN, 512² chips):
 0.09-0.11 s per chip against 0.25-0.37 s for torch bf16 (see BENCHMARKS.md).
 
 Conversion takes seconds (a trace of the model), so converted graphs are cached per node
@@ -29,7 +32,7 @@ from retinanet.checkpoint import file_sha256, load_checkpoint
 from retinanet.export import DenseRetinaNet, default_cache_dir, detect_with_dense, skeleton_model
 from retinanet.runtime import fold_batch_norm
 
-PRECISION_HINTS = {"auto": None, "fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+PRECISION_HINTS = {"auto": None, "fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": None}
 INSTALL_HINT = "install it with: pip install openvino"
 
 
@@ -54,13 +57,16 @@ class OpenVinoDetector:
     """
 
     def __init__(self, checkpoint: str | os.PathLike, precision: str = "auto", num_threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, int8_key: str | None = None):
         try:
             import openvino as ov
         except ImportError as err:
             raise ImportError(f"model.backend openvino needs the openvino package; {INSTALL_HINT}") from err
         if precision not in PRECISION_HINTS:
             raise ValueError(f"precision must be one of {tuple(PRECISION_HINTS)}, got {precision!r}")
+        if (precision == "int8") != (int8_key is not None):
+            raise ValueError("precision int8 runs a quantised graph and needs its int8_key (and only it does)")
+        self.int8_key = int8_key
         self.checkpoint = Path(checkpoint)
         self.sha256 = file_sha256(checkpoint)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir("openvino")
@@ -93,9 +99,11 @@ class OpenVinoDetector:
         return RetinaNetConfig.from_dict(torch.load(self.cache_dir / f"{self._prefix()}.config.pt",
                                                     weights_only=True))
 
-    def graph_path(self, network_hw: tuple[int, int]) -> Path:
-        """The cached IR (.xml, weights in the .bin beside it) for one network input size."""
-        return self.cache_dir / f"{self._prefix()}-{network_hw[0]}x{network_hw[1]}.xml"
+    def graph_path(self, network_hw: tuple[int, int], int8_key: str | None = None) -> Path:
+        """The cached IR (.xml, weights in the .bin beside it) for one network input size;
+        with ``int8_key``, the graph quantised under that key."""
+        variant = f"-int8-{int8_key}" if int8_key else ""
+        return self.cache_dir / f"{self._prefix()}-{network_hw[0]}x{network_hw[1]}{variant}.xml"
 
     def _convert(self, network_hw: tuple[int, int]) -> Path:
         """The cached graph for this size, converting it first if no process on this node has.
@@ -132,14 +140,7 @@ class OpenVinoDetector:
                 raise RuntimeError(f"{self.checkpoint}: OpenVINO could not convert the network for "
                                    f"{network_hw[0]}x{network_hw[1]} inputs ({type(err).__name__}: {err}); "
                                    "run it with model.backend: torch") from err
-        tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:8]}.xml")
-        try:
-            ov.save_model(graph, tmp, compress_to_fp16=False)
-            os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))  # weights first, then the graph
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-            tmp.with_suffix(".bin").unlink(missing_ok=True)
+        save_graph_atomically(graph, path)
         config_file = self.cache_dir / f"{self._prefix()}.config.pt"
         if not config_file.is_file():
             tmp_config = config_file.with_name(f".{config_file.name}-{uuid.uuid4().hex[:8]}")
@@ -149,17 +150,66 @@ class OpenVinoDetector:
         self._folded = None  # the torch copy was only needed to convert: do not keep it in the actor
         return path
 
+    # -- INT8 --------------------------------------------------------------------------
+    def quantize(self, chip_hw: tuple[int, int], chips: Tensor, int8_key: str) -> Path:
+        """Quantise the f32 graph for chips of this size to INT8 with NNCF's post-training
+        quantisation, calibrated on ``chips`` ((N, C, H, W) float, the units of the model's
+        image_mean: what inference gets), and store it under ``int8_key``. Returns its path
+        (kept as it is when a graph of that key exists)."""
+        import contextlib
+        import logging
+        import sys
+
+        import openvino as ov
+
+        network_hw = self.model.network_size(*chip_hw)
+        path = self.graph_path(network_hw, int8_key)
+        if path.is_file() and path.with_suffix(".bin").is_file():
+            return path
+        graph = ov.Core().read_model(str(self._convert(network_hw)))
+        samples = [self.model.resize_input(chip[None].float())[0].numpy() for chip in chips]
+        # NNCF's progress bars go to stderr with the other progress: stdout may carry a report.
+        # Its import makes torch warn that there is no CUDA toolkit, which is no news on a CPU node.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(sys.stderr):
+            import nncf
+
+            quantized = nncf.quantize(graph, nncf.Dataset(samples), subset_size=len(samples))
+        save_graph_atomically(quantized, path)
+        return path
+
+    def install_graph(self, path_name: str, xml: bytes, weights: bytes) -> None:
+        """Put a graph made on another node (an INT8 graph: calibration is not repeated per
+        node) into this node's cache under its name, atomically; kept if already there."""
+        path = self.cache_dir / path_name
+        if path.is_file() and path.with_suffix(".bin").is_file():
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        _write_graph_pair(path, lambda tmp: (tmp.with_suffix(".bin").write_bytes(weights), tmp.write_bytes(xml)))
+
     # -- inference -----------------------------------------------------------------------
+    def _graph_for(self, network_hw: tuple[int, int]) -> Path:
+        if self.int8_key is None:
+            return self._convert(network_hw)
+        path = self.graph_path(network_hw, self.int8_key)
+        if not (path.is_file() and path.with_suffix(".bin").is_file()):
+            raise RuntimeError(f"{self.checkpoint}: no INT8 graph {path.name} in {self.cache_dir}; INT8 graphs are "
+                               f"made by quantize() (pipeline run with model.precision int8 makes and measures it)")
+        return path
+
     def _compiled_for(self, network_hw: tuple[int, int]):
         compiled = self._compiled.get(network_hw)
         if compiled is None:
-            compiled = self._core.compile_model(str(self._convert(network_hw)), "CPU", self._config)
+            compiled = self._core.compile_model(str(self._graph_for(network_hw)), "CPU", self._config)
             self._compiled[network_hw] = compiled
         return compiled
 
     @property
     def precision(self) -> str:
-        """What the compiled graphs run in: bf16, f32, ... (the hint OpenVINO resolved)."""
+        """What the compiled graphs run in: bf16, f32, ... (the hint OpenVINO resolved);
+        int8 for a quantised graph (its unquantised ops run in that hint's precision)."""
+        if self.int8_key is not None:
+            return "int8"
         if self._compiled:
             compiled = next(iter(self._compiled.values()))
             return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -179,3 +229,23 @@ class OpenVinoDetector:
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> list[dict[str, Tensor]]:
         return detect_with_dense(self.model, images, self.dense, self._shapes, str(self.checkpoint))
+
+
+def save_graph_atomically(graph, path: Path) -> None:
+    """Write an OpenVINO graph (.xml + .bin) so that readers see a whole graph or none."""
+    import openvino as ov
+
+    _write_graph_pair(path, lambda tmp: ov.save_model(graph, tmp, compress_to_fp16=False))
+
+
+def _write_graph_pair(path: Path, write) -> None:
+    """``write(tmp_xml)`` writes a graph under temporary names; then the weights and then
+    the graph are renamed into place (a reader checks the .xml, so it never meets half a pair)."""
+    tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:8]}.xml")
+    try:
+        write(tmp)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)

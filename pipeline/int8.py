@@ -1,0 +1,196 @@
+"""model.precision int8: a quantised graph only after measuring what it costs.
+
+INT8 moves scores and drops or adds boxes (post-training quantisation rounds activations
+to 256 levels), so before a run uses it the driver:
+
+1. calibrates: NNCF's post-training quantisation of the f32 OpenVINO graph on
+   ``model.int8_calibration_chips`` chips of the job's own scenes (evenly spread over the
+   chips worth reading of its first scenes);
+2. measures: AP50 of the f32 graph and of the INT8 graph on the chips of labelled scenes
+   (``model.int8_labels`` for ``model.int8_scenes``, default the job's inputs), with the
+   job's postprocessing settings;
+3. decides: an AP50 drop above ``model.int8_max_ap50_drop`` points is refused (the run
+   stops with exit 2 and both figures) or, with ``model.int8_on_drop: warn``, run with a
+   warning. The figures go into the run report (``int8``).
+
+Graph and measurement are cached per node (the pipeline's cache folder) under a key of
+the checkpoint, chip size, calibration chips and library versions, so only the first run
+pays for them (about a minute for an R50 on two cores); predictor actors on other nodes
+receive the graph from the driver instead of calibrating again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class Int8Measurement:
+    """What INT8 costs on labelled chips: AP50 of the f32 graph and of the INT8 graph."""
+
+    key: str  # the INT8 graph's cache key
+    ap50_f32: float
+    ap50_int8: float
+    calibration_chips: int
+    evaluation_chips: int
+    cached: bool = False
+
+    @property
+    def drop_points(self) -> float:
+        return ap50_drop_points(self.ap50_f32, self.ap50_int8)
+
+    def report(self, max_drop: float, on_drop: str, running: bool) -> dict:
+        return {**asdict(self), "drop_points": self.drop_points, "max_drop_points": max_drop, "on_drop": on_drop,
+                "running_int8": running}
+
+
+def ap50_drop_points(ap50_f32: float, ap50_int8: float) -> float:
+    """AP50 lost to INT8 in points (AP x 100); negative when INT8 scores higher.
+    Example: (0.807, 0.795) -> 1.2."""
+    return round(100.0 * (ap50_f32 - ap50_int8), 2)
+
+
+def int8_allowed(measurement: Int8Measurement, max_drop: float, on_drop: str) -> tuple[bool, str]:
+    """(run INT8?, what to tell the user). Raises ConfigError when the drop is above
+    ``max_drop`` points and ``on_drop`` is "refuse"."""
+    figures = (f"AP50 {measurement.ap50_f32:.3f} (f32) -> {measurement.ap50_int8:.3f} (int8) on "
+               f"{measurement.evaluation_chips} labelled chips, a drop of {measurement.drop_points:.1f} points")
+    if measurement.drop_points <= max_drop:
+        return True, f"INT8 gate passed: {figures} (at most {max_drop:g} allowed)"
+    if on_drop == "warn":
+        return True, f"warning: INT8 costs more than model.int8_max_ap50_drop ({max_drop:g}): {figures}; running INT8 as model.int8_on_drop is warn"
+    raise ConfigError(f"model.precision int8 refused: {figures}, more than model.int8_max_ap50_drop "
+                      f"({max_drop:g}). Run with model.precision auto (bf16 on this CPU, within 0.1 point "
+                      "of fp32), or accept the drop with model.int8_on_drop: warn")
+
+
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)`` (all of them when fewer).
+    Example: (10, 3) -> [0, 3, 6]; (2, 5) -> [0, 1]."""
+    if total <= count:
+        return list(range(total))
+    return [int(i * total / count) for i in range(count)]
+
+
+def calibration_chips(spec, model) -> tuple[np.ndarray, list[str]]:
+    """Chips of the job's own scenes to calibrate on: ``model.int8_calibration_chips`` of
+    the chips worth reading of its first scenes (the ones the driver plans first), evenly
+    spread. Returns (pixels (N, C, S, S) float32, chip ids)."""
+    from pipeline.execution import PLAN_BATCH, ScenePlan, chip_id, plan_scenes
+    from pipeline.inputs import job_inputs
+    from pipeline.tiling import read_chips
+
+    inputs, _ = job_inputs(spec)
+    plans = [o for o in plan_scenes(spec, inputs.scenes[:PLAN_BATCH], model) if isinstance(o, ScenePlan)]
+    cells = [(plan, window) for plan in plans for window in plan.windows]
+    if not cells:
+        raise InputError(f"{spec.source or 'job'}: model.precision int8: no chip of the first scenes to "
+                         "calibrate on (every scene failed to plan or is empty)")
+    picked = [cells[i] for i in evenly_spaced(len(cells), spec.model.int8_calibration_chips)]
+    pixels, ids = [], []
+    for plan in {id(p): p for p, _ in picked}.values():  # scene by scene, each opened once
+        windows = [w for p, w in picked if p is plan]
+        chips, _ = read_chips(plan.path, windows, spec.inputs.bands, spec.tiling.chip_size, model.in_channels,
+                              dtype="float32")
+        pixels += [c.pixels for c in chips]
+        ids += [chip_id(plan.scene_id, c.row, c.col) for c in chips]
+    return np.stack(pixels), ids
+
+
+def labelled_records(spec, classes: list[str]):
+    """Chip records (pipeline.trainset) of the labelled scenes INT8 is measured on."""
+    from pipeline.trainset import Region, build_records, expand_scene_paths, labelled_scenes
+
+    if spec.model.int8_scenes is None and spec.inputs.stac:
+        raise ConfigError(f"{spec.source or 'job'}: model.int8_scenes: name the labelled scenes (the job's "
+                          "inputs are a STAC selection)")
+    patterns = spec.model.int8_scenes or spec.inputs.paths
+    labelled = labelled_scenes(expand_scene_paths(patterns, "model.int8_scenes"), spec.model.int8_labels, classes)
+    regions = [Region(s.scene_id, 0, 0, s.info.width, s.info.height) for s in labelled]
+    records = build_records(labelled, regions, spec.tiling.chip_size, spec.tiling.overlap, 0.5,
+                            spec.tiling.min_valid_fraction)
+    if not any(len(r.boxes) for r in records):
+        raise InputError(f"{spec.source or 'job'}: model.int8_labels: no labelled box on the chips of "
+                         f"{patterns}; INT8 cannot be measured there")
+    return records
+
+
+def _labels_digest(spec) -> str:
+    digest = hashlib.sha256()
+    for path in spec.model.int8_labels:
+        digest.update(Path(path).read_bytes())
+    digest.update(json.dumps([spec.model.int8_scenes or spec.inputs.paths, spec.tiling.model_dump(),
+                              spec.inputs.bands, spec.model.score_threshold, spec.model.nms_threshold,
+                              spec.model.detections_per_chip], sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def int8_key(checkpoint_sha: str, chip_size: int, chip_ids: list[str]) -> str:
+    """Cache key of an INT8 graph: what it was made from (checkpoint, chip size,
+    calibration chips) and with (NNCF and OpenVINO versions)."""
+    from importlib.metadata import version
+
+    blob = json.dumps([checkpoint_sha, chip_size, chip_ids, version("nncf"), version("openvino")])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _apply_settings(detector, spec) -> None:
+    for name, value in (("score_threshold", spec.model.score_threshold), ("nms_threshold", spec.model.nms_threshold),
+                        ("detections_per_image", spec.model.detections_per_chip)):
+        if value is not None:
+            setattr(detector.model.config, name, value)
+
+
+def measure_int8(spec, model, cache_dir: Path, log) -> Int8Measurement:
+    """Quantise (or reuse) the INT8 graph of the job's checkpoint and measure it against
+    the f32 graph on the labelled chips (see the module doc)."""
+    import torch
+    from retinanet.openvino_backend import OpenVinoDetector
+
+    from pipeline.evaluate import coco_metrics, detect_records, records_truth
+    from pipeline.objstore import local_file
+
+    checkpoint = local_file(spec.model.checkpoint)
+    threads = os.cpu_count() or 1
+    f32 = OpenVinoDetector(checkpoint, precision="fp32", num_threads=threads, cache_dir=cache_dir)
+    chips, ids = calibration_chips(spec, model)
+    key = int8_key(f32.sha256, spec.tiling.chip_size, ids)
+    measured = f32.graph_path(f32.model.network_size(spec.tiling.chip_size, spec.tiling.chip_size), key).with_suffix(
+        f".{_labels_digest(spec)}.json")
+    if measured.is_file():
+        return Int8Measurement(**{**json.loads(measured.read_text()), "cached": True})
+    log(f"INT8: calibrating on {len(ids)} chips of the job's scenes (once per checkpoint and node)")
+    f32.quantize((spec.tiling.chip_size, spec.tiling.chip_size), torch.from_numpy(chips), key)
+    int8 = OpenVinoDetector(checkpoint, precision="int8", num_threads=threads, cache_dir=cache_dir, int8_key=key)
+    records = labelled_records(spec, list(model.class_names))
+    log(f"INT8: measuring AP50 against f32 on {len(records)} labelled chips")
+    truth = records_truth(records, spec.tiling.chip_size)
+    ap50 = {}
+    for name, detector in (("f32", f32), ("int8", int8)):
+        _apply_settings(detector, spec)
+        found = detect_records(detector, records, spec.inputs.bands, spec.tiling.chip_size, model.in_channels)
+        ap50[name] = coco_metrics(truth, found, list(model.class_names))["AP50"] or 0.0
+    result = Int8Measurement(key, round(ap50["f32"], 4), round(ap50["int8"], 4), len(ids), len(records))
+    tmp = measured.with_name(f".{measured.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({k: v for k, v in asdict(result).items() if k != "cached"}))
+    os.replace(tmp, measured)
+    return result
+
+
+def int8_graph_for_actors(spec, cache_dir: Path, key: str) -> dict:
+    """The INT8 graph as bytes for the predictor actors (other nodes install it in their
+    own cache; calibration is not repeated per node)."""
+    from retinanet.openvino_backend import OpenVinoDetector
+
+    from pipeline.objstore import local_file
+
+    detector = OpenVinoDetector(local_file(spec.model.checkpoint), precision="int8", cache_dir=cache_dir, int8_key=key)
+    path = detector.graph_path(detector.model.network_size(spec.tiling.chip_size, spec.tiling.chip_size), key)
+    return {"key": key, "name": path.name, "xml": path.read_bytes(), "bin": path.with_suffix(".bin").read_bytes()}
