@@ -471,7 +471,7 @@ def commit_scene(
         manifest = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
-            "sequence": _next_sequence([e.key for e in store.list(MANIFESTS)] + [e.key for e in store.list(SNAPSHOTS)]),
+            "sequence": _next_sequence(store.keys(MANIFESTS) + store.keys(SNAPSHOTS)),
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             **asdict(run),
             "scene_id": scene_id,
@@ -583,7 +583,7 @@ _parsed_snapshot: dict[tuple[str, str], dict] = {}
 def _latest_snapshot(store) -> Optional[dict]:
     """The newest snapshot of the current manifests, or None (see :func:`write_snapshot`).
     Read-only: the dict may be shared with later calls."""
-    keys = [e.key for e in store.list(SNAPSHOTS) if e.key.endswith(".json")]
+    keys = [k for k in store.keys(SNAPSHOTS) if k.endswith(".json")]
     if not keys:
         return None
     key = max(keys)  # names start with the zero-padded sequence
@@ -606,8 +606,8 @@ def _latest_snapshot(store) -> Optional[dict]:
 def _loose_keys(store, snap: Optional[dict]) -> list[str]:
     """Keys of the manifests published but not folded into ``snap``."""
     folded = snap["folded_names"] if snap else frozenset()
-    return [e.key for e in store.list(MANIFESTS) if e.key.endswith(".json")
-            and not e.key.rsplit("/", 1)[-1].startswith(_TMP_PREFIX) and e.key.rsplit("/", 1)[-1] not in folded]
+    return [k for k in store.keys(MANIFESTS) if k.endswith(".json")
+            and not k.rsplit("/", 1)[-1].startswith(_TMP_PREFIX) and k.rsplit("/", 1)[-1] not in folded]
 
 
 def _manifest_state(store, scene: Optional[tuple[str, str]] = None) -> tuple[Optional[dict], list[dict]]:

@@ -75,6 +75,15 @@ class LocalStore:
                 out.append(Entry(full.relative_to(self.root).as_posix(), st.st_size, st.st_mtime))
         return sorted(out, key=lambda e: e.key)
 
+    def keys(self, prefix: str = "") -> list[str]:
+        """The keys :meth:`list` gives, without a stat per file (manifest folders hold
+        thousands of files and every commit lists them)."""
+        base = self.path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted((Path(folder) / name).relative_to(self.root).as_posix()
+                      for folder, _, names in os.walk(base) for name in names)
+
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
 
@@ -155,6 +164,9 @@ class ObjectStore:
         out = [Entry(m["path"][cut:], int(m["size"]), m["last_modified"].timestamp())
                for chunk in obstore.list(self.store, prefix=(base + "/") if base else None) for m in chunk]
         return sorted(out, key=lambda e: e.key)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return [e.key for e in self.list(prefix)]  # one listing call either way
 
     def read(self, key: str) -> bytes:
         import obstore
