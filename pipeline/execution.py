@@ -14,6 +14,7 @@ what it finished.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -26,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.console import native_log_lines_hidden
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.inputs import InputSet, SceneInput, scene_key
 from pipeline.spec import JobSpec, check_runnable, job_hash
@@ -582,6 +584,28 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         if plan is not None and state.received[scene_id] == len(plan.windows):
             commit(scene_id)
 
+    def take(batch: dict, i: int) -> None:
+        """One row of the stream: a scene's plan (on its first row), a chip's outcome."""
+        scene_id, status = str(batch["scene_id"][i]), str(batch["status"][i])
+        if batch["plan"][i]:
+            arrived(pickle.loads(batch["plan"][i]), str(batch["planned_on"][i]))
+        if status == SCENE_FAILED:
+            return
+        if status != SCENE_EMPTY:
+            state.done_chips += 1
+            state.received[scene_id] += 1
+            state.workers[str(batch["worker"][i])] += 1
+            state.count("read", str(batch["read_on"][i]))
+            state.count("predict", str(batch["predicted_on"][i]))
+            if status == "ok":
+                report["chips_read"] += 1
+                state.chips[scene_id].append((str(batch["chip_id"][i]), batch["detections"][i]))
+            else:
+                lost = {"chip_id": str(batch["chip_id"][i]), "status": status, "reason": str(batch["error"][i])}
+                report["chips_quarantined"].append(lost)
+                state.missing[scene_id].append(lost)
+        settle(scene_id)
+
     for failure in failed:
         record_failure(failure)
 
@@ -653,38 +677,22 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                                 compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
                                 max_restarts=restarts, max_task_retries=restarts)
         last_log = time.time()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if first_predictions is None:  # start-up: planning, actor start, model load, first batch
-                first_predictions = time.time() - started
-                last_log = time.time()  # the first progress line comes with a measured rate
-            for i in range(len(batch["chip_id"])):
-                scene_id, status = str(batch["scene_id"][i]), str(batch["status"][i])
-                if batch["plan"][i]:
-                    arrived(pickle.loads(batch["plan"][i]), str(batch["planned_on"][i]))
-                if status == SCENE_FAILED:
-                    continue
-                if status != SCENE_EMPTY:
-                    state.done_chips += 1
-                    state.received[scene_id] += 1
-                    state.workers[str(batch["worker"][i])] += 1
-                    state.count("read", str(batch["read_on"][i]))
-                    state.count("predict", str(batch["predicted_on"][i]))
-                    if status == "ok":
-                        report["chips_read"] += 1
-                        state.chips[scene_id].append((str(batch["chip_id"][i]), batch["detections"][i]))
-                    else:
-                        lost = {"chip_id": str(batch["chip_id"][i]), "status": status,
-                                "reason": str(batch["error"][i])}
-                        report["chips_quarantined"].append(lost)
-                        state.missing[scene_id].append(lost)
-                settle(scene_id)
-            if time.time() - last_log > 5:
-                last_log = time.time()
-                planned = len(state.committed) + len(state.plans)
-                total = state.chips_planned if planned == len(todo) else max(
-                    state.chips_planned, estimated_chips(state.chips_planned, planned, len(todo)))
-                log(progress_line(state.done_chips, total, len(report["scenes_ok"]), len(todo),
-                                  last_log - started - first_predictions, estimated=planned < len(todo)))
+        stream = ds.iter_batches(batch_size=None, batch_format="numpy")
+        quiet = contextlib.nullcontext() if verbose else native_log_lines_hidden()
+        with quiet:  # Ray's native lines (actor start-up) only with --verbose
+            for batch in stream:
+                if first_predictions is None:  # start-up: planning, actor start, model load, first batch
+                    first_predictions = time.time() - started
+                    last_log = time.time()  # the first progress line comes with a measured rate
+                for i in range(len(batch["chip_id"])):
+                    take(batch, i)
+                if time.time() - last_log > 5:
+                    last_log = time.time()
+                    planned = len(state.committed) + len(state.plans)
+                    total = state.chips_planned if planned == len(todo) else max(
+                        state.chips_planned, estimated_chips(state.chips_planned, planned, len(todo)))
+                    log(progress_line(state.done_chips, total, len(report["scenes_ok"]), len(todo),
+                                      last_log - started - first_predictions, estimated=planned < len(todo)))
         for scene_id in list(state.plans):  # never expected (failed blocks raise): say so, lose nothing
             plan = state.plans[scene_id]
             returned = {c for c, _ in state.chips[scene_id]} | {m["chip_id"] for m in state.missing[scene_id]}

@@ -108,6 +108,8 @@ def test_driver_killed_mid_run_then_rerun_gives_the_clean_rows(scenes, address, 
                             text=True, timeout=240)
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert len(assert_every_reader_agrees(scenes / "killed")) == len(clean_rows)  # superseded files are gone
+    # The console holds our lines only: Ray's native log lines are dropped unless --verbose.
+    assert "run " in forced.stderr and ".cc:" not in forced.stderr, forced.stderr
 
 
 def test_two_runs_commit_into_one_table_at_once(scenes, address, clean_rows):

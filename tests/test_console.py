@@ -1,0 +1,26 @@
+"""The console filter drops Ray's native log lines written to fd 2 and forwards the rest."""
+from __future__ import annotations
+
+import os
+import sys
+
+from pipeline.console import is_native_log_line, native_log_lines_hidden
+
+RAY_LINE = (b"[2026-11-30 18:07:05,078 E 20242 20242] core_worker.cc:2465: Actor with class name: "
+            b"'MapWorker(MapBatches(ChipPredictor))' has constructor arguments in the object store\n")
+
+
+def test_native_lines_are_recognised_and_ours_are_not():
+    assert is_native_log_line(RAY_LINE)
+    assert is_native_log_line(b"[2026-11-30 19:01:24,400 I 17052 17052] logging.cc:303: Set ray log level\n")
+    assert not is_native_log_line(b"run 20261130T180957-3dedaf: 2 scenes to run\n")
+    assert not is_native_log_line(b"warning: [2026-11-30] core_worker.cc is mentioned, not a Ray line\n")
+
+
+def test_the_filter_drops_native_lines_written_to_fd_2_and_keeps_ours(capfd):
+    with native_log_lines_hidden():
+        os.write(2, b"ours before\n" + RAY_LINE + b"ours after\n")
+        print("through python", file=sys.stderr)
+    print("after the block", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert err == "ours before\nours after\nthrough python\nafter the block\n", err
