@@ -606,8 +606,8 @@ def _latest_snapshot(store) -> Optional[dict]:
 def _loose_keys(store, snap: Optional[dict]) -> list[str]:
     """Keys of the manifests published but not folded into ``snap``."""
     folded = snap["folded_names"] if snap else frozenset()
-    return [k for k in store.keys(MANIFESTS) if k.endswith(".json")
-            and not k.rsplit("/", 1)[-1].startswith(_TMP_PREFIX) and k.rsplit("/", 1)[-1] not in folded]
+    names = ((k, k.rsplit("/", 1)[-1]) for k in store.keys(MANIFESTS) if k.endswith(".json"))
+    return [k for k, name in names if not name.startswith(_TMP_PREFIX) and name not in folded]
 
 
 def _manifest_state(store, scene: Optional[tuple[str, str]] = None) -> tuple[Optional[dict], list[dict]]:

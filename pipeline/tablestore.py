@@ -81,8 +81,12 @@ class LocalStore:
         base = self.path(prefix) if prefix else self.root
         if not base.is_dir():
             return []
-        return sorted((Path(folder) / name).relative_to(self.root).as_posix()
-                      for folder, _, names in os.walk(base) for name in names)
+        out = []
+        for folder, _, names in os.walk(base):  # plain strings: pathlib costs more than the listing
+            rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
+            head = "" if rel == "." else rel + "/"
+            out.extend(head + name for name in names)
+        return sorted(out)
 
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
