@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from pipeline.console import is_native_log_line, native_log_lines_hidden
 
@@ -20,7 +19,7 @@ def test_native_lines_are_recognised_and_ours_are_not():
 def test_the_filter_drops_native_lines_written_to_fd_2_and_keeps_ours(capfd):
     with native_log_lines_hidden():
         os.write(2, b"ours before\n" + RAY_LINE + b"ours after\n")
-        print("through python", file=sys.stderr)
-    print("after the block", file=sys.stderr)
+        os.write(2, RAY_LINE + b"a last line without its newline")
+    os.write(2, b"\nafter the block\n")
     err = capfd.readouterr().err
-    assert err == "ours before\nours after\nthrough python\nafter the block\n", err
+    assert err == "ours before\nours after\na last line without its newline\nafter the block\n", err
