@@ -6,12 +6,10 @@ test session's local instance. The child reports what ran where, and the rows, a
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from children import run_child
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -67,10 +65,7 @@ CHILD = textwrap.dedent('''
 
 
 def test_planning_reading_and_predicting_run_on_both_nodes(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, _ = run_child(CHILD, tmp_path)
     assert result["exit_codes"] == [0, 0] and result["scenes"] == [40, 40], result
     nodes = set(result["cluster"])
     assert len(nodes) == 2

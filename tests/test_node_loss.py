@@ -6,12 +6,10 @@ with a clean run on the same cluster.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from children import run_child
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -84,10 +82,7 @@ CHILD = textwrap.dedent('''
 
 
 def test_worker_node_removed_mid_job_loses_and_duplicates_nothing(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, stderr = run_child(CHILD, tmp_path)
     assert result["exit_codes"] == [0, 0], result
     assert result["killed"] == result["clean"] and result["clean"], result
     # The removed node's actor died mid-job with the stalled chip: another actor on the
@@ -95,4 +90,4 @@ def test_worker_node_removed_mid_job_loses_and_duplicates_nothing(tmp_path):
     # delivered depends on the order Ray handed them out; a chip whose output was lost with
     # the node is recomputed by the survivor.)
     survivors = {w: n for w, n in result["workers"].items() if f"pid={result['stalled_pid']} " not in w}
-    assert survivors and sum(result["workers"].values()) == result["chips"], (result, proc.stderr[-3000:])
+    assert survivors and sum(result["workers"].values()) == result["chips"], (result, stderr[-3000:])
