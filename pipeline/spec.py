@@ -704,6 +704,7 @@ def check_runnable(spec: JobSpec) -> None:
 
     - a local ``inputs.stac.source`` is an existing file;
     - ``model.checkpoint`` is a file (local, or an ``s3://``/``gs://`` object);
+    - under ``model.precision: int8``, each of ``model.int8_labels`` is a file;
     - ``output.table`` is a writable directory or can be created (the nearest existing
       parent is checked with ``os.access``; nothing is written).
     """
@@ -717,6 +718,9 @@ def check_runnable(spec: JobSpec) -> None:
         problems.append(f"{source}: model.checkpoint: only local paths, s3:// and gs:// URLs are read, got {ckpt!r}")
     elif not is_remote(ckpt) and not os.path.isfile(ckpt):
         problems.append(f"{source}: model.checkpoint: file not found: {ckpt}")
+    if spec.model.precision == "int8":  # the INT8 gate reads them before anything runs
+        problems += [f"{source}: model.int8_labels[{i}]: file not found: {path}"
+                     for i, path in enumerate(spec.model.int8_labels) if not os.path.isfile(path)]
     # An object-store table needs no folder: its first commit creates the keys.
     why = None if is_remote(spec.output.table) else _writable_dir_problem(spec.output.table)
     if why:

@@ -53,6 +53,18 @@ def test_int8_needs_labels_and_a_cpu_engine(model, message):
                                 "output": {"table": "t"}})
 
 
+def test_validate_names_a_missing_label_file(tmp_path):
+    from pipeline.spec import check_runnable
+
+    (tmp_path / "m.pt").write_bytes(b"")
+    spec = JobSpec.model_validate({"name": "j", "inputs": {"paths": ["x.tif"]},
+                                   "model": {"checkpoint": str(tmp_path / "m.pt"), "precision": "int8",
+                                             "int8_labels": [str(tmp_path / "truth.json")]},
+                                   "output": {"table": str(tmp_path / "t")}})
+    with pytest.raises(ConfigError, match=r"model\.int8_labels\[0\]: file not found: .*truth\.json"):
+        check_runnable(spec)
+
+
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """Scenes of one chip each, a tiny untrained model, and COCO labels made from torch
