@@ -111,25 +111,40 @@ def throughput(args) -> dict:
             "steady_chips_per_s": round(s, 3), "steady_ratio": round(s / m, 3)}
 
 
-def _tree_rss(pid: int) -> int:
+def process_role(proc, root_pid: int) -> str:
+    """What a process of a run's tree is: the driver, a Ray daemon or a Ray worker by its title."""
+    if proc.pid == root_pid:
+        return "driver (pipeline run)"
+    cmdline = " ".join(proc.cmdline())
+    for daemon in ("raylet", "gcs_server", "log_monitor", "dashboard", "runtime_env", "monitor.py"):
+        if daemon in cmdline:
+            return f"ray daemon: {daemon}"
+    title = proc.name() if proc.name().startswith("ray::") else cmdline.split(" ")[0]
+    return title.split(".")[0] if title.startswith("ray::") else title
+
+
+def tree_rss(pid: int) -> dict[str, int]:
+    """RSS of a process and all its descendants, summed per role (see process_role)."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
         procs = [proc] + proc.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return {}
+    roles: dict[str, int] = {}
     for p in procs:
         try:
-            total += p.memory_info().rss
+            role = process_role(p, pid)
+            roles[role] = roles.get(role, 0) + p.memory_info().rss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return roles
 
 
-def peak_rss_of_run(size: int, backbone: str) -> int:
-    """Run one scene of size^2 in a child process; sample its process tree's RSS."""
+def peak_rss_of_run(size: int, backbone: str) -> tuple[int, dict[str, int]]:
+    """Run one scene of size^2 in a child process; sample its process tree's RSS ->
+    (the peak, the tree's RSS per role at that moment)."""
     code = f"""
 import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from pathlib import Path
@@ -148,13 +163,15 @@ ray.shutdown()
     synthesize(root / f"s{size}", scenes=1, size=size, seed=1)
     make_checkpoint(root / "model.pt", backbone)
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)])
-    peak = 0
+    peak, at_peak = 0, {}
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        roles = tree_rss(proc.pid)
+        if sum(roles.values()) > peak:
+            peak, at_peak = sum(roles.values()), roles
         time.sleep(0.2)
     if proc.returncode:
         raise SystemExit(f"memory run for {size}^2 failed with exit code {proc.returncode}")
-    return peak
+    return peak, at_peak
 
 
 def main() -> None:
@@ -171,9 +188,10 @@ def main() -> None:
     result = {"throughput": throughput(args)}
     print(json.dumps(result, indent=2), flush=True)
     if args.memory:
-        small, large = peak_rss_of_run(4096, args.backbone), peak_rss_of_run(16384, args.backbone)
+        (small, roles), (large, _) = peak_rss_of_run(4096, args.backbone), peak_rss_of_run(16384, args.backbone)
         result["memory"] = {"peak_rss_4096_mb": round(small / 2**20), "peak_rss_16384_mb": round(large / 2**20),
-                            "ratio": round(large / small, 3)}
+                            "ratio": round(large / small, 3),
+                            "at_peak_4096_mb": {r: round(b / 2**20) for r, b in sorted(roles.items())}}
         print(json.dumps(result, indent=2))
 
 
