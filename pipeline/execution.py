@@ -351,6 +351,8 @@ def connect_ray(address: str | None, quiet: bool = True):
             kwargs["logging_level"] = logging.ERROR
             os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read when Ray Data configures its loggers
             logging.getLogger("ray.data").setLevel(logging.ERROR)
+            # Ray Data's advice for a small job (fewer blocks than read tasks) is no news to a user.
+            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
         # "local": a new Ray of our own; address=None would join any Ray started on this
         # machine with `ray start` (someone else's cluster on a shared host).
         ray.init(address=address if address is not None else "local", **kwargs)
