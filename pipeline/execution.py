@@ -250,14 +250,13 @@ def scene_rows(outcome: ScenePlan | dict, node: str = "") -> list[dict]:
     import pickle
 
     blob = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
-    if isinstance(outcome, dict):
-        return [{"chip_id": f"{outcome['scene_id']}/-", "scene_id": outcome["scene_id"], "path": outcome["path"],
+    failed = isinstance(outcome, dict)
+    if failed or not outcome.windows:
+        scene_id, path = (outcome["scene_id"], outcome["path"]) if failed else (outcome.scene_id, outcome.path)
+        return [{"chip_id": f"{scene_id}/-", "scene_id": scene_id, "path": path,
                  "row": -1, "col": -1, "col_off": 0, "row_off": 0, "width": 0, "height": 0,
-                 "status": SCENE_FAILED, "error": outcome["reason"], "plan": blob, "planned_on": node}]
-    if not outcome.windows:
-        return [{"chip_id": f"{outcome.scene_id}/-", "scene_id": outcome.scene_id, "path": outcome.path,
-                 "row": -1, "col": -1, "col_off": 0, "row_off": 0, "width": 0, "height": 0,
-                 "status": SCENE_EMPTY, "error": "", "plan": blob, "planned_on": node}]
+                 "status": SCENE_FAILED if failed else SCENE_EMPTY, "error": outcome["reason"] if failed else "",
+                 "plan": blob, "planned_on": node}]
     return [
         {"chip_id": chip_id(outcome.scene_id, w.row, w.col), "scene_id": outcome.scene_id, "path": outcome.path,
          "row": int(w.row), "col": int(w.col), "col_off": int(w.col_off), "row_off": int(w.row_off),
@@ -422,17 +421,16 @@ def scene_keys(scenes: list[SceneInput]) -> tuple[dict[str, dict], list[dict]]:
     time (remote scenes: one HEAD request each) -> ({scene id: key}, failures)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def attempt(scene: SceneInput):
+    def attempt(scene: SceneInput) -> tuple[Optional[dict], Optional[dict]]:
         try:
-            return scene_key(scene.location)
+            return scene_key(scene.location), None
         except PipelineError as err:
-            return {"scene_id": scene.scene_id, "path": scene.location, "reason": str(err), "failed": True}
+            return None, {"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)}
 
     with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
         outcomes = list(pool.map(attempt, scenes))
-    keys = {s.scene_id: k for s, k in zip(scenes, outcomes) if not k.get("failed")}
-    failed = [{f: k[f] for f in ("scene_id", "path", "reason")} for k in outcomes if k.get("failed")]
-    return keys, failed
+    keys = {s.scene_id: key for s, (key, failure) in zip(scenes, outcomes) if failure is None}
+    return keys, [failure for _, failure in outcomes if failure is not None]
 
 
 # Scenes per planning task of the chip stream (each plans them PLAN_THREADS at a time).
@@ -492,14 +490,14 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
     int8 = None
     if todo and spec.model.precision == "int8":  # before Ray starts: a refusal stops the run here
-        from pipeline.int8 import int8_allowed, int8_graph_for_actors, measure_int8
+        from pipeline.int8 import graph_for_actors, int8_allowed, measure_int8
         from pipeline.objstore import cache_dir
 
-        measured = measure_int8(spec, model, cache_dir() / "openvino", log)
+        measured, graph = measure_int8(spec, model, pre.inputs.scenes, cache_dir() / "openvino", log)
         running, message = int8_allowed(measured, spec.model.int8_max_ap50_drop, spec.model.int8_on_drop)
         log(message + (" (measured earlier, cached)" if measured.cached else ""))
         int8 = {"report": measured.report(spec.model.int8_max_ap50_drop, spec.model.int8_on_drop, running),
-                "graph": int8_graph_for_actors(spec, cache_dir() / "openvino", measured.key)}
+                "graph": graph_for_actors(measured.key, graph)}
     head, tail = todo[:PLAN_BATCH], todo[PLAN_BATCH:]
     ray, head_rows = None, []
     if todo:  # Ray starts (seconds) while the first scenes are planned
@@ -691,8 +689,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                 if time.time() - last_log > 5:
                     last_log = time.time()
                     planned = len(state.committed) + len(state.plans)
-                    total = state.chips_planned if planned == len(todo) else max(
-                        state.chips_planned, estimated_chips(state.chips_planned, planned, len(todo)))
+                    total = estimated_chips(state.chips_planned, planned, len(todo))  # exact once all are planned
                     log(progress_line(state.done_chips, total, len(report["scenes_ok"]), len(todo),
                                       last_log - started - first_predictions, estimated=planned < len(todo)))
         for scene_id in list(state.plans):  # never expected (failed blocks raise): say so, lose nothing

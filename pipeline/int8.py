@@ -79,29 +79,35 @@ def evenly_spaced(total: int, count: int) -> list[int]:
     return [int(i * total / count) for i in range(count)]
 
 
-def calibration_chips(spec, model) -> tuple[np.ndarray, list[str]]:
-    """Chips of the job's own scenes to calibrate on: ``model.int8_calibration_chips`` of
-    the chips worth reading of its first scenes (the ones the driver plans first), evenly
-    spread. Returns (pixels (N, C, S, S) float32, chip ids)."""
-    from pipeline.execution import PLAN_BATCH, ScenePlan, chip_id, plan_scenes
-    from pipeline.inputs import job_inputs
-    from pipeline.tiling import read_chips
+def calibration_cells(spec, scenes, model) -> list:
+    """The chips of the job's own scenes to calibrate on, as (scene plan, window):
+    ``model.int8_calibration_chips`` of the chips worth reading of its first scenes (the
+    ones the driver plans first), evenly spread."""
+    from pipeline.execution import PLAN_BATCH, ScenePlan, plan_scenes
 
-    inputs, _ = job_inputs(spec)
-    plans = [o for o in plan_scenes(spec, inputs.scenes[:PLAN_BATCH], model) if isinstance(o, ScenePlan)]
+    plans = [o for o in plan_scenes(spec, scenes[:PLAN_BATCH], model) if isinstance(o, ScenePlan)]
     cells = [(plan, window) for plan in plans for window in plan.windows]
     if not cells:
         raise InputError(f"{spec.source or 'job'}: model.precision int8: no chip of the first scenes to "
                          "calibrate on (every scene failed to plan or is empty)")
-    picked = [cells[i] for i in evenly_spaced(len(cells), spec.model.int8_calibration_chips)]
-    pixels, ids = [], []
-    for plan in {id(p): p for p, _ in picked}.values():  # scene by scene, each opened once
-        windows = [w for p, w in picked if p is plan]
-        chips, _ = read_chips(plan.path, windows, spec.inputs.bands, spec.tiling.chip_size, model.in_channels,
-                              dtype="float32")
+    return [cells[i] for i in evenly_spaced(len(cells), spec.model.int8_calibration_chips)]
+
+
+def read_cells(spec, model, cells) -> np.ndarray:
+    """Pixels (N, C, S, S) float32 of the calibration cells that read (a damaged tile costs
+    one calibration chip, not the gate), each scene opened once."""
+    from pipeline.tiling import read_chips
+
+    pixels, failed = [], []
+    for plan in {id(p): p for p, _ in cells}.values():
+        chips, failures = read_chips(plan.path, [w for p, w in cells if p is plan], spec.inputs.bands,
+                                     spec.tiling.chip_size, model.in_channels, dtype="float32")
         pixels += [c.pixels for c in chips]
-        ids += [chip_id(plan.scene_id, c.row, c.col) for c in chips]
-    return np.stack(pixels), ids
+        failed += [f"{plan.path}: {f.reason}" for f in failures]
+    if not pixels:
+        raise InputError(f"{spec.source or 'job'}: model.precision int8: no calibration chip could be read: "
+                         + "; ".join(failed[:3]))
+    return np.stack(pixels)
 
 
 def labelled_records(spec, classes: list[str]):
@@ -141,56 +147,48 @@ def int8_key(checkpoint_sha: str, chip_size: int, chip_ids: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _apply_settings(detector, spec) -> None:
-    for name, value in (("score_threshold", spec.model.score_threshold), ("nms_threshold", spec.model.nms_threshold),
-                        ("detections_per_image", spec.model.detections_per_chip)):
-        if value is not None:
-            setattr(detector.model.config, name, value)
-
-
-def measure_int8(spec, model, cache_dir: Path, log) -> Int8Measurement:
-    """Quantise (or reuse) the INT8 graph of the job's checkpoint and measure it against
-    the f32 graph on the labelled chips (see the module doc)."""
+def measure_int8(spec, model, scenes, cache_dir: Path, log) -> tuple[Int8Measurement, Path]:
+    """Quantise (or reuse) the INT8 graph of the job's checkpoint for the job's ``scenes``
+    and measure it against the f32 graph on the labelled chips (see the module doc) ->
+    (the measurement, the INT8 graph's path)."""
     import torch
-    from retinanet.openvino_backend import OpenVinoDetector
+    from retinanet.openvino_backend import OpenVinoDetector, graph_exists
 
     from pipeline.evaluate import coco_metrics, detect_records, records_truth
+    from pipeline.execution import chip_id
     from pipeline.objstore import local_file
+    from pipeline.predictor import apply_job_settings
 
     checkpoint = local_file(spec.model.checkpoint)
     threads = os.cpu_count() or 1
+    chip_hw = (spec.tiling.chip_size, spec.tiling.chip_size)
     f32 = OpenVinoDetector(checkpoint, precision="fp32", num_threads=threads, cache_dir=cache_dir)
-    chips, ids = calibration_chips(spec, model)
-    key = int8_key(f32.sha256, spec.tiling.chip_size, ids)
-    measured = f32.graph_path(f32.model.network_size(spec.tiling.chip_size, spec.tiling.chip_size), key).with_suffix(
-        f".{_labels_digest(spec)}.json")
-    if measured.is_file():
-        return Int8Measurement(**{**json.loads(measured.read_text()), "cached": True})
-    log(f"INT8: calibrating on {len(ids)} chips of the job's scenes (once per checkpoint and node)")
-    f32.quantize((spec.tiling.chip_size, spec.tiling.chip_size), torch.from_numpy(chips), key)
+    cells = calibration_cells(spec, scenes, model)
+    key = int8_key(f32.sha256, spec.tiling.chip_size, [chip_id(p.scene_id, w.row, w.col) for p, w in cells])
+    graph = f32.graph_path(f32.model.network_size(*chip_hw), key)
+    measured = graph.with_suffix(f".{_labels_digest(spec)}.json")
+    if measured.is_file() and graph_exists(graph):
+        return Int8Measurement(**{**json.loads(measured.read_text()), "cached": True}), graph
+    log(f"INT8: calibrating on {len(cells)} chips of the job's scenes (once per checkpoint and node)")
+    f32.quantize(chip_hw, torch.from_numpy(read_cells(spec, model, cells)), key)
     int8 = OpenVinoDetector(checkpoint, precision="int8", num_threads=threads, cache_dir=cache_dir, int8_key=key)
     records = labelled_records(spec, list(model.class_names))
     log(f"INT8: measuring AP50 against f32 on {len(records)} labelled chips")
     truth = records_truth(records, spec.tiling.chip_size)
     ap50 = {}
     for name, detector in (("f32", f32), ("int8", int8)):
-        _apply_settings(detector, spec)
+        apply_job_settings(detector.model.config, spec.model.score_threshold, spec.model.nms_threshold,
+                           spec.model.detections_per_chip)
         found = detect_records(detector, records, spec.inputs.bands, spec.tiling.chip_size, model.in_channels)
         ap50[name] = coco_metrics(truth, found, list(model.class_names))["AP50"] or 0.0
-    result = Int8Measurement(key, round(ap50["f32"], 4), round(ap50["int8"], 4), len(ids), len(records))
+    result = Int8Measurement(key, round(ap50["f32"], 4), round(ap50["int8"], 4), len(cells), len(records))
     tmp = measured.with_name(f".{measured.name}.{os.getpid()}")
     tmp.write_text(json.dumps({k: v for k, v in asdict(result).items() if k != "cached"}))
     os.replace(tmp, measured)
-    return result
+    return result, graph
 
 
-def int8_graph_for_actors(spec, cache_dir: Path, key: str) -> dict:
+def graph_for_actors(key: str, graph: Path) -> dict:
     """The INT8 graph as bytes for the predictor actors (other nodes install it in their
     own cache; calibration is not repeated per node)."""
-    from retinanet.openvino_backend import OpenVinoDetector
-
-    from pipeline.objstore import local_file
-
-    detector = OpenVinoDetector(local_file(spec.model.checkpoint), precision="int8", cache_dir=cache_dir, int8_key=key)
-    path = detector.graph_path(detector.model.network_size(spec.tiling.chip_size, spec.tiling.chip_size), key)
-    return {"key": key, "name": path.name, "xml": path.read_bytes(), "bin": path.with_suffix(".bin").read_bytes()}
+    return {"key": key, "name": graph.name, "xml": graph.read_bytes(), "bin": graph.with_suffix(".bin").read_bytes()}

@@ -92,14 +92,24 @@ def encode_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray)
     return rows.tobytes()
 
 
+def apply_job_settings(config, score_threshold: float | None, nms_threshold: float | None,
+                       detections_per_chip: int | None) -> None:
+    """The job's postprocessing settings (model.score_threshold, ...) onto a model config
+    where the job has them; the checkpoint's own stay where it does not."""
+    for name, value in (("score_threshold", score_threshold), ("nms_threshold", nms_threshold),
+                        ("detections_per_image", detections_per_chip)):
+        if value is not None:
+            setattr(config, name, value)
+
+
 def stack_chip_pixels(blobs: list[bytes], dtypes: list[str], chip_size: int) -> np.ndarray:
     """Chips as they travel (each chip's raw bytes in its file's dtype) -> one (B, C, S, S)
     array in the smallest dtype that holds them all exactly (numpy's promotion: uint8 with
     uint16 -> uint16; with float32 -> float32).
 
-    Why bytes: Ray Data casts a batch merged from blocks of two tensor dtypes to the first
-    block's dtype (uint16 chips into uint8, silently), and a job may mix scenes of several
-    dtypes; a binary column merges without touching the values.
+    Why bytes: a job may mix scenes of several dtypes, and Ray Data hands on a batch merged
+    from uint8 and uint16 tensor blocks as uint8, without an error; a binary column merges
+    without touching the values.
     """
     return np.stack([np.frombuffer(b, dtype=d).reshape(-1, chip_size, chip_size) for b, d in zip(blobs, dtypes)])
 
@@ -234,11 +244,7 @@ class ChipPredictor:
                     model = fold_batch_norm(model)
                 self.detector = Detector(model, device=device, precision=precision)
                 model = self.detector.model
-        # The job's settings where it has them, else the checkpoint's own.
-        for name, value in (("score_threshold", score_threshold), ("nms_threshold", nms_threshold),
-                            ("detections_per_image", detections_per_chip)):
-            if value is not None:
-                setattr(model.config, name, value)
+        apply_job_settings(model.config, score_threshold, nms_threshold, detections_per_chip)
         self.in_channels = model.config.in_channels
         self.ledger = ledger
         self.max_strikes = max_strikes

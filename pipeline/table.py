@@ -48,8 +48,9 @@ acquisition if the table should keep history of a place.
 
 Snapshots (:func:`write_snapshot`): every ``SNAPSHOT_EVERY`` commits (and at each
 vacuum) the current manifests are folded into one snapshot file, as Delta Lake
-checkpoints its log; a folded manifest is removed SNAPSHOT_GRACE_S after it was folded. Reading the state is then the latest snapshot plus the manifests published since,
-so its cost follows the number of current scenes, not the length of the history.
+checkpoints its log; a folded manifest is removed SNAPSHOT_GRACE_S after it was folded.
+Reading the state is then the latest snapshot plus the manifests published since, so its
+cost follows the number of current scenes, not the length of the history.
 
 Concurrency: writers share no mutable file. Data files and manifests have unique names
 (uuid4), manifests are created exclusively (a hard link locally, a conditional PUT with

@@ -15,8 +15,9 @@ under a key naming its calibration; INT8 changes results, so the pipeline measur
 
 Conversion takes seconds (a trace of the model), so converted graphs are cached per node
 (``cache_dir``: `pipeline run` passes ``<its cache>/openvino``, see
-:func:`pipeline.objstore.cache_dir`; default ``$TMPDIR/retinanet-openvino``), keyed by the checkpoint's SHA-256 and the network's input size; writes are atomic, so
-actors converting at once each end with a whole file and later runs reuse it.
+:func:`pipeline.objstore.cache_dir`; default ``$TMPDIR/retinanet-openvino``), keyed by the
+checkpoint's SHA-256 and the network's input size; writes are atomic, so actors
+converting at once each end with a whole file and later runs reuse it.
 """
 from __future__ import annotations
 
@@ -112,12 +113,12 @@ class OpenVinoDetector:
         import fcntl
 
         path = self.graph_path(network_hw)
-        if path.is_file() and path.with_suffix(".bin").is_file():
+        if graph_exists(path):
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-            if path.is_file() and path.with_suffix(".bin").is_file():
+            if graph_exists(path):
                 return path
             return self._convert_locked(network_hw, path)
 
@@ -164,7 +165,7 @@ class OpenVinoDetector:
 
         network_hw = self.model.network_size(*chip_hw)
         path = self.graph_path(network_hw, int8_key)
-        if path.is_file() and path.with_suffix(".bin").is_file():
+        if graph_exists(path):
             return path
         graph = ov.Core().read_model(str(self._convert(network_hw)))
         samples = [self.model.resize_input(chip[None].float())[0].numpy() for chip in chips]
@@ -182,7 +183,7 @@ class OpenVinoDetector:
         """Put a graph made on another node (an INT8 graph: calibration is not repeated per
         node) into this node's cache under its name, atomically; kept if already there."""
         path = self.cache_dir / path_name
-        if path.is_file() and path.with_suffix(".bin").is_file():
+        if graph_exists(path):
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         _write_graph_pair(path, lambda tmp: (tmp.with_suffix(".bin").write_bytes(weights), tmp.write_bytes(xml)))
@@ -192,7 +193,7 @@ class OpenVinoDetector:
         if self.int8_key is None:
             return self._convert(network_hw)
         path = self.graph_path(network_hw, self.int8_key)
-        if not (path.is_file() and path.with_suffix(".bin").is_file()):
+        if not graph_exists(path):
             raise RuntimeError(f"{self.checkpoint}: no INT8 graph {path.name} in {self.cache_dir}; INT8 graphs are "
                                f"made by quantize() (pipeline run with model.precision int8 makes and measures it)")
         return path
@@ -229,6 +230,11 @@ class OpenVinoDetector:
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> list[dict[str, Tensor]]:
         return detect_with_dense(self.model, images, self.dense, self._shapes, str(self.checkpoint))
+
+
+def graph_exists(path: Path) -> bool:
+    """True when an IR graph and its weights are both in place (:func:`_write_graph_pair`)."""
+    return path.is_file() and path.with_suffix(".bin").is_file()
 
 
 def save_graph_atomically(graph, path: Path) -> None:
