@@ -338,23 +338,37 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
     return out
 
 
+def ray_init_options(address: str | None, quiet: bool) -> dict:
+    """Keyword arguments for ``ray.init``: quiet keeps the workers' and raylets' lines off the console.
+
+    The same whether Ray is ours or joined: a joined cluster forwards its raylets' error
+    lines too (a full /tmp, for one), which belong in Ray's logs, not in a nightly run's output.
+    """
+    options: dict = {"log_to_driver": not quiet}
+    if address is None:
+        options["include_dashboard"] = False
+    if quiet:  # Ray's own Python log lines (start-up, token notice, Ray Data plans) only with --verbose
+        import logging
+
+        options["logging_level"] = logging.ERROR
+    return options
+
+
 def connect_ray(address: str | None, quiet: bool = True):
     """Join `address` (None: start a local Ray in this process) unless Ray is already up."""
     import ray
 
     if not ray.is_initialized():
-        kwargs = {"include_dashboard": False, "log_to_driver": not quiet} if address is None else {}
-        if quiet:  # Ray's own Python log lines (start-up, token notice, Ray Data plans) only with --verbose
+        if quiet:
             import logging
 
-            kwargs["logging_level"] = logging.ERROR
             os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read when Ray Data configures its loggers
             logging.getLogger("ray.data").setLevel(logging.ERROR)
             # Ray Data's advice for a small job (fewer blocks than read tasks) is no news to a user.
             warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
         # "local": a new Ray of our own; address=None would join any Ray started on this
         # machine with `ray start` (someone else's cluster on a shared host).
-        ray.init(address=address if address is not None else "local", **kwargs)
+        ray.init(address=address if address is not None else "local", **ray_init_options(address, quiet))
     return ray
 
 

@@ -23,3 +23,31 @@ def test_the_filter_drops_native_lines_written_to_fd_2_and_keeps_ours(capfd):
     os.write(2, b"\nafter the block\n")
     err = capfd.readouterr().err
     assert err == "ours before\nours after\na last line without its newline\nafter the block\n", err
+
+
+JOINING_DRIVER = """
+import json, sys, time
+from pipeline.execution import connect_ray
+ray = connect_ray(sys.argv[1], quiet=sys.argv[2] == "quiet")
+
+@ray.remote(num_cpus=0)
+def shout():
+    print("a worker line on stderr", file=sys.stderr, flush=True)
+
+ray.get(shout.remote())
+time.sleep(2)  # the log monitor forwards worker output about once a second
+ray.shutdown()
+print(json.dumps({"ok": True}))
+"""
+
+
+def test_a_driver_joining_a_cluster_keeps_the_workers_lines_off_the_console_unless_verbose(ray_session):
+    """A joined cluster forwards its workers' and raylets' lines (a full /tmp on a CI machine
+    put a raylet's file_system_monitor.cc line on a quiet run's console)."""
+    from tests.children import run_child
+
+    address = ray_session.get_runtime_context().gcs_address
+    _, quiet_err = run_child(JOINING_DRIVER, address, "quiet", timeout=120)
+    _, verbose_err = run_child(JOINING_DRIVER, address, "verbose", timeout=120)
+    assert "a worker line on stderr" in verbose_err
+    assert "a worker line on stderr" not in quiet_err, quiet_err
