@@ -9,7 +9,7 @@ per scene follow a log-normal distribution (median 150, a long tail to a few tho
 as detection counts over mixed scenes do. Each table is built with the real commit path
 (``pipeline.table.commit_scene``: Parquet, manifest, move, settle, snapshots).
 
-Measured on each table, repeated ``--reps`` times, medians:
+Measured on each table once all are built, ``--reps`` rounds interleaved, medians:
 
   commit   one more scene commit;
   scenes   listing the current scenes (``committed_scenes``: what every run starts with);
@@ -63,23 +63,17 @@ def build(root: Path, commits: int, scenes: int, seed: int = 0) -> None:
         night += 1
 
 
-def measure(root: Path, reps: int) -> dict[str, float]:
-    rng = np.random.default_rng(1)
-    times: dict[str, list[float]] = {"commit": [], "scenes": [], "count": []}
-    for r in range(reps):
-        run = T.RunInfo(f"bench{r:03d}", "nightly", "h", "m", "EPSG:32633")
-        rows = scene_rows(run, "scene_00000", 150, rng)
-        t0 = time.perf_counter()
-        T.commit_scene(root, run, "scene_00000", f"b{r}", rows)
-        t1 = time.perf_counter()
-        T.committed_scenes(root)
-        t2 = time.perf_counter()
-        run_query(root, "SELECT count(*) FROM detections")
-        t3 = time.perf_counter()
-        times["commit"].append(t1 - t0)
-        times["scenes"].append(t2 - t1)
-        times["count"].append(t3 - t2)
-    return {k: statistics.median(v) for k, v in times.items()}
+def measure_once(root: Path, rep: int, rng: np.random.Generator) -> dict[str, float]:
+    run = T.RunInfo(f"bench{rep:03d}", "nightly", "h", "m", "EPSG:32633")
+    rows = scene_rows(run, "scene_00000", 150, rng)
+    t0 = time.perf_counter()
+    T.commit_scene(root, run, "scene_00000", f"b{rep}", rows)
+    t1 = time.perf_counter()
+    T.committed_scenes(root)
+    t2 = time.perf_counter()
+    run_query(root, "SELECT count(*) FROM detections")
+    t3 = time.perf_counter()
+    return {"commit": t1 - t0, "scenes": t2 - t1, "count": t3 - t2}
 
 
 def main() -> None:
@@ -88,20 +82,28 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=500)
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
-    results = {}
+    rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory(prefix="table-bench-") as tmp:
-        for n in args.sizes:
-            root = Path(tmp) / f"t{n}"
+        roots = {n: Path(tmp) / f"t{n}" for n in args.sizes}
+        for n, root in roots.items():
             t0 = time.perf_counter()
             build(root, n, args.scenes)
             built = time.perf_counter() - t0
-            results[n] = measure(root, args.reps)
+            print(f"N={n:>7}: built in {built:7.1f} s ({built / n * 1000:.1f} ms/commit), load "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)
+        # Interleaved: one repetition of every size per round, so load from other tenants
+        # falls on all sizes alike.
+        samples: dict[int, list[dict[str, float]]] = {n: [] for n in roots}
+        for rep in range(args.reps):
+            for n, root in roots.items():
+                samples[n].append(measure_once(root, rep, rng))
+        results = {n: {k: statistics.median(s[k] for s in samples[n]) for k in samples[n][0]} for n in roots}
+        for n, root in roots.items():
             manifests = len(list((root / T.MANIFESTS).glob("*.json")))
             files = len(list(root.glob("date=*/*.parquet")))
-            print(f"N={n:>7}: built in {built:7.1f} s ({built / n * 1000:.1f} ms/commit); "
-                  f"{manifests} manifests and {files} data files on disk; "
-                  + "; ".join(f"{k} {v * 1000:.1f} ms" for k, v in results[n].items())
-                  + f"; load {os.getloadavg()[0]:.2f}", flush=True)
+            print(f"N={n:>7}: {manifests} manifests and {files} data files on disk; "
+                  + "; ".join(f"{k} {v * 1000:.1f} ms" for k, v in results[n].items()), flush=True)
+    print(f"load average after measuring: {os.getloadavg()[0]:.2f}")
     small, large = min(results), max(results)
     print(f"ratio N={large} / N={small}: "
           + ", ".join(f"{k} {results[large][k] / results[small][k]:.2f}x" for k in results[small])
