@@ -149,6 +149,36 @@ def vacuum(table: str, dry_run: bool, grace: float) -> None:
 
 
 @main.command()
+@click.argument("table")
+@click.option("--date", "days", multiple=True, metavar="YYYY-MM-DD",
+              help="compact this date partition (repeatable; default: every partition)")
+@click.option("--min-files", default=2, show_default=True, type=click.IntRange(min=2),
+              help="rewrite a partition only when it has at least this many files")
+@click.option("--max-rows", default=1_000_000, show_default=True, type=click.IntRange(min=1),
+              help="rows per compacted file at most")
+@click.option("--dry-run", is_flag=True, help="say what would be rewritten, write nothing")
+def compact(table: str, days: tuple[str, ...], min_files: int, max_rows: int, dry_run: bool) -> None:
+    """Rewrite each date partition's small files into few large ones, one atomic commit per partition."""
+    from pipeline.table import compact as compact_table
+
+    try:
+        summaries = compact_table(table, days=list(days) or None, min_files=min_files, max_rows=max_rows,
+                                  dry_run=dry_run)
+    except PipelineError as err:
+        fail(err)
+    for s in summaries:
+        if dry_run:
+            verb = "would rewrite" if s["files_before"] >= min_files else "would leave"
+        else:
+            verb = "rewrote" if s["compacted"] else "left"
+        click.echo(f"date={s['date']}: {verb} {s['files_before']} files -> {s['files_after']} ({s['rows']} rows)")
+    done = sum(s["compacted"] for s in summaries)
+    click.echo(f"{table}: {'would compact' if dry_run else 'compacted'} "
+               f"{sum(s['files_before'] >= min_files for s in summaries) if dry_run else done} "
+               f"of {len(summaries)} partitions")
+
+
+@main.command()
 @click.argument("table", type=click.Path(file_okay=False))
 @click.argument("scene_path")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write")

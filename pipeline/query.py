@@ -162,19 +162,23 @@ def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
     """
     import duckdb
 
-    from pipeline.table import committed_parts, committed_scenes, read_committed
+    from pipeline.table import committed_scenes, part_location, read_committed, visible_parts
+    from pipeline.tablestore import open_store
 
     root = _check_table_root(table_root)
     scenes = scenes_table(committed_scenes(root))
-    parts = committed_parts(root)
+    store = open_store(root)
+    visible = visible_parts(root)
+    parts = [(part_location(store, p.key), p.day) for p in visible]
     con = duckdb.connect(":memory:")
     try:
         # A registered Arrow table reads as a view and keeps its schema with no rows.
         con.register(SCENES_VIEW, scenes)
         with tempfile.TemporaryDirectory(prefix="pipeline-query-") as tmp:
-            if parts and "://" in parts[0][0]:
+            if parts and ("://" in parts[0][0] or any(p.hidden for p in visible)):
                 # An object-store table: read through the store's client (DuckDB's own S3
                 # reader would need its httpfs extension and a second set of credentials).
+                # A compacted file with superseded rows (a commit not settled yet): filtered.
                 con.register("_committed_rows", read_committed(root))
                 con.execute(f"CREATE VIEW {VIEW} AS SELECT * REPLACE (CAST(date AS DATE) AS date) FROM _committed_rows")
             elif parts:

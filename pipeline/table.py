@@ -7,6 +7,8 @@ prefix through :mod:`pipeline.tablestore`, with the same protocol)::
     _manifests/<sequence>-<run_id>-<uuid>.json         one per committed scene
     _manifests/.tmp-*                                  manifests being written (ignored)
     _snapshots/<sequence>-<uuid>.json                  the current manifests, folded
+    date=2024-05-01/compact-<generation>-<uuid>.parquet  a compacted partition's files
+    _compactions/<date>/<generation>.json              what a compaction holds (see below)
     _staging/<run_id>-<uuid>/*.parquet.tmp             files of a commit in progress
     _reports/<run_id>.json                             run reports
     _table.json                                        created once: format and CRS
@@ -52,6 +54,12 @@ checkpoints its log; a folded manifest is removed SNAPSHOT_GRACE_S after it was 
 Reading the state is then the latest snapshot plus the manifests published since, so its
 cost follows the number of current scenes, not the length of the history.
 
+Compaction (:func:`compact`, ``pipeline compact``): a partition's files are rewritten
+into few large ones, published as one generation created exclusively (the section
+"compaction" below). A scene committed again after its partition was compacted has its
+old rows removed from the compacted file by its commit's step 5 (copy on write); until
+then our readers hide them.
+
 Concurrency: writers share no mutable file. Data files and manifests have unique names
 (uuid4), manifests are created exclusively (a hard link locally, a conditional PUT with
 ``If-None-Match: *`` in an object store), so any number of processes or machines can
@@ -91,6 +99,8 @@ SCENE_STATUSES = ("complete", "partial", "failed")
 
 STAGING, MANIFESTS, REPORTS, TABLE_INFO = "_staging", "_manifests", "_reports", "_table.json"
 SNAPSHOTS = "_snapshots"
+COMPACTIONS = "_compactions"
+COMPACTION_FORMAT = "retinanet-pipeline/compaction"
 SNAPSHOT_FORMAT = "retinanet-pipeline/manifest-snapshot"
 # A commit folds the manifests into a new snapshot once this many are not in one yet, and
 # removes manifests folded more than SNAPSHOT_GRACE_S ago (readers in flight are safe).
@@ -517,10 +527,6 @@ def _move_into_place(store, manifest: Mapping) -> None:
                     raise
 
 
-def _live_files(current: Mapping[tuple[str, str], Mapping]) -> set[str]:
-    return {f["path"] for m in current.values() for f in m["files"]}
-
-
 def settle_scene(table_root: os.PathLike | str, job_name: str, scene_id: str) -> list[str]:
     """Step 5: delete the data files of every superseded manifest of ``(job_name, scene_id)``
     that no current manifest lists. Every writer settles after moving its own files, so
@@ -540,6 +546,10 @@ def settle_scene(table_root: os.PathLike | str, job_name: str, scene_id: str) ->
             if f["path"] not in live and store.stat(f["path"]) is not None:
                 store.delete(f["path"])
                 removed.append(f["path"])
+    # The scene's old rows inside compacted files: rewrite those partitions without them.
+    for day, group in _current_groups(store).items():
+        if group["member_of"].get(key, current["manifest"]) != current["manifest"]:
+            _regroup(store, day, take_loose=False)
     return removed
 
 
@@ -556,7 +566,254 @@ def recover(table_root: os.PathLike | str) -> dict:
             _move_into_place(store, m)
             moved += [p for p in missing if store.stat(p) is not None]
         removed += settle_scene(table_root, job, scene)
+    current = _current(all_manifests(table_root))
+    for group in _current_groups(store).values():
+        removed += _settle_group(store, group, current)
     return {"moved": moved, "removed": removed}
+
+
+# ---------------------------------------------------------------- compaction
+#
+# A nightly table gets one small file per scene per run. ``compact`` rewrites the files of
+# a date partition into few large ones, published as one *generation* of that partition's
+# compaction: ``_compactions/<date>/<generation>.json`` lists its files and its members,
+# the scene manifests (by name) whose rows of that date it holds. A generation is created
+# exclusively under a name that counts up, so two processes that rewrite one partition
+# at once cannot both publish: the loser looks again (optimistic, per-partition locking).
+#
+# A member is live while its manifest is still its scene's current one; the scene's own
+# file of that date is then dead (deleted once the generation is published). When the
+# scene is committed again, its old rows sit inside a compacted file that other scenes
+# share: the commit's settle step writes the next generation without them (copy on
+# write), and until then our readers hide those rows (:func:`visible_parts`).
+
+
+def _file_day(f: Mapping) -> str:
+    return f["path"].split("/", 1)[0].removeprefix("date=")
+
+
+# Parsed generations by (table, key): a generation is created once and never rewritten.
+_parsed_generations: dict[tuple[str, str], dict] = {}
+
+
+def _current_groups(store) -> dict[str, dict]:
+    """{date: the partition's latest compaction generation}."""
+    latest: dict[str, str] = {}
+    for key in store.keys(COMPACTIONS):
+        day, _, name = key.removeprefix(f"{COMPACTIONS}/").partition("/")
+        if name.endswith(".json") and not name.startswith(_TMP_PREFIX):
+            latest[day] = max(latest.get(day, key), key)
+    groups = {}
+    for day, key in latest.items():
+        group = _parsed_generations.get((store.url, key))
+        if group is None:
+            try:
+                group = json.loads(store.read(key))
+            except (OSError, ValueError) as err:
+                raise CommitError(f"{store.url}/{key}: unreadable compaction: {err}") from None
+            if group.get("format") != COMPACTION_FORMAT:
+                raise CommitError(f"{store.url}/{key}: not a compaction generation")
+            _remember_generation(store, key, group)
+        groups[day] = group
+    return groups
+
+
+def _remember_generation(store, key: str, group: dict) -> None:
+    group["key"] = key
+    group["member_of"] = {(m["job_name"], m["scene_id"]): m["manifest"] for m in group["members"]}
+    _parsed_generations[(store.url, key)] = group
+
+
+def _group_split(group: Mapping, current: Mapping[tuple[str, str], Mapping]) -> tuple[list[dict], list[dict]]:
+    """(members whose manifest is still their scene's current one, members superseded since)."""
+    live, stale = [], []
+    for m in group["members"]:
+        entry = current.get((m["job_name"], m["scene_id"]))
+        (live if entry is not None and entry["manifest"] == m["manifest"] else stale).append(m)
+    return live, stale
+
+
+def _hidden_rows(scenes: Sequence[tuple[str, str]]) -> Optional[ds.Expression]:
+    """Rows of these (job_name, scene_id) pairs, or None for no pair."""
+    expr = None
+    for job, scene in scenes:
+        one = (ds.field("job_name") == job) & (ds.field("scene_id") == scene)
+        expr = one if expr is None else expr | one
+    return expr
+
+
+@dataclass(frozen=True)
+class VisiblePart:
+    """One data file our readers read: its key (the staged key while an interrupted commit
+    is not moved yet), its date partition, and the scenes whose rows in it are superseded
+    (only in compacted files, only until the commit that superseded them settles)."""
+
+    key: str
+    day: str
+    hidden: tuple[tuple[str, str], ...] = ()
+    owner: str = ""  # the manifest or generation that lists it
+
+
+def _visible_files(current: Mapping[tuple[str, str], Mapping], groups: Mapping[str, Mapping]) -> list[tuple[dict, VisiblePart]]:
+    """(file record, part) of every file that holds current rows: each current scene's own
+    files, except those of a date where a compaction holds its rows instead."""
+    compacted = set()
+    out = []
+    for day, group in sorted(groups.items()):
+        live, stale = _group_split(group, current)
+        if not live:
+            continue
+        compacted |= {(m["manifest"], day) for m in live}
+        hidden = tuple(sorted({(m["job_name"], m["scene_id"]) for m in stale}))
+        out += [(f, VisiblePart(f["path"], day, hidden, group["key"])) for f in group["files"]]
+    for entry in current.values():
+        out += [(f, VisiblePart(f["path"], _file_day(f), (), entry["manifest"])) for f in entry["files"]
+                if (entry["manifest"], _file_day(f)) not in compacted]
+    return out
+
+
+def _generation_of(key: str) -> Optional[int]:
+    """The generation in a compacted file's name (``compact-<generation>-<uuid>.parquet``)."""
+    name = key.rsplit("/", 1)[-1]
+    number = name.removeprefix("compact-").split("-", 1)[0]
+    return int(number) if name.startswith("compact-") and number.isdigit() else None
+
+
+def _read_rows(store, f: Mapping) -> pa.Table:
+    """A data file's rows (from its staged key while a commit was interrupted before the move)."""
+    key = f["path"] if store.stat(f["path"]) is not None else f.get("staged") or f["path"]
+    rows = pq.read_table(pa.BufferReader(store.read(key)))  # FileNotFoundError: see _regroup
+    # Files of tables written before the date left them still hold one: the folder says it.
+    return rows.select([n for n in detection_schema().names if n != "date"]).replace_schema_metadata(None)
+
+
+def _regroup(store, day: str, take_loose: bool, max_rows: int = 1_000_000, min_files: int = 2,
+             attempts: int = 8) -> Optional[dict]:
+    """Publish the next compaction generation of partition ``day``: the live rows of the
+    current one, without superseded members, plus (``take_loose``) every current scene
+    file of that date not compacted yet, written as files of at most ``max_rows`` rows.
+    Returns the new generation, or None when there was nothing to do (no superseded
+    member, and fewer than ``min_files`` files to merge)."""
+    for _ in range(attempts):
+        current = _current(all_manifests(store.url))
+        group = _current_groups(store).get(day)
+        live, stale = _group_split(group, current) if group else ([], [])
+        live_names = {m["manifest"] for m in live}
+        loose = [(entry, f) for entry in current.values() if entry["manifest"] not in live_names
+                 for f in entry["files"] if _file_day(f) == day] if take_loose else []
+        files_now = (len(group["files"]) if group and live else 0) + len(loose)
+        if not stale and (not take_loose or files_now < min_files):
+            return None
+        parts = []
+        try:
+            if live:
+                hidden = _hidden_rows([(m["job_name"], m["scene_id"]) for m in stale])
+                for f in group["files"]:
+                    rows = _read_rows(store, f)
+                    parts.append(rows.filter(~hidden) if hidden is not None else rows)
+            parts += [_read_rows(store, f) for _, f in loose]
+        except FileNotFoundError:  # a concurrent commit superseded a scene and removed its file: look again
+            continue
+        members = [dict(m) for m in live] + [
+            {"job_name": e["job_name"], "scene_id": e["scene_id"], "manifest": e["manifest"], "rows": f["rows"]}
+            for e, f in loose]
+        expected = sum(m["rows"] for m in members)
+        rows = pa.concat_tables(parts).sort_by([("job_name", "ascending"), ("scene_id", "ascending")]) if parts else None
+        if (rows.num_rows if rows is not None else 0) != expected:
+            raise CommitError(f"{store.url}/date={day}: compacting found {rows.num_rows if rows else 0} rows, "
+                              f"the manifests list {expected}")
+        generation = group["generation"] + 1 if group else 0
+        crs = _read_table_info(store).get("crs")
+        staging = f"{STAGING}/compact-{uuid.uuid4().hex}"
+        files = []
+        for start in range(0, expected, max_rows):
+            name = f"compact-{generation:08d}-{uuid.uuid4().hex[:12]}.parquet"
+            part = rows.slice(start, max_rows)
+            data = _parquet_bytes(part, crs, name)
+            staged = f"{staging}/{name}{STAGED_SUFFIX}"
+            store.write(staged, data)
+            files.append({"path": f"date={day}/{name}", "staged": staged, "rows": part.num_rows, "bytes": len(data)})
+        manifest = {"format": COMPACTION_FORMAT, "version": 1, "date": day, "generation": generation,
+                    "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(), "members": members,
+                    "rows": expected, "files": files}
+        key = f"{COMPACTIONS}/{day}/{generation:08d}.json"
+        try:
+            store.create(key, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        except FileExistsError:  # another process published this generation first: look again
+            store.delete_prefix(staging)
+            continue
+        except BaseException:
+            if store.stat(key) is None:
+                store.delete_prefix(staging)
+            raise
+        _remember_generation(store, key, manifest)
+        _settle_group(store, manifest, _current(all_manifests(store.url)))
+        store.delete_prefix(staging)
+        return manifest
+    raise CommitError(f"{store.url}/date={day}: {attempts} compactions of this partition raced this one; "
+                      "try again later")
+
+
+def _settle_group(store, group: Mapping, current: Mapping[tuple[str, str], Mapping]) -> list[str]:
+    """After a generation is published (or found by recover()): move its staged files into
+    place, delete what it replaced (the files of earlier generations and its members' own
+    files of that date) and the generation before the previous one, then rewrite it
+    without members that were superseded meanwhile. Idempotent. Returns the deleted keys."""
+    day = group["date"]
+    _move_into_place(store, group)
+    keep = {f["path"] for f in group["files"]}
+    names = {m["manifest"] for m in group["members"]}
+    dead = set()
+    for entry in current.values():
+        if entry["manifest"] in names:
+            dead |= {f["path"] for f in entry["files"] if _file_day(f) == day}
+    generations = sorted(k for k in store.keys(f"{COMPACTIONS}/{day}") if k.endswith(".json")
+                         and not k.rsplit("/", 1)[-1].startswith(_TMP_PREFIX))
+    on_disk = set(store.keys(f"date={day}"))
+    dead |= {k for k in on_disk if _generation_of(k) is not None and _generation_of(k) < group["generation"]}
+    removed = sorted(k for k in dead - keep if k in on_disk)
+    for k in removed:
+        store.delete(k)
+    for older in generations[:-2]:  # the previous generation stays for readers that just listed it
+        store.delete(older)
+    if _group_split(group, current)[1]:
+        _regroup(store, day, take_loose=False)
+    return removed
+
+
+def compact(table_root: os.PathLike | str, days: Optional[Sequence[str]] = None, min_files: int = 2,
+            max_rows: int = 1_000_000, dry_run: bool = False) -> list[dict]:
+    """Rewrite each date partition's small files into few files of at most ``max_rows``
+    rows, one atomic generation per partition (see the compaction notes above).
+
+    days: the partitions (``YYYY-MM-DD``) to compact, default every one; a partition is
+    rewritten only when it has at least ``min_files`` files of current rows.
+    Returns one summary per partition looked at: ``{date, files_before, files_after,
+    rows, compacted}``; ``dry_run`` counts without writing.
+    """
+    store = open_store(table_root)
+    if not store.exists():
+        raise CommitError(f"{table_root}: no detection table here (directory not found)")
+    if not dry_run:
+        recover(table_root)
+    visible = _visible_files(_current(all_manifests(table_root)), _current_groups(store))
+    by_day: dict[str, list[dict]] = {}
+    for f, part in visible:
+        by_day.setdefault(part.day, []).append(f)
+    summaries = []
+    for day in sorted(days if days is not None else by_day):
+        files = by_day.get(day, [])
+        rows = sum(f["rows"] for f in files)
+        summary = {"date": day, "files_before": len(files), "files_after": len(files), "rows": rows,
+                   "compacted": False}
+        if len(files) >= min_files:
+            summary["files_after"] = max(1, -(-rows // max_rows))
+            if not dry_run:
+                group = _regroup(store, day, take_loose=True, max_rows=max_rows, min_files=min_files)
+                if group is not None:
+                    summary.update(files_after=len(group["files"]), rows=group["rows"], compacted=True)
+        summaries.append(summary)
+    return summaries
 
 
 # ---------------------------------------------------------------- reading
@@ -717,8 +974,8 @@ def is_current(entry: Optional[Mapping], scene_key: Any, model_id: str, job_hash
             and entry["model_id"] == model_id and entry["job_hash"] == job_hash)
 
 
-def _committed_keys(table_root: os.PathLike | str) -> list[tuple[str, str]]:
-    """(key relative to the root, date partition) of every data file readers may see.
+def visible_parts(table_root: os.PathLike | str) -> list[VisiblePart]:
+    """Every data file our readers read, sorted by key (see :class:`VisiblePart`).
 
     A current manifest whose commit was interrupted after publishing (step 4 not done)
     is read from its staged files, so our readers always see every committed scene.
@@ -728,27 +985,28 @@ def _committed_keys(table_root: os.PathLike | str) -> list[tuple[str, str]]:
     store = open_store(table_root)
     sizes = {e.key: e.size for e in store.list() if e.key.startswith(("date=", STAGING))}
     out = []
-    for entry in committed_scenes(table_root).values():
-        for f in entry["files"]:
-            key = f["path"]
-            if key not in sizes and f.get("staged") in sizes:
-                key = f["staged"]
-            if key not in sizes:
-                raise CommitError(f"{store.url}/{key}: listed by manifest {entry['manifest']} but missing")
-            if sizes[key] != f["bytes"]:
-                raise CommitError(f"{store.url}/{key}: {sizes[key]} bytes, manifest {entry['manifest']} says "
-                                  f"{f['bytes']}")
-            out.append((key, f["path"].split("/", 1)[0].removeprefix("date=")))
-    return sorted(out)
+    for f, part in _visible_files(committed_scenes(table_root), _current_groups(store)):
+        key = f["path"]
+        if key not in sizes and f.get("staged") in sizes:
+            key = f["staged"]
+        if key not in sizes:
+            raise CommitError(f"{store.url}/{key}: listed by {part.owner} but missing")
+        if sizes[key] != f["bytes"]:
+            raise CommitError(f"{store.url}/{key}: {sizes[key]} bytes, {part.owner} says {f['bytes']}")
+        out.append(VisiblePart(key, part.day, part.hidden, part.owner))
+    return sorted(out, key=lambda p: p.key)
+
+
+def part_location(store, key: str) -> str:
+    """Where a reader finds a key: an absolute path for a local table, a URL otherwise."""
+    return str(store.path(key)) if isinstance(store, LocalStore) else f"{store.url}/{key}"
 
 
 def committed_parts(table_root: os.PathLike | str) -> list[tuple[str, str]]:
-    """(location, date partition) of every data file readers may see, sorted: absolute
-    paths for a local table, URLs for one in an object store (see :func:`_committed_keys`)."""
+    """(location, date partition) of every data file readers may see, sorted (see
+    :func:`visible_parts`; a compacted file may hold superseded rows it hides)."""
     store = open_store(table_root)
-    if isinstance(store, LocalStore):
-        return [(str(store.path(k)), day) for k, day in _committed_keys(table_root)]
-    return [(f"{store.url}/{k}", day) for k, day in _committed_keys(table_root)]
+    return [(part_location(store, p.key), p.day) for p in visible_parts(table_root)]
 
 
 def committed_files(table_root: os.PathLike | str) -> list[str]:
@@ -771,24 +1029,33 @@ def read_committed(
     import pyarrow.fs
 
     store = open_store(table_root)
-    keys = _committed_keys(table_root)
+    parts = visible_parts(table_root)
     schema = detection_schema()
-    if keys:
+    # One dataset per set of hidden scenes (normally one: none hidden), each filtered.
+    by_hidden: dict[tuple, list[VisiblePart]] = {}
+    for part in parts:
+        by_hidden.setdefault(part.hidden, []).append(part)
+    tables = []
+    for hidden, group in by_hidden.items():
         # The date comes from each file's partition (staged files of an interrupted commit
         # are not under a date= folder yet), given per file rather than parsed from paths.
-        partitions = [ds.field("date") == day for _, day in keys]
+        partitions = [ds.field("date") == p.day for p in group]
         if isinstance(store, LocalStore):
             dataset = ds.FileSystemDataset.from_paths(
-                [str(store.path(k)) for k, _ in keys], schema=schema, format=ds.ParquetFileFormat(),
+                [str(store.path(p.key)) for p in group], schema=schema, format=ds.ParquetFileFormat(),
                 filesystem=pyarrow.fs.LocalFileSystem(), partitions=partitions)
         else:
-            parts = []
-            for k, day in keys:  # one GET per file
-                part = pq.read_table(pa.BufferReader(store.read(k)))
-                part = part.append_column("date", pa.array([day] * part.num_rows, pa.string()))
-                parts.append(part.select(schema.names).cast(schema))
-            dataset = ds.InMemoryDataset(pa.concat_tables(parts))
-        result = dataset.to_table(columns=columns, filter=filters)
+            read = []
+            for p in group:  # one GET per file
+                rows = pq.read_table(pa.BufferReader(store.read(p.key)))
+                rows = rows.append_column("date", pa.array([p.day] * rows.num_rows, pa.string()))
+                read.append(rows.select(schema.names).cast(schema))
+            dataset = ds.InMemoryDataset(pa.concat_tables(read))
+        keep = _hidden_rows(hidden)
+        where = filters if keep is None else (~keep if filters is None else filters & ~keep)
+        tables.append(dataset.to_table(columns=columns, filter=where))
+    if tables:
+        result = pa.concat_tables(tables)
     else:
         result = schema.empty_table()
         if filters is not None:
@@ -816,7 +1083,9 @@ def vacuum(table_root: os.PathLike | str, grace_s: float = 3600, dry_run: bool =
       none of their files is left (they only slow every read down);
     - ``orphans``: data files under ``date=*`` that no manifest lists (written by older
       versions that moved files before publishing, or by hand);
-    - ``staging``: staged files and temporary manifests of commits that never published.
+    - ``staging``: staged files and temporary manifests of commits that never published;
+
+    and compaction generations that a newer one replaced (also ``superseded``).
 
     ``dry_run``: list, delete nothing.
     """
@@ -830,10 +1099,11 @@ def vacuum(table_root: os.PathLike | str, grace_s: float = 3600, dry_run: bool =
     young = {k for k, e in entries.items() if e.mtime >= cutoff}
     manifests = all_manifests(table_root)
     current = _current(manifests)
-    live = _live_files(current)
-    listed = {f["path"] for m in manifests for f in m["files"]}
-    staged_live = {f["staged"] for m in current.values() for f in m["files"]
-                   if f.get("staged") and f["path"] not in entries}
+    groups = _current_groups(store)
+    visible = [f for f, _ in _visible_files(current, groups)]
+    live = {f["path"] for f in visible}
+    listed = {f["path"] for m in manifests for f in m["files"]} | live
+    staged_live = {f["staged"] for f in visible if f.get("staged") and f["path"] not in entries}
     found: dict[str, list[str]] = {"superseded": [], "orphans": [], "staging": []}
     current_names = {m["manifest"] for m in current.values()}
     for m in manifests:
@@ -844,6 +1114,10 @@ def vacuum(table_root: os.PathLike | str, grace_s: float = 3600, dry_run: bool =
         key = f"{MANIFESTS}/{m['manifest']}"
         if not dead and key not in young:
             found["superseded"].append(key)
+    current_generations = {g["key"] for g in groups.values()}
+    found["superseded"] += [k for k in entries if k.startswith(f"{COMPACTIONS}/") and k.endswith(".json")
+                            and k not in current_generations and k not in young
+                            and not k.rsplit("/", 1)[-1].startswith(_TMP_PREFIX)]
     for key in sorted(entries):
         name = key.rsplit("/", 1)[-1]
         if key.startswith("date=") and key.endswith(".parquet") and key not in listed and key not in young:

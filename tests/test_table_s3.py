@@ -81,6 +81,28 @@ def test_a_writer_killed_mid_commit_is_recovered(bucket):
     assert not open_store(url).list(T.STAGING)
 
 
+def test_compact_rerun_and_a_killed_writer_in_s3(bucket):
+    url = table_url("compacted")
+    run = run_info()
+    for i, scene in enumerate("abcd"):
+        T.commit_scene(url, run, scene, "k", rows(run, scene, 5 + i, seed=i))
+    (summary,) = T.compact(url)
+    assert (summary["files_before"], summary["files_after"], summary["rows"]) == (4, 1, 26)
+    assert len(data_keys(url)) == 1 and plain_rows(url) == 26 == T.read_committed(url).num_rows
+    again = run_info(run_id="r2")
+    T.commit_scene(url, again, "b", "k2", rows(again, "b", 2, seed=8))  # rewrites the compacted file without b
+    assert plain_rows(url) == 26 - 6 + 2 == T.read_committed(url).num_rows and len(data_keys(url)) == 2
+    child = mp.get_context("spawn").Process(target=_publish_then_die, args=(url,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 17
+    assert T.read_committed(url).num_rows == 22 - 5 + 3  # scene a's new rows, from staging
+    T.vacuum(url, grace_s=0)
+    assert plain_rows(url) == 20 == T.read_committed(url).num_rows
+    assert [s["compacted"] for s in T.compact(url)] == [True] and len(data_keys(url)) == 1
+    assert plain_rows(url) == 20 == T.read_committed(url).num_rows
+
+
 def test_two_concurrent_writers(bucket):
     url = table_url("concurrent")
     run_two_writers(url)
@@ -135,3 +157,11 @@ def test_pipeline_run_rerun_force_query_vacuum_into_s3(bucket, tmp_path, ray_ses
     vacuum = cli.invoke(main, ["vacuum", url, "--grace", "0"])
     assert vacuum.exit_code == 0 and "2 superseded" in vacuum.output, vacuum.output  # the first run's manifests
     assert T.read_committed(url).num_rows == n
+    compact = cli.invoke(main, ["compact", url])
+    assert compact.exit_code == 0 and "rewrote 2 files -> 1" in compact.output, compact.output
+    assert plain_rows(url) == n and len(data_keys(url)) == 1
+    assert run()["scenes_skipped_done"] == 2  # compaction changes no scene's identity
+    assert run("--force")["scenes_ok"] == 2
+    assert plain_rows(url) == n == T.read_committed(url).num_rows
+    query = cli.invoke(main, ["query", url, "SELECT count(*) AS n FROM detections", "--format", "json"])
+    assert json.loads(query.output) == [{"n": n}], query.output
