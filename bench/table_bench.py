@@ -2,6 +2,7 @@
 
     python bench/table_bench.py                       # N = 1,000 and 10,000 commits
     python bench/table_bench.py --sizes 1000 10000 100000
+    python bench/table_bench.py --sizes 1000 --compact   # and again after `pipeline compact`
 
 A nightly table: ``--scenes`` scenes (default 500) re-run every night, so N commits are
 N / scenes nights of history while the current state stays one version per scene. Rows
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--scenes", type=int, default=500)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--compact", action="store_true", help="also measure each table after `pipeline compact`")
     args = parser.parse_args()
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory(prefix="table-bench-") as tmp:
@@ -103,6 +105,18 @@ def main() -> None:
             files = len(list(root.glob("date=*/*.parquet")))
             print(f"N={n:>7}: {manifests} manifests and {files} data files on disk; "
                   + "; ".join(f"{k} {v * 1000:.1f} ms" for k, v in results[n].items()), flush=True)
+        if args.compact:  # the same tables after `pipeline compact`: one file per date partition
+            for n, root in roots.items():
+                t0 = time.perf_counter()
+                T.compact(root)
+                took = time.perf_counter() - t0
+                after = [measure_once(root, args.reps + rep, rng) for rep in range(args.reps)]
+                files = len(list(root.glob("date=*/*.parquet")))
+                # The first commit re-commits a compacted scene: it rewrites the partition's file.
+                print(f"N={n:>7} compacted in {took:.1f} s to {files} data files; re-committing a compacted "
+                      f"scene {after[0]['commit'] * 1000:.1f} ms; then "
+                      + "; ".join(f"{k} {statistics.median(s[k] for s in after) * 1000:.1f} ms" for k in after[0]),
+                      flush=True)
     print(f"load average after measuring: {os.getloadavg()[0]:.2f}")
     small, large = min(results), max(results)
     print(f"ratio N={large} / N={small}: "

@@ -692,8 +692,9 @@ def _regroup(store, day: str, take_loose: bool, max_rows: int = 1_000_000, min_f
     """Publish the next compaction generation of partition ``day``: the live rows of the
     current one, without superseded members, plus (``take_loose``) every current scene
     file of that date not compacted yet, written as files of at most ``max_rows`` rows.
-    Returns the new generation, or None when there was nothing to do (no superseded
-    member, and fewer than ``min_files`` files to merge)."""
+    Files holding no superseded row are carried over unchanged, so cutting one scene out
+    rewrites only the file that holds it. Returns the new generation, or None when there
+    was nothing to do (no superseded member, and fewer than ``min_files`` files to merge).""" 
     for _ in range(attempts):
         current = _current(all_manifests(store.url))
         group = _current_groups(store).get(day)
@@ -701,16 +702,23 @@ def _regroup(store, day: str, take_loose: bool, max_rows: int = 1_000_000, min_f
         live_names = {m["manifest"] for m in live}
         loose = [(entry, f) for entry in current.values() if entry["manifest"] not in live_names
                  for f in entry["files"] if _file_day(f) == day] if take_loose else []
-        files_now = (len(group["files"]) if group and live else 0) + len(loose)
-        if not stale and (not take_loose or files_now < min_files):
+        stale_keys = {(m["job_name"], m["scene_id"]) for m in stale}
+        # A file without superseded rows is carried over as it is, unless it is not full and
+        # loose files are being merged anyway.
+        kept, rewrite = [], []
+        for f in group["files"] if live else []:
+            if {tuple(k) for k in f["scenes"]} & stale_keys or (take_loose and f["rows"] < max_rows):
+                rewrite.append(f)
+            else:
+                kept.append(f)
+        if not stale and len(loose) + len(rewrite) < min_files:
             return None
         parts = []
         try:
-            if live:
-                hidden = _hidden_rows([(m["job_name"], m["scene_id"]) for m in stale])
-                for f in group["files"]:
-                    rows = _read_rows(store, f)
-                    parts.append(rows.filter(~hidden) if hidden is not None else rows)
+            hidden = _hidden_rows(sorted(stale_keys))
+            for f in rewrite:
+                rows = _read_rows(store, f)
+                parts.append(rows.filter(~hidden) if hidden is not None else rows)
             parts += [_read_rows(store, f) for _, f in loose]
         except FileNotFoundError:  # a concurrent commit superseded a scene and removed its file: look again
             continue
@@ -718,21 +726,24 @@ def _regroup(store, day: str, take_loose: bool, max_rows: int = 1_000_000, min_f
             {"job_name": e["job_name"], "scene_id": e["scene_id"], "manifest": e["manifest"], "rows": f["rows"]}
             for e, f in loose]
         expected = sum(m["rows"] for m in members)
-        rows = pa.concat_tables(parts).sort_by([("job_name", "ascending"), ("scene_id", "ascending")]) if parts else None
-        if (rows.num_rows if rows is not None else 0) != expected:
-            raise CommitError(f"{store.url}/date={day}: compacting found {rows.num_rows if rows else 0} rows, "
-                              f"the manifests list {expected}")
+        rows = (pa.concat_tables(parts).sort_by([("job_name", "ascending"), ("scene_id", "ascending")])
+                if parts else detection_schema().empty_table().drop_columns(["date"]))
+        found = rows.num_rows + sum(f["rows"] for f in kept)
+        if found != expected:
+            raise CommitError(f"{store.url}/date={day}: compacting found {found} rows, the manifests list {expected}")
         generation = group["generation"] + 1 if group else 0
         crs = _read_table_info(store).get("crs")
         staging = f"{STAGING}/compact-{uuid.uuid4().hex}"
-        files = []
-        for start in range(0, expected, max_rows):
+        files = [dict(f) for f in kept]
+        for start in range(0, rows.num_rows, max_rows):
             name = f"compact-{generation:08d}-{uuid.uuid4().hex[:12]}.parquet"
             part = rows.slice(start, max_rows)
             data = _parquet_bytes(part, crs, name)
             staged = f"{staging}/{name}{STAGED_SUFFIX}"
             store.write(staged, data)
-            files.append({"path": f"date={day}/{name}", "staged": staged, "rows": part.num_rows, "bytes": len(data)})
+            scenes = sorted(set(zip(part["job_name"].to_pylist(), part["scene_id"].to_pylist())))
+            files.append({"path": f"date={day}/{name}", "staged": staged, "rows": part.num_rows, "bytes": len(data),
+                          "scenes": [list(k) for k in scenes]})
         manifest = {"format": COMPACTION_FORMAT, "version": 1, "date": day, "generation": generation,
                     "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(), "members": members,
                     "rows": expected, "files": files}

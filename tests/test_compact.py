@@ -72,6 +72,18 @@ def test_a_compacted_scene_committed_again_is_replaced_for_every_reader(tmp_path
     assert len(assert_every_reader_agrees(tmp_path)) == 45 + 12 - 7 + 4 - 5 + 2
 
 
+def test_cutting_a_scene_out_rewrites_only_the_file_that_holds_it(tmp_path):
+    nightly_table(tmp_path)
+    T.compact(tmp_path, days=[DAY], max_rows=12)  # 45 rows sorted by scene: 12 + 12 + 12 + 9
+    before = data_files(tmp_path, DAY)
+    assert len(before) == 4
+    again = run_info(run_id="r2")
+    T.commit_scene(tmp_path, again, "f", "k2", rows(again, "f", 3, seed=4, date=DAY))  # f: the last 10 rows
+    after = data_files(tmp_path, DAY)
+    assert len(set(before) & set(after)) == 2  # a-e's files untouched; the two holding f's rows rewritten
+    assert len([r for r in assert_every_reader_agrees(tmp_path) if r[1] == "f"]) == 3
+
+
 def test_our_readers_hide_superseded_compacted_rows_until_recover_rewrites_them(tmp_path, monkeypatch):
     nightly_table(tmp_path)
     T.compact(tmp_path)
