@@ -22,6 +22,7 @@ import time
 import uuid
 import warnings
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -166,8 +167,6 @@ PLAN_THREADS = 8
 def plan_scenes(spec: JobSpec, scenes: list[SceneInput], model: ModelFacts) -> list[ScenePlan | dict]:
     """Plan every scene, PLAN_THREADS at a time -> one outcome per scene, in input order:
     its plan, or for a scene that cannot run a dict with its id, path and the reason."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def attempt(scene: SceneInput):
         try:
             return plan_scene(scene, spec, model)
@@ -199,8 +198,6 @@ def preflight(spec: JobSpec, check_scenes: bool = True) -> Preflight:
     `pipeline run` skips the scene level: there a bad scene fails alone, the others run.
     Patterns that match nothing are warnings (a nightly folder may be empty tonight).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from pipeline.inputs import job_inputs, require_scenes
     from pipeline.raster import read_scene_info
 
@@ -385,12 +382,15 @@ def actor_gpus(requested: float, cluster_gpus: float, local: bool, log) -> float
 def default_read_tasks(actors: int, cpus_per_actor: float, cluster_cpus: float) -> int:
     """Chip-reading tasks in flight when compute.read_concurrency is null.
 
-    Every CPU the predictor actors leave free, and at least two per actor (one read queued
-    behind the batch being predicted). A GPU actor consumes chips far faster than one task
-    decodes them (10-30 ms per 512-px chip here), so on a GPU node the spare cores must all read.
-    Examples: 1 actor x 1 CPU on 16 CPUs -> 15; 2 actors x 1 CPU on 2 CPUs -> 4.
+    Every CPU the predictor actors leave free, and at least one per actor. A GPU actor
+    consumes chips far faster than one task decodes them (10-30 ms per 512-px chip here),
+    so on a GPU node the spare cores must all read. On a node whose CPUs all went to CPU
+    actors, one read per actor keeps up (a run of 8 chips reads in ~0.2 s and predicts in
+    ~1 s), and every further read task is one more process competing for the same cores:
+    on 2 cores, 4 reads instead of 2 cost 1.6 s of start-up and 27 % of the chips/s
+    (BENCHMARKS.md). Examples: 1 actor x 1 CPU on 16 CPUs -> 15; 2 actors x 1 CPU on 2 CPUs -> 2.
     """
-    return max(2 * actors, int(cluster_cpus - actors * cpus_per_actor))
+    return max(actors, int(cluster_cpus - actors * cpus_per_actor))
 
 
 def progress_line(chips_done: int, chips_total: int, scenes_done: int, scenes_total: int,
@@ -433,8 +433,6 @@ def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channel
 def scene_keys(scenes: list[SceneInput]) -> tuple[dict[str, dict], list[dict]]:
     """Each scene's content identity (:func:`pipeline.inputs.scene_key`), PLAN_THREADS at a
     time (remote scenes: one HEAD request each) -> ({scene id: key}, failures)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def attempt(scene: SceneInput) -> tuple[Optional[dict], Optional[dict]]:
         try:
             return scene_key(scene.location), None
@@ -455,6 +453,45 @@ def estimated_chips(head_chips: int, head_scenes: int, scenes: int) -> int:
     """The job's chip count guessed from the scenes planned first (for batch sizes and the
     ETA while later scenes are still being planned). Example: (30, 3, 10) -> 100."""
     return round(head_chips / head_scenes * scenes) if head_scenes else 0
+
+
+@dataclass
+class RunStart:
+    """What a run knows before its first chip is read (:func:`open_run`)."""
+
+    pre: Preflight
+    keys: dict[str, dict]  # scene id -> content key, for the scenes that could be identified
+    failed: list[dict]  # scenes that could not be identified: id, path, reason
+    committed: dict[tuple[str, str], dict]  # the table's current scene manifests
+    done: set[str]  # scenes committed complete with this content, model and job (skipped)
+    todo: list[SceneInput]
+    head: list  # outcomes of planning todo[:PLAN_BATCH] (ScenePlan or failure dict)
+
+
+def open_run(spec: JobSpec, jhash: str, force: bool, log) -> RunStart:
+    """Preflight, the scenes' content keys, the table's state (finishing commits an earlier
+    run published but did not move), what is left to do, and the plans of its first scenes."""
+    from pipeline import table
+    from pipeline.tablestore import open_store
+
+    pre = preflight(spec, check_scenes=False)
+    for warning in pre.warnings:
+        log(f"warning: {warning}")
+    keys, failed = scene_keys(pre.inputs.scenes)
+    if open_store(spec.output.table).exists():
+        recovered = table.recover(spec.output.table)
+        if recovered["moved"] or recovered["removed"]:
+            log(f"recovered interrupted commits: {len(recovered['moved'])} files moved into place, "
+                f"{len(recovered['removed'])} superseded files removed")
+    committed = table.committed_scenes(spec.output.table)
+    current = {} if force else committed
+    done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and table.is_current(
+        current.get((spec.name, s.scene_id)), keys[s.scene_id], pre.model.model_id, jhash)}
+    todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
+    head = plan_scenes(spec, todo[:PLAN_BATCH], pre.model) if todo else []
+    if todo:
+        import ray.data  # noqa: F401  (half a second of imports, while Ray is still starting)
+    return RunStart(pre, keys, failed, committed, done, todo, head)
 
 
 def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=None, faults=None,
@@ -478,32 +515,26 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     from pipeline.predictor import ChipLedger, ChipPredictor, resolve_batch_size
     from pipeline.stac import REPORT_KEY
     from pipeline.table import RunInfo
-    from pipeline.tablestore import open_store
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = time.time()
-    pre = preflight(spec, check_scenes=False)
-    for warning in pre.warnings:
-        log(f"warning: {warning}")
+    check_runnable(spec)  # the job's own files are named before Ray starts
+    jhash = job_hash(spec)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Ray starts (seconds: its daemons, a raylet registering) while the driver reads the
+        # checkpoint, lists inputs and table and plans the first scenes (seconds too: torch's
+        # imports). Ray starts even when every scene turns out done: the two run side by side.
+        opening = pool.submit(open_run, spec, jhash, force, log)
+        ray = connect_ray(spec.compute.address, quiet=not verbose)
+        start = opening.result()
+    pre, keys, failed, committed_entries, done, todo = (start.pre, start.keys, start.failed, start.committed,
+                                                        start.done, start.todo)
     model, stac = pre.model, pre.stac
     run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     class_names, in_channels, model_id = model.class_names, model.in_channels, model.model_id
-    jhash = job_hash(spec)
     run_info = RunInfo(run_id, spec.name, jhash, model_id, spec.output.crs)
-
-    keys, failed = scene_keys(pre.inputs.scenes)
-    if open_store(spec.output.table).exists():  # finish commits an earlier run published but did not move
-        recovered = table.recover(spec.output.table)
-        if recovered["moved"] or recovered["removed"]:
-            log(f"recovered interrupted commits: {len(recovered['moved'])} files moved into place, "
-                f"{len(recovered['removed'])} superseded files removed")
-    committed_entries = table.committed_scenes(spec.output.table)
-    committed = {} if force else committed_entries
-    done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and table.is_current(
-        committed.get((spec.name, s.scene_id)), keys[s.scene_id], model_id, jhash)}
-    todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
     int8 = None
-    if todo and spec.model.precision == "int8":  # before Ray starts: a refusal stops the run here
+    if todo and spec.model.precision == "int8":  # before any chip is read: a refusal stops the run here
         from pipeline.int8 import graph_for_actors, int8_allowed, measure_int8
         from pipeline.objstore import cache_dir
 
@@ -512,17 +543,10 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         log(message + (" (measured earlier, cached)" if measured.cached else ""))
         int8 = {"report": measured.report(spec.model.int8_max_ap50_drop, spec.model.int8_on_drop, running),
                 "graph": graph_for_actors(measured.key, graph)}
-    head, tail = todo[:PLAN_BATCH], todo[PLAN_BATCH:]
-    ray, head_rows = None, []
-    if todo:  # Ray starts (seconds) while the first scenes are planned
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            planning = pool.submit(plan_scenes, spec, head, model)
-            ray = connect_ray(spec.compute.address, quiet=not verbose)
-            head_outcomes = planning.result()
-        node = ray.get_runtime_context().get_node_id()
-        head_rows = [row for outcome in head_outcomes for row in scene_rows(outcome, node)]
+    tail = todo[PLAN_BATCH:]
+    head_outcomes = start.head
+    node = ray.get_runtime_context().get_node_id()
+    head_rows = [row for outcome in head_outcomes for row in scene_rows(outcome, node)]
     log(f"run {run_id}: {len(todo)} scenes to run ({len(done)} already committed, skipped), "
         f"{len(failed)} scenes failed to open")
 

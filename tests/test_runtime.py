@@ -231,10 +231,10 @@ def test_bf16_detections_agree_with_fp32(spread_model, images192):
 
 @pytest.mark.parametrize("actors, cpus_per_actor, cluster_cpus, expected", [
     (1, 1.0, 16.0, 15),   # one GPU actor on a 16-core node: every spare core reads
-    (2, 1.0, 2.0, 4),     # CPU actors holding every core: two reads per actor (no CPU slot, see run_job)
-    (1, 2.0, 2.0, 2),
+    (2, 1.0, 2.0, 2),     # CPU actors holding every core: one read per actor (no CPU slot, see run_job)
+    (1, 2.0, 2.0, 1),
     (4, 2.0, 64.0, 56),
-    (8, 1.0, 8.0, 16),
+    (8, 1.0, 8.0, 8),
 ])
 def test_default_read_tasks(actors, cpus_per_actor, cluster_cpus, expected):
     from pipeline.execution import default_read_tasks
