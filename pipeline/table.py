@@ -607,12 +607,7 @@ def _current_groups(store) -> dict[str, dict]:
     for day, key in latest.items():
         group = _parsed_generations.get((store.url, key))
         if group is None:
-            try:
-                group = json.loads(store.read(key))
-            except (OSError, ValueError) as err:
-                raise CommitError(f"{store.url}/{key}: unreadable compaction: {err}") from None
-            if group.get("format") != COMPACTION_FORMAT:
-                raise CommitError(f"{store.url}/{key}: not a compaction generation")
+            group = _read_document(store, key, COMPACTION_FORMAT, "compaction generation")
             _remember_generation(store, key, group)
         groups[day] = group
     return groups
@@ -843,6 +838,17 @@ def _load_manifest(store, key: str) -> dict:
     return m
 
 
+def _read_document(store, key: str, fmt: str, what: str) -> dict:
+    """A JSON document of the table's own (snapshot, compaction generation); damage is loud."""
+    try:
+        doc = json.loads(store.read(key))
+    except (OSError, ValueError) as err:
+        raise CommitError(f"{store.url}/{key}: unreadable {what}: {err}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise CommitError(f"{store.url}/{key}: not a {what}")
+    return doc
+
+
 # The last snapshot this process parsed, by (table, key): snapshots are created once and
 # never rewritten, and one holds every current scene (megabytes of JSON at 10,000s of
 # scenes), so a writer committing scene after scene parses each snapshot once, not per commit.
@@ -859,12 +865,7 @@ def _latest_snapshot(store) -> Optional[dict]:
     cached = _parsed_snapshot.get((store.url, key))
     if cached is not None:
         return cached
-    try:
-        snap = json.loads(store.read(key))
-    except (OSError, ValueError) as err:
-        raise CommitError(f"{store.url}/{key}: unreadable snapshot: {err}") from None
-    if snap.get("format") != SNAPSHOT_FORMAT:
-        raise CommitError(f"{store.url}/{key}: not a manifest snapshot")
+    snap = _read_document(store, key, SNAPSHOT_FORMAT, "manifest snapshot")
     snap["key"] = key
     snap["folded_names"] = frozenset(snap["folded"])
     _parsed_snapshot.clear()
