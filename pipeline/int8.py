@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
+from retinanet.files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,8 @@ def measure_int8(spec, model, scenes, cache_dir: Path, log) -> tuple[Int8Measure
         found = detect_records(detector, records, spec.inputs.bands, spec.tiling.chip_size, model.in_channels)
         ap50[name] = coco_metrics(truth, found, list(model.class_names))["AP50"] or 0.0
     result = Int8Measurement(key, round(ap50["f32"], 4), round(ap50["int8"], 4), len(cells), len(records))
-    tmp = measured.with_name(f".{measured.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({k: v for k, v in asdict(result).items() if k != "cached"}))
-    os.replace(tmp, measured)
+    record = json.dumps({k: v for k, v in asdict(result).items() if k != "cached"})
+    write_atomically(measured, lambda tmp: tmp.write_text(record))
     return result, graph
 
 

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.errors import InputError
+from retinanet.files import write_atomically
 
 OBJECT_SCHEMES = ("s3://", "gs://")
 
@@ -82,22 +83,17 @@ def download(url: str, dest: str | os.PathLike) -> Path:
     """Copy one object to ``dest`` (written under a temporary name, then renamed)."""
     bucket, key = split_url(url)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
     try:
         import obstore
 
         data = obstore.get(store_for(bucket), key).bytes()
-        tmp.write_bytes(bytes(data))
-        os.replace(tmp, dest)
+        write_atomically(dest, lambda tmp: tmp.write_bytes(bytes(data)))
     except FileNotFoundError:
         raise InputError(f"{url}: object not found") from None
     except Exception as err:
         if isinstance(err, InputError):
             raise
         raise _fail(url, err) from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

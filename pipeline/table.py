@@ -89,6 +89,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import CommitError
 from pipeline.tablestore import LocalStore, open_store
+from retinanet.files import TMP_PREFIX
 
 GEOPARQUET_VERSION = "1.1.0"
 MANIFEST_FORMAT = "retinanet-pipeline/scene-manifest"
@@ -106,7 +107,6 @@ SNAPSHOT_FORMAT = "retinanet-pipeline/manifest-snapshot"
 # removes manifests folded more than SNAPSHOT_GRACE_S ago (readers in flight are safe).
 SNAPSHOT_EVERY = 200
 SNAPSHOT_GRACE_S = 600.0
-_TMP_PREFIX = ".tmp-"
 STAGED_SUFFIX = ".tmp"  # staged data files: no *.parquet glob matches them
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
@@ -601,7 +601,7 @@ def _current_groups(store) -> dict[str, dict]:
     latest: dict[str, str] = {}
     for key in store.keys(COMPACTIONS):
         day, _, name = key.removeprefix(f"{COMPACTIONS}/").partition("/")
-        if name.endswith(".json") and not name.startswith(_TMP_PREFIX):
+        if name.endswith(".json") and not name.startswith(TMP_PREFIX):
             latest[day] = max(latest.get(day, key), key)
     groups = {}
     for day, key in latest.items():
@@ -774,7 +774,7 @@ def _settle_group(store, group: Mapping, current: Mapping[tuple[str, str], Mappi
         if entry["manifest"] in names:
             dead |= {f["path"] for f in entry["files"] if _file_day(f) == day}
     generations = sorted(k for k in store.keys(f"{COMPACTIONS}/{day}") if k.endswith(".json")
-                         and not k.rsplit("/", 1)[-1].startswith(_TMP_PREFIX))
+                         and not k.rsplit("/", 1)[-1].startswith(TMP_PREFIX))
     on_disk = set(store.keys(f"date={day}"))
     dead |= {k for k in on_disk if _generation_of(k) is not None and _generation_of(k) < group["generation"]}
     removed = sorted(k for k in dead - keep if k in on_disk)
@@ -877,7 +877,7 @@ def _loose_keys(store, snap: Optional[dict]) -> list[str]:
     """Keys of the manifests published but not folded into ``snap``."""
     folded = snap["folded_names"] if snap else frozenset()
     names = ((k, k.rsplit("/", 1)[-1]) for k in store.keys(MANIFESTS) if k.endswith(".json"))
-    return [k for k, name in names if not name.startswith(_TMP_PREFIX) and name not in folded]
+    return [k for k, name in names if not name.startswith(TMP_PREFIX) and name not in folded]
 
 
 def _manifest_state(store, scene: Optional[tuple[str, str]] = None) -> tuple[Optional[dict], list[dict]]:
@@ -1129,12 +1129,12 @@ def vacuum(table_root: os.PathLike | str, grace_s: float = 3600, dry_run: bool =
     current_generations = {g["key"] for g in groups.values()}
     found["superseded"] += [k for k in entries if k.startswith(f"{COMPACTIONS}/") and k.endswith(".json")
                             and k not in current_generations and k not in young
-                            and not k.rsplit("/", 1)[-1].startswith(_TMP_PREFIX)]
+                            and not k.rsplit("/", 1)[-1].startswith(TMP_PREFIX)]
     for key in sorted(entries):
         name = key.rsplit("/", 1)[-1]
         if key.startswith("date=") and key.endswith(".parquet") and key not in listed and key not in young:
             found["orphans"].append(key)
-        elif (key.startswith(f"{STAGING}/") and key not in staged_live or name.startswith(_TMP_PREFIX)) \
+        elif (key.startswith(f"{STAGING}/") and key not in staged_live or name.startswith(TMP_PREFIX)) \
                 and key not in young:
             found["staging"].append(key)
     if not dry_run:

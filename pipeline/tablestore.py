@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.objstore import is_object_url, split_url, store_for
+from retinanet.files import TMP_PREFIX, fsync_dir, write_atomically
 
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,7 @@ class LocalStore:
 
     def write(self, key: str, data: bytes) -> None:
         """Readers see the old or the new content, never a mix."""
-        final = self.path(key)
-        tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        self._write_synced(tmp, data)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        write_atomically(self.path(key), lambda tmp: tmp.write_bytes(data))
 
     def create(self, key: str, data: bytes) -> None:
         """Create ``key`` with ``data`` atomically; FileExistsError if it exists."""
@@ -128,14 +124,6 @@ class LocalStore:
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ObjectStore:

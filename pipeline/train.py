@@ -49,15 +49,16 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.inputs import expand_patterns, is_remote
 from pipeline.spec import JobSpec, TrainSpec, _writable_dir_problem
+from retinanet.files import write_atomically
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -388,12 +389,7 @@ def publish_best(output_dir: Path, checkpoint: str) -> str:
     source = output_dir / "best.pt"
     if not source.is_file():
         source = output_dir / "last.pt"
-    target = Path(checkpoint)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-    return str(target)
+    return str(write_atomically(checkpoint, lambda tmp: shutil.copyfile(source, tmp)))
 
 
 # ---------------------------------------------------------------------- worker
@@ -493,13 +489,14 @@ def _score(row: dict) -> tuple:
 
 def write_metrics_csv(history: Sequence[dict], path: str | os.PathLike) -> None:
     """metrics.csv: one row per validation (epoch end or early stop), METRIC_COLUMNS."""
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(METRIC_COLUMNS))
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(METRIC_COLUMNS))
+            writer.writeheader()
+            for row in history:
+                writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
+
+    write_atomically(path, write)
 
 
 def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> Optional[Path]:
@@ -528,11 +525,10 @@ def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> Optional[P
     ax_ap.grid(alpha=0.3)
     ax_ap.legend()
     fig.tight_layout()
-    tmp = Path(f"{path}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return Path(path)
+    try:
+        return write_atomically(path, fig.savefig)
+    finally:
+        plt.close(fig)
 
 
 def _save_checkpoint_dir(directory: Path, model, class_names, metadata: dict, state: dict) -> None:
@@ -681,8 +677,7 @@ def train_loop(config: dict) -> None:
                             "val": state["history"][-1] if state["history"] else None,
                             "band_stats": prepared.stats, "anchor_fit": prepared.anchor_fit}
                 _save_checkpoint_dir(Path(tmp), core, prepared.class_names, metadata, state_now)
-                shutil.copyfile(Path(tmp) / MODEL_FILE, out / f".last.pt.tmp-{os.getpid()}")
-                os.replace(out / f".last.pt.tmp-{os.getpid()}", out / "last.pt")
+                write_atomically(out / "last.pt", lambda dest: shutil.copyfile(Path(tmp) / MODEL_FILE, dest))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "step": state["step"], "final": final}, checkpoint=checkpoint)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from retinanet.files import write_atomically
 from retinanet.model import RetinaNet, RetinaNetConfig, build_model
 
 FORMAT_NAME = "retinanet-pipeline/checkpoint"
@@ -35,12 +36,7 @@ def save_checkpoint(path: str | os.PathLike, model: RetinaNet, class_names: list
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "metadata": dict(metadata or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retinanet.checkpoint import file_sha256, load_checkpoint
+from retinanet.files import write_atomically
 from retinanet.model import SIZE_DIVISOR, RetinaNet, RetinaNetConfig, build_model
 
 ONNX_OPSET = 18
@@ -177,15 +178,7 @@ def export_onnx(model: RetinaNet, path: str | os.PathLike, class_names: Sequence
         program = torch.onnx.export(traced, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                                     opset_version=opset, dynamo=True, verbose=False)
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta, sort_keys=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        program.save(str(tmp), external_data=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda tmp: program.save(str(tmp), external_data=False))
 
 
 def sidecar_path(checkpoint: str | os.PathLike) -> Path:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from retinanet.checkpoint import file_sha256, load_checkpoint
+from retinanet.files import write_atomically
 from retinanet.export import DenseRetinaNet, default_cache_dir, detect_with_dense, skeleton_model
 from retinanet.runtime import fold_batch_norm
 
@@ -144,9 +145,8 @@ class OpenVinoDetector:
         save_graph_atomically(graph, path)
         config_file = self.cache_dir / f"{self._prefix()}.config.pt"
         if not config_file.is_file():
-            tmp_config = config_file.with_name(f".{config_file.name}-{uuid.uuid4().hex[:8]}")
-            torch.save(self._folded.config.to_dict(), tmp_config)
-            os.replace(tmp_config, config_file)
+            config = self._folded.config.to_dict()
+            write_atomically(config_file, lambda tmp: torch.save(config, tmp))
         self.converted += 1
         self._folded = None  # the torch copy was only needed to convert: do not keep it in the actor
         return path

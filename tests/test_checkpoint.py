@@ -170,3 +170,18 @@ def test_arbitrary_object_is_refused(tmp_path):
     torch.save(evil_payload(Arbitrary()), path)
     with pytest.raises(CheckpointError, match=r"object\.pt: refused: .*untrusted pickle"):
         load_checkpoint(path)
+
+
+def test_a_save_that_fails_midway_keeps_the_old_checkpoint_and_leaves_no_temp_file(model, saved, monkeypatch):
+    before = saved.read_bytes()
+
+    def dies_halfway(payload, f):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(saved, model, CLASSES)
+    assert saved.read_bytes() == before
+    assert os.listdir(saved.parent) == [saved.name]

@@ -282,7 +282,7 @@ def test_two_concurrent_writers_both_commit(tmp_path):
     for path in T.committed_files(tmp_path):
         assert pq.read_metadata(path).num_rows > 0  # every listed file is a whole Parquet file
     assert list((tmp_path / T.STAGING).iterdir()) == []
-    assert not [n for n in os.listdir(tmp_path / T.MANIFESTS) if n.startswith(T._TMP_PREFIX)]
+    assert not [n for n in os.listdir(tmp_path / T.MANIFESTS) if n.startswith(T.TMP_PREFIX)]
 
 
 def test_later_commit_wins_even_if_the_clock_steps_back(tmp_path, monkeypatch):
