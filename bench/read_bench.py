@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.execution import MIN_READ_BATCH, ScenePlan, read_chip_batch, rows_to_batch, scene_rows  # noqa: E402
+from pipeline.execution import MIN_READ_BATCH, read_chip_batch, rows_to_batch, scene_rows  # noqa: E402
+from pipeline.planning import ScenePlan  # noqa: E402
 from pipeline.synth import synthesize  # noqa: E402
 from pipeline.tiling import plan_chips  # noqa: E402
 

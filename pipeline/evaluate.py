@@ -1,4 +1,4 @@
-"""Detection quality: COCO metrics through pycocotools, PASCAL VOC AP, PR curves.
+"""Detection quality of a run or a checkpoint: reports, tables and PR curves.
 
 Three entry points:
 
@@ -9,7 +9,7 @@ Three entry points:
 - :func:`evaluate_checkpoint`: chip-level evaluation of a checkpoint on labelled scenes,
   without running the pipeline (``pipeline eval-checkpoint``); also used for validation
   during training.
-- :func:`coco_metrics` / :func:`voc_ap`: the metric functions on in-memory boxes.
+- the metric functions on in-memory boxes live in :mod:`pipeline.metrics`.
 
 COCO protocol notes: images are scenes (or chips); area ranges small < 32^2 <= medium <
 96^2 <= large, in pixels; ``maxDets`` is (1, 100, M) where M is at least the largest
@@ -19,209 +19,16 @@ no small object) are ``None``. Boxes are pixel EDGE coordinates (no VOC "+1").
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
-
-AREA_NAMES = ("all", "small", "medium", "large")
-
-
-@dataclass(frozen=True, eq=False)
-class ImageBoxes:
-    """Boxes of one image (scene or chip).
-
-    boxes: (N, 4) float XYXY pixel edges; labels: (N,) int class indices;
-    scores: (N,) float for detections, None for ground truth.
-    """
-
-    image_id: str
-    boxes: np.ndarray = field(repr=False)
-    labels: np.ndarray = field(repr=False)
-    scores: Optional[np.ndarray] = field(default=None, repr=False)
-    width: int = 0
-    height: int = 0
-
-
-# ----------------------------------------------------------------------------- COCO
-
-
-def _coco_objects(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes], classes: Sequence[str]):
-    """pycocotools COCO objects for ground truth and detections, built in memory."""
-    from pycocotools.coco import COCO
-
-    ids = {t.image_id: i + 1 for i, t in enumerate(truth)}
-    images = [{"id": ids[t.image_id], "file_name": t.image_id, "width": t.width, "height": t.height}
-              for t in truth]
-    categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]
-
-    def annotations(items: Sequence[ImageBoxes], with_scores: bool) -> list[dict]:
-        out = []
-        for item in items:
-            if item.image_id not in ids:
-                continue
-            boxes = np.asarray(item.boxes, dtype=np.float64).reshape(-1, 4)
-            for j, (x1, y1, x2, y2) in enumerate(boxes):
-                w, h = x2 - x1, y2 - y1
-                ann = {"id": len(out) + 1, "image_id": ids[item.image_id], "category_id": int(item.labels[j]) + 1,
-                       "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0}
-                if with_scores:
-                    ann["score"] = float(item.scores[j])
-                out.append(ann)
-        return out
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {"images": images, "categories": categories, "annotations": annotations(truth, False)}
-        gt.createIndex()
-        dt = COCO()
-        dt.dataset = {"images": images, "categories": categories,
-                      "annotations": annotations(detections, True)}
-        dt.createIndex()
-    return gt, dt
-
-
-def _mean_valid(values: np.ndarray) -> Optional[float]:
-    valid = values[values > -1]
-    return float(valid.mean()) if valid.size else None
-
-
-def coco_metrics(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes],
-                 classes: Sequence[str]) -> dict:
-    """COCO box metrics of ``detections`` against ``truth`` (pycocotools COCOeval).
-
-    Images are the ``truth`` images (an image with no ground truth still counts its
-    false positives); detections of other images are ignored.
-
-    Returns a dict: AP, AP50, AP75, AP_small, AP_medium, AP_large, AR (at M detections),
-    per_class {name: {"AP", "AP50"}}, pr_curve {name: {"recall": [...101], "precision":
-    [...]}} at IoU 0.5 (area all), images, ground_truth, detections, max_dets.
-    """
-    from pycocotools.cocoeval import COCOeval
-
-    gt, dt = _coco_objects(truth, detections, classes)
-    most = max([len(d.boxes) for d in detections] + [0])
-    max_dets = max(100, most)
-    n_gt = sum(len(t.boxes) for t in truth)
-    n_dt = len(dt.dataset["annotations"])
-    result = {"images": len(truth), "ground_truth": n_gt, "detections": n_dt, "max_dets": max_dets}
-    keys = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR")
-    if n_gt == 0:
-        result.update({k: None for k in keys})
-        result.update(per_class={name: {"AP": None, "AP50": None} for name in classes}, pr_curve={})
-        return result
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(gt, dt, iouType="bbox")
-        ev.params.maxDets = [1, 100, max_dets]
-        ev.evaluate()
-        ev.accumulate()
-    precision = ev.eval["precision"]  # (T=10 IoUs, R=101 recalls, K classes, A=4 areas, M=3)
-    recall = ev.eval["recall"]        # (T, K, A, M)
-    iou50 = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
-    iou75 = int(np.argmin(np.abs(ev.params.iouThrs - 0.75)))
-    area = {name: AREA_NAMES.index(name) for name in AREA_NAMES}
-    result.update({
-        "AP": _mean_valid(precision[:, :, :, area["all"], -1]),
-        "AP50": _mean_valid(precision[iou50, :, :, area["all"], -1]),
-        "AP75": _mean_valid(precision[iou75, :, :, area["all"], -1]),
-        "AP_small": _mean_valid(precision[:, :, :, area["small"], -1]),
-        "AP_medium": _mean_valid(precision[:, :, :, area["medium"], -1]),
-        "AP_large": _mean_valid(precision[:, :, :, area["large"], -1]),
-        "AR": _mean_valid(recall[:, :, area["all"], -1]),
-    })
-    per_class, curves = {}, {}
-    for k, name in enumerate(classes):
-        per_class[name] = {"AP": _mean_valid(precision[:, :, k, area["all"], -1]),
-                           "AP50": _mean_valid(precision[iou50, :, k, area["all"], -1])}
-        curve = precision[iou50, :, k, area["all"], -1]
-        if (curve > -1).any():
-            curves[name] = {"recall": [float(r) for r in ev.params.recThrs],
-                            "precision": [float(max(p, 0.0)) for p in curve]}
-    result["per_class"] = per_class
-    result["pr_curve"] = curves
-    return result
-
-
-# ------------------------------------------------------------------------------ VOC
-
-
-def pairwise_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU of XYXY boxes a (N, 4) and b (M, 4), pixel edges (no +1)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
-
-
-def all_point_ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """Area under the interpolated PR curve, all points (VOC 2010+ devkit).
-
-    The precision envelope p_interp(r) = max_{r' >= r} p(r') is integrated exactly over
-    the recall steps: AP = sum_i (r_i - r_{i-1}) * p_interp(r_i), with r_0 = 0.
-    """
-    r = np.concatenate([[0.0], np.asarray(recall, dtype=np.float64), [1.0]])
-    p = np.concatenate([[0.0], np.asarray(precision, dtype=np.float64), [0.0]])
-    p = np.maximum.accumulate(p[::-1])[::-1]
-    steps = np.flatnonzero(r[1:] != r[:-1]) + 1
-    return float(np.sum((r[steps] - r[steps - 1]) * p[steps]))
-
-
-def voc_class_ap(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes], label: int,
-                 iou_threshold: float = 0.5) -> Optional[float]:
-    """VOC AP of one class: detections sorted by score; each is a true positive when its
-    best-overlapping ground-truth box of the class (same image) has IoU >= threshold and
-    was not taken by a higher-scoring detection, else a false positive (the devkit rule:
-    no fall-back to the second-best box). None when the class has no ground truth."""
-    gt = {t.image_id: np.asarray(t.boxes)[np.asarray(t.labels) == label] for t in truth}
-    n_gt = sum(len(b) for b in gt.values())
-    if n_gt == 0:
-        return None
-    rows = []  # (score, image_id, box)
-    for d in detections:
-        if d.image_id not in gt:
-            continue
-        keep = np.asarray(d.labels) == label
-        for box, score in zip(np.asarray(d.boxes)[keep], np.asarray(d.scores)[keep]):
-            rows.append((float(score), d.image_id, box))
-    rows.sort(key=lambda row: -row[0])  # stable: ties keep input order
-    taken = {image_id: np.zeros(len(b), dtype=bool) for image_id, b in gt.items()}
-    tp = np.zeros(len(rows))
-    for i, (_, image_id, box) in enumerate(rows):
-        boxes = gt[image_id]
-        if len(boxes) == 0:
-            continue
-        ious = pairwise_iou_np(box[None], boxes)[0]
-        j = int(np.argmax(ious))
-        if ious[j] >= iou_threshold and not taken[image_id][j]:
-            taken[image_id][j] = True
-            tp[i] = 1
-    if not rows:
-        return 0.0
-    cum_tp = np.cumsum(tp)
-    recall = cum_tp / n_gt
-    precision = cum_tp / np.arange(1, len(rows) + 1)
-    return all_point_ap(recall, precision)
-
-
-def voc_metrics(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes],
-                classes: Sequence[str], iou_threshold: float = 0.5) -> dict:
-    """{"mAP": mean over classes with ground truth, "per_class": {name: AP or None}}."""
-    per_class = {name: voc_class_ap(truth, detections, k, iou_threshold) for k, name in enumerate(classes)}
-    valid = [v for v in per_class.values() if v is not None]
-    return {"mAP": float(np.mean(valid)) if valid else None, "per_class": per_class,
-            "iou_threshold": iou_threshold, "interpolation": "all-point"}
-
+from pipeline.metrics import ImageBoxes, coco_metrics, voc_metrics
+from pipeline.trainset import predict_records, records_truth
 
 # ---------------------------------------------------------------------- reporting
 
@@ -464,48 +271,6 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
 # ------------------------------------------------------------------ chip level
 
 
-def predict_records(model, records, bands, chip_size: int, batch_size: int = 8, device: str = "cpu",
-                    precision: str = "fp32", pixels: Optional[np.ndarray] = None,
-                    channels_last: bool = True) -> list[ImageBoxes]:
-    """Run a RetinaNet on chip records (pipeline.trainset.ChipRecord) -> detections per chip.
-
-    Chips are read in batches (bounded memory) unless ``pixels`` (N, C, S, S) holds them
-    already; ``precision`` as retinanet.runtime. Leaves the model in eval mode.
-    """
-    from retinanet.runtime import Detector
-
-    detector = Detector(model, device=device, precision=precision, channels_last=channels_last)
-    return detect_records(detector, records, bands, chip_size, model.config.in_channels, batch_size, pixels)
-
-
-def detect_records(detector, records, bands, chip_size: int, in_channels: int, batch_size: int = 8,
-                   pixels: Optional[np.ndarray] = None) -> list[ImageBoxes]:
-    """Detections per chip record of any detector with `retinanet.Detector`'s interface
-    (torch, OpenVINO, ONNX): (B, C, S, S) float tensor -> one dict per chip."""
-    import torch
-
-    from pipeline.trainset import read_records
-
-    out = []
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
-        if pixels is None:
-            chunk, _ = read_records(batch, bands, chip_size, in_channels)
-        else:
-            chunk = pixels[start:start + batch_size]
-        results = detector(torch.from_numpy(np.ascontiguousarray(chunk)))
-        for record, det in zip(batch, results):
-            out.append(ImageBoxes(record.chip_id, det["boxes"].float().cpu().numpy(),
-                                  det["labels"].cpu().numpy(), det["scores"].float().cpu().numpy(),
-                                  chip_size, chip_size))
-    return out
-
-
-def records_truth(records, chip_size: int) -> list[ImageBoxes]:
-    """Ground truth of chip records as ImageBoxes (one image per chip)."""
-    return [ImageBoxes(r.chip_id, r.boxes, r.labels, None, chip_size, chip_size) for r in records]
-
-
 def evaluate_records(model, records, classes: Sequence[str], bands, chip_size: int, batch_size: int = 8,
                      device: str = "cpu", precision: str = "fp32", voc: bool = False) -> dict:
     """Chip-level COCO (and optionally VOC) metrics of a model on chip records."""
@@ -592,5 +357,5 @@ def evaluate_checkpoint_on_job(checkpoint: str | os.PathLike, spec, split: str =
                              "job": spec.source, "split": split}, out_dir, "eval_checkpoint")
 
 
-__all__ = ["ImageBoxes", "coco_metrics", "voc_metrics", "voc_class_ap", "all_point_ap", "evaluate_table",
-           "evaluate_checkpoint", "evaluate_checkpoint_on_job", "evaluate_records", "format_table", "plot_pr_curves", "write_report"]
+__all__ = ["evaluate_table", "evaluate_checkpoint", "evaluate_checkpoint_on_job", "evaluate_records", "format_table",
+           "plot_pr_curves", "write_report"]

@@ -29,38 +29,18 @@ from typing import Optional
 import numpy as np
 
 from pipeline.console import native_log_lines_hidden
-from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.inputs import InputSet, SceneInput, scene_key
 from pipeline.spec import JobSpec, check_runnable, job_hash
 from pipeline.stac import StacSelection
+from pipeline.planning import PLAN_BATCH, PLAN_THREADS, ModelFacts, ScenePlan, model_facts, plan_scenes, scene_problems
+from pipeline.tiling import chip_id
 
 # GDAL block cache per chip-reading task, in MB: holds the blocks one batch of
 # neighbouring chips shares (a 512-px RGB uint8 chip spans < 1 MB of blocks).
 READ_TASK_CACHE_MB = 64
 # Chips per read task and predictor call when the model takes fewer (see transport_batch).
 MIN_READ_BATCH = 8
-
-@dataclass
-class ScenePlan:
-    scene_id: str
-    path: str
-    info: object
-    windows: list
-    skipped_empty: int
-    warnings: list = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What planning and validation need from the checkpoint, read once on the driver."""
-
-    location: str
-    class_names: list
-    in_channels: int
-    image_mean: tuple
-    image_std: tuple
-    model_id: str
-
 
 @dataclass
 class RunState:
@@ -79,102 +59,6 @@ class RunState:
     def count(self, stage: str, node: str) -> None:
         counts = self.nodes.setdefault(stage, {})
         counts[node] = counts.get(node, 0) + 1
-
-
-def model_facts(location: str) -> ModelFacts:
-    """Read ``model.checkpoint`` (local, or fetched once from s3:// / gs://) without
-    building the model. Raises ConfigError naming the field when it is not a checkpoint."""
-    from pipeline.objstore import local_file
-    from retinanet.checkpoint import CheckpointError, file_sha256, read_checkpoint
-
-    try:
-        local = local_file(location)
-        payload = read_checkpoint(local)
-    except (CheckpointError, PipelineError) as err:
-        raise ConfigError(f"model.checkpoint: {err}") from None
-    config = payload["config"]
-    return ModelFacts(location, list(payload["class_names"]), int(config["in_channels"]),
-                      tuple(config["image_mean"]), tuple(config["image_std"]), file_sha256(local)[:16])
-
-
-def eight_bit_statistics(image_mean, image_std) -> bool:
-    """True when a model's input statistics describe 0-255 data: every band's mean plus one
-    standard deviation within 255 (ImageNet in 0-255 units: at most 181; 16-bit imagery has
-    means in the hundreds to thousands). Such a model has never seen larger values."""
-    return all(m + s <= 255.0 for m, s in zip(image_mean, image_std))
-
-
-def unit_statistics(image_mean, image_std) -> bool:
-    """True when a model's input statistics describe values in [0, 1] (torchvision's
-    convention: ImageNet mean 0.485), not pixel values: fed raw pixels it saturates."""
-    return max(image_mean) <= 1.0 and max(image_std) <= 1.0
-
-
-def scene_problems(info, bands, model: ModelFacts, output_crs) -> tuple[list[str], list[str]]:
-    """(errors, warnings) of feeding this scene to this model into this table.
-
-    Errors: the band selection cannot feed the model's channels; a scene without
-    georeferencing into a table with a CRS (its boxes would be pixels labelled as map
-    coordinates: write it to a table with ``output.crs: null``); an 8-bit scene into a
-    model whose statistics need larger values; integer pixels into a model whose statistics
-    are for [0, 1] inputs. Warning: a 16-bit or float scene into a
-    model with 8-bit statistics (values above 255 saturate it, unless the file only
-    holds 0-255).
-    """
-    from pipeline.tiling import select_bands
-
-    errors, warnings_ = [], []
-    try:
-        select_bands(info, bands, model.in_channels)
-    except PipelineError as err:
-        errors.append(str(err))
-    if output_crs is not None and not info.georeferenced:
-        errors.append(f"{info.path}: has no georeferencing (no CRS) but output.crs is {output_crs!r}; "
-                      "write it to a table with output.crs: null (pixel coordinates)")
-    eight_bit = eight_bit_statistics(model.image_mean, model.image_std)
-    if not info.dtype.startswith("float") and unit_statistics(model.image_mean, model.image_std):
-        errors.append(f"{info.path}: {info.dtype} pixel values, but the model's statistics (image_mean "
-                      f"{list(model.image_mean)}) are for inputs in [0, 1]: every score would saturate. "
-                      "Import the model with `pipeline import SOURCE --out MODEL.pt` (it rescales the "
-                      "normalisation to pixel units; --input-range says what the source saw)")
-    elif info.dtype == "uint8" and max(model.image_mean) > 255:
-        errors.append(f"{info.path}: uint8 scene, but the model's image_mean {list(model.image_mean)} "
-                      "is for larger values (16-bit data)")
-    elif info.dtype != "uint8" and eight_bit:
-        warnings_.append(f"{info.path}: {info.dtype} scene, but the model's statistics (image_mean "
-                         f"{list(model.image_mean)}) are for 8-bit data: values above 255 saturate it; "
-                         "rescale to 8-bit (gdal_translate -ot Byte -scale) or use a model trained on this data")
-    return errors, warnings_
-
-
-def plan_scene(scene: SceneInput, spec: JobSpec, model: ModelFacts) -> ScenePlan:
-    """Chip windows of one scene worth reading; raises PipelineError when it cannot run."""
-    from pipeline.tiling import plan_chips
-
-    info, windows, skipped = plan_chips(scene.location, spec.tiling.chip_size, spec.tiling.overlap,
-                                        spec.tiling.min_valid_fraction, scene_id=scene.scene_id)
-    errors, warnings_ = scene_problems(info, spec.inputs.bands, model, spec.output.crs)
-    if errors:
-        raise InputError("; ".join(errors))
-    return ScenePlan(scene.scene_id, scene.location, info, windows, skipped, warnings_)
-
-
-# Scenes planned at once: a plan is a header and a decimated mask read, mostly waiting on
-# storage (GDAL releases the GIL), so remote scenes cost round trips in parallel, not in series.
-PLAN_THREADS = 8
-
-
-def plan_scenes(spec: JobSpec, scenes: list[SceneInput], model: ModelFacts) -> list[ScenePlan | dict]:
-    """Plan every scene, PLAN_THREADS at a time -> one outcome per scene, in input order:
-    its plan, or for a scene that cannot run a dict with its id, path and the reason."""
-    def attempt(scene: SceneInput):
-        try:
-            return plan_scene(scene, spec, model)
-        except PipelineError as err:
-            return {"scene_id": scene.scene_id, "path": scene.location, "reason": str(err)}
-
-    with ThreadPoolExecutor(max_workers=max(1, min(PLAN_THREADS, len(scenes)))) as pool:
-        return list(pool.map(attempt, scenes))
 
 
 @dataclass
@@ -224,10 +108,6 @@ def preflight(spec: JobSpec, check_scenes: bool = True) -> Preflight:
         if errors:
             raise ConfigError("\n".join(f"{source}: scene {e}" for e in errors))
     return Preflight(inputs, stac, model, warnings_)
-
-
-def chip_id(scene_id: str, row: int, col: int) -> str:
-    return f"{scene_id}/r{row}c{col}"
 
 
 # Status of a row in the chip stream. "ok" rows are chips to read; the two scene markers
@@ -443,10 +323,6 @@ def scene_keys(scenes: list[SceneInput]) -> tuple[dict[str, dict], list[dict]]:
         outcomes = list(pool.map(attempt, scenes))
     keys = {s.scene_id: key for s, (key, failure) in zip(scenes, outcomes) if failure is None}
     return keys, [failure for _, failure in outcomes if failure is not None]
-
-
-# Scenes per planning task of the chip stream (each plans them PLAN_THREADS at a time).
-PLAN_BATCH = 8
 
 
 def estimated_chips(head_chips: int, head_scenes: int, scenes: int) -> int:

@@ -6,6 +6,7 @@ import numpy as np
 from pipeline.georef import boxes_to_polygons, clip_boxes_to_scene, valid_polygons
 from pipeline.merge import merge_detections
 from pipeline.predictor import decode_detections
+from pipeline.tiling import chip_id
 
 
 def gather_scene_detections(chip_results: list[tuple[str, bytes]], chip_index_of: dict[str, int]):
@@ -30,7 +31,6 @@ def finalize_scene(spec, plan, chip_results: list[tuple[str, bytes]], class_name
     """
     from pipeline.table import build_detection_table
 
-    from pipeline.execution import chip_id
 
     windows = np.array([[w.col_off, w.row_off, w.col_off + w.width, w.row_off + w.height] for w in plan.windows],
                        dtype=np.float64).reshape(-1, 4)

@@ -84,7 +84,7 @@ def calibration_cells(spec, scenes, model) -> list:
     """The chips of the job's own scenes to calibrate on, as (scene plan, window):
     ``model.int8_calibration_chips`` of the chips worth reading of its first scenes (the
     ones the driver plans first), evenly spread."""
-    from pipeline.execution import PLAN_BATCH, ScenePlan, plan_scenes
+    from pipeline.planning import PLAN_BATCH, ScenePlan, plan_scenes
 
     plans = [o for o in plan_scenes(spec, scenes[:PLAN_BATCH], model) if isinstance(o, ScenePlan)]
     cells = [(plan, window) for plan in plans for window in plan.windows]
@@ -155,8 +155,9 @@ def measure_int8(spec, model, scenes, cache_dir: Path, log) -> tuple[Int8Measure
     import torch
     from retinanet.openvino_backend import OpenVinoDetector, graph_exists
 
-    from pipeline.evaluate import coco_metrics, detect_records, records_truth
-    from pipeline.execution import chip_id
+    from pipeline.metrics import coco_metrics
+    from pipeline.trainset import detect_records, records_truth
+    from pipeline.tiling import chip_id
     from pipeline.objstore import local_file
     from pipeline.predictor import apply_job_settings
 

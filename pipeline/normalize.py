@@ -22,7 +22,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from pipeline.errors import InputError, RasterReadError
-from pipeline.raster import _reason, bounded_block_cache, open_raster, scene_info_from_dataset
+from pipeline.raster import bounded_block_cache, error_reason, open_raster, scene_info_from_dataset
 from pipeline.tiling import PLAN_CACHE_MB, select_bands
 
 DEFAULT_MAX_PIXELS = 1_000_000
@@ -99,7 +99,7 @@ def sample_valid_pixels(path: str | Path, bands: Sequence[int] | None, max_pixel
                     samples.append(data[:, valid].astype(np.float64))
         except RasterioError as err:
             raise RasterReadError(f"{path}: cannot read a sample for band statistics "
-                                  f"({_reason(err)})") from err
+                                  f"({error_reason(err)})") from err
     return np.concatenate(samples, axis=1)
 
 

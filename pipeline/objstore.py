@@ -97,6 +97,25 @@ def download(url: str, dest: str | os.PathLike) -> Path:
     return dest
 
 
+# URL scheme -> GDAL virtual file system prefix. /vsicurl keeps the scheme in the path.
+_VSI_PREFIX = {
+    "s3://": "/vsis3/",
+    "gs://": "/vsigs/",
+}
+_VSICURL_SCHEMES = ("https://", "http://")
+
+
+def gdal_path(path: str | Path) -> str:
+    """Map a local path or an s3/gs/http(s) URL onto what GDAL opens."""
+    text = str(path)
+    for scheme, prefix in _VSI_PREFIX.items():
+        if text.startswith(scheme):
+            return prefix + text[len(scheme):]
+    if text.startswith(_VSICURL_SCHEMES):
+        return "/vsicurl/" + text
+    return text
+
+
 def gdal_options(location: str) -> dict[str, str]:
     """GDAL config for reading ``location``.
 
@@ -106,8 +125,6 @@ def gdal_options(location: str) -> dict[str, str]:
     serves shared tiles). With ``AWS_ENDPOINT_URL`` set, GDAL is pointed at that custom
     S3 endpoint (it wants host:port, the scheme and path-style addressing separately).
     """
-    from pipeline.raster import gdal_path
-
     text = str(location)
     vsi = gdal_path(text)
     if not vsi.startswith(("/vsis3/", "/vsigs/", "/vsicurl/")):

@@ -37,16 +37,9 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from pipeline.errors import GeoreferenceError, InputError
 from pipeline.inputs import is_remote, scene_id_for
-from pipeline.objstore import gdal_options
+from pipeline.objstore import gdal_options, gdal_path
 
 IDENTITY: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-
-# URL scheme -> GDAL virtual file system prefix. /vsicurl keeps the scheme in the path.
-_VSI_PREFIX = {
-    "s3://": "/vsis3/",
-    "gs://": "/vsigs/",
-}
-_VSICURL_SCHEMES = ("https://", "http://")
 
 
 @dataclass(frozen=True)
@@ -99,17 +92,6 @@ class SceneInfo:
                 if i >= len(self.colorinterp) or self.colorinterp[i] != "alpha"]
 
 
-def gdal_path(path: str | Path) -> str:
-    """Map a local path or an s3/gs/http(s) URL onto what GDAL opens."""
-    text = str(path)
-    for scheme, prefix in _VSI_PREFIX.items():
-        if text.startswith(scheme):
-            return prefix + text[len(scheme):]
-    if text.startswith(_VSICURL_SCHEMES):
-        return "/vsicurl/" + text
-    return text
-
-
 @contextmanager
 def open_raster(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
     """Open a raster for reading; failures become InputError naming the file.
@@ -127,7 +109,7 @@ def open_raster(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             dataset = rasterio.open(gdal_path(path))
     except RasterioError as err:
-        raise InputError(f"{path}: cannot be opened as a raster ({_reason(err)})") from err
+        raise InputError(f"{path}: cannot be opened as a raster ({error_reason(err)})") from err
     try:
         yield dataset
     finally:
@@ -152,7 +134,7 @@ def bounded_block_cache(megabytes: int) -> Iterator[None]:
             set_gdal_config("GDAL_CACHEMAX", previous)
 
 
-def _reason(err: BaseException) -> str:
+def error_reason(err: BaseException) -> str:
     """Most specific message of a rasterio error (GDAL's own is often the cause)."""
     cause = err.__cause__ or err.__context__
     text = str(err)

@@ -681,7 +681,7 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def _writable_dir_problem(table: str) -> Optional[str]:
+def writable_dir_problem(table: str) -> Optional[str]:
     """Why ``table`` could not be created/written, or None. Writes nothing."""
     p = Path(table)
     if p.exists():
@@ -722,7 +722,7 @@ def check_runnable(spec: JobSpec) -> None:
         problems += [f"{source}: model.int8_labels[{i}]: file not found: {path}"
                      for i, path in enumerate(spec.model.int8_labels) if not os.path.isfile(path)]
     # An object-store table needs no folder: its first commit creates the keys.
-    why = None if is_remote(spec.output.table) else _writable_dir_problem(spec.output.table)
+    why = None if is_remote(spec.output.table) else writable_dir_problem(spec.output.table)
     if why:
         problems.append(f"{source}: output.table: {why}")
     if problems:

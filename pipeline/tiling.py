@@ -31,8 +31,8 @@ from rasterio.windows import Window
 from pipeline.errors import InputError, RasterReadError
 from pipeline.raster import (
     SceneInfo,
-    _reason,
     bounded_block_cache,
+    error_reason,
     open_raster,
     scene_info_from_dataset,
 )
@@ -50,6 +50,11 @@ MAX_MASK_CELLS = 4 * 1024 * 1024
 # Aim for at least this many mask cells along each side of a chip when an overview
 # makes decimation free.
 MASK_CELLS_PER_CHIP_SIDE = 16
+
+
+def chip_id(scene_id: str, row: int, col: int) -> str:
+    """A chip's id: its scene and grid cell, e.g. ``scene_a/r3c7``."""
+    return f"{scene_id}/r{row}c{col}"
 
 
 @dataclass(frozen=True)
@@ -299,7 +304,7 @@ def valid_fractions(dataset: rasterio.io.DatasetReader, windows: Sequence[ChipWi
         mask = valid_mask_decimated(dataset, factor)
     except RasterioError as err:
         raise RasterReadError(f"{dataset.name}: cannot read the validity mask "
-                              f"({_reason(err)})") from err
+                              f"({error_reason(err)})") from err
     return window_fractions(mask, dataset.width, dataset.height, windows)
 
 
@@ -428,7 +433,7 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
         valid = None if _all_valid(dataset) else dataset.dataset_mask(window=win) > 0
     except RasterioError as err:
         raise RasterReadError(f"{scene.path}: cannot read chip row={window.row} col={window.col} "
-                              f"window={window.as_tuple()} ({_reason(err)})") from err
+                              f"window={window.as_tuple()} ({error_reason(err)})") from err
     if np.dtype(scene.dtype).kind == "f":
         finite = ~np.isnan(target).any(axis=0)  # NaN is invalid even without a nodata tag
         valid = finite if valid is None else valid & finite

@@ -57,7 +57,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.inputs import expand_patterns, is_remote
-from pipeline.spec import JobSpec, TrainSpec, _writable_dir_problem
+from pipeline.spec import JobSpec, TrainSpec, writable_dir_problem
 from retinanet.files import write_atomically
 
 MODEL_FILE = "model.pt"
@@ -100,7 +100,7 @@ def check_trainable(spec: JobSpec) -> None:
         value = getattr(t, key)
         if value is not None and not os.path.isfile(value):
             problems.append(f"{source}: train.{key}: file not found: {value}")
-    why = _writable_dir_problem(t.output_dir)
+    why = writable_dir_problem(t.output_dir)
     if why:
         problems.append(f"{source}: train.output_dir: {why}")
     if problems:
@@ -471,7 +471,8 @@ def _load_init_weights(model, path: str) -> int:
 
 
 def _validate(model, prepared: Prepared, val_pixels, chip_size: int, device, precision: str) -> dict:
-    from pipeline.evaluate import coco_metrics, predict_records, records_truth
+    from pipeline.metrics import coco_metrics
+    from pipeline.trainset import predict_records, records_truth
 
     was_training = model.training
     detections = predict_records(model, prepared.val_records, prepared.bands, chip_size, batch_size=8,

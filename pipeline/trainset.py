@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.metrics import ImageBoxes
 from pipeline.inputs import SceneInput, expand_patterns, id_collisions, match_label_images, scene_id_for
 from pipeline.labels import Annotations, by_scene, chip_labels, read_labels
 from pipeline.raster import SceneInfo, open_raster, read_scene_info
@@ -258,3 +259,46 @@ def box_sizes(records: Sequence[ChipRecord]) -> np.ndarray:
         return np.zeros((0, 2))
     b = np.concatenate(boxes).astype(np.float64)
     return np.stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
+
+
+# ------------------------------------------------------------------ detections on records
+
+
+def predict_records(model, records, bands, chip_size: int, batch_size: int = 8, device: str = "cpu",
+                    precision: str = "fp32", pixels: Optional[np.ndarray] = None,
+                    channels_last: bool = True) -> list[ImageBoxes]:
+    """Run a RetinaNet on chip records (pipeline.trainset.ChipRecord) -> detections per chip.
+
+    Chips are read in batches (bounded memory) unless ``pixels`` (N, C, S, S) holds them
+    already; ``precision`` as retinanet.runtime. Leaves the model in eval mode.
+    """
+    from retinanet.runtime import Detector
+
+    detector = Detector(model, device=device, precision=precision, channels_last=channels_last)
+    return detect_records(detector, records, bands, chip_size, model.config.in_channels, batch_size, pixels)
+
+
+def detect_records(detector, records, bands, chip_size: int, in_channels: int, batch_size: int = 8,
+                   pixels: Optional[np.ndarray] = None) -> list[ImageBoxes]:
+    """Detections per chip record of any detector with `retinanet.Detector`'s interface
+    (torch, OpenVINO, ONNX): (B, C, S, S) float tensor -> one dict per chip."""
+    import torch
+
+    out = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        if pixels is None:
+            chunk, _ = read_records(batch, bands, chip_size, in_channels)
+        else:
+            chunk = pixels[start:start + batch_size]
+        results = detector(torch.from_numpy(np.ascontiguousarray(chunk)))
+        for record, det in zip(batch, results):
+            out.append(ImageBoxes(record.chip_id, det["boxes"].float().cpu().numpy(),
+                                  det["labels"].cpu().numpy(), det["scores"].float().cpu().numpy(),
+                                  chip_size, chip_size))
+    return out
+
+
+def records_truth(records, chip_size: int) -> list[ImageBoxes]:
+    """Ground truth of chip records as ImageBoxes (one image per chip)."""
+    return [ImageBoxes(r.chip_id, r.boxes, r.labels, None, chip_size, chip_size) for r in records]

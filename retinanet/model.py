@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -11,12 +11,12 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
-from retinanet import boxes as box_ops
+import retinanet.boxes as box_ops
 from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, AnchorGenerator
 from retinanet.backbones import build_backbone
 from retinanet.heads import Subnet, prior_logit
 from retinanet.losses import box_regression_loss, sigmoid_focal_loss
-from retinanet.matcher import BACKGROUND, IGNORE, match_batch, pad_targets
+from retinanet.matcher import IGNORE, match_batch, pad_targets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

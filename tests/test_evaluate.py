@@ -9,16 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.evaluate import (
-    ImageBoxes,
-    all_point_ap,
-    coco_metrics,
-    evaluate_table,
-    format_table,
-    voc_class_ap,
-    voc_metrics,
-    write_report,
-)
+from pipeline.evaluate import evaluate_table, format_table, write_report
+from pipeline.metrics import ImageBoxes, all_point_ap, coco_metrics, voc_class_ap, voc_metrics
 from pipeline.table import RunInfo, build_detection_table, commit_scene
 
 

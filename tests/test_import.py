@@ -8,7 +8,6 @@ bias a shift that lets a few dozen distinct boxes through the score threshold.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import duckdb

@@ -19,7 +19,8 @@ CHILD = textwrap.dedent('''
     import torch
     import ray
     from ray.cluster_utils import Cluster
-    from pipeline.execution import PLAN_BATCH, run_job
+    from pipeline.execution import run_job
+    from pipeline.planning import PLAN_BATCH
     from pipeline.spec import JobSpec
     from pipeline.synth import SYNTH_CLASSES, synthesize
     from pipeline.table import read_committed

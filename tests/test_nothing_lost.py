@@ -243,7 +243,8 @@ def test_scenes_planned_by_ray_tasks_fail_alone_and_lose_nothing(ws, src_rows, r
     """More scenes than the driver plans first (PLAN_BATCH): the others are planned by Ray
     tasks while the first are already predicted. A scene planned there that cannot feed
     the model fails alone and is recorded; every other scene's rows are its image's rows."""
-    from pipeline.execution import PLAN_BATCH, run_job
+    from pipeline.execution import run_job
+    from pipeline.planning import PLAN_BATCH
     from pipeline.spec import load_job
 
     folder = ws / "many"

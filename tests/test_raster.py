@@ -8,7 +8,8 @@ from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
 
 from pipeline.errors import GeoreferenceError, InputError
-from pipeline.raster import IDENTITY, gdal_path, is_rotated, read_scene_info, scene_id_for
+from pipeline.objstore import gdal_path
+from pipeline.raster import IDENTITY, is_rotated, read_scene_info, scene_id_for
 from real_data import real, requires_real_data
 
 

@@ -56,7 +56,8 @@ WORLD = REAL_DATA / "world.rgb.tif"
 @pytest.mark.skipif(not WORLD.exists(), reason=f"real test raster not found at {WORLD}")
 def test_finalize_scene_keeps_geometry_inside_a_scene_smaller_than_a_chip(tmp_path):
     """world.rgb.tif is 512x256 EPSG:4326; a 512-px chip is padded below row 256."""
-    from pipeline.execution import ScenePlan, chip_id
+    from pipeline.planning import ScenePlan
+    from pipeline.tiling import chip_id
     from pipeline.finalize import finalize_scene
     from pipeline.predictor import encode_detections
     from pipeline.raster import read_scene_info

@@ -1,0 +1,80 @@
+"""The import graph of pipeline/ and retinanet/: no circles, no private name taken from
+another module. Imports inside functions count too: they hide the graph, they do not cut it."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "retinanet")
+
+
+def module_name(path: Path) -> str:
+    return path.parent.name if path.stem == "__init__" else f"{path.parent.name}.{path.stem}"
+
+
+def project_imports() -> dict[str, list[tuple[str, list[str]]]]:
+    """{module: [(imported module, names taken from it)]} for every import of our own modules."""
+    graph = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            found = []
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+                    found.append((node.module, [a.name for a in node.names]))
+                elif isinstance(node, ast.Import):
+                    found += [(a.name, []) for a in node.names if a.name.split(".")[0] in PACKAGES]
+            graph[module_name(path)] = found
+    return graph
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    graph = project_imports()
+    edges = {m: {target for target, _ in deps if target in graph and target != m} for m, deps in graph.items()}
+    assert circles(edges) == []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_private_name_is_imported_from_another_module(package):
+    taken = [(m, target, name) for m, deps in project_imports().items() if m.split(".")[0] == package
+             for target, names in deps for name in names if name.startswith("_") and name != "__version__"]
+    assert taken == []
