@@ -6,6 +6,7 @@ values only, so opening an untrusted file cannot run code.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 from pathlib import Path
@@ -36,7 +37,12 @@ def save_checkpoint(path: str | os.PathLike, model: RetinaNet, class_names: list
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "metadata": dict(metadata or {}),
     }
-    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    # Through memory: torch.save names the archive inside the file after the file it writes
+    # (a temporary name here), and the same weights must give the same bytes (model_id,
+    # caches keyed by checkpoint hash).
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return write_atomically(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

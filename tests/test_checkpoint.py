@@ -2,6 +2,7 @@
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,13 +176,21 @@ def test_arbitrary_object_is_refused(tmp_path):
 def test_a_save_that_fails_midway_keeps_the_old_checkpoint_and_leaves_no_temp_file(model, saved, monkeypatch):
     before = saved.read_bytes()
 
-    def dies_halfway(payload, f):
-        with open(f, "wb") as fh:
+    def dies_halfway(tmp):
+        with open(tmp, "wb") as fh:
             fh.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", dies_halfway)
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: dies_halfway(self))
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(saved, model, CLASSES)
     assert saved.read_bytes() == before
     assert os.listdir(saved.parent) == [saved.name]
+
+
+def test_the_same_weights_give_the_same_file(model, tmp_path):
+    """model_id and the per-node graph caches are keyed by the checkpoint's SHA-256."""
+    first, second = tmp_path / "a" / "model.pt", tmp_path / "b" / "other-name.pt"
+    save_checkpoint(first, model, CLASSES)
+    save_checkpoint(second, model, CLASSES)
+    assert first.read_bytes() == second.read_bytes()
