@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 import shapely
+from affine import Affine, TransformNotInvertibleError
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError
 
@@ -83,10 +84,9 @@ def box_corners(boxes: np.ndarray) -> np.ndarray:
 
 def apply_affine(points: np.ndarray, transform: Sequence[float]) -> np.ndarray:
     """Apply an affine (a, b, c, d, e, f) to points (..., 2) of (col, row) -> (x, y)."""
-    a, b, c, d, e, f = (float(v) for v in tuple(transform)[:6])
     points = np.asarray(points, dtype=np.float64)
-    col, row = points[..., 0], points[..., 1]
-    return np.stack([a * col + b * row + c, d * col + e * row + f], axis=-1)
+    x, y = Affine(*(float(v) for v in tuple(transform)[:6])) @ (points[..., 0], points[..., 1])
+    return np.stack([x, y], axis=-1)
 
 
 def invert_affine(transform: Sequence[float]) -> tuple[float, float, float, float, float, float]:
@@ -94,12 +94,11 @@ def invert_affine(transform: Sequence[float]) -> tuple[float, float, float, floa
 
     Raises GeoreferenceError when the transform is singular (zero pixel size).
     """
-    a, b, c, d, e, f = (float(v) for v in tuple(transform)[:6])
-    det = a * e - b * d
-    if det == 0:
-        raise GeoreferenceError(f"geotransform {tuple(transform)[:6]} is singular")
-    ia, ib, id_, ie = e / det, -b / det, -d / det, a / det
-    return (ia, ib, -(ia * c + ib * f), id_, ie, -(id_ * c + ie * f))
+    try:
+        inverse = ~Affine(*(float(v) for v in tuple(transform)[:6]))
+    except TransformNotInvertibleError:
+        raise GeoreferenceError(f"geotransform {tuple(transform)[:6]} is singular") from None
+    return tuple(inverse)[:6]
 
 
 def ring_signed_area(corners: np.ndarray) -> np.ndarray:

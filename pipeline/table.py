@@ -88,6 +88,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import CommitError
+from pipeline.georef import crs_to_projjson, orient_ccw
 from pipeline.tablestore import LocalStore, open_store
 from retinanet.files import TMP_PREFIX
 
@@ -147,15 +148,6 @@ def detection_schema() -> pa.Schema:
     )
 
 
-def crs_projjson(crs: Optional[str]) -> Optional[dict]:
-    """PROJJSON dict of a CRS string (anything pyproj reads); None for pixel outputs."""
-    if crs is None:
-        return None
-    import pyproj
-
-    return pyproj.CRS.from_user_input(crs).to_json_dict()
-
-
 def geo_metadata(crs: Optional[str], bbox: Optional[Sequence[float]] = None) -> dict:
     """The GeoParquet 1.1 ``geo`` file metadata for the detection table.
 
@@ -166,7 +158,7 @@ def geo_metadata(crs: Optional[str], bbox: Optional[Sequence[float]] = None) -> 
     column: dict[str, Any] = {
         "encoding": "WKB",
         "geometry_types": ["Polygon"],
-        "crs": crs_projjson(crs),
+        "crs": crs_to_projjson(crs) if crs is not None else None,
         "orientation": "counterclockwise",
         "edges": "planar",
         "covering": {"bbox": {name: ["bbox", name] for name in _BBOX_FIELDS}},
@@ -176,22 +168,13 @@ def geo_metadata(crs: Optional[str], bbox: Optional[Sequence[float]] = None) -> 
     return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}
 
 
-def box_corners(boxes: np.ndarray) -> np.ndarray:
-    """(N, 4) XYXY -> (N, 4, 2) corners (x0,y0), (x1,y0), (x1,y1), (x0,y1)."""
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    return np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [2, 3]], b[:, [0, 3]]], axis=1)
-
-
 def _closed_ccw_rings(polygons: np.ndarray) -> np.ndarray:
     """(N, 4, 2) corners or (N, 5, 2) closed rings -> (N, 5, 2) closed, counterclockwise
     in the coordinate plane (positive shoelace area), as the ``orientation`` key says."""
     p = np.asarray(polygons, np.float64)
     if p.ndim != 3 or p.shape[2] != 2 or p.shape[1] not in (4, 5):
         raise ValueError(f"polygons must be (N, 4, 2) corners or (N, 5, 2) rings, got shape {p.shape}")
-    corners = p[:, :4]
-    x, y = corners[..., 0], corners[..., 1]
-    twice_area = np.sum(x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y, axis=1)
-    corners = np.where((twice_area < 0)[:, None, None], corners[:, ::-1], corners)
+    corners = orient_ccw(p[:, :4])
     return np.concatenate([corners, corners[:, :1]], axis=1)
 
 

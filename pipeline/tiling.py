@@ -26,6 +26,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
+from affine import Affine
 from rasterio.windows import Window
 
 from pipeline.errors import InputError, RasterReadError
@@ -368,16 +369,6 @@ def select_bands(scene: SceneInfo, bands: Sequence[int] | None,
     return [int(b) for b in chosen]
 
 
-def chip_transform(scene_transform: Sequence[float], col_off: int, row_off: int
-                   ) -> tuple[float, float, float, float, float, float]:
-    """Affine of a chip whose upper-left pixel is (col_off, row_off) in the scene.
-
-    Composes scene_transform * translation(col_off, row_off): only c and f change.
-    """
-    a, b, c, d, e, f = (float(v) for v in tuple(scene_transform)[:6])
-    return (a, b, a * col_off + b * row_off + c, d, e, d * col_off + e * row_off + f)
-
-
 def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
               bands: Sequence[int] | None, chip_size: int, out_channels: int | None = None,
               *, scene: SceneInfo | None = None, dtype: str | None = "float32",
@@ -448,7 +439,8 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
         row=window.row,
         col=window.col,
         window=window.as_tuple(),
-        transform=chip_transform(scene.transform, window.col_off, window.row_off),
+        # The chip's upper-left pixel is (col_off, row_off) of the scene: compose a translation.
+        transform=tuple(Affine(*scene.transform[:6]) @ Affine.translation(window.col_off, window.row_off))[:6],
         crs_wkt=scene.crs_wkt,
         pixels=pixels,
         valid=full_valid,

@@ -28,13 +28,6 @@ def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
 
 
-def clip_boxes(boxes: Tensor, height: int, width: int) -> Tensor:
-    """Clip (..., 4) XYXY boxes to the image [0, width] x [0, height]."""
-    x = boxes[..., 0::2].clamp(0, width)
-    y = boxes[..., 1::2].clamp(0, height)
-    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
-
-
 def encode(reference: Tensor, target: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
     """Regression deltas (dx, dy, dw, dh) that turn `reference` boxes into `target` boxes.
 

@@ -10,11 +10,14 @@ import io
 import os
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from retinanet.files import write_atomically
-from retinanet.model import RetinaNet, RetinaNetConfig, build_model
+
+if TYPE_CHECKING:
+    from retinanet.model import RetinaNet
 
 FORMAT_NAME = "retinanet-pipeline/checkpoint"
 FORMAT_VERSION = 1
@@ -71,6 +74,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[RetinaNet, dict]:
 
     info: {"class_names", "metadata", "config"}.
     """
+    # Here, not at the top: read_checkpoint (the driver's preflight) needs torch only, and
+    # the model pulls in torchvision (1.2 s of imports, a third of the driver's start-up).
+    from retinanet.model import RetinaNetConfig, build_model
+
     payload = read_checkpoint(path)
     try:
         config = RetinaNetConfig.from_dict(payload["config"])

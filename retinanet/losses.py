@@ -1,10 +1,10 @@
 """Focal loss and box-regression losses."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -12,19 +12,10 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
 
     logits, targets: same shape, targets in {0, 1}. alpha < 0 disables the class weighting;
     with alpha < 0 and gamma = 0 it equals binary cross-entropy. Returns the same shape.
+    torchvision's, in float32: bf16 logits from autocast would round the many tiny
+    losses of easy negatives away.
     """
-    logits = logits.float()
-    targets = targets.float()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    if gamma == 0:
-        loss = ce
-    else:
-        p = torch.sigmoid(logits)
-        p_t = p * targets + (1 - p) * (1 - targets)
-        loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss
+    return torchvision_focal_loss(logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="none")
 
 
 def box_regression_loss(kind: str, deltas: Tensor, target_deltas: Tensor, pred_boxes: Tensor | None = None,

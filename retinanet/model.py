@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 import retinanet.boxes as box_ops
@@ -236,7 +236,7 @@ class RetinaNet(nn.Module):
         batch, _, num_classes = cls_logits.shape
         image_index, anchor_index, labels, scores = self._candidates(cls_logits, level_counts)
         deltas = box_deltas[image_index, anchor_index]
-        boxes = box_ops.clip_boxes(box_ops.decode(deltas, anchors[anchor_index]), *image_hw)
+        boxes = clip_boxes_to_image(box_ops.decode(deltas, anchors[anchor_index]), image_hw)
 
         kept = batched_nms(boxes, scores, image_index * num_classes + labels, cfg.nms_threshold)
         # kept is sorted by score; group by image (stable) and cap each image's count.

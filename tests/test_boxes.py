@@ -6,7 +6,9 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
-from retinanet.boxes import MAX_LOG_SCALE, box_area, clip_boxes, decode, encode, pairwise_iou
+from torchvision.ops import clip_boxes_to_image
+
+from retinanet.boxes import MAX_LOG_SCALE, box_area, decode, encode, pairwise_iou
 
 
 def random_boxes(n, seed, scale=500.0, min_side=1.0):
@@ -48,9 +50,10 @@ def test_iou_of_zero_area_boxes_is_finite():
 
 
 def test_clip_boxes_golden():
+    """The model clips decoded boxes with torchvision's clip_boxes_to_image(boxes, (H, W))."""
     boxes = torch.tensor([[-5.0, -2.0, 30.0, 50.0], [10.0, 12.0, 20.0, 22.0]])
     # width 25, height 40: x in [0, 25], y in [0, 40]
-    assert clip_boxes(boxes, height=40, width=25).tolist() == [[0.0, 0.0, 25.0, 40.0], [10.0, 12.0, 20.0, 22.0]]
+    assert clip_boxes_to_image(boxes, (40, 25)).tolist() == [[0.0, 0.0, 25.0, 40.0], [10.0, 12.0, 20.0, 22.0]]
 
 
 def test_encode_golden():

@@ -1,4 +1,4 @@
-"""Focal loss against torchvision's, its properties, and the box losses."""
+"""Focal loss against the paper's formula and torchvision's, its properties, and the box losses."""
 import math
 
 import pytest
@@ -22,6 +22,16 @@ def test_focal_matches_torchvision(alpha, gamma):
     logits, targets = logits_and_targets(0)
     ours = sigmoid_focal_loss(logits, targets, alpha, gamma)
     torch.testing.assert_close(ours, tv_focal(logits, targets, alpha, gamma, reduction="none"))
+    torch.testing.assert_close(ours, paper_focal(logits, targets, alpha, gamma).float())
+
+
+def paper_focal(logits, targets, alpha, gamma):
+    """Lin et al., eq. 5, written out in float64: the oracle that is neither ours nor torchvision's."""
+    x, y = logits.double(), targets.double()
+    log_p, log_not_p = F.logsigmoid(x), F.logsigmoid(-x)  # log p and log(1 - p), stable
+    log_p_t = y * log_p + (1 - y) * log_not_p
+    alpha_t = (alpha * y + (1 - alpha) * (1 - y)) if alpha >= 0 else torch.ones_like(y)
+    return -alpha_t * (1 - log_p_t.exp()) ** gamma * log_p_t
 
 
 def test_focal_golden():
@@ -68,9 +78,12 @@ def test_focal_gradients_match_torchvision():
     logits, targets = logits_and_targets(3, n=300)
     a = logits.clone().requires_grad_(True)
     b = logits.clone().requires_grad_(True)
+    c = logits.double().requires_grad_(True)
     sigmoid_focal_loss(a, targets).sum().backward()
     tv_focal(b, targets, reduction="sum").backward()
+    paper_focal(c, targets, 0.25, 2.0).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(a.grad, c.grad.float())
 
 
 def test_box_losses():
@@ -85,7 +98,18 @@ def test_box_losses():
     gt = torch.cat([xy + 3, xy + 10 + torch.rand(50, 2, generator=gen) * 50], 1)
     giou = box_regression_loss("giou", deltas, None, pred, gt)
     torch.testing.assert_close(giou, generalized_box_iou_loss(pred, gt, reduction="sum"))
+    torch.testing.assert_close(giou.double(), shapely_giou_loss(pred, gt), rtol=1e-5, atol=1e-4)
     assert box_regression_loss("giou", deltas, None, gt, gt).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def shapely_giou_loss(pred, gt) -> torch.Tensor:
+    """Summed 1 - GIoU from shapely's areas (Rezatofighi et al.): the oracle outside torch."""
+    import shapely
+
+    a, b = shapely.box(*pred.double().T.numpy()), shapely.box(*gt.double().T.numpy())
+    inter, union = shapely.area(shapely.intersection(a, b)), shapely.area(shapely.union(a, b))
+    hull = shapely.area(shapely.envelope(shapely.union(a, b)))
+    return torch.tensor((1 - (inter / union - (hull - union) / hull)).sum(), dtype=torch.float64)
 
 
 def test_box_loss_smooth_l1_golden():

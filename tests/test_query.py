@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import table as T
+from pipeline.georef import box_corners
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.query import QueryError, query_text, run_query, table_columns
@@ -23,7 +24,7 @@ CLASSES = ["vehicle", "building", "tank"]
 def scene_rows(run: T.RunInfo, scene: str, px: list, labels: list, scores: list, date: str) -> "T.pa.Table":
     """Rows with map box = pixel box x (1, -1) + (1000, 5000): a 1 m grid, y up."""
     boxes = np.asarray(px, np.float64).reshape(-1, 4)
-    corners = T.box_corners(boxes) * [1.0, -1.0] + [1000.0, 5000.0]
+    corners = box_corners(boxes) * [1.0, -1.0] + [1000.0, 5000.0]
     return T.build_detection_table(
         corners, boxes, scores, labels, CLASSES, run_id=run.run_id, job_name=run.job_name, scene_id=scene,
         scene_path=f"/scenes/{scene}.tif", model_id=run.model_id, job_hash=run.job_hash,

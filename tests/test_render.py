@@ -9,6 +9,7 @@ from PIL import Image
 from rasterio.enums import Resampling
 
 from pipeline import table as T
+from pipeline.georef import box_corners
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.render import PALETTE, display_shape, render_quicklook, stretch
@@ -29,7 +30,7 @@ def scene(tmp_path_factory):
 
 def commit(root, scene, run_id="r1", boxes=BOXES, labels=LABELS):
     run = T.RunInfo(run_id, "sat", "h", "m", None)
-    rows = T.build_detection_table(T.box_corners(boxes), boxes, [0.9] * len(boxes), labels, CLASSES,
+    rows = T.build_detection_table(box_corners(boxes), boxes, [0.9] * len(boxes), labels, CLASSES,
                                    run_id=run_id, job_name="sat", scene_id=scene.stem, scene_path=str(scene),
                                    model_id="m", job_hash="h")
     T.commit_scene(root, run, scene.stem, {"k": run_id}, rows)
@@ -77,7 +78,7 @@ def test_detections_of_other_scenes_and_runs_are_not_drawn(tmp_path, scene):
     root = tmp_path / "table"
     commit(root, scene, run_id="r1")
     other = T.RunInfo("r1", "sat", "h", "m", None)
-    rows = T.build_detection_table(T.box_corners(BOXES), BOXES, [0.9, 0.9], [1, 1], CLASSES, run_id="r1",
+    rows = T.build_detection_table(box_corners(BOXES), BOXES, [0.9, 0.9], [1, 1], CLASSES, run_id="r1",
                                    job_name="sat", scene_id="another", scene_path="/x/another.tif",
                                    model_id="m", job_hash="h")
     T.commit_scene(root, other, "another", {"k": 0}, rows)

@@ -17,6 +17,7 @@ import pytest
 import shapely
 
 from pipeline import table as T
+from pipeline.georef import box_corners
 from pipeline.errors import CommitError
 
 CLASSES = ["car", "ship", "plane"]
@@ -33,7 +34,7 @@ def rows(run: T.RunInfo, scene: str, n: int, seed: int = 0, date: str | None = N
     xy = rng.uniform(0, 1000, (n, 2))
     px = np.concatenate([xy, xy + rng.uniform(5, 50, (n, 2))], axis=1)
     # Map y grows upwards: pixel row r -> northing offset - 0.5 r.
-    corners = T.box_corners(px) * [0.5, -0.5] + offset
+    corners = box_corners(px) * [0.5, -0.5] + offset
     return T.build_detection_table(
         corners, px, rng.uniform(0.3, 1, n), rng.integers(0, 3, n), CLASSES,
         run_id=run.run_id, job_name=run.job_name, scene_id=scene, scene_path=f"/data/{scene}.tif",
@@ -64,7 +65,7 @@ def test_schema_columns():
 
 def test_wkb_decodes_to_the_boxes_counterclockwise():
     px = np.array([[0, 0, 10, 20], [5, 5, 6, 7]], np.float64)
-    corners = T.box_corners(px)
+    corners = box_corners(px)
     corners[1] = corners[1][::-1]  # clockwise input must come out counterclockwise
     t = T.build_detection_table(corners, px, [0.9, 0.4], [2, 0], CLASSES, run_id="r", job_name="j", scene_id="s",
                                 scene_path=None, model_id="m", job_hash="h", processed_at=WHEN)
@@ -77,7 +78,7 @@ def test_wkb_decodes_to_the_boxes_counterclockwise():
 
 
 def test_unprojectable_polygon_gets_null_geometry():
-    corners = T.box_corners(np.array([[0, 0, 1, 1], [2, 2, 3, 3]]))
+    corners = box_corners(np.array([[0, 0, 1, 1], [2, 2, 3, 3]]))
     corners[1, 2] = np.nan
     t = T.build_detection_table(corners, np.zeros((2, 4)), [0.5, 0.5], [0, 0], CLASSES, run_id="r", job_name="j",
                                 scene_id="s", scene_path=None, model_id="m", job_hash="h")
@@ -88,9 +89,9 @@ def test_unprojectable_polygon_gets_null_geometry():
 def test_build_rejects_inconsistent_inputs():
     kw = dict(run_id="r", job_name="j", scene_id="s", scene_path=None, model_id="m", job_hash="h")
     with pytest.raises(ValueError, match="differ in length"):
-        T.build_detection_table(T.box_corners(np.zeros((2, 4))), np.zeros((2, 4)), [1.0], [0, 0], CLASSES, **kw)
+        T.build_detection_table(box_corners(np.zeros((2, 4))), np.zeros((2, 4)), [1.0], [0, 0], CLASSES, **kw)
     with pytest.raises(ValueError, match="class names"):
-        T.build_detection_table(T.box_corners(np.zeros((1, 4))), np.zeros((1, 4)), [1.0], [3], CLASSES, **kw)
+        T.build_detection_table(box_corners(np.zeros((1, 4))), np.zeros((1, 4)), [1.0], [3], CLASSES, **kw)
     with pytest.raises(ValueError, match="polygons must be"):
         T.build_detection_table(np.zeros((1, 3, 2)), np.zeros((1, 4)), [1.0], [0], CLASSES, **kw)
 
