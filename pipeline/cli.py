@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Literal, NoReturn
 
 import click
 
@@ -14,7 +15,7 @@ def main() -> None:
     """Find objects in very large imagery with RetinaNet on Ray."""
 
 
-def fail(err: Exception) -> "NoReturn":  # noqa: F821
+def fail(err: Exception) -> NoReturn:
     """Print a PipelineError for a user and exit: 2 for bad configuration, 1 otherwise."""
     click.echo(f"error: {err}", err=True)
     sys.exit(2 if isinstance(err, ConfigError) else 1)
@@ -117,7 +118,7 @@ def synth(out_dir: str, scenes: int, size: int, seed: int, bands: str, dtype: st
 @click.argument("table", type=click.Path(file_okay=False))
 @click.argument("sql")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "csv", "json"]))
-def query(table: str, sql: str, fmt: str) -> None:
+def query(table: str, sql: str, fmt: Literal["table", "csv", "json"]) -> None:
     """Run SQL on a table's committed rows, the view `detections` (DuckDB)."""
     from pipeline.query import query_text
 
@@ -380,8 +381,9 @@ def import_model(source: str, out: str, kind: str, classes: str | None, input_ra
     resize = f"min_size {cfg.min_size}, max_size {cfg.max_size}" if cfg.min_size else "none (native chips)"
     click.echo(f"{path}: {info['architecture']} from a {info['kind']} {info['form']}; "
                f"classes {', '.join(imported.class_names)}")
-    click.echo(f"input: source saw {info['input_range']} for pixels 0-{pixel_max:g}; image_mean "
-               f"{[round(v, 3) for v in cfg.image_mean]}, image_std {[round(v, 3) for v in cfg.image_std]} (pixel units)")
+    mean, std = [round(v, 3) for v in cfg.image_mean], [round(v, 3) for v in cfg.image_std]
+    click.echo(f"input: source saw {info['input_range']} for pixels 0-{pixel_max:g}; image_mean {mean}, "
+               f"image_std {std} (pixel units)")
     click.echo(f"inference: resize {resize}; score > {cfg.score_threshold}, NMS IoU {cfg.nms_threshold}, "
                f"{cfg.detections_per_image} detections per chip (job fields override them)")
 

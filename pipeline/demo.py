@@ -31,6 +31,7 @@ def run_demo(chips: int = 4, size: int = 256, backbone: str = "resnet18", precis
     start = time.perf_counter()
     results = detector(images)
     elapsed = time.perf_counter() - start
-    return [{"chip": i, "detections": len(r["boxes"]), "top_score": float(r["scores"].max()) if len(r["scores"]) else 0.0,
+    return [{"chip": i, "detections": len(r["boxes"]),
+             "top_score": float(r["scores"].max()) if len(r["scores"]) else 0.0,
              "seconds": elapsed / chips, "device": str(detector.device), "precision": detector.precision}
             for i, r in enumerate(results)]

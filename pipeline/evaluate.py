@@ -239,7 +239,7 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
     unknown_labels: dict[str, int] = {}
     for scene_id in evaluated:
         boxes, labels, w, h = gt[scene_id]
-        truth_images.append(ImageBoxes(scene_id, boxes, np.array([lookup[l] for l in labels], dtype=np.int64),
+        truth_images.append(ImageBoxes(scene_id, boxes, np.array([lookup[name] for name in labels], dtype=np.int64),
                                        None, w, h))
         part = rows.filter(pc.equal(rows["scene_id"], scene_id)) if rows.num_rows else rows
         names = [label_map.get(n, n) for n in part["label"].to_pylist()] if label_map else part["label"].to_pylist()

@@ -31,9 +31,9 @@ import numpy as np
 from pipeline.console import native_log_lines_hidden
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.inputs import InputSet, SceneInput, scene_key
+from pipeline.planning import PLAN_BATCH, PLAN_THREADS, ModelFacts, ScenePlan, model_facts, plan_scenes, scene_problems
 from pipeline.spec import JobSpec, check_runnable, job_hash
 from pipeline.stac import StacSelection
-from pipeline.planning import PLAN_BATCH, PLAN_THREADS, ModelFacts, ScenePlan, model_facts, plan_scenes, scene_problems
 from pipeline.tiling import chip_id
 
 # GDAL block cache per chip-reading task, in MB: holds the blocks one batch of
@@ -588,8 +588,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                                                        "faults": faults, "forward_batch": batch_size,
                                                        "chip_size": spec.tiling.chip_size,
                                                        "int8": int8["graph"] if int8 else None},
-                                compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus, num_cpus=spec.compute.cpus_per_actor,
-                                max_restarts=restarts, max_task_retries=restarts)
+                                compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus,
+                                num_cpus=spec.compute.cpus_per_actor, max_restarts=restarts,
+                                max_task_retries=restarts)
         last_log = time.time()
         stream = ds.iter_batches(batch_size=None, batch_format="numpy")
         quiet = contextlib.nullcontext() if verbose else native_log_lines_hidden()

@@ -66,7 +66,8 @@ def int8_allowed(measurement: Int8Measurement, max_drop: float, on_drop: str) ->
     if measurement.drop_points <= max_drop:
         return True, f"INT8 gate passed: {figures} (at most {max_drop:g} allowed)"
     if on_drop == "warn":
-        return True, f"warning: INT8 costs more than model.int8_max_ap50_drop ({max_drop:g}): {figures}; running INT8 as model.int8_on_drop is warn"
+        return True, (f"warning: INT8 costs more than model.int8_max_ap50_drop ({max_drop:g}): {figures}; "
+                      "running INT8 as model.int8_on_drop is warn")
     raise ConfigError(f"model.precision int8 refused: {figures}, more than model.int8_max_ap50_drop "
                       f"({max_drop:g}). Run with model.precision auto (bf16 on this CPU, within 0.1 point "
                       "of fp32), or accept the drop with model.int8_on_drop: warn")
@@ -153,13 +154,13 @@ def measure_int8(spec, model, scenes, cache_dir: Path, log) -> tuple[Int8Measure
     and measure it against the f32 graph on the labelled chips (see the module doc) ->
     (the measurement, the INT8 graph's path)."""
     import torch
-    from retinanet.openvino_backend import OpenVinoDetector, graph_exists
 
     from pipeline.metrics import coco_metrics
-    from pipeline.trainset import detect_records, records_truth
-    from pipeline.tiling import chip_id
     from pipeline.objstore import local_file
     from pipeline.predictor import apply_job_settings
+    from pipeline.tiling import chip_id
+    from pipeline.trainset import detect_records, records_truth
+    from retinanet.openvino_backend import OpenVinoDetector, graph_exists
 
     checkpoint = local_file(spec.model.checkpoint)
     threads = os.cpu_count() or 1

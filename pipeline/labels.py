@@ -283,7 +283,7 @@ def _read_ogr(path: Path):
         raise InputError(f"{path}: file not found")
     try:
         from pyogrio import raw
-        from pyogrio.errors import DataSourceError, DataLayerError
+        from pyogrio.errors import DataLayerError, DataSourceError
     except ImportError as err:  # pragma: no cover - dependency declared in pyproject
         raise InputError(f"{path}: reading vector files needs pyogrio ({err})") from err
     try:

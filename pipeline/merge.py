@@ -401,7 +401,8 @@ def merge_detections(
     if n and (chip.min() < 0 or chip.max() >= len(win)):
         raise ValueError(f"chip_index must index the {len(win)} windows, got range {chip.min()}..{chip.max()}")
     if n == 0:
-        return MergeResult(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return MergeResult(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                           np.zeros(0, np.int64))
 
     zone = seam_zones(win, seam_margin)
     cand = np.flatnonzero(_in_zone(b, win[chip], zone[chip]))

@@ -135,10 +135,9 @@ def probe_batch_size(checkpoint: str, chip_size: int, precision: str, device: st
     """Batch size for this process's device from its free memory (see retinanet.runtime.auto_batch_size)."""
     import torch
 
+    from pipeline.objstore import local_file
     from retinanet import load_checkpoint
     from retinanet.runtime import auto_batch_size
-
-    from pipeline.objstore import local_file
 
     model, _ = load_checkpoint(local_file(checkpoint))
     if device == "auto":
@@ -191,8 +190,8 @@ class ChipPredictor:
     error, detections (bytes, see encode_detections; boxes in SCENE pixels), worker.
     """
 
-    def __init__(self, checkpoint: str, score_threshold: float | None = None, precision: str = "auto", device: str = "auto",
-                 ledger=None, max_strikes: int = 2, num_threads: int | None = None,
+    def __init__(self, checkpoint: str, score_threshold: float | None = None, precision: str = "auto",
+                 device: str = "auto", ledger=None, max_strikes: int = 2, num_threads: int | None = None,
                  faults: FaultPlan | None = None, backend: str = "auto", forward_batch: int | None = None,
                  nms_threshold: float | None = None, detections_per_chip: int | None = None,
                  chip_size: int | None = None, int8: dict | None = None):
@@ -219,9 +218,8 @@ class ChipPredictor:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             backend = resolve_backend(backend, device)
             if backend == "openvino":
-                from retinanet.openvino_backend import OpenVinoDetector
-
                 from pipeline.objstore import cache_dir
+                from retinanet.openvino_backend import OpenVinoDetector
 
                 self.detector = OpenVinoDetector(checkpoint, precision=precision, num_threads=num_threads,
                                                  cache_dir=cache_dir() / "openvino",
@@ -267,11 +265,12 @@ class ChipPredictor:
         detections = np.array([b""] * n, dtype=object)
         runnable = np.flatnonzero(status == "ok")
 
-        strikes = ray.get(self.ledger.enter.remote([chip_ids[i] for i in runnable])) if self.ledger else [0] * len(runnable)
+        runnable_ids = [chip_ids[i] for i in runnable]
+        strikes = ray.get(self.ledger.enter.remote(runnable_ids)) if self.ledger else [0] * len(runnable)
         if any(strikes):
             # A predictor died with some of these chips in flight: isolate them one by one.
             if self.ledger:
-                ray.get(self.ledger.leave.remote([chip_ids[i] for i in runnable]))
+                ray.get(self.ledger.leave.remote(runnable_ids))
             for i, s in zip(runnable, strikes):
                 if s > self.max_strikes:
                     status[i], error[i] = "quarantined", f"chip crashed the predictor {s} times"
@@ -284,7 +283,7 @@ class ChipPredictor:
         else:
             self._predict_into(batch, list(runnable), chip_ids, status, error, detections)
             if self.ledger:
-                ray.get(self.ledger.leave.remote([chip_ids[i] for i in runnable]))
+                ray.get(self.ledger.leave.remote(runnable_ids))
         out = {"chip_id": np.array(chip_ids, dtype=object), "scene_id": batch["scene_id"], "status": status,
                "error": error, "detections": detections, "worker": np.array([self.worker] * n, dtype=object),
                "predicted_on": np.array([self.node] * n, dtype=object)}

@@ -259,7 +259,8 @@ def choose(items: Sequence[Any], source: str, asset: str, window: Interval,
     for when, item in picked:
         href = asset_href(item, asset, source)
         if href is None:
-            out.skipped.append({"item": item.id, "reason": f"no asset {asset!r} (has: {', '.join(sorted(item.assets))})"})
+            has = ", ".join(sorted(item.assets))
+            out.skipped.append({"item": item.id, "reason": f"no asset {asset!r} (has: {has})"})
             continue
         out.paths.append(href)
         out.item_ids.append(item.id)

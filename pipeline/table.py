@@ -228,7 +228,8 @@ def build_detection_table(
     score = np.asarray(scores, np.float32).reshape(-1)
     ids = np.asarray(label_ids, np.int64).reshape(-1)
     if not (len(px) == len(score) == len(ids) == n):
-        raise ValueError(f"polygons, px_boxes, scores, label_ids differ in length: {n}, {len(px)}, {len(score)}, {len(ids)}")
+        raise ValueError("polygons, px_boxes, scores, label_ids differ in length: "
+                         f"{n}, {len(px)}, {len(score)}, {len(ids)}")
     if n and (ids.min() < 0 or ids.max() >= len(class_names)):
         raise ValueError(f"label_ids must index the {len(class_names)} class names, got {ids.min()}..{ids.max()}")
     when = (processed_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
@@ -632,7 +633,8 @@ class VisiblePart:
     owner: str = ""  # the manifest or generation that lists it
 
 
-def _visible_files(current: Mapping[tuple[str, str], Mapping], groups: Mapping[str, Mapping]) -> list[tuple[dict, VisiblePart]]:
+def _visible_files(current: Mapping[tuple[str, str], Mapping],
+                   groups: Mapping[str, Mapping]) -> list[tuple[dict, VisiblePart]]:
     """(file record, part) of every file that holds current rows: each current scene's own
     files, except those of a date where a compaction holds its rows instead."""
     compacted = set()
@@ -672,7 +674,7 @@ def _regroup(store, day: str, take_loose: bool, max_rows: int = 1_000_000, min_f
     file of that date not compacted yet, written as files of at most ``max_rows`` rows.
     Files holding no superseded row are carried over unchanged, so cutting one scene out
     rewrites only the file that holds it. Returns the new generation, or None when there
-    was nothing to do (no superseded member, and fewer than ``min_files`` files to merge).""" 
+    was nothing to do (no superseded member, and fewer than ``min_files`` files to merge)."""
     for _ in range(attempts):
         current = _current(all_manifests(store.url))
         group = _current_groups(store).get(day)

@@ -25,7 +25,6 @@ from pipeline.objstore import is_object_url, split_url, store_for
 from retinanet.files import TMP_PREFIX, fsync_dir, write_atomically
 
 
-
 @dataclass(frozen=True)
 class Entry:
     """One stored object: its key, size in bytes and last-modified time (epoch seconds)."""

@@ -24,9 +24,9 @@ from typing import Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
-from affine import Affine
 from rasterio.windows import Window
 
 from pipeline.errors import InputError, RasterReadError

@@ -592,10 +592,10 @@ def _resume_point(config: dict) -> Optional[str]:
 def train_loop(config: dict) -> None:
     """The Ray Train worker function (every worker runs it; rank 0 also validates and writes
     best.pt, last.pt, metrics.csv and metrics.png)."""
-    import torch
-    import torch.distributed as dist
     import ray.train
     import ray.train.torch
+    import torch
+    import torch.distributed as dist
 
     from retinanet.model import RetinaNetConfig, build_model
     from retinanet.runtime import resolve_precision

@@ -27,9 +27,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.metrics import ImageBoxes
 from pipeline.inputs import SceneInput, expand_patterns, id_collisions, match_label_images, scene_id_for
 from pipeline.labels import Annotations, by_scene, chip_labels, read_labels
+from pipeline.metrics import ImageBoxes
 from pipeline.raster import SceneInfo, open_raster, read_scene_info
 from pipeline.tiling import ChipWindow, chip_grid, read_chips, valid_fractions
 

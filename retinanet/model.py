@@ -245,8 +245,8 @@ class RetinaNet(nn.Module):
         kept = kept[_rank_in_groups(image_index[kept], per_image) < cfg.detections_per_image]
         counts = per_image.clamp(max=cfg.detections_per_image).tolist()
         return [
-            {"boxes": b, "scores": s, "labels": l}
-            for b, s, l in zip(boxes[kept].split(counts), scores[kept].split(counts), labels[kept].split(counts))
+            {"boxes": b, "scores": s, "labels": c}
+            for b, s, c in zip(boxes[kept].split(counts), scores[kept].split(counts), labels[kept].split(counts))
         ]
 
     def _candidates(self, cls_logits: Tensor, level_counts: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from retinanet.checkpoint import file_sha256, load_checkpoint
-from retinanet.files import write_atomically
 from retinanet.export import DenseRetinaNet, default_cache_dir, detect_with_dense, skeleton_model
+from retinanet.files import write_atomically
 from retinanet.runtime import fold_batch_norm
 
 PRECISION_HINTS = {"auto": None, "fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": None}
