@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: env demo test clean
+.PHONY: env demo lint test clean
 
 $(BIN)/pipeline: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,12 @@ demo: env data/scenes/truth.json models/retinanet.pt
 	@echo "evaluation:  out/eval/"
 	@echo "quicklook:   out/quicklook_synth_000.png"
 
-test: env
+# Lint and type check first (seconds), then the suite.
+lint: env
+	$(BIN)/ruff check pipeline retinanet tests bench
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:

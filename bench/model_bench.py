@@ -67,7 +67,8 @@ def make_batch(batch: int, chip: int, seed: int):
         n = 4
         wh = 24 + torch.rand(n, 2, generator=gen) * (chip / 4)
         xy = torch.rand(n, 2, generator=gen) * (chip - wh)
-        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1), "labels": torch.randint(0, NUM_CLASSES, (n,), generator=gen)})
+        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1),
+                        "labels": torch.randint(0, NUM_CLASSES, (n,), generator=gen)})
     return images, targets
 
 

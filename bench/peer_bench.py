@@ -39,12 +39,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import warnings
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +243,8 @@ def main(argv=None) -> None:
     write_checkpoint(state, names, root / "model.pt")
     tv = torchvision_retinanet(len(names), args.chip, state)
     same_n, same_diff = same_model_check(scene, tv, root / "model.pt", args.chip)
-    auto = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_precision("auto", resolve_device("cpu"))]
+    auto_dtype = resolve_precision("auto", resolve_device("cpu"))
+    auto = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[auto_dtype]
     # address="local": a fresh Ray of our own even when `ray start` left a cluster running here.
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
              logging_level="warning")

@@ -25,7 +25,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.execution import MIN_READ_BATCH, read_chip_batch, rows_to_batch, scene_rows  # noqa: E402

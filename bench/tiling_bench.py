@@ -45,8 +45,8 @@ import rasterio.shutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.synth import synthesize  # noqa: E402
 from pipeline.raster import open_raster  # noqa: E402
+from pipeline.synth import synthesize  # noqa: E402
 from pipeline.tiling import iter_chips, plan_chips, read_chip  # noqa: E402
 
 CHILD = """

@@ -4,9 +4,7 @@ import math
 import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou
-
-from torchvision.ops import clip_boxes_to_image
+from torchvision.ops import box_iou, clip_boxes_to_image
 
 from retinanet.boxes import MAX_LOG_SCALE, box_area, decode, encode, pairwise_iou
 

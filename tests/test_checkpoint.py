@@ -87,7 +87,8 @@ def test_truncated_checkpoint(saved, tmp_path):
 def test_bare_state_dict_is_not_a_checkpoint(model, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(model.state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"weights\.pt: not a retinanet-pipeline/checkpoint file \(a bare state dict"):
+    with pytest.raises(CheckpointError,
+                       match=r"weights\.pt: not a retinanet-pipeline/checkpoint file \(a bare state dict"):
         load_checkpoint(path)
 
 

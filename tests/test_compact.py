@@ -10,11 +10,11 @@ import os
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from readers import assert_every_reader_agrees, duckdb_rows, pipeline_rows
+from test_table import _writer, rows, run_info
 
 import pipeline.table as T
 from pipeline.cli import main
-from readers import assert_every_reader_agrees, duckdb_rows, pipeline_rows
-from test_table import _writer, rows, run_info
 
 DAY, NEXT_DAY = "2024-05-01", "2024-05-02"
 

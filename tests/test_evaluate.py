@@ -260,7 +260,7 @@ def test_vector_truth_equals_coco_truth_on_synthetic_scenes(tmp_path):
     for path in paths:
         ann = truth[path.stem]
         boxes = ann.boxes + rng.normal(0, 1.5, ann.boxes.shape)  # near-perfect, not exact
-        labels = [SYNTH_CLASSES.index(l) for l in ann.labels]
+        labels = [SYNTH_CLASSES.index(label) for label in ann.labels]
         corners = np.stack([boxes[:, [0, 3]], boxes[:, [2, 3]], boxes[:, [2, 1]], boxes[:, [0, 1]]], axis=1)
         rows = build_detection_table(corners, boxes, rng.uniform(0.3, 1, len(boxes)), labels, list(SYNTH_CLASSES),
                                      run_id="r", job_name="j", scene_id=path.stem, scene_path=str(path),
@@ -279,9 +279,9 @@ def test_label_map_reads_detection_labels_as_truth_labels(tmp_path):
     and the console says which labels matched nothing."""
     import pandas as pd
     from click.testing import CliRunner
+    from real_data import real
 
     from pipeline.cli import main
-    from real_data import real
 
     csv = real("OSBS_029.csv")
     truth = pd.read_csv(csv)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from readers import assert_every_reader_agrees
+from real_data import REAL_DATA
 
 from pipeline.synth import SYNTH_CLASSES, synthesize
 from retinanet import build_model, save_checkpoint
-from readers import assert_every_reader_agrees
-from real_data import REAL_DATA
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

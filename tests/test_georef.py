@@ -7,6 +7,7 @@ import rasterio
 import rasterio.transform
 import rasterio.warp
 from pyproj import CRS
+from real_data import real, requires_real_data
 
 from pipeline.georef import (
     apply_affine,
@@ -23,7 +24,6 @@ from pipeline.georef import (
     reproject_points,
     ring_signed_area,
 )
-from real_data import real, requires_real_data
 
 RNG = np.random.default_rng(0)
 

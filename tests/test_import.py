@@ -17,10 +17,10 @@ import rasterio
 import torch
 import yaml
 from click.testing import CliRunner
+from real_data import real
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 
 from pipeline.cli import main
-from real_data import real
 from retinanet import load_checkpoint
 from retinanet.checkpoint import CheckpointError
 from retinanet.imports import import_model, parse_input_range, pixel_statistics, torchvision_layout

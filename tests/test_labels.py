@@ -8,6 +8,7 @@ import pytest
 import rasterio
 import shapely
 from pyogrio import raw as ogr
+from real_data import real, requires_real_data
 
 from pipeline.errors import InputError
 from pipeline.georef import reproject_points
@@ -23,7 +24,6 @@ from pipeline.labels import (
 from pipeline.raster import read_scene_info
 from pipeline.synth import SYNTH_CLASSES, synthesize
 from pipeline.tiling import ChipWindow
-from real_data import real, requires_real_data
 
 # ------------------------------------------------------------------ real files
 

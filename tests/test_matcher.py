@@ -128,7 +128,8 @@ def test_pad_targets():
 def test_match_batch_on_real_boxes_with_an_empty_image():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 0.0, 20.0, 10.0], [0.0, 10.0, 10.0, 20.0],
                             [40.0, 40.0, 50.0, 50.0]])
-    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [12.0, 0.0, 22.0, 10.0]]), "labels": torch.tensor([0, 1])},
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [12.0, 0.0, 22.0, 10.0]]),
+                "labels": torch.tensor([0, 1])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
     boxes, _, valid = pad_targets(targets, "cpu")
     out = match_batch(anchors, boxes, valid, 0.5, 0.4, True)

@@ -307,7 +307,8 @@ def test_merge_scales_to_200k_detections():
     objects = np.stack([x0, y0, x0 + wh[:, 0], y0 + wh[:, 1]], axis=1)
 
     def chip_range(lo, hi):  # chips c with c*stride < hi and c*stride + CHIP > lo
-        return np.clip(np.floor((lo - CHIP) / stride).astype(int) + 1, 0, k), np.clip(np.ceil(hi / stride).astype(int) - 1, 0, k)
+        return (np.clip(np.floor((lo - CHIP) / stride).astype(int) + 1, 0, k),
+                np.clip(np.ceil(hi / stride).astype(int) - 1, 0, k))
 
     ax, bx = chip_range(objects[:, 0], objects[:, 2])
     ay, by = chip_range(objects[:, 1], objects[:, 3])
@@ -315,9 +316,11 @@ def test_merge_scales_to_200k_detections():
     obj = np.repeat(np.arange(n), per)
     local = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
     cx, cy = ax[obj] + local % nx[obj], ay[obj] + local // nx[obj]
-    windows = np.array([[i * stride, j * stride, i * stride + CHIP, j * stride + CHIP] for j in range(k + 1) for i in range(k + 1)], np.float64)
+    windows = np.array([[i * stride, j * stride, i * stride + CHIP, j * stride + CHIP]
+                        for j in range(k + 1) for i in range(k + 1)], np.float64)
     chip = cy * (k + 1) + cx
-    boxes = np.concatenate([np.maximum(objects[obj, :2], windows[chip, :2]), np.minimum(objects[obj, 2:], windows[chip, 2:])], axis=1)
+    boxes = np.concatenate([np.maximum(objects[obj, :2], windows[chip, :2]),
+                            np.minimum(objects[obj, 2:], windows[chip, 2:])], axis=1)
     visible = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1) / np.prod(objects[obj, 2:] - objects[obj, :2], axis=1)
     assert len(boxes) > 200_000
     for method in ("nms", "wbf"):

@@ -296,7 +296,7 @@ def test_losses_equal_torchvision_head_loss(box_loss):
     total_fg = sum(n for _, n in per_image)
     assert total_fg >= 3
     for key in ("classification", "bbox_regression"):
-        expected = sum(l[key] * max(1, n) for l, n in per_image) / total_fg
+        expected = sum(loss[key] * max(1, n) for loss, n in per_image) / total_fg
         torch.testing.assert_close(losses[key], expected, rtol=1e-4, atol=1e-6)
     # a batch of one is exactly torchvision's number
     losses1, seen1 = capture_loss_inputs(model, rand_images(2)[1:], targets[1:])

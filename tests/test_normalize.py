@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+from real_data import real, requires_real_data
 
 from pipeline.errors import InputError
 from pipeline.normalize import MIN_STD, BandStats, compute_band_stats, patch_windows
 from pipeline.synth import synthesize
-from real_data import real, requires_real_data
 
 
 def exact_stats(paths, bands):

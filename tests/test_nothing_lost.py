@@ -23,13 +23,13 @@ import shapely
 import torch
 import yaml
 from click.testing import CliRunner
+from readers import assert_every_reader_agrees
+from real_data import real
 
 from pipeline.cli import main
 from pipeline.inputs import expand_patterns, glob_regex
 from pipeline.predictor import FaultPlan
 from pipeline.synth import SYNTH_CLASSES, synthesize
-from readers import assert_every_reader_agrees
-from real_data import real
 from retinanet import build_model, save_checkpoint
 
 pytestmark = pytest.mark.timeout(300)

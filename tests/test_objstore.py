@@ -38,7 +38,8 @@ def test_listing_globs_and_prefixes_with_scene_ids(bucket):
     found = expand_patterns([f"s3://{BUCKET}/s2/*/TCI.tif", f"s3://{BUCKET}/**/deep/*.tif", f"s3://{BUCKET}/",
                              f"s3://{BUCKET}/nothing/*.tif", f"s3://{BUCKET}/missing.tif"])
     assert [(s.scene_id, s.location.rsplit(BUCKET + "/", 1)[1]) for s in found.scenes] == [
-        ("a/TCI", "s2/a/TCI.tif"), ("b/TCI", "s2/b/TCI.tif"), ("s2/b/deep/TCI", "s2/b/deep/TCI.tif"), ("top", "top.tif")]
+        ("a/TCI", "s2/a/TCI.tif"), ("b/TCI", "s2/b/TCI.tif"), ("s2/b/deep/TCI", "s2/b/deep/TCI.tif"),
+        ("top", "top.tif")]
     assert found.unmatched == [f"s3://{BUCKET}/nothing/*.tif", f"s3://{BUCKET}/missing.tif"]
 
 

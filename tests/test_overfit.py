@@ -24,7 +24,7 @@ def synthetic_pair():
         for box, label in zip(boxes[i], labels[i]):
             x1, y1, x2, y2 = box.int().tolist()
             images[i, :, y1:y2, x1:x2] = torch.tensor(COLOURS[int(label)])[:, None, None]
-    return images, [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)]
+    return images, [{"boxes": b, "labels": label} for b, label in zip(boxes, labels)]
 
 
 def coco_ap50(detections, targets):

@@ -123,7 +123,8 @@ def test_state_dict_that_does_not_fit_is_refused(v1_pair, v2_pair):
     head_less = {k: v for k, v in state.items() if not k.startswith("head.regression_head")}
     with pytest.raises(ValueError, match=r"does not fit retinanet_resnet50_fpn with 3 classes: missing \['box_head"):
         from_torchvision(head_less, NUM_CLASSES)
-    with pytest.raises(ValueError, match=r"(?s)does not fit retinanet_resnet50_fpn with 5 classes.*size mismatch for cls_head\.predictor"):
+    with pytest.raises(ValueError, match=r"(?s)does not fit retinanet_resnet50_fpn with 5 classes"
+                                         r".*size mismatch for cls_head\.predictor"):
         from_torchvision(state, 5)
     # v2 weights (GroupNorm heads, P6 from C5) into the v1 layout
     with pytest.raises(ValueError, match=r"does not fit retinanet_resnet50_fpn with 3 classes"):

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import table as T
-from pipeline.georef import box_corners
 from pipeline.cli import main
 from pipeline.errors import InputError
+from pipeline.georef import box_corners
 from pipeline.query import QueryError, query_text, run_query, table_columns
 
 CLASSES = ["vehicle", "building", "tank"]

@@ -6,11 +6,11 @@ import pytest
 import rasterio
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
+from real_data import real, requires_real_data
 
 from pipeline.errors import GeoreferenceError, InputError
 from pipeline.objstore import gdal_path
 from pipeline.raster import IDENTITY, is_rotated, read_scene_info, scene_id_for
-from real_data import real, requires_real_data
 
 
 @pytest.mark.parametrize("given,expected", [

@@ -9,10 +9,10 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-import pipeline.table as T
 from readers import assert_every_reader_agrees, duckdb_rows, pipeline_rows
 from test_table import rows, run_info
+
+import pipeline.table as T
 
 
 def test_reruns_and_dates_leave_one_version_per_scene(tmp_path):

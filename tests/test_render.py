@@ -9,9 +9,9 @@ from PIL import Image
 from rasterio.enums import Resampling
 
 from pipeline import table as T
-from pipeline.georef import box_corners
 from pipeline.cli import main
 from pipeline.errors import InputError
+from pipeline.georef import box_corners
 from pipeline.render import PALETTE, display_shape, render_quicklook, stretch
 from pipeline.synth import synthesize
 

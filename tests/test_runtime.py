@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from retinanet import Detector, build_model
-from retinanet import runtime
+from retinanet import Detector, build_model, runtime
 from retinanet.boxes import pairwise_iou
-from retinanet.runtime import (CPU_BATCH_SIZE, auto_batch_size, batch_size_for_memory, resolve_device,
-                               resolve_precision, to_device)
+from retinanet.runtime import (
+    CPU_BATCH_SIZE,
+    auto_batch_size,
+    batch_size_for_memory,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,8 @@ def broken_compile(model, *args, **kwargs):
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("boxes", "scores", "labels")) and len(a) == len(b)
+    return (all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("boxes", "scores", "labels"))
+            and len(a) == len(b))
 
 
 def test_compiled_model_that_fails_falls_back_to_eager_once(tiny_model, images, monkeypatch):

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import shapely
+from real_data import REAL_DATA
 
 from pipeline import georef
-from real_data import REAL_DATA
 
 
 def test_clip_boxes_to_scene_by_hand():
@@ -56,13 +56,12 @@ WORLD = REAL_DATA / "world.rgb.tif"
 @pytest.mark.skipif(not WORLD.exists(), reason=f"real test raster not found at {WORLD}")
 def test_finalize_scene_keeps_geometry_inside_a_scene_smaller_than_a_chip(tmp_path):
     """world.rgb.tif is 512x256 EPSG:4326; a 512-px chip is padded below row 256."""
-    from pipeline.planning import ScenePlan
-    from pipeline.tiling import chip_id
     from pipeline.finalize import finalize_scene
+    from pipeline.planning import ScenePlan
     from pipeline.predictor import encode_detections
     from pipeline.raster import read_scene_info
     from pipeline.spec import JobSpec
-    from pipeline.tiling import plan_chips
+    from pipeline.tiling import chip_id, plan_chips
 
     info = read_scene_info(WORLD)
     chips = plan_chips(WORLD, 512, 64, 0.0)

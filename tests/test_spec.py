@@ -59,7 +59,8 @@ def test_repo_jobs_load_and_resolve_against_their_directory():
 
 
 def test_defaults_fill_optional_sections(tmp_path):
-    spec = load_job(write(tmp_path, "name: j\ninputs: {paths: [a.tif]}\nmodel: {checkpoint: m.pt}\noutput: {table: t}\n"))
+    spec = load_job(write(tmp_path, "name: j\ninputs: {paths: [a.tif]}\n"
+                                    "model: {checkpoint: m.pt}\noutput: {table: t}\n"))
     assert (spec.tiling.chip_size, spec.tiling.overlap, spec.tiling.min_valid_fraction) == (512, 64, 0.05)
     # score, NMS IoU and detections per chip: null means the checkpoint's own settings
     assert (spec.model.score_threshold, spec.model.nms_threshold, spec.model.detections_per_chip) == (None, None, None)
@@ -74,7 +75,8 @@ def test_defaults_fill_optional_sections(tmp_path):
 MALFORMED = [
     ("unknown-top", GOOD + "nmae: x\n", "nmae: unknown key"),
     ("unknown-key", replace_line("tiling:", "tiling: {chipsize: 512}"), "tiling.chipsize: unknown key"),
-    ("wrong-type", replace_line("tiling:", "tiling: {chip_size: big}"), "tiling.chip_size: input should be a valid integer, got 'big'"),
+    ("wrong-type", replace_line("tiling:", "tiling: {chip_size: big}"),
+     "tiling.chip_size: input should be a valid integer, got 'big'"),
     (
         "overlap-ge-chip",
         replace_line("tiling:", "tiling: {chip_size: 512, overlap: 512}"),
@@ -134,7 +136,8 @@ def test_missing_job_file_is_config_error(tmp_path):
 def test_overrides_parse_values_as_yaml(tmp_path):
     spec = load_job(
         write(tmp_path, GOOD),
-        ["compute.actors=3", "output.crs=null", "inputs.bands=[1, 1, 1]", "merge.method=wbf", "name=other", "compute.gpus_per_actor=0.5"],
+        ["compute.actors=3", "output.crs=null", "inputs.bands=[1, 1, 1]", "merge.method=wbf", "name=other",
+         "compute.gpus_per_actor=0.5"],
     )
     assert spec.compute.actors == 3 and isinstance(spec.compute.actors, int)
     assert spec.output.crs is None
@@ -170,7 +173,8 @@ def test_override_value_is_validated_like_the_file(tmp_path):
 
 
 def test_relative_paths_file_vs_command_line(tmp_path, monkeypatch):
-    job = write(tmp_path, GOOD.replace('"data/*.tif"', '"../data/*.tif", "s3://bucket/x/*.tif", "/abs/y.tif"'), "jobs/job.yaml")
+    job = write(tmp_path, GOOD.replace('"data/*.tif"', '"../data/*.tif", "s3://bucket/x/*.tif", "/abs/y.tif"'),
+                "jobs/job.yaml")
     work = tmp_path / "elsewhere"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -299,7 +303,8 @@ def test_pixel_crs_is_null(tmp_path):
 
 def test_parse_job_without_file():
     spec = parse_job(
-        {"name": "n", "inputs": {"paths": ["a"]}, "model": {"checkpoint": "m"}, "output": {"table": "t"}}, source="inline"
+        {"name": "n", "inputs": {"paths": ["a"]}, "model": {"checkpoint": "m"}, "output": {"table": "t"}},
+        source="inline"
     )
     assert spec.source == "inline" and spec.inputs.paths == ["a"]  # no base_dir: paths as given
     with pytest.raises(ConfigError, match=r"^inline: output: required key is missing"):

@@ -17,8 +17,14 @@ from rasterio.warp import transform_bounds
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.spec import check_runnable, load_job
-from pipeline.stac import (REPORT_KEY, last_success_datetime, parse_interval, select_scenes, select_stac,
-                           stac_scene_paths)
+from pipeline.stac import (
+    REPORT_KEY,
+    last_success_datetime,
+    parse_interval,
+    select_scenes,
+    select_stac,
+    stac_scene_paths,
+)
 from pipeline.synth import synthesize
 
 UTC = dt.timezone.utc
@@ -126,7 +132,8 @@ def test_bbox_filter_uses_the_footprints(catalog, scenes):
 
 
 def test_since_is_an_inclusive_lower_bound(catalog):
-    assert names(stac_scene_paths(str(catalog), "visual", since="2026-01-05")) == ["synth_001", "synth_002", "synth_003"]
+    assert names(stac_scene_paths(str(catalog), "visual", since="2026-01-05")) == [
+        "synth_001", "synth_002", "synth_003"]
     # since earlier than the range start changes nothing; later raises it.
     assert names(stac_scene_paths(str(catalog), "visual", datetime_range="2026-01-09/..",
                                   since=dt.datetime(2026, 1, 2, tzinfo=UTC))) == ["synth_002", "synth_003"]

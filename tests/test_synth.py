@@ -13,10 +13,10 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 from pycocotools.coco import COCO
+from real_data import peak_rss_mb_snippet
 
 from pipeline.cli import main
 from pipeline.synth import SEAM_STRIDE, SYNTH_CLASSES, synthesize
-from real_data import peak_rss_mb_snippet
 
 REPO = Path(__file__).resolve().parents[1]
 

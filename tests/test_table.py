@@ -17,8 +17,8 @@ import pytest
 import shapely
 
 from pipeline import table as T
-from pipeline.georef import box_corners
 from pipeline.errors import CommitError
+from pipeline.georef import box_corners
 
 CLASSES = ["car", "ship", "plane"]
 WHEN = dt.datetime(2024, 5, 1, 2, 30, tzinfo=dt.timezone.utc)
@@ -44,7 +44,8 @@ def rows(run: T.RunInfo, scene: str, n: int, seed: int = 0, date: str | None = N
 
 def visible(root) -> list[tuple]:
     """Committed rows as sorted tuples (content comparison, order-free)."""
-    t = T.read_committed(root, columns=["scene_id", "run_id", "label", "score", "px_xmin", "px_ymin", "px_xmax", "px_ymax"])
+    t = T.read_committed(root, columns=["scene_id", "run_id", "label", "score",
+                                        "px_xmin", "px_ymin", "px_xmax", "px_ymax"])
     return sorted(zip(*[c.to_pylist() for c in t.columns]))
 
 
@@ -72,7 +73,8 @@ def test_wkb_decodes_to_the_boxes_counterclockwise():
     geoms = shapely.from_wkb(t["geometry"].to_pylist())
     assert geoms[0].equals(shapely.box(0, 0, 10, 20)) and geoms[1].equals(shapely.box(5, 5, 6, 7))
     assert all(shapely.is_ccw(g.exterior) for g in geoms)
-    assert t["bbox"].to_pylist() == [{"xmin": 0, "ymin": 0, "xmax": 10, "ymax": 20}, {"xmin": 5, "ymin": 5, "xmax": 6, "ymax": 7}]
+    assert t["bbox"].to_pylist() == [{"xmin": 0, "ymin": 0, "xmax": 10, "ymax": 20},
+                                     {"xmin": 5, "ymin": 5, "xmax": 6, "ymax": 7}]
     assert t["label"].to_pylist() == ["plane", "car"] and t["label_id"].to_pylist() == [2, 0]
     assert t["date"].to_pylist() == ["2024-05-01"] * 2  # processed_at's UTC date
 
@@ -133,12 +135,14 @@ def test_duckdb_reads_the_committed_files(tmp_path):
     T.commit_scene(tmp_path, run, "s2", "k2", rows(run, "s2", 25, seed=2, date="2024-05-02"))
     files = T.committed_files(tmp_path)
     got = duckdb.sql(
-        f"select scene_id, count(*), strftime(min(date), '%Y-%m-%d') from read_parquet({files!r}, hive_partitioning=true) "
+        "select scene_id, count(*), strftime(min(date), '%Y-%m-%d') "
+        f"from read_parquet({files!r}, hive_partitioning=true) "
         "group by scene_id order by scene_id"
     ).fetchall()
     assert got == [("s1", 40, "2024-05-01"), ("s2", 25, "2024-05-02")]
     total = duckdb.sql(f"select sum(score)::double from read_parquet({files!r})").fetchall()[0][0]
-    assert total == pytest.approx(float(np.sum(T.read_committed(tmp_path, columns=["score"])["score"].to_numpy())), rel=1e-6)
+    scores = T.read_committed(tmp_path, columns=["score"])["score"].to_numpy()
+    assert total == pytest.approx(float(np.sum(scores)), rel=1e-6)
 
 
 def test_read_committed_columns_filters_and_empty(tmp_path):
@@ -150,14 +154,16 @@ def test_read_committed_columns_filters_and_empty(tmp_path):
     t = T.read_committed(tmp_path, columns=["scene_id", "date"], filters=ds.field("date") == "2024-05-02")
     assert t.num_rows == 20 and set(t["scene_id"].to_pylist()) == {"s2"} and t.column_names == ["scene_id", "date"]
     full = T.read_committed(tmp_path)
-    assert pyproj.CRS.from_json_dict(json.loads(full.schema.metadata[b"geo"])["columns"]["geometry"]["crs"]) == pyproj.CRS("EPSG:32633")
+    geo_crs = json.loads(full.schema.metadata[b"geo"])["columns"]["geometry"]["crs"]
+    assert pyproj.CRS.from_json_dict(geo_crs) == pyproj.CRS("EPSG:32633")
 
 
 def test_scene_spanning_two_dates_writes_two_partitions(tmp_path):
     run = run_info()
     t = pa.concat_tables([rows(run, "s1", 4, date="2024-05-01"), rows(run, "s1", 6, date="2024-05-02")])
     m = T.commit_scene(tmp_path, run, "s1", "k", t)
-    assert sorted((f["path"].split("/")[0], f["rows"]) for f in m["files"]) == [("date=2024-05-01", 4), ("date=2024-05-02", 6)]
+    assert sorted((f["path"].split("/")[0], f["rows"]) for f in m["files"]) == [
+        ("date=2024-05-01", 4), ("date=2024-05-02", 6)]
     assert m["rows"] == 10 and T.read_committed(tmp_path).num_rows == 10
 
 

@@ -9,11 +9,11 @@ import os
 import pytest
 import yaml
 from click.testing import CliRunner
+from test_table import rows, run_info, run_two_writers
 
 import pipeline.table as T
 from pipeline.cli import main
 from pipeline.tablestore import open_store
-from test_table import rows, run_info, run_two_writers
 
 BUCKET = "detections-bucket"
 
@@ -34,8 +34,8 @@ def data_keys(url: str) -> list[str]:
 
 def plain_rows(url: str) -> int:
     """What a plain reader listing the prefix sees: every *.parquet under date=."""
-    import pyarrow.parquet as pq
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     store = open_store(url)
     return sum(pq.read_metadata(pa.BufferReader(store.read(k))).num_rows for k in data_keys(url))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.windows import Window
+from real_data import peak_rss_mb_snippet, real, real_rasters, requires_real_data
 
 from pipeline.errors import InputError, PipelineError, RasterReadError
 from pipeline.synth import synthesize
@@ -27,7 +28,6 @@ from pipeline.tiling import (
     read_chips,
     window_fractions,
 )
-from real_data import peak_rss_mb_snippet, real, real_rasters, requires_real_data
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,8 +35,8 @@ from pipeline.trainset import (
     read_records,
     split_regions,
 )
-from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, cell_anchors
 from retinanet import build_model, save_checkpoint
+from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, cell_anchors
 from retinanet.checkpoint import load_checkpoint
 
 CLASSES = ["vehicle", "building", "tank"]
