@@ -256,18 +256,6 @@ def our_boxes(table: Path):
     return np.stack([t[c].to_numpy() for c in t.column_names], axis=1).astype(float)
 
 
-def iou_matrix(a, b):
-    """IoU of every box of a (N, 4) with every box of b (M, 4), x1 y1 x2 y2 -> (N, M)."""
-    import numpy as np
-
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.nan_to_num(inter / (area(a)[:, None] + area(b)[None, :] - inter))
-
-
 def in_one_window(boxes, windows):
     """(N,) bool: the box meets exactly one of the windows ([x, y, w, h]): no overlap strip."""
     import numpy as np
@@ -284,19 +272,25 @@ def agreement(df_run: dict, table: Path) -> dict:
     a single DeepForest patch; and DeepForest's zero-area boxes (we drop those)."""
     import numpy as np
 
+    from pipeline.metrics import pairwise_iou_np
+
     theirs, ours = np.load(str(df_run["out"]) + ".npy")[:, :4], our_boxes(table)
-    iou = iou_matrix(theirs, ours) if len(theirs) and len(ours) else np.zeros((len(theirs), len(ours)))
+    iou = pairwise_iou_np(theirs, ours) if len(theirs) and len(ours) else np.zeros((len(theirs), len(ours)))
     df_hit, our_hit = iou.max(axis=1, initial=0) >= MATCH_IOU, iou.max(axis=0, initial=0) >= MATCH_IOU
     df_in, our_in = in_one_window(theirs, df_run["windows"]), in_one_window(ours, df_run["windows"])
-    share = lambda hit, mask: (float(hit[mask].mean()) if mask.any() else float("nan"), int(mask.sum()))
-    every = lambda n: np.ones(n, bool)
-    return {"df": share(df_hit, every(len(theirs))), "ours": share(our_hit, every(len(ours))),
+
+    def share(hit, mask) -> tuple[float, int]:
+        return float(hit[mask].mean()) if mask.any() else float("nan"), int(mask.sum())
+
+    return {"df": share(df_hit, np.ones(len(theirs), bool)), "ours": share(our_hit, np.ones(len(ours), bool)),
             "df_in": share(df_hit, df_in), "ours_in": share(our_hit, our_in),
             "df_zero_area": int(((theirs[:, 2] <= theirs[:, 0]) | (theirs[:, 3] <= theirs[:, 1])).sum())}
 
 
 def agreement_line(label: str, a: dict) -> str:
-    pct = lambda pair: f"{pair[0]:.1%} of {pair[1]}"
+    def pct(pair) -> str:
+        return f"{pair[0]:.1%} of {pair[1]}"
+
     return (f"| {label} | {pct(a['df'])} | {pct(a['ours'])} | {pct(a['df_in'])} | {pct(a['ours_in'])} |")
 
 

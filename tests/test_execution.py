@@ -5,12 +5,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from workspaces import tiny_checkpoint
 
 from pipeline.predictor import FaultPlan
 from pipeline.spec import JobSpec
-from pipeline.synth import SYNTH_CLASSES, synthesize
-from retinanet import build_model, save_checkpoint
+from pipeline.synth import synthesize
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -20,10 +19,7 @@ def workspace(tmp_path_factory):
     """Two small synthetic scenes and an untrained tiny model that emits many boxes."""
     root = tmp_path_factory.mktemp("run")
     synthesize(root / "scenes", scenes=2, size=600, seed=3)
-    torch.manual_seed(0)
-    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=32, head_depth=1,
-                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
-    save_checkpoint(root / "model.pt", model, list(SYNTH_CLASSES))
+    tiny_checkpoint(root / "model.pt")
     return root
 
 

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from workspaces import tiny_checkpoint
+
 from pipeline.synth import SYNTH_CLASSES, synthesize  # noqa: E402
 from retinanet import build_model, load_checkpoint, save_checkpoint  # noqa: E402
 from retinanet import export as export_module  # noqa: E402
@@ -41,10 +43,7 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     synthesize(root / "scenes", scenes=1, size=600, seed=5)
-    torch.manual_seed(0)
-    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=32, head_depth=1,
-                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
-    save_checkpoint(root / "model.pt", model, list(SYNTH_CLASSES))
+    tiny_checkpoint(root / "model.pt")
     result = CliRunner().invoke(main, ["export", str(root / "model.pt"), "--format", "onnx"])
     assert result.exit_code == 0, result.output
     return root

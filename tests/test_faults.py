@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from readers import assert_every_reader_agrees
 from real_data import REAL_DATA
+from workspaces import tiny_checkpoint
 
-from pipeline.synth import SYNTH_CLASSES, synthesize
-from retinanet import build_model, save_checkpoint
+from pipeline.synth import synthesize
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -30,10 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     synthesize(root / "scenes", scenes=3, size=600, seed=5)
-    torch.manual_seed(0)
-    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=32, head_depth=1,
-                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
-    save_checkpoint(root / "model.pt", model, list(SYNTH_CLASSES))
+    tiny_checkpoint(root / "model.pt")
     return root
 
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from workspaces import tiny_checkpoint
 
 from pipeline.errors import ConfigError
 from pipeline.int8 import Int8Measurement, ap50_drop_points, evenly_spaced, int8_allowed
 from pipeline.spec import JobSpec
 from pipeline.synth import SYNTH_CLASSES, synthesize
-from retinanet import Detector, build_model, load_checkpoint, save_checkpoint
+from retinanet import Detector, load_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -71,10 +72,7 @@ def labelled(tmp_path_factory):
     fp32's own detections of each scene."""
     root = tmp_path_factory.mktemp("int8")
     paths = synthesize(root / "scenes", scenes=3, size=256, seed=11)
-    torch.manual_seed(0)
-    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", fpn_channels=16, head_width=16,
-                        head_depth=1, image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
-    save_checkpoint(root / "model.pt", model, list(SYNTH_CLASSES))
+    tiny_checkpoint(root / "model.pt", head_width=16, fpn_channels=16)
     reference = load_checkpoint(root / "model.pt")[0]
     reference.config.score_threshold = SCORE
     detector = Detector(reference, device="cpu", precision="fp32")

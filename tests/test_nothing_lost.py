@@ -20,17 +20,16 @@ import pytest
 import rasterio
 import rasterio.warp
 import shapely
-import torch
 import yaml
 from click.testing import CliRunner
 from readers import assert_every_reader_agrees
 from real_data import real
+from workspaces import tiny_checkpoint
 
 from pipeline.cli import main
 from pipeline.inputs import expand_patterns, glob_regex
 from pipeline.predictor import FaultPlan
-from pipeline.synth import SYNTH_CLASSES, synthesize
-from retinanet import build_model, save_checkpoint
+from pipeline.synth import synthesize
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -46,10 +45,7 @@ def ws(tmp_path_factory):
     for item, name in zip(ITEMS, ("synth_000.tif", "synth_001.tif")):
         (root / "archive" / item).mkdir(parents=True)
         shutil.copy(root / "src" / name, root / "archive" / item / "TCI.tif")
-    torch.manual_seed(0)
-    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=32, head_depth=1,
-                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
-    save_checkpoint(root / "model.pt", model, list(SYNTH_CLASSES))
+    tiny_checkpoint(root / "model.pt")
     return root
 
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from test_table import rows, run_info, run_two_writers
+from workspaces import tiny_checkpoint
 
 import pipeline.table as T
 from pipeline.cli import main
@@ -113,16 +114,11 @@ def test_two_concurrent_writers(bucket):
 
 
 def test_pipeline_run_rerun_force_query_vacuum_into_s3(bucket, tmp_path, ray_session):
-    import torch
 
-    from pipeline.synth import SYNTH_CLASSES, synthesize
-    from retinanet import build_model, save_checkpoint
+    from pipeline.synth import synthesize
 
     synthesize(tmp_path / "scenes", scenes=2, size=300, seed=4)
-    torch.manual_seed(0)
-    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=32, head_depth=1,
-                        image_mean=(128.0,) * 3, image_std=(64.0,) * 3, prior_probability=0.3)
-    save_checkpoint(tmp_path / "model.pt", model, list(SYNTH_CLASSES))
+    tiny_checkpoint(tmp_path / "model.pt")
     bucket.upload_file(str(tmp_path / "model.pt"), BUCKET, "models/model.pt")
     url = table_url("nightly")
     job = tmp_path / "job.yaml"
