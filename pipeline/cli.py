@@ -7,6 +7,7 @@ from typing import Literal, NoReturn
 import click
 
 from pipeline.errors import ConfigError, PipelineError
+from retinanet.options import PRECISIONS
 
 
 @click.group()
@@ -25,7 +26,7 @@ def fail(err: Exception) -> NoReturn:
 @click.option("--chips", default=4, show_default=True, help="number of synthetic chips")
 @click.option("--size", default=256, show_default=True, help="chip size in pixels")
 @click.option("--backbone", default="resnet18", show_default=True)
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS))
 def demo(chips: int, size: int, backbone: str, precision: str) -> None:
     """Build an (untrained) RetinaNet and run it on synthetic chips: a smoke test of the model."""
     from pipeline.demo import run_demo

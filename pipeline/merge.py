@@ -60,7 +60,7 @@ as the union of their views when each view is detected; a view the model misses
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, get_args
 
 import numpy as np
 
@@ -68,7 +68,9 @@ import numpy as np
 LEFT, TOP, RIGHT, BOTTOM = 0, 1, 2, 3
 KEPT = -1  # parent value of a detection that heads its own cluster
 
-Method = Literal["nms", "wbf"]
+# Seam merge methods: greedy NMS, or weighted box fusion of each cluster.
+MergeMethod = Literal["nms", "wbf"]
+MERGE_METHODS: tuple[str, ...] = get_args(MergeMethod)
 
 
 class MergeResult(NamedTuple):
@@ -374,7 +376,7 @@ def merge_detections(
     labels: np.ndarray,
     chip_index: np.ndarray,
     windows: np.ndarray,
-    method: Method = "nms",
+    method: MergeMethod = "nms",
     iou_threshold: float = 0.5,
     seam_margin: float = 0.0,
     cut_tolerance: float = 1.0,
@@ -388,8 +390,8 @@ def merge_detections(
     cut_tolerance: px within which a box side counts as lying on a chip edge.
     Returns a MergeResult; detections outside every seam zone pass through unchanged.
     """
-    if method not in ("nms", "wbf"):
-        raise ValueError(f"merge method must be 'nms' or 'wbf', got {method!r}")
+    if method not in MERGE_METHODS:
+        raise ValueError(f"merge method must be one of {MERGE_METHODS}, got {method!r}")
     b = _as_boxes(boxes)
     s = np.asarray(scores, np.float64).reshape(-1)
     lab = np.asarray(labels, np.int64).reshape(-1)

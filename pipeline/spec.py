@@ -47,6 +47,8 @@ from pydantic import (
 
 from pipeline.errors import ConfigError
 from pipeline.inputs import is_remote
+from pipeline.merge import MergeMethod
+from retinanet.options import Backend, Precision
 
 # Bump when the meaning of a hashed field changes, so old table rows are not mistaken
 # for results of the new semantics.
@@ -179,14 +181,14 @@ class ModelSpec(BaseModel):
     # None: chosen for the predictors' device (from free GPU memory on CUDA; 1 on CPU,
     # which is fastest per chip there, see retinanet.runtime.CPU_BATCH_SIZE).
     batch_size: Optional[int] = Field(None, ge=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    precision: Literal[Precision, "int8"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: openvino for CPU actors (where the package imports), torch for GPU actors.
     # torch: the checkpoint in torch (batch norm folded). openvino: the network compiled by
     # OpenVINO for the CPU (retinanet.openvino_backend; bf16 on AMX CPUs under precision auto).
     # onnx: its ONNX export in onnxruntime (fp32 graph; CUDA/TensorRT providers where
     # installed), see retinanet.export.onnx_for_checkpoint.
-    backend: Literal["auto", "torch", "openvino", "onnx"] = "auto"
+    backend: Backend = "auto"
     # precision int8 (OpenVINO CPU actors only): the graph quantised with NNCF on
     # int8_calibration_chips chips of the job's own scenes, then measured on labelled data
     # (int8_labels: label files for int8_scenes, default the job's inputs.paths) against
@@ -259,7 +261,7 @@ class MergeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: Literal["nms", "wbf"] = "nms"
+    method: MergeMethod = "nms"
     iou_threshold: float = Field(0.5, ge=0.0, le=1.0)
     # Pixels from an interior chip edge within which a box takes part in the seam pass.
     # None: the tiling overlap (filled in by JobSpec).
@@ -383,7 +385,7 @@ class TrainSpec(BaseModel):
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: Optional[int] = Field(None, ge=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     checkpoint_every: int = Field(100, ge=1)
     output_dir: str = Field(min_length=1)
     seed: int = 0

@@ -598,7 +598,7 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from retinanet.model import RetinaNetConfig, build_model
-    from retinanet.runtime import resolve_precision
+    from retinanet.runtime import precision_name, resolve_precision
 
     prepared: Prepared = config["prepared"]
     t = config["train"]
@@ -650,7 +650,7 @@ def train_loop(config: dict) -> None:
     cache = ChipCache(records, prepared.bands, chip, model_config.in_channels)
     val_pixels = None
     budget = t["time_budget_minutes"] * 60 if t["time_budget_minutes"] else None
-    precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    precision = precision_name(dtype)
 
     def all_reduce(values: list[float], op=None) -> list[float]:
         if world == 1:
@@ -695,7 +695,7 @@ def train_loop(config: dict) -> None:
 
                     val_pixels, _ = read_records(prepared.val_records, prepared.bands, chip,
                                                  model_config.in_channels)
-                row.update(_validate(core, prepared, val_pixels, chip, device, precision_name))
+                row.update(_validate(core, prepared, val_pixels, chip, device, precision))
             state["history"].append(row)
             if state["best"] is None or _score(row) > _score(state["best"]):
                 state["best"] = row

@@ -10,7 +10,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from retinanet.options import PRECISIONS
+
 # auto_batch_size on CPU. One chip at a time is the fastest per chip there: a batch's
 # activations outgrow the caches (R50-FPN, 512 px, bf16 on a 2-core AMX CPU: 0.19 s per
 # chip at batch 1, 0.23 at 2, 0.29 at 4, 0.31 at 8; fp32 0.35 -> 0.49).
@@ -56,6 +57,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_bf16_matmul() else None
+
+
+def precision_name(autocast_dtype: torch.dtype | None) -> str:
+    """The precision an autocast dtype stands for (None: no autocast, fp32)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -131,7 +137,7 @@ class Detector:
 
     @property
     def precision(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        return precision_name(self.autocast_dtype)
 
     @property
     def compiled(self) -> bool:
