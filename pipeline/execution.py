@@ -21,9 +21,8 @@ import sys
 import time
 import uuid
 import warnings
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -32,6 +31,7 @@ from pipeline.console import native_log_lines_hidden
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.inputs import InputSet, SceneInput, scene_key
 from pipeline.planning import PLAN_BATCH, PLAN_THREADS, ModelFacts, ScenePlan, model_facts, plan_scenes, scene_problems
+from pipeline.runbook import SCENE_EMPTY, SCENE_FAILED, RunReport, SceneBook
 from pipeline.spec import JobSpec, check_runnable, job_hash
 from pipeline.stac import StacSelection
 from pipeline.tiling import chip_id
@@ -41,25 +41,6 @@ from pipeline.tiling import chip_id
 READ_TASK_CACHE_MB = 64
 # Chips per read task and predictor call when the model takes fewer (see transport_batch).
 MIN_READ_BATCH = 8
-
-@dataclass
-class RunState:
-    """What the driver holds while chips stream back: scenes in flight only."""
-
-    plans: dict[str, "ScenePlan"] = field(default_factory=dict)  # planned, not yet committed
-    received: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # chips back per scene
-    chips: dict[str, list] = field(default_factory=lambda: defaultdict(list))
-    missing: dict[str, list] = field(default_factory=lambda: defaultdict(list))
-    committed: set[str] = field(default_factory=set)  # scenes settled this run (ids only)
-    workers: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> node id -> scenes/chips
-    done_chips: int = 0
-    chips_planned: int = 0
-
-    def count(self, stage: str, node: str) -> None:
-        counts = self.nodes.setdefault(stage, {})
-        counts[node] = counts.get(node, 0) + 1
-
 
 @dataclass
 class Preflight:
@@ -110,10 +91,6 @@ def preflight(spec: JobSpec, check_scenes: bool = True) -> Preflight:
     return Preflight(inputs, stac, model, warnings_)
 
 
-# Status of a row in the chip stream. "ok" rows are chips to read; the two scene markers
-# stand for a scene with no chip to read (all empty: committed with no rows) and one that
-# could not be planned (committed as failed). Markers pass the read and predict stages untouched.
-SCENE_EMPTY, SCENE_FAILED = "scene_empty", "scene_failed"
 
 
 def scene_rows(outcome: ScenePlan | dict, node: str = "") -> list[dict]:
@@ -384,12 +361,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     next run processes it again, whole (the seam merge needs all of a scene's chips, and
     the chip-level raw detections are not kept). Exit code 1 while any scene is not complete.
     """
-    import pickle
 
     from pipeline import table
-    from pipeline.finalize import empty_scene_rows, finalize_scene
     from pipeline.predictor import ChipLedger, ChipPredictor, resolve_batch_size
-    from pipeline.stac import REPORT_KEY
     from pipeline.table import RunInfo
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -426,102 +400,12 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     log(f"run {run_id}: {len(todo)} scenes to run ({len(done)} already committed, skipped), "
         f"{len(failed)} scenes failed to open")
 
-    report = {"run_id": run_id, "job_name": spec.name, "job_hash": jhash, "model_id": model_id,
-              REPORT_KEY: stac.newest if stac else None, "stac_skipped": stac.skipped if stac else [],
-              "inputs_unmatched": pre.inputs.unmatched, "warnings": list(pre.warnings),
-              "scenes_ok": [], "scenes_partial": [], "scenes_skipped_done": sorted(done), "scenes_failed": [],
-              "chips_read": 0, "chips_skipped_empty": 0, "chips_quarantined": [],
-              "detections": 0, "workers": {}, "nodes": {}, "int8": int8["report"] if int8 else None}
-    state = RunState()
-
-    def record_failure(failure: dict) -> None:
-        """A scene with nothing to show: reported, and committed as failed so that
-        `pipeline query`'s scenes view says so and the next run tries it again. Not when
-        the table holds complete rows of the same content (or the content could not even
-        be identified): a transient error (a throttled request) must not wipe good rows."""
-        report["scenes_failed"].append(failure)
-        previous = committed_entries.get((spec.name, failure["scene_id"]))
-        key = keys.get(failure["scene_id"])
-        if previous and table.scene_status(previous) == "complete" and (key is None or previous["scene_key"] == key):
-            failure["reason"] += "; the rows committed earlier are kept"
-            return
-        try:
-            empty = empty_scene_rows(spec.name, failure["scene_id"], failure["path"], class_names, run_id, model_id,
-                                     jhash)
-            table.commit_scene(spec.output.table, run_info, failure["scene_id"], keys.get(failure["scene_id"]),
-                               empty, scene_path=failure["path"], status="failed", reason=failure["reason"])
-        except PipelineError as err:
-            log(f"warning: scene {failure['scene_id']}: could not record its failure: {err}")
-
-    def commit(scene_id: str) -> None:
-        plan = state.plans.pop(scene_id)
-        state.received.pop(scene_id, None)
-        state.committed.add(scene_id)
-        missing = state.missing.pop(scene_id, [])
-        chips = state.chips.pop(scene_id, [])
-        if missing and not chips:
-            reasons = sorted({m["reason"] for m in missing})
-            record_failure({"scene_id": scene_id, "path": plan.path,
-                            "reason": f"no chip of {len(missing)} was predicted: " + "; ".join(reasons)[:2000]})
-            return
-        try:
-            rows = finalize_scene(spec, plan, chips, class_names, run_id, model_id, jhash)
-            table.commit_scene(spec.output.table, run_info, scene_id, keys[scene_id], rows, scene_path=plan.path,
-                               status="partial" if missing else "complete", missing_chips=missing)
-        except PipelineError as err:
-            report["scenes_failed"].append({"scene_id": scene_id, "path": plan.path, "reason": str(err)})
-            return
-        if missing:
-            report["scenes_partial"].append({"scene_id": scene_id, "path": plan.path, "chips_missing": len(missing),
-                                             "chips_predicted": len(chips)})
-        else:
-            report["scenes_ok"].append(scene_id)
-        report["detections"] += rows.num_rows
-
-    def arrived(outcome: ScenePlan | dict, node: str) -> None:
-        """A scene's plan (or planning failure) came down the stream."""
-        state.count("plan", node)
-        if isinstance(outcome, dict):
-            state.committed.add(outcome["scene_id"])
-            record_failure(outcome)
-            return
-        state.plans[outcome.scene_id] = outcome
-        state.chips_planned += len(outcome.windows)
-        report["chips_skipped_empty"] += outcome.skipped_empty
-        for warning in outcome.warnings:
-            report["warnings"].append(warning)
-            log(f"warning: {warning}")
-
-    def settle(scene_id: str) -> None:
-        """Commit the scene once its plan and every one of its chips have come back."""
-        plan = state.plans.get(scene_id)
-        if plan is not None and state.received[scene_id] == len(plan.windows):
-            commit(scene_id)
-
-    def take(batch: dict, i: int) -> None:
-        """One row of the stream: a scene's plan (on its first row), a chip's outcome."""
-        scene_id, status = str(batch["scene_id"][i]), str(batch["status"][i])
-        if batch["plan"][i]:
-            arrived(pickle.loads(batch["plan"][i]), str(batch["planned_on"][i]))
-        if status == SCENE_FAILED:
-            return
-        if status != SCENE_EMPTY:
-            state.done_chips += 1
-            state.received[scene_id] += 1
-            state.workers[str(batch["worker"][i])] += 1
-            state.count("read", str(batch["read_on"][i]))
-            state.count("predict", str(batch["predicted_on"][i]))
-            if status == "ok":
-                report["chips_read"] += 1
-                state.chips[scene_id].append((str(batch["chip_id"][i]), batch["detections"][i]))
-            else:
-                lost = {"chip_id": str(batch["chip_id"][i]), "status": status, "reason": str(batch["error"][i])}
-                report["chips_quarantined"].append(lost)
-                state.missing[scene_id].append(lost)
-        settle(scene_id)
-
+    report = RunReport(run_id, spec.name, jhash, model_id, stac.newest if stac else None,
+                       stac.skipped if stac else [], pre.inputs.unmatched, list(pre.warnings), sorted(done),
+                       int8=int8["report"] if int8 else None)
+    book = SceneBook(spec, run_info, keys, committed_entries, class_names, report, log)
     for failure in failed:
-        record_failure(failure)
+        book.record_failure(failure)
 
     first_predictions = None
     if todo:
@@ -600,31 +484,19 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                     first_predictions = time.time() - started
                     last_log = time.time()  # the first progress line comes with a measured rate
                 for i in range(len(batch["chip_id"])):
-                    take(batch, i)
+                    book.take(batch, i)
                 if time.time() - last_log > 5:
                     last_log = time.time()
-                    planned = len(state.committed) + len(state.plans)
-                    total = estimated_chips(state.chips_planned, planned, len(todo))  # exact once all are planned
-                    log(progress_line(state.done_chips, total, len(report["scenes_ok"]), len(todo),
+                    planned = len(book.settled) + len(book.plans)
+                    total = estimated_chips(book.chips_planned, planned, len(todo))  # exact once all are planned
+                    log(progress_line(book.done_chips, total, len(report.scenes_ok), len(todo),
                                       last_log - started - first_predictions, estimated=planned < len(todo)))
-        for scene_id in list(state.plans):  # never expected (failed blocks raise): say so, lose nothing
-            plan = state.plans[scene_id]
-            returned = {c for c, _ in state.chips[scene_id]} | {m["chip_id"] for m in state.missing[scene_id]}
-            state.missing[scene_id] += [{"chip_id": chip_id(scene_id, w.row, w.col), "status": "lost",
-                                         "reason": "the chip never came back from the stream"}
-                                        for w in plan.windows if chip_id(scene_id, w.row, w.col) not in returned]
-            commit(scene_id)
-        for scene in todo:
-            if scene.scene_id not in state.committed:
-                record_failure({"scene_id": scene.scene_id, "path": scene.location,
-                                "reason": "its plan never came back from the stream"})
+        book.close(todo)
     wall = time.time() - started
-    report["workers"] = dict(state.workers)
-    report["nodes"] = {stage: dict(counts) for stage, counts in state.nodes.items()}
-    report["wall_seconds"] = round(wall, 3)
-    report["startup_seconds"] = round(first_predictions, 3) if first_predictions is not None else None
-    report["chips_per_second"] = round(state.done_chips / wall, 3) if wall else 0.0
-    incomplete = report["scenes_failed"] or report["scenes_partial"] or report["chips_quarantined"]
-    report["exit_code"] = 1 if incomplete else 0
-    report["report_path"] = str(table.write_run_report(spec.output.table, run_id, report))
-    return report
+    report.workers = dict(book.workers)
+    report.wall_seconds = round(wall, 3)
+    report.startup_seconds = round(first_predictions, 3) if first_predictions is not None else None
+    report.chips_per_second = round(book.done_chips / wall, 3) if wall else 0.0
+    report.exit_code = 1 if report.scenes_failed or report.scenes_partial or report.chips_quarantined else 0
+    report.report_path = str(table.write_run_report(spec.output.table, run_id, report.as_dict()))
+    return report.as_dict()

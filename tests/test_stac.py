@@ -1,6 +1,7 @@
 """STAC input: a small local catalog over synthetic scenes, filtered by time and space."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import http.server
@@ -294,3 +295,10 @@ def test_check_runnable_wants_a_local_source_file(tmp_path):
         check_runnable(spec)
     (tmp_path / "jobs" / "missing.json").write_text("{}")
     check_runnable(spec)
+
+
+def test_the_run_report_carries_the_field_the_next_stac_run_reads():
+    from pipeline.runbook import RunReport
+    from pipeline.stac import REPORT_KEY
+
+    assert REPORT_KEY in {f.name for f in dataclasses.fields(RunReport)}

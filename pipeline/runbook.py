@@ -1,0 +1,185 @@
+"""The driver's side of a run's chip stream: scenes in flight, their commits, the run report.
+
+Rows come back from the predictors in any order (:func:`pipeline.execution.run_job`). A
+scene's first row carries its plan; the scene is committed once its plan and every one of
+its chips have come back, and then forgotten, so the driver holds scenes in flight only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from pipeline import table
+from pipeline.errors import PipelineError
+from pipeline.finalize import empty_scene_rows, finalize_scene
+from pipeline.planning import ScenePlan
+from pipeline.spec import JobSpec
+from pipeline.tiling import chip_id
+
+# Status of a row in the chip stream. "ok" rows are chips to read; the two scene markers
+# stand for a scene with no chip to read (all empty: committed with no rows) and one that
+# could not be planned (committed as failed). Markers pass the read and predict stages untouched.
+SCENE_EMPTY, SCENE_FAILED = "scene_empty", "scene_failed"
+
+
+@dataclass
+class RunReport:
+    """What a run did, written to ``_reports/<run_id>.json`` and returned by ``run_job``."""
+
+    run_id: str
+    job_name: str
+    job_hash: str
+    model_id: str
+    stac_newest_datetime: Optional[str]  # pipeline.stac.REPORT_KEY: where the next STAC run starts
+    stac_skipped: list[dict]
+    inputs_unmatched: list[str]
+    warnings: list[str]
+    scenes_skipped_done: list[str]
+    int8: Optional[dict] = None  # the INT8 gate's figures (pipeline.int8), when it ran
+    scenes_ok: list[str] = field(default_factory=list)
+    scenes_partial: list[dict] = field(default_factory=list)  # scene_id, path, chips_missing, chips_predicted
+    scenes_failed: list[dict] = field(default_factory=list)  # scene_id, path, reason
+    chips_read: int = 0
+    chips_skipped_empty: int = 0
+    chips_quarantined: list[dict] = field(default_factory=list)  # chip_id, status, reason
+    detections: int = 0
+    workers: dict[str, int] = field(default_factory=dict)  # predictor -> chips
+    nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> Ray node id -> scenes/chips
+    wall_seconds: float = 0.0
+    startup_seconds: Optional[float] = None  # until the first predictions reached the driver
+    chips_per_second: float = 0.0
+    exit_code: int = 0  # 1 while any scene is not complete
+    report_path: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SceneBook:
+    """Scenes in flight and what came back for them; commits each scene when it is whole."""
+
+    def __init__(self, spec: JobSpec, run: table.RunInfo, keys: dict[str, Any],
+                 committed: dict[tuple[str, str], dict], class_names: list[str], report: RunReport,
+                 log: Callable[[str], None]):
+        self.spec, self.run, self.keys, self.committed_before = spec, run, keys, committed
+        self.class_names, self.report, self.log = class_names, report, log
+        self.plans: dict[str, ScenePlan] = {}  # planned, not yet committed
+        self.received: dict[str, int] = defaultdict(int)  # chips back per scene
+        self.chips: dict[str, list] = defaultdict(list)  # (chip id, encoded detections) per scene
+        self.missing: dict[str, list] = defaultdict(list)  # chips that will not come: chip_id, status, reason
+        self.settled: set[str] = set()  # scenes committed (or recorded failed) this run, ids only
+        self.workers: dict[str, int] = defaultdict(int)
+        self.done_chips = 0
+        self.chips_planned = 0
+
+    def count(self, stage: str, node: str) -> None:
+        counts = self.report.nodes.setdefault(stage, {})
+        counts[node] = counts.get(node, 0) + 1
+
+    def record_failure(self, failure: dict) -> None:
+        """A scene with nothing to show: reported, and committed as failed so that
+        `pipeline query`'s scenes view says so and the next run tries it again. Not when
+        the table holds complete rows of the same content (or the content could not even
+        be identified): a transient error (a throttled request) must not wipe good rows."""
+        self.report.scenes_failed.append(failure)
+        previous = self.committed_before.get((self.spec.name, failure["scene_id"]))
+        key = self.keys.get(failure["scene_id"])
+        if previous and table.scene_status(previous) == "complete" and (key is None or previous["scene_key"] == key):
+            failure["reason"] += "; the rows committed earlier are kept"
+            return
+        run = self.run
+        try:
+            empty = empty_scene_rows(self.spec.name, failure["scene_id"], failure["path"], self.class_names,
+                                     run.run_id, run.model_id, run.job_hash)
+            table.commit_scene(self.spec.output.table, run, failure["scene_id"], key, empty,
+                               scene_path=failure["path"], status="failed", reason=failure["reason"])
+        except PipelineError as err:
+            self.log(f"warning: scene {failure['scene_id']}: could not record its failure: {err}")
+
+    def commit(self, scene_id: str) -> None:
+        """Merge, georeference and commit one scene whose chips have all come back."""
+        plan = self.plans.pop(scene_id)
+        self.received.pop(scene_id, None)
+        self.settled.add(scene_id)
+        missing = self.missing.pop(scene_id, [])
+        chips = self.chips.pop(scene_id, [])
+        if missing and not chips:
+            reasons = sorted({m["reason"] for m in missing})
+            self.record_failure({"scene_id": scene_id, "path": plan.path,
+                                 "reason": f"no chip of {len(missing)} was predicted: " + "; ".join(reasons)[:2000]})
+            return
+        run = self.run
+        try:
+            rows = finalize_scene(self.spec, plan, chips, self.class_names, run.run_id, run.model_id, run.job_hash)
+            table.commit_scene(self.spec.output.table, run, scene_id, self.keys[scene_id], rows,
+                               scene_path=plan.path, status="partial" if missing else "complete",
+                               missing_chips=missing)
+        except PipelineError as err:
+            self.report.scenes_failed.append({"scene_id": scene_id, "path": plan.path, "reason": str(err)})
+            return
+        if missing:
+            self.report.scenes_partial.append({"scene_id": scene_id, "path": plan.path,
+                                               "chips_missing": len(missing), "chips_predicted": len(chips)})
+        else:
+            self.report.scenes_ok.append(scene_id)
+        self.report.detections += rows.num_rows
+
+    def arrived(self, outcome: ScenePlan | dict, node: str) -> None:
+        """A scene's plan (or planning failure) came down the stream."""
+        self.count("plan", node)
+        if isinstance(outcome, dict):
+            self.settled.add(outcome["scene_id"])
+            self.record_failure(outcome)
+            return
+        self.plans[outcome.scene_id] = outcome
+        self.chips_planned += len(outcome.windows)
+        self.report.chips_skipped_empty += outcome.skipped_empty
+        for warning in outcome.warnings:
+            self.report.warnings.append(warning)
+            self.log(f"warning: {warning}")
+
+    def settle(self, scene_id: str) -> None:
+        """Commit the scene once its plan and every one of its chips have come back."""
+        plan = self.plans.get(scene_id)
+        if plan is not None and self.received[scene_id] == len(plan.windows):
+            self.commit(scene_id)
+
+    def take(self, batch: dict, i: int) -> None:
+        """One row of the stream: a scene's plan (on its first row), a chip's outcome."""
+        scene_id, status = str(batch["scene_id"][i]), str(batch["status"][i])
+        if batch["plan"][i]:
+            self.arrived(pickle.loads(batch["plan"][i]), str(batch["planned_on"][i]))
+        if status == SCENE_FAILED:
+            return
+        if status != SCENE_EMPTY:
+            self.done_chips += 1
+            self.received[scene_id] += 1
+            self.workers[str(batch["worker"][i])] += 1
+            self.count("read", str(batch["read_on"][i]))
+            self.count("predict", str(batch["predicted_on"][i]))
+            if status == "ok":
+                self.report.chips_read += 1
+                self.chips[scene_id].append((str(batch["chip_id"][i]), batch["detections"][i]))
+            else:
+                lost = {"chip_id": str(batch["chip_id"][i]), "status": status, "reason": str(batch["error"][i])}
+                self.report.chips_quarantined.append(lost)
+                self.missing[scene_id].append(lost)
+        self.settle(scene_id)
+
+    def close(self, todo_scenes: list) -> None:
+        """After the stream: what never came back is committed partial or recorded failed
+        (never expected while failed blocks raise), so nothing is lost silently."""
+        for scene_id in list(self.plans):
+            plan = self.plans[scene_id]
+            returned = {c for c, _ in self.chips[scene_id]} | {m["chip_id"] for m in self.missing[scene_id]}
+            self.missing[scene_id] += [{"chip_id": chip_id(scene_id, w.row, w.col), "status": "lost",
+                                        "reason": "the chip never came back from the stream"}
+                                       for w in plan.windows if chip_id(scene_id, w.row, w.col) not in returned]
+            self.commit(scene_id)
+        for scene in todo_scenes:
+            if scene.scene_id not in self.settled:
+                self.record_failure({"scene_id": scene.scene_id, "path": scene.location,
+                                     "reason": "its plan never came back from the stream"})
