@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -161,11 +162,14 @@ ray.shutdown()
     make_checkpoint(root / "model.pt", backbone)
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)])
     peak, at_peak = 0, {}
-    while proc.poll() is None:
-        roles = tree_rss(proc.pid)
-        if sum(roles.values()) > peak:
-            peak, at_peak = sum(roles.values()), roles
-        time.sleep(0.2)
+    try:
+        while proc.poll() is None:
+            roles = tree_rss(proc.pid)
+            if sum(roles.values()) > peak:
+                peak, at_peak = sum(roles.values()), roles
+            time.sleep(0.2)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # a scene, a checkpoint and a table per call
     if proc.returncode:
         raise SystemExit(f"memory run for {size}^2 failed with exit code {proc.returncode}")
     return peak, at_peak
