@@ -1,5 +1,6 @@
 """DeepForest's ``predict_tile`` vs our ``pipeline run``: same raster, same weights, fresh processes.
 
+    python3 -m venv /tmp/dfenv && /tmp/dfenv/bin/pip install deepforest==2.1.0 'torchvision>=0.29'
     .venv/bin/python bench/deepforest_bench.py [--repeats 3] [--size 2048] \
         [--deepforest-python /tmp/dfenv/bin/python]
 
