@@ -9,11 +9,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def ray_session():
     """A local Ray with 2 CPUs and 2 logical GPUs, started once and shut down at the end.
 
-    Only this process's Ray is stopped (ray.shutdown); other Ray instances are untouched.
+    Started before the first test, whatever it is: `pipeline run` starts a Ray of its own
+    (without GPUs) when none is up, and a test that ran it first would leave every later
+    test on that Ray. Only this process's Ray is stopped (ray.shutdown); other Ray
+    instances are untouched.
     """
     import ray
 
