@@ -128,7 +128,7 @@ def test_compaction_beside_two_writers_loses_and_doubles_nothing(tmp_path):
     writers_done.set()
     procs[2].join(300)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    assert published.value >= 3  # generations published while the writers committed
+    assert published.value >= 1  # a generation was published while the writers committed
     T.recover(tmp_path)
     expected = 2 * sum(20 + k for k in range(8)) + 5
     assert len(assert_every_reader_agrees(tmp_path)) == expected

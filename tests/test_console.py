@@ -35,7 +35,7 @@ def shout():
     print("a worker line on stderr", file=sys.stderr, flush=True)
 
 ray.get(shout.remote())
-time.sleep(2)  # the log monitor forwards worker output about once a second
+time.sleep(6)  # the log monitor forwards worker output about once a second; slow machines lag
 ray.shutdown()
 print(json.dumps({"ok": True}))
 """
