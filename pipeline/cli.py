@@ -170,13 +170,13 @@ def compact(table: str, days: tuple[str, ...], min_files: int, max_rows: int, dr
         fail(err)
     for s in summaries:
         if dry_run:
-            verb = "would rewrite" if s["files_before"] >= min_files else "would leave"
+            verb = "would rewrite" if s["needed"] else "would leave"
         else:
             verb = "rewrote" if s["compacted"] else "left"
         click.echo(f"date={s['date']}: {verb} {s['files_before']} files -> {s['files_after']} ({s['rows']} rows)")
     done = sum(s["compacted"] for s in summaries)
     click.echo(f"{table}: {'would compact' if dry_run else 'compacted'} "
-               f"{sum(s['files_before'] >= min_files for s in summaries) if dry_run else done} "
+               f"{sum(s['needed'] for s in summaries) if dry_run else done} "
                f"of {len(summaries)} partitions")
 
 

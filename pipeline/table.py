@@ -667,6 +667,43 @@ def _read_rows(store, f: Mapping) -> pa.Table:
     return rows.select([n for n in detection_schema().names if n != "date"]).replace_schema_metadata(None)
 
 
+@dataclass
+class RegroupPlan:
+    """What the next generation of a partition would take (see :func:`_regroup_plan`)."""
+
+    live: list[dict]  # members of the current generation still current
+    stale: list[dict]  # members superseded since: their rows must go
+    loose: list[tuple[dict, dict]]  # (manifest, file) of current scene files not compacted yet
+    kept: list[dict]  # compacted files carried over unchanged
+    rewrite: list[dict]  # compacted files read and written again
+
+    def needed(self, min_files: int) -> bool:
+        return bool(self.stale) or len(self.loose) + len(self.rewrite) >= min_files
+
+    def files_after(self, max_rows: int) -> int:
+        rows = sum(f["rows"] for f in self.rewrite) + sum(f["rows"] for _, f in self.loose)
+        return len(self.kept) + -(-rows // max_rows)
+
+
+def _regroup_plan(group: Optional[Mapping], current: Mapping[tuple[str, str], Mapping], day: str,
+                  take_loose: bool, max_rows: int) -> RegroupPlan:
+    """The one decision of what a partition's next generation takes, for compacting and
+    for the dry run alike. A file without superseded rows is carried over as it is,
+    unless it is not full and loose files are being merged anyway."""
+    live, stale = _group_split(group, current) if group else ([], [])
+    live_names = {m["manifest"] for m in live}
+    loose = [(entry, f) for entry in current.values() if entry["manifest"] not in live_names
+             for f in entry["files"] if _file_day(f) == day] if take_loose else []
+    stale_keys = {(m["job_name"], m["scene_id"]) for m in stale}
+    kept, rewrite = [], []
+    for f in group["files"] if group and live else []:
+        if {tuple(k) for k in f["scenes"]} & stale_keys or (take_loose and f["rows"] < max_rows):
+            rewrite.append(f)
+        else:
+            kept.append(f)
+    return RegroupPlan(live, stale, loose, kept, rewrite)
+
+
 def _regroup(store, day: str, take_loose: bool, max_rows: int = 1_000_000, min_files: int = 2,
              attempts: int = 8) -> Optional[dict]:
     """Publish the next compaction generation of partition ``day``: the live rows of the
@@ -678,21 +715,11 @@ def _regroup(store, day: str, take_loose: bool, max_rows: int = 1_000_000, min_f
     for _ in range(attempts):
         current = _current(all_manifests(store.url))
         group = _current_groups(store).get(day)
-        live, stale = _group_split(group, current) if group else ([], [])
-        live_names = {m["manifest"] for m in live}
-        loose = [(entry, f) for entry in current.values() if entry["manifest"] not in live_names
-                 for f in entry["files"] if _file_day(f) == day] if take_loose else []
-        stale_keys = {(m["job_name"], m["scene_id"]) for m in stale}
-        # A file without superseded rows is carried over as it is, unless it is not full and
-        # loose files are being merged anyway.
-        kept, rewrite = [], []
-        for f in group["files"] if live else []:
-            if {tuple(k) for k in f["scenes"]} & stale_keys or (take_loose and f["rows"] < max_rows):
-                rewrite.append(f)
-            else:
-                kept.append(f)
-        if not stale and len(loose) + len(rewrite) < min_files:
+        plan = _regroup_plan(group, current, day, take_loose, max_rows)
+        if not plan.needed(min_files):
             return None
+        live, stale, loose, kept, rewrite = plan.live, plan.stale, plan.loose, plan.kept, plan.rewrite
+        stale_keys = {(m["job_name"], m["scene_id"]) for m in stale}
         parts = []
         try:
             hidden = _hidden_rows(sorted(stale_keys))
@@ -778,27 +805,28 @@ def compact(table_root: os.PathLike | str, days: Optional[Sequence[str]] = None,
     rows, one atomic generation per partition (see the compaction notes above).
 
     days: the partitions (``YYYY-MM-DD``) to compact, default every one; a partition is
-    rewritten only when it has at least ``min_files`` files of current rows.
+    rewritten only when it has at least ``min_files`` files to merge (full compacted
+    files are not counted) or superseded rows to cut out.
     Returns one summary per partition looked at: ``{date, files_before, files_after,
-    rows, compacted}``; ``dry_run`` counts without writing.
+    rows, needed, compacted}``; ``dry_run`` plans without writing.
     """
     store = open_store(table_root)
     if not store.exists():
         raise CommitError(f"{table_root}: no detection table here (directory not found)")
     if not dry_run:
         recover(table_root)
-    visible = _visible_files(_current(all_manifests(table_root)), _current_groups(store))
+    current, groups = _current(all_manifests(table_root)), _current_groups(store)
     by_day: dict[str, list[dict]] = {}
-    for f, part in visible:
+    for f, part in _visible_files(current, groups):
         by_day.setdefault(part.day, []).append(f)
     summaries = []
     for day in sorted(days if days is not None else by_day):
         files = by_day.get(day, [])
-        rows = sum(f["rows"] for f in files)
-        summary = {"date": day, "files_before": len(files), "files_after": len(files), "rows": rows,
-                   "compacted": False}
-        if len(files) >= min_files:
-            summary["files_after"] = max(1, -(-rows // max_rows))
+        plan = _regroup_plan(groups.get(day), current, day, True, max_rows)
+        summary = {"date": day, "files_before": len(files), "files_after": len(files),
+                   "rows": sum(f["rows"] for f in files), "compacted": False, "needed": plan.needed(min_files)}
+        if summary["needed"]:
+            summary["files_after"] = plan.files_after(max_rows)
             if not dry_run:
                 group = _regroup(store, day, take_loose=True, max_rows=max_rows, min_files=min_files)
                 if group is not None:

@@ -149,6 +149,10 @@ def test_compact_cli_dry_run_then_compact_then_vacuum(tmp_path):
     one_day = cli.invoke(main, ["compact", str(tmp_path), "--date", NEXT_DAY, "--max-rows", "5"])
     assert one_day.exit_code == 0, one_day.output
     assert f"date={NEXT_DAY}: rewrote 3 files -> 3 (12 rows)" in one_day.output
+    # The dry run takes the same decision as compacting: two full files and one small one
+    # leave nothing to merge.
+    again = cli.invoke(main, ["compact", str(tmp_path), "--date", NEXT_DAY, "--max-rows", "5", "--dry-run"])
+    assert f"date={NEXT_DAY}: would leave 3 files -> 3 (12 rows)" in again.output, again.output
     assert len(data_files(tmp_path, DAY)) == 6
     done = cli.invoke(main, ["compact", str(tmp_path)])
     assert f"date={DAY}: rewrote 6 files -> 1 (45 rows)" in done.output, done.output
