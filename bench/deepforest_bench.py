@@ -348,9 +348,10 @@ def main(argv=None) -> None:
         return deepforest_child(*args.deepforest_child, threads=args.threads)
     df_version = check_deepforest_python(args.deepforest_python)
     sys.path.insert(0, str(REPO))
+    from bench.scratch import scratch_dir
     from pipeline.synth import synthesize
 
-    root = Path(tempfile.mkdtemp(prefix="deepforest-bench-"))
+    root = scratch_dir("deepforest-bench-")
     scene = synthesize(root / "scenes", scenes=1, size=args.size, seed=0)[0]
     deepforest_layout_checkpoint(root / "deepforest.ckpt", args.head_std, args.cls_bias)
     import_checkpoint(root / "deepforest.ckpt", root / "trees.pt")

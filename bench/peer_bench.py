@@ -42,7 +42,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -51,6 +50,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.scratch import scratch_dir  # noqa: E402
 
 SCORE_THRESHOLD = 0.25  # with --head-std 0.016: a few dozen detections per synthetic chip
 NMS_IOU = 0.5
@@ -236,7 +237,7 @@ def main(argv=None) -> None:
     from retinanet.runtime import resolve_device, resolve_precision
 
     torch.set_num_threads(args.threads)
-    root = Path(tempfile.mkdtemp(prefix="peer-bench-"))
+    root = scratch_dir("peer-bench-")
     scene = synthesize(root / "scenes", scenes=1, size=args.size, seed=0)[0]
     names = list(SYNTH_CLASSES)
     state = trained_looking_weights(len(names), args.chip, args.head_std, seed=1)

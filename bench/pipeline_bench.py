@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.scratch import scratch_dir  # noqa: E402
+
 
 def make_checkpoint(path: Path, backbone: str) -> None:
     import torch
@@ -85,7 +87,7 @@ def throughput(args) -> dict:
     from pipeline.execution import run_job, transport_batch
     from pipeline.synth import synthesize
 
-    root = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+    root = scratch_dir("pipeline-bench-")
     synthesize(root / "scenes", scenes=1, size=args.size, seed=0)
     make_checkpoint(root / "model.pt", args.backbone)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

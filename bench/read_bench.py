@@ -20,13 +20,13 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.scratch import scratch_dir  # noqa: E402
 from pipeline.execution import MIN_READ_BATCH, read_chip_batch, rows_to_batch, scene_rows  # noqa: E402
 from pipeline.planning import ScenePlan  # noqa: E402
 from pipeline.synth import synthesize  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--target", type=float, default=1500.0, help="chips/s a GPU node must be fed")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="read-bench-"))
+    root = scratch_dir("read-bench-")
     scene = synthesize(root, scenes=1, size=args.size, seed=0)[0]
     info, windows, _ = plan_chips(str(scene), args.chip, args.overlap, 0.0, scene_id="s")
     rows = scene_rows(ScenePlan("s", str(scene), info, windows, 0, []))

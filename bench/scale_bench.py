@@ -25,11 +25,12 @@ import datetime as dt
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.scratch import scratch_dir  # noqa: E402
 
 CHILD = """
 import json, sys, time
@@ -117,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     from pipeline.synth import synthesize
 
-    root = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+    root = scratch_dir("scale-bench-")
     make_model(root / "model.pt")
     rate = model_chips_per_s(root / "model.pt")
     rows = {}

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+# Converted models and fetched checkpoints go to a cache of this session's own (set before
+# Ray starts, so its workers inherit it), removed at the end: each session writes ~600 MB.
+_SESSION_CACHE = None if "RETINANET_PIPELINE_CACHE" in os.environ else tempfile.mkdtemp(prefix="pipeline-test-cache-")
+if _SESSION_CACHE:
+    os.environ["RETINANET_PIPELINE_CACHE"] = _SESSION_CACHE
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,6 +32,8 @@ def ray_session():
         ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 # Object storage: a local S3-compatible server (moto's server mode) on 127.0.0.1. The
@@ -45,7 +55,6 @@ os.environ.update({
     "AWS_REGION": "us-east-1",
     "AWS_ALLOW_HTTP": "true",
 })
-os.environ.setdefault("RETINANET_PIPELINE_CACHE", __import__("tempfile").mkdtemp(prefix="pipeline-test-cache-"))
 
 
 @pytest.fixture(scope="session")
