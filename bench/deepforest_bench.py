@@ -24,7 +24,7 @@ and no config value avoids it. So while DeepForest builds its model the child sw
 torchvision builder for one that passes ``weights=None, weights_backbone=None``; everything
 else (RetinaNetHub, thresholds from config, labels, trainer, predict_tile) is DeepForest's.
 
-Settings, both sides: the synthetic ``size``^2 RGB uint8 GeoTIFF of ``pipeline.synth``
+Settings, both sides: the synthetic ``size``^2 RGB uint8 GeoTIFF of ``pipeline.tools.synth``
 (256-px tiles, zstd); 400-px patches overlapping by 20 px (DeepForest's ``predict_tile``
 defaults: patch_size 400, patch_overlap 0.05, mosaic NMS iou_threshold 0.15, dataloader
 "single", config batch_size 1); patches resized to 800 by torchvision's transform (DeepForest
@@ -193,7 +193,7 @@ def our_windows(scene: Path, size: int) -> list[list[int]]:
     """Our chip windows on this file, as [x, y, w, h] (DeepForest's getRect order)."""
     import rasterio
 
-    from pipeline.tiling import chip_grid
+    from pipeline.chips.tiling import chip_grid
 
     with rasterio.open(scene) as src:
         grid = chip_grid(size, size, PATCH_SIZE, int(PATCH_SIZE * PATCH_OVERLAP), src.block_shapes[0])
@@ -251,7 +251,7 @@ def run_ours(job: Path, table: Path, precision: str = "auto", scene: Path | None
 def our_boxes(table: Path):
     import numpy as np
 
-    from pipeline.table import read_committed
+    from pipeline.table.transactions import read_committed
 
     t = read_committed(table, columns=["px_xmin", "px_ymin", "px_xmax", "px_ymax"])
     return np.stack([t[c].to_numpy() for c in t.column_names], axis=1).astype(float)
@@ -273,7 +273,7 @@ def agreement(df_run: dict, table: Path) -> dict:
     a single DeepForest patch; and DeepForest's zero-area boxes (we drop those)."""
     import numpy as np
 
-    from pipeline.metrics import pairwise_iou_np
+    from pipeline.eval.metrics import pairwise_iou_np
 
     theirs, ours = np.load(str(df_run["out"]) + ".npy")[:, :4], our_boxes(table)
     iou = pairwise_iou_np(theirs, ours) if len(theirs) and len(ours) else np.zeros((len(theirs), len(ours)))
@@ -349,7 +349,7 @@ def main(argv=None) -> None:
     df_version = check_deepforest_python(args.deepforest_python)
     sys.path.insert(0, str(REPO))
     from bench.scratch import scratch_dir
-    from pipeline.synth import synthesize
+    from pipeline.tools.synth import synthesize
 
     root = scratch_dir("deepforest-bench-")
     scene = synthesize(root / "scenes", scenes=1, size=args.size, seed=0)[0]

@@ -12,7 +12,7 @@ of each per repetition, so a noisy neighbour slows all alike); figures are media
 - openvino f32:       OpenVINO forced to f32;
 - openvino int8:      the graph quantised by NNCF (`OpenVinoDetector.quantize`), calibrated on
                       8 chips like the timed ones (speed only: accuracy needs labelled data,
-                      see pipeline.int8 and BENCHMARKS.md).
+                      see pipeline.infer.int8 and BENCHMARKS.md).
 
 Also: postprocessing alone (anchors in, detections out) per chip, and how many of torch
 fp32's top boxes each variant keeps (IoU > 0.9). Ratios are against torch bf16 in the same

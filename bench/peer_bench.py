@@ -9,7 +9,7 @@ trained). Our checkpoint carries the very same state dict through
 ``retinanet.from_torchvision`` (mean/std scaled by 255: the pipeline feeds raw 0-255 pixels,
 torchvision and SAHI feed [0, 1], so the normalised inputs are equal).
 
-Contenders, each on a synthetic ``size``^2 RGB GeoTIFF (pipeline.synth), 512-px chips
+Contenders, each on a synthetic ``size``^2 RGB GeoTIFF (pipeline.tools.synth), 512-px chips
 overlapping by 64 px, score threshold 0.25, torch on ``--threads`` threads:
 
 (a) SAHI ``get_sliced_prediction`` with ``AutoDetectionModel(model_type="torchvision")``:
@@ -166,7 +166,7 @@ def paired_ratio(reference: list[float], ours_times: list[float]) -> float:
 
 def job_spec(root: Path, table: str, chip: int, overlap: int, precision: str, threads: int, batch: int | None,
              backend: str = "auto"):
-    from pipeline.spec import JobSpec
+    from pipeline.config.spec import JobSpec
 
     return JobSpec.model_validate({
         "name": "peer", "inputs": {"paths": [str(root / "scenes" / "*.tif")], "bands": [1, 2, 3]},
@@ -181,7 +181,7 @@ def job_spec(root: Path, table: str, chip: int, overlap: int, precision: str, th
 def ours(root: Path, table: str, chip: int, overlap: int, precision: str, threads: int, batch: int | None,
          backend: str = "auto") -> int:
     """(c): `pipeline run` through run_job into root/table. Returns committed detections."""
-    from pipeline.execution import run_job
+    from pipeline.run.graph import run_job
 
     report = run_job(job_spec(root, table, chip, overlap, precision, threads, batch, backend), force=True,
                      log=lambda m: None)
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
 
     import ray
 
-    from pipeline.synth import SYNTH_CLASSES, synthesize
+    from pipeline.tools.synth import SYNTH_CLASSES, synthesize
     from retinanet.runtime import resolve_device, resolve_precision
 
     torch.set_num_threads(args.threads)
@@ -260,7 +260,7 @@ def main(argv=None) -> None:
         import sahi as sahi_pkg
         variants[f"SAHI {sahi_pkg.__version__} get_sliced_prediction"] = lambda r: sahi_run(scene, sahi, args.chip,
                                                                                            args.overlap)
-    from pipeline.predictor import resolve_backend
+    from pipeline.infer.predictor import resolve_backend
     from retinanet.openvino_backend import OpenVinoDetector
 
     engine = resolve_backend("auto", "cpu")
@@ -293,7 +293,7 @@ def main(argv=None) -> None:
     ray.shutdown()
     load_after = os.getloadavg()[0]
 
-    from pipeline.tiling import chip_grid
+    from pipeline.chips.tiling import chip_grid
 
     chips = len(chip_grid(args.size, args.size, args.chip, args.overlap))
     medians = {k: statistics.median(v) for k, v in times.items()}

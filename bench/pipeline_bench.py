@@ -33,7 +33,7 @@ from bench.scratch import scratch_dir  # noqa: E402
 def make_checkpoint(path: Path, backbone: str) -> None:
     import torch
 
-    from pipeline.synth import SYNTH_CLASSES
+    from pipeline.tools.synth import SYNTH_CLASSES
     from retinanet import build_model, save_checkpoint
 
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def make_checkpoint(path: Path, backbone: str) -> None:
 
 def job(root: Path, scenes: str, table: str, batch: int, actors: int, threads: int, backend: str = "auto",
         gpus_per_actor: float = 0):
-    from pipeline.spec import JobSpec
+    from pipeline.config.spec import JobSpec
 
     return JobSpec.model_validate({
         "name": "bench", "inputs": {"paths": [scenes], "bands": [1, 2, 3]},
@@ -60,7 +60,7 @@ def raw_forward_chips_per_s(root: Path, n_chips: int, batch: int, threads: int, 
     """The model alone on the engine the pipeline's actors use (same backend rule)."""
     import torch
 
-    from pipeline.predictor import resolve_backend
+    from pipeline.infer.predictor import resolve_backend
     from retinanet import Detector, load_checkpoint
     from retinanet.openvino_backend import OpenVinoDetector
     from retinanet.runtime import fold_batch_norm
@@ -84,8 +84,8 @@ def raw_forward_chips_per_s(root: Path, n_chips: int, batch: int, threads: int, 
 def throughput(args) -> dict:
     import ray
 
-    from pipeline.execution import run_job, transport_batch
-    from pipeline.synth import synthesize
+    from pipeline.run.graph import run_job, transport_batch
+    from pipeline.tools.synth import synthesize
 
     root = scratch_dir("pipeline-bench-")
     synthesize(root / "scenes", scenes=1, size=args.size, seed=0)
@@ -149,8 +149,8 @@ def peak_rss_of_run(size: int, backbone: str) -> tuple[int, dict[str, int]]:
 import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from pathlib import Path
 import ray
-from pipeline.synth import synthesize
-from pipeline.execution import run_job
+from pipeline.tools.synth import synthesize
+from pipeline.run.graph import run_job
 import bench.pipeline_bench as b
 root = Path(sys.argv[1])
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -158,7 +158,7 @@ run_job(b.job(root, str(root / "s{size}" / "*.tif"), "m{size}", 4, 1, 2), force=
 ray.shutdown()
 """
     root = Path(tempfile.mkdtemp(prefix="pipeline-mem-"))
-    from pipeline.synth import synthesize
+    from pipeline.tools.synth import synthesize
 
     synthesize(root / f"s{size}", scenes=1, size=size, seed=1)
     make_checkpoint(root / "model.pt", backbone)

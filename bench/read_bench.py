@@ -3,9 +3,9 @@
     python bench/read_bench.py                    # 8192² synthetic GeoTIFF, 512² chips, overlap 64
     python bench/read_bench.py --size 4096 --workers 1 2
 
-The scene is planned as `pipeline run` plans it (`pipeline.tiling.plan_chips`) and its
-chip rows (`pipeline.execution.scene_rows`) are read in runs of `MIN_READ_BATCH` by the
-pipeline's own read task, `pipeline.execution.read_chip_batch` (windowed reads, one open
+The scene is planned as `pipeline run` plans it (`pipeline.chips.tiling.plan_chips`) and its
+chip rows (`pipeline.run.graph.scene_rows`) are read in runs of `MIN_READ_BATCH` by the
+pipeline's own read task, `pipeline.run.graph.read_chip_batch` (windowed reads, one open
 per scene and batch, validity masks, the transport dtype), in N processes at once. Printed:
 chips/s per worker count, and the cores a node needs to feed a target rate (default 1,500
 chips/s, one H200's end-to-end target) at the measured per-core rate.
@@ -27,10 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.scratch import scratch_dir  # noqa: E402
-from pipeline.execution import MIN_READ_BATCH, read_chip_batch, rows_to_batch, scene_rows  # noqa: E402
-from pipeline.planning import ScenePlan  # noqa: E402
-from pipeline.synth import synthesize  # noqa: E402
-from pipeline.tiling import plan_chips  # noqa: E402
+from pipeline.chips.planning import ScenePlan  # noqa: E402
+from pipeline.chips.tiling import plan_chips  # noqa: E402
+from pipeline.run.graph import MIN_READ_BATCH, read_chip_batch, rows_to_batch, scene_rows  # noqa: E402
+from pipeline.tools.synth import synthesize  # noqa: E402
 
 
 def batches_of(rows: list[dict], size: int) -> list[dict]:

@@ -36,8 +36,8 @@ CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
 import ray
-from pipeline.execution import run_job
-from pipeline.spec import JobSpec
+from pipeline.run.graph import run_job
+from pipeline.config.spec import JobSpec
 root = sys.argv[1]
 spec = JobSpec.model_validate(json.loads(sys.argv[2]))
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
@@ -51,7 +51,7 @@ print(json.dumps({{"started": started, "ended": time.time(), "wall": report["wal
 def make_model(path: Path) -> None:
     import torch
 
-    from pipeline.synth import SYNTH_CLASSES
+    from pipeline.tools.synth import SYNTH_CLASSES
     from retinanet import build_model, save_checkpoint
 
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def model_chips_per_s(checkpoint: Path, chips: int = 40) -> float:
     """The model alone on the engine CPU actors use, one 256² chip per call."""
     import torch
 
-    from pipeline.predictor import resolve_backend
+    from pipeline.infer.predictor import resolve_backend
     from retinanet import Detector, load_checkpoint
     from retinanet.openvino_backend import OpenVinoDetector
 
@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, nargs="+", default=[100, 1000])
     args = parser.parse_args()
-    from pipeline.synth import synthesize
+    from pipeline.tools.synth import synthesize
 
     root = scratch_dir("scale-bench-")
     make_model(root / "model.pt")

@@ -8,7 +8,7 @@ A nightly table: ``--scenes`` scenes (default 500) re-run every night, so N comm
 N / scenes nights of history while the current state stays one version per scene. Rows
 per scene follow a log-normal distribution (median 150, a long tail to a few thousand),
 as detection counts over mixed scenes do. Each table is built with the real commit path
-(``pipeline.table.commit_scene``: Parquet, manifest, move, settle, snapshots).
+(``pipeline.table.transactions.commit_scene``: Parquet, manifest, move, settle, snapshots).
 
 Measured on each table once all are built, ``--reps`` rounds interleaved, medians:
 
@@ -33,8 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import table as T  # noqa: E402
 from pipeline.query import run_query  # noqa: E402
+from pipeline.table import schema  # noqa: E402
+from pipeline.table import transactions as T  # noqa: E402
 
 CLASSES = ["vehicle", "building", "tank"]
 
@@ -43,7 +44,7 @@ def scene_rows(run: T.RunInfo, scene: str, n: int, rng: np.random.Generator):
     xy = rng.uniform(0, 10000, size=(n, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(5, 50, size=(n, 2))], axis=1)
     corners = np.stack([boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [2, 3]], boxes[:, [0, 3]]], axis=1) + 500000.0
-    return T.build_detection_table(corners, boxes, rng.uniform(0.3, 1, n), rng.integers(0, 3, n), CLASSES,
+    return schema.build_detection_table(corners, boxes, rng.uniform(0.3, 1, n), rng.integers(0, 3, n), CLASSES,
                                    run_id=run.run_id, job_name=run.job_name, scene_id=scene,
                                    scene_path=f"/scenes/{scene}.tif", model_id=run.model_id, job_hash=run.job_hash)
 

@@ -3,17 +3,17 @@
     python bench/tiling_bench.py                      # 4096^2 RGB uint8, chips 512/64
     python bench/tiling_bench.py --size 8192 --write bench/RESULTS_tiling.md
 
-A synthetic scene (pipeline.synth) is converted to real COGs with GDAL's COG driver:
+A synthetic scene (pipeline.tools.synth) is converted to real COGs with GDAL's COG driver:
 GDAL's defaults (512-px tiles) with DEFLATE + predictor, the most common COG flavour;
 512-px JPEG tiles, as aerial RGB is usually served; and 256-px ZSTD tiles (the layout
-pipeline.synth writes). When the shared real data is present, a real 2048^2 aerial
+pipeline.tools.synth writes). When the shared real data is present, a real 2048^2 aerial
 image is measured too (GDAL's COG defaults): real imagery costs more to decode than the
 smooth synthetic texture, which is where the block cache pays. Then, per COG, in this run:
 
   block pass   every internal tile read once with rasterio (``block_windows``): the
                floor cost of decoding the scene, no overlap, no conversion (uint8);
   block f32    the same pass converting to float32, the dtype chips are delivered in;
-  chips        ``pipeline.tiling.iter_chips``: overlapped 512-px chips (stride 448),
+  chips        ``pipeline.chips.tiling.iter_chips``: overlapped 512-px chips (stride 448),
                row-major, float32, padding and validity mask included;
   chips native the same with ``dtype=None`` (uint8 chips, converted where the model runs);
   chips batch  the float32 extraction read into a reused batch buffer (``out=``), as a
@@ -45,13 +45,13 @@ import rasterio.shutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.raster import open_raster  # noqa: E402
-from pipeline.synth import synthesize  # noqa: E402
-from pipeline.tiling import iter_chips, plan_chips, read_chip  # noqa: E402
+from pipeline.chips.tiling import iter_chips, plan_chips, read_chip  # noqa: E402
+from pipeline.io.raster import open_raster  # noqa: E402
+from pipeline.tools.synth import synthesize  # noqa: E402
 
 CHILD = """
 import sys, time
-from pipeline.tiling import iter_chips
+from pipeline.chips.tiling import iter_chips
 path, chip, overlap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 dtype = None if sys.argv[4] == "native" else sys.argv[4]
 start = time.perf_counter()

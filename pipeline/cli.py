@@ -29,7 +29,7 @@ def fail(err: Exception) -> NoReturn:
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS))
 def demo(chips: int, size: int, backbone: str, precision: str) -> None:
     """Build an (untrained) RetinaNet and run it on synthetic chips: a smoke test of the model."""
-    from pipeline.demo import run_demo
+    from pipeline.tools.demo import run_demo
 
     for row in run_demo(chips, size, backbone, precision):
         click.echo(f"chip {row['chip']}: {row['detections']} detections, top score {row['top_score']:.3f} "
@@ -42,8 +42,8 @@ def demo(chips: int, size: int, backbone: str, precision: str) -> None:
 def validate(job: str, overrides: tuple[str, ...]) -> None:
     """Check a job and every scene it names against the model, without running it
     (exit code 2 and every problem if it cannot run)."""
-    from pipeline.execution import preflight
-    from pipeline.spec import load_job
+    from pipeline.config.spec import load_job
+    from pipeline.run.graph import preflight
 
     try:
         spec = load_job(job, list(overrides))
@@ -68,8 +68,8 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool, v
     partial or failed, 2 when the job cannot start (bad field, no scene found)."""
     import json
 
-    from pipeline.execution import run_job
-    from pipeline.spec import load_job
+    from pipeline.config.spec import load_job
+    from pipeline.run.graph import run_job
 
     try:
         spec = load_job(job, list(overrides))
@@ -102,7 +102,7 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool, v
 def synth(out_dir: str, scenes: int, size: int, seed: int, bands: str, dtype: str,
           nodata_regions: bool) -> None:
     """Write synthetic georeferenced scenes plus truth.json (COCO) and truth.geojson."""
-    from pipeline.synth import synthesize
+    from pipeline.tools.synth import synthesize
 
     try:
         paths = synthesize(out_dir, scenes, size, seed, bands=int(bands), dtype=dtype,
@@ -137,7 +137,7 @@ def query(table: str, sql: str, fmt: Literal["table", "csv", "json"]) -> None:
               help="seconds: anything younger is kept (commits and reads in flight)")
 def vacuum(table: str, dry_run: bool, grace: float) -> None:
     """Finish interrupted commits, then remove superseded files, orphans and stale staging."""
-    from pipeline.table import vacuum as vacuum_table
+    from pipeline.table.transactions import vacuum as vacuum_table
 
     try:
         found = vacuum_table(table, grace_s=grace, dry_run=dry_run)
@@ -161,7 +161,7 @@ def vacuum(table: str, dry_run: bool, grace: float) -> None:
 @click.option("--dry-run", is_flag=True, help="say what would be rewritten, write nothing")
 def compact(table: str, days: tuple[str, ...], min_files: int, max_rows: int, dry_run: bool) -> None:
     """Rewrite each date partition's small files into few large ones, one atomic commit per partition."""
-    from pipeline.table import compact as compact_table
+    from pipeline.table.transactions import compact as compact_table
 
     try:
         summaries = compact_table(table, days=list(days) or None, min_files=min_files, max_rows=max_rows,
@@ -211,7 +211,7 @@ def render(table: str, scene_path: str, out: str, run_id: str | None, job_name: 
 def submit(job: str, address: str, overrides: tuple[str, ...], run_id: str | None, force: bool,
            submission_id: str | None, follow: bool) -> None:
     """Submit a job to a Ray cluster as a Ray Job; print its id (see docs/operations.md)."""
-    from pipeline.submit import follow_job, submit_job
+    from pipeline.run.submit import follow_job, submit_job
 
     try:
         job_id, local = submit_job(address, job, list(overrides), run_id=run_id, force=force,
@@ -233,8 +233,8 @@ def train(job: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Train the job's RetinaNet on its `train:` section with Ray Train (see docs/training.md)."""
     import json
 
-    from pipeline.spec import load_job
-    from pipeline.train import train as run_training
+    from pipeline.config.spec import load_job
+    from pipeline.train.driver import train as run_training
 
     try:
         summary = run_training(load_job(job, list(overrides)), resume=resume)
@@ -259,7 +259,7 @@ def train(job: str, overrides: tuple[str, ...], resume: bool) -> None:
 def evaluate(table: str, truth: tuple[str, ...], run_id: str | None, job_name: str | None, voc: bool,
              out_dir: str, label_field: str, scene_field: str | None, label_map: tuple[str, ...]) -> None:
     """Scene-level COCO evaluation of a committed run against ground truth."""
-    from pipeline.evaluate import evaluate_table, format_table, parse_label_map
+    from pipeline.eval.evaluate import evaluate_table, format_table, parse_label_map
 
     try:
         metrics = evaluate_table(table, list(truth), run_id=run_id, job_name=job_name, voc=voc, out_dir=out_dir,
@@ -303,11 +303,11 @@ def eval_checkpoint(checkpoint: str, job: str | None, overrides: tuple[str, ...]
                     scenes: tuple[str, ...], labels: tuple[str, ...], chip_size: int, overlap: int,
                     bands: str | None, region: str | None, untrained: bool, voc: bool, out_dir: str | None) -> None:
     """Chip-level COCO evaluation of a checkpoint on labelled data, without running the pipeline."""
-    from pipeline.evaluate import evaluate_checkpoint, evaluate_checkpoint_on_job, format_table
+    from pipeline.eval.evaluate import evaluate_checkpoint, evaluate_checkpoint_on_job, format_table
 
     try:
         if job is not None:
-            from pipeline.spec import load_job
+            from pipeline.config.spec import load_job
 
             metrics = evaluate_checkpoint_on_job(checkpoint, load_job(job, list(overrides)), split=split, voc=voc,
                                                  out_dir=out_dir, untrained=untrained)
@@ -339,8 +339,8 @@ def anchors(job: str, overrides: tuple[str, ...]) -> None:
     """Fit anchor sizes and ratios to the job's training boxes; print the matched share."""
     import json
 
-    from pipeline.spec import load_job
-    from pipeline.train import fit_job_anchors
+    from pipeline.config.spec import load_job
+    from pipeline.train.driver import fit_job_anchors
 
     try:
         fit = fit_job_anchors(load_job(job, list(overrides)))

@@ -27,3 +27,7 @@ class GeoreferenceError(InputError):
 
 class CommitError(PipelineError):
     """Publishing a run's output failed; nothing of that run became visible."""
+
+
+class TrainingError(PipelineError):
+    """Training could not run or did not finish (the message says which worker/step)."""

@@ -1,7 +1,7 @@
 """`pipeline query`: SQL over the committed rows of a detection table, with DuckDB.
 
 The rows are the view ``detections``, defined over exactly
-:func:`pipeline.table.committed_parts`: the files of the current manifests (read from
+:func:`pipeline.table.transactions.committed_parts`: the files of the current manifests (read from
 ``_staging`` where a crash interrupted a published commit before its move); files of
 runs that crashed before publishing and of superseded manifests are not part of it.
 ``date`` is each file's partition, a DATE (the files hold no date column). A table in an
@@ -12,7 +12,7 @@ boxes without any spatial extension. An empty table gives an empty view with the
 columns and types.
 
 The view ``scenes`` has one row per current scene manifest
-(:func:`pipeline.table.committed_scenes`), so SQL can count scene outcomes or join them
+(:func:`pipeline.table.transactions.committed_scenes`), so SQL can count scene outcomes or join them
 to ``detections`` on ``(job_name, scene_id)``: job_name, scene_id, scene_path,
 ``status`` ('complete', 'partial' or 'failed'; manifests of older versions have no
 status and count as 'complete'), ``rows``, ``missing_chips`` (how many chips of the
@@ -70,8 +70,8 @@ class QueryError(PipelineError):
 def _check_table_root(table_root: os.PathLike | str) -> str:
     """A table root must exist: a typo must not read as 'no rows'. An object-store table
     must hold its ``_table.json``."""
-    from pipeline.table import TABLE_INFO
-    from pipeline.tablestore import LocalStore, open_store
+    from pipeline.table.store import LocalStore, open_store
+    from pipeline.table.transactions import TABLE_INFO
 
     store = open_store(table_root)
     if isinstance(store, LocalStore) and not store.exists():
@@ -101,7 +101,7 @@ def view_sql(files: list[str], dated: bool = True) -> str:
     listed = "[" + ", ".join(_sql_string(f) for f in files) + "]"
     if dated:
         source = f"read_parquet({listed}, hive_partitioning = false, filename = true)"
-        from pipeline.table import detection_schema
+        from pipeline.table.schema import detection_schema
 
         # Columns named, not d.*: files of tables written before the date left the files
         # still hold one, and it must not appear twice.
@@ -131,8 +131,8 @@ def _scene_reason(manifest: dict, status: str, missing: list) -> str | None:
 
 
 def scenes_table(scenes: dict[tuple[str, str], dict]) -> pa.Table:
-    """The rows of the ``scenes`` view from :func:`pipeline.table.committed_scenes`."""
-    from pipeline.table import scene_status
+    """The rows of the ``scenes`` view from :func:`pipeline.table.transactions.committed_scenes`."""
+    from pipeline.table.transactions import scene_status
 
     rows = []
     for (job_name, scene_id), m in sorted(scenes.items()):
@@ -162,8 +162,8 @@ def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
     """
     import duckdb
 
-    from pipeline.table import committed_scenes, part_location, read_committed, visible_parts
-    from pipeline.tablestore import open_store
+    from pipeline.table.store import open_store
+    from pipeline.table.transactions import committed_scenes, part_location, read_committed, visible_parts
 
     root = _check_table_root(table_root)
     scenes = scenes_table(committed_scenes(root))

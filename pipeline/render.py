@@ -87,7 +87,7 @@ def read_quicklook(path: str, max_size: int) -> tuple[np.ndarray, tuple[int, int
     """
     from rasterio.enums import Resampling
 
-    from pipeline.raster import open_raster
+    from pipeline.io.raster import open_raster
 
     with open_raster(path) as src:
         bands = display_bands([c.name for c in src.colorinterp], src.count)
@@ -117,7 +117,7 @@ def scene_detections(table_root: os.PathLike | str, scene_id: str, run_id: Optio
     """Committed detections of ``scene_id`` (optionally only ``run_id`` / ``job_name``)."""
     import pyarrow.dataset as ds
 
-    from pipeline.table import read_committed
+    from pipeline.table.transactions import read_committed
 
     if not Path(table_root).is_dir():
         raise InputError(f"{table_root}: no detection table here (directory not found)")
@@ -212,8 +212,8 @@ def render_quicklook(table_root: os.PathLike | str, scene_path: str, out: os.Pat
 def committed_scene_id(table_root: os.PathLike | str, scene_path: str, job_name: Optional[str] = None) -> str:
     """The scene id under which the table holds ``scene_path`` (ids depend on the job's input
     patterns, so the manifests are asked); the file stem when no committed scene has that path."""
-    from pipeline.inputs import is_remote, scene_id_for
-    from pipeline.table import committed_scenes
+    from pipeline.io.inputs import is_remote, scene_id_for
+    from pipeline.table.transactions import committed_scenes
 
     if not Path(table_root).is_dir():
         raise InputError(f"{table_root}: no detection table here (directory not found)")
@@ -231,7 +231,7 @@ def link_in_run_reports(table_root: os.PathLike | str, scene_id: str, png: os.Pa
     whose committed rows of this scene are current; returns the reports updated."""
     import json
 
-    from pipeline.table import REPORTS, committed_scenes, write_run_report
+    from pipeline.table.transactions import REPORTS, committed_scenes, write_run_report
 
     updated = []
     for (job, sid), entry in committed_scenes(table_root).items():

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large",
-             "efficientnet_b0", "efficientnet_b3", "vgg16")
+from retinanet.options import BACKBONES
+
 TAP_STRIDES = (8, 16, 32)
 
 

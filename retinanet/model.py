@@ -17,6 +17,7 @@ from retinanet.backbones import build_backbone
 from retinanet.heads import Subnet, prior_logit
 from retinanet.losses import box_regression_loss, sigmoid_focal_loss
 from retinanet.matcher import IGNORE, match_batch, pad_targets
+from retinanet.options import TRAINABLE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,17 +44,17 @@ class RetinaNetConfig:
     """
 
     num_classes: int
-    backbone: str = "resnet50"
+    backbone: str = TRAINABLE.backbone
     in_channels: int = 3
     image_mean: tuple[float, ...] = IMAGENET_MEAN
     image_std: tuple[float, ...] = IMAGENET_STD
     backbone_weights: str | None = None  # local ImageNet state dict; never stored in checkpoints
     frozen_bn: bool = True
     trainable_stages: int | None = None
-    fpn_channels: int = 256
+    fpn_channels: int = TRAINABLE.fpn_channels
     p6_from: str = "c5"  # the paper builds P6 from C5; torchvision's v1 from P5
-    head_width: int = 256
-    head_depth: int = 4
+    head_width: int = TRAINABLE.head_width
+    head_depth: int = TRAINABLE.head_depth
     head_group_norm: bool = False
     prior_probability: float = 0.01
     anchor_sizes: tuple[tuple[float, ...], ...] = DEFAULT_SIZES
@@ -61,9 +62,9 @@ class RetinaNetConfig:
     fg_iou_threshold: float = 0.5
     bg_iou_threshold: float = 0.4
     allow_low_quality_matches: bool = True
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    box_loss: str = "l1"
+    focal_alpha: float = TRAINABLE.focal_alpha
+    focal_gamma: float = TRAINABLE.focal_gamma
+    box_loss: str = TRAINABLE.box_loss
     smooth_l1_beta: float = 0.1
     score_threshold: float = 0.05
     topk_candidates: int = 1000

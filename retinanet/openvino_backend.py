@@ -10,12 +10,12 @@ AVX512-BF16 and f32 elsewhere; ``fp32`` and ``bf16`` force one (``fp16`` only wh
 CPU has fp16 units). ``int8`` runs a graph quantised by NNCF (:meth:`OpenVinoDetector.quantize`,
 post-training, calibrated on chips the caller chooses) and stored beside the f32 graph
 under a key naming its calibration; INT8 changes results, so the pipeline measures it first
-(`pipeline.int8`). Measured on this project's 2-core AMX machine (R50-FPN, 512² chips):
+(`pipeline.infer.int8`). Measured on this project's 2-core AMX machine (R50-FPN, 512² chips):
 0.09-0.11 s per chip against 0.25-0.37 s for torch bf16 (see BENCHMARKS.md).
 
 Conversion takes seconds (a trace of the model), so converted graphs are cached per node
 (``cache_dir``: `pipeline run` passes ``<its cache>/openvino``, see
-:func:`pipeline.objstore.cache_dir`; default ``$TMPDIR/retinanet-openvino``), keyed by the
+:func:`pipeline.io.objstore.cache_dir`; default ``$TMPDIR/retinanet-openvino``), keyed by the
 checkpoint's SHA-256 and the network's input size; writes are atomic, so actors
 converting at once each end with a whole file and later runs reuse it.
 """

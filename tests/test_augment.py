@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.augment import (
+from pipeline.train.augment import (
     AugmentConfig,
     brightness_contrast,
     hflip,

@@ -100,7 +100,7 @@ def test_rayjob_manifest_is_a_rayjob_with_autoscaled_gpu_workers(rayjob_docs):
 
 
 def test_rayjob_runs_a_valid_job_file_mounted_on_the_head(rayjob_docs):
-    from pipeline.spec import parse_job
+    from pipeline.config.spec import parse_job
 
     rayjob = next(d for d in rayjob_docs if d.get("kind") == "RayJob")
     job_path = rayjob["spec"]["entrypoint"].split()[2]

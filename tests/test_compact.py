@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from readers import assert_every_reader_agrees, duckdb_rows, pipeline_rows
 from test_table import _writer, rows, run_info
 
-import pipeline.table as T
+import pipeline.table.transactions as T
 from pipeline.cli import main
 
 DAY, NEXT_DAY = "2024-05-01", "2024-05-02"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline.console import is_native_log_line, native_log_lines_hidden
+from pipeline.run.console import is_native_log_line, native_log_lines_hidden
 
 RAY_LINE = (b"[2026-11-30 18:07:05,078 E 20242 20242] core_worker.cc:2465: Actor with class name: "
             b"'MapWorker(MapBatches(ChipPredictor))' has constructor arguments in the object store\n")
@@ -27,7 +27,7 @@ def test_the_filter_drops_native_lines_written_to_fd_2_and_keeps_ours(capfd):
 
 JOINING_DRIVER = """
 import json, sys, time
-from pipeline.execution import connect_ray
+from pipeline.run.graph import connect_ray
 ray = connect_ray(sys.argv[1], quiet=sys.argv[2] == "quiet")
 
 @ray.remote(num_cpus=0)

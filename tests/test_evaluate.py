@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.evaluate import evaluate_table, format_table, write_report
-from pipeline.metrics import ImageBoxes, all_point_ap, coco_metrics, voc_class_ap, voc_metrics
-from pipeline.table import RunInfo, build_detection_table, commit_scene
+from pipeline.eval.evaluate import evaluate_table, format_table, write_report
+from pipeline.eval.metrics import ImageBoxes, all_point_ap, coco_metrics, voc_class_ap, voc_metrics
+from pipeline.table.schema import build_detection_table
+from pipeline.table.transactions import RunInfo, commit_scene
 
 
 def truth(image_id, boxes, labels, size=100):
@@ -250,8 +251,8 @@ def test_evaluate_table_errors_name_the_problem(tmp_path):
 def test_vector_truth_equals_coco_truth_on_synthetic_scenes(tmp_path):
     # truth.geojson (map coordinates) placed on each scene through the raster path the
     # table records must give the same boxes, hence the same metrics, as truth.json.
-    from pipeline.labels import by_scene, read_coco
-    from pipeline.synth import SYNTH_CLASSES, synthesize
+    from pipeline.io.labels import by_scene, read_coco
+    from pipeline.tools.synth import SYNTH_CLASSES, synthesize
 
     paths = synthesize(tmp_path / "synth", scenes=2, size=256, seed=4)
     truth = by_scene(read_coco(tmp_path / "synth" / "truth.json"))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from workspaces import tiny_checkpoint
 
-from pipeline.predictor import FaultPlan
-from pipeline.spec import JobSpec
-from pipeline.synth import synthesize
+from pipeline.config.spec import JobSpec
+from pipeline.infer.predictor import FaultPlan
+from pipeline.tools.synth import synthesize
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,7 +36,7 @@ def make_spec(root, table: str, **compute) -> JobSpec:
 
 
 def committed_rows(table_root) -> list[tuple]:
-    from pipeline.table import read_committed
+    from pipeline.table.transactions import read_committed
 
     t = read_committed(table_root).to_pydict()
     return sorted(zip(t["scene_id"], t["label"], np.round(t["px_xmin"], 3), np.round(t["px_ymin"], 3),
@@ -45,7 +45,7 @@ def committed_rows(table_root) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def clean_run(workspace, ray_session):
-    from pipeline.execution import run_job
+    from pipeline.run.graph import run_job
 
     report = run_job(make_spec(workspace, "clean"))
     return report, committed_rows(workspace / "clean")
@@ -68,7 +68,7 @@ def test_tightest_prefetch_budget_streams_every_chip(workspace, clean_run):
     """One batch per actor in the object store: nothing stalls, nothing is lost."""
     import ray.data
 
-    from pipeline.execution import in_flight_bytes, run_job
+    from pipeline.run.graph import in_flight_bytes, run_job
 
     report = run_job(make_spec(workspace, "prefetch-1", prefetch_batches=1))
     assert report["exit_code"] == 0, report
@@ -80,7 +80,7 @@ def test_tightest_prefetch_budget_streams_every_chip(workspace, clean_run):
 
 
 def test_actor_killed_once_mid_batch_loses_nothing(workspace, clean_run, tmp_path):
-    from pipeline.execution import run_job
+    from pipeline.run.graph import run_job
 
     faults = FaultPlan(crash_once=["synth_000/r1c1"], marker_dir=str(tmp_path))
     report = run_job(make_spec(workspace, "crash-once"), faults=faults)
@@ -90,7 +90,7 @@ def test_actor_killed_once_mid_batch_loses_nothing(workspace, clean_run, tmp_pat
 
 
 def test_poison_chip_is_quarantined_and_the_rest_committed(workspace, clean_run):
-    from pipeline.execution import run_job
+    from pipeline.run.graph import run_job
 
     poison = "synth_001/r0c1"
     report = run_job(make_spec(workspace, "poison"), faults=FaultPlan(crash_always=[poison]))
@@ -104,7 +104,7 @@ def test_poison_chip_is_quarantined_and_the_rest_committed(workspace, clean_run)
 
 
 def test_python_exception_in_a_chip_quarantines_only_that_chip(workspace, ray_session):
-    from pipeline.execution import run_job
+    from pipeline.run.graph import run_job
 
     report = run_job(make_spec(workspace, "raises"), faults=FaultPlan(raise_always=["synth_000/r0c0"]))
     assert report["exit_code"] == 1
@@ -114,7 +114,7 @@ def test_python_exception_in_a_chip_quarantines_only_that_chip(workspace, ray_se
 
 def test_predictor_cuts_ray_batches_into_forward_batches(workspace, ray_session):
     """forward_batch only changes how many chips go through one forward, not what is found."""
-    from pipeline.predictor import ChipPredictor, decode_detections
+    from pipeline.infer.predictor import ChipPredictor, decode_detections
 
     rng = np.random.default_rng(0)
     n = 5
@@ -140,7 +140,7 @@ def test_predictor_cuts_ray_batches_into_forward_batches(workspace, ray_session)
 
 
 def test_detections_centred_on_nodata_are_dropped():
-    from pipeline.predictor import centres_on_valid_pixels
+    from pipeline.infer.predictor import centres_on_valid_pixels
 
     valid = np.zeros((8, 8), dtype=bool)
     valid[:, :4] = True  # left half valid
@@ -164,7 +164,7 @@ def test_quicklook_is_linked_from_the_run_report(clean_run, workspace, tmp_path)
 
 
 def test_progress_line_rate_excludes_start_up_and_gives_an_eta():
-    from pipeline.execution import progress_line
+    from pipeline.run.graph import progress_line
 
     assert progress_line(120, 400, 3, 10, 60.0) == "  120/400 chips, 3/10 scenes committed, 2.0 chips/s, ETA 2m20s"
     assert progress_line(10, 100000, 0, 10, 10.0).endswith("1.0 chips/s, ETA 27h46m")

@@ -14,7 +14,7 @@ pytest.importorskip("onnxscript")
 
 from workspaces import tiny_checkpoint
 
-from pipeline.synth import SYNTH_CLASSES, synthesize  # noqa: E402
+from pipeline.tools.synth import SYNTH_CLASSES, synthesize  # noqa: E402
 from retinanet import build_model, load_checkpoint, save_checkpoint  # noqa: E402
 from retinanet import export as export_module  # noqa: E402
 from retinanet.checkpoint import file_sha256  # noqa: E402
@@ -199,8 +199,8 @@ def test_a_damaged_file_is_never_taken_for_an_export(tmp_path):
 
 
 def test_spec_rejects_onnx_backend_with_reduced_precision(workspace):
+    from pipeline.config.spec import parse_job
     from pipeline.errors import ConfigError
-    from pipeline.spec import parse_job
 
     job = {"name": "x", "inputs": {"paths": ["a.tif"]}, "output": {"table": "t"},
            "model": {"checkpoint": "m.pt", "backend": "onnx", "precision": "bf16"}}
@@ -215,7 +215,7 @@ def test_spec_rejects_onnx_backend_with_reduced_precision(workspace):
 
 def committed_detections(table_root) -> dict[str, dict]:
     """Committed rows per scene as detection dicts (scene pixels, label ids)."""
-    from pipeline.table import read_committed
+    from pipeline.table.transactions import read_committed
 
     t = read_committed(table_root).to_pydict()
     scenes = np.array(t["scene_id"])
@@ -227,7 +227,7 @@ def committed_detections(table_root) -> dict[str, dict]:
 
 
 def run_spec(root, table: str, backend: str):
-    from pipeline.spec import JobSpec
+    from pipeline.config.spec import JobSpec
 
     return JobSpec.model_validate({
         "name": "export-test",
@@ -241,7 +241,7 @@ def run_spec(root, table: str, backend: str):
 
 
 def test_pipeline_run_with_onnx_backend_commits_the_torch_rows(workspace, ray_session):
-    from pipeline.execution import run_job
+    from pipeline.run.graph import run_job
 
     torch_report = run_job(run_spec(workspace, "torch", "torch"), log=lambda m: None)
     onnx_report = run_job(run_spec(workspace, "onnx", "onnx"), log=lambda m: None)

@@ -9,7 +9,7 @@ import rasterio.warp
 from pyproj import CRS
 from real_data import real, requires_real_data
 
-from pipeline.georef import (
+from pipeline.geo.georef import (
     apply_affine,
     box_corners,
     boxes_to_polygons,

@@ -257,7 +257,7 @@ def test_pipeline_run_matches_torchvision_on_a_400px_chip(tmp_path, tv_default, 
 
 
 def test_job_fields_override_the_checkpoint_settings(tmp_path, tv_default, ray_session):
-    from pipeline.spec import job_hash, load_job
+    from pipeline.config.spec import job_hash, load_job
 
     torch.save(tv_default.state_dict(), tmp_path / "weights.pt")
     assert cli("import", tmp_path / "weights.pt", "--out", tmp_path / "model.pt", "--classes", "tree")[0] == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.inputs import (
+from pipeline.io.inputs import (
     InputSet,
     SceneInput,
     expand_patterns,

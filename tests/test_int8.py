@@ -14,10 +14,10 @@ import rasterio
 import torch
 from workspaces import tiny_checkpoint
 
+from pipeline.config.spec import JobSpec
 from pipeline.errors import ConfigError
-from pipeline.int8 import Int8Measurement, ap50_drop_points, evenly_spaced, int8_allowed
-from pipeline.spec import JobSpec
-from pipeline.synth import SYNTH_CLASSES, synthesize
+from pipeline.infer.int8 import Int8Measurement, ap50_drop_points, evenly_spaced, int8_allowed
+from pipeline.tools.synth import SYNTH_CLASSES, synthesize
 from retinanet import Detector, load_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
@@ -55,7 +55,7 @@ def test_int8_needs_labels_and_a_cpu_engine(model, message):
 
 
 def test_validate_names_a_missing_label_file(tmp_path):
-    from pipeline.spec import check_runnable
+    from pipeline.config.spec import check_runnable
 
     (tmp_path / "m.pt").write_bytes(b"")
     spec = JobSpec.model_validate({"name": "j", "inputs": {"paths": ["x.tif"]},
@@ -103,7 +103,7 @@ def int8_job(root, table: str, **model) -> JobSpec:
 
 
 def test_int8_is_measured_against_f32_then_run(labelled, ray_session, monkeypatch, tmp_path):
-    from pipeline.execution import run_job
+    from pipeline.run.graph import run_job
 
     monkeypatch.setenv("RETINANET_PIPELINE_CACHE", str(tmp_path / "cache"))
     report = run_job(int8_job(labelled, "allowed", int8_max_ap50_drop=100.0), log=lambda m: None)

@@ -10,9 +10,10 @@ import shapely
 from pyogrio import raw as ogr
 from real_data import real, requires_real_data
 
+from pipeline.chips.tiling import ChipWindow
 from pipeline.errors import InputError
-from pipeline.georef import reproject_points
-from pipeline.labels import (
+from pipeline.geo.georef import reproject_points
+from pipeline.io.labels import (
     by_scene,
     chip_labels,
     read_coco,
@@ -21,9 +22,8 @@ from pipeline.labels import (
     read_vector,
     read_voc,
 )
-from pipeline.raster import read_scene_info
-from pipeline.synth import SYNTH_CLASSES, synthesize
-from pipeline.tiling import ChipWindow
+from pipeline.io.raster import read_scene_info
+from pipeline.tools.synth import SYNTH_CLASSES, synthesize
 
 # ------------------------------------------------------------------ real files
 

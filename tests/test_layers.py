@@ -12,18 +12,21 @@ PACKAGES = ("pipeline", "retinanet")
 
 
 def module_name(path: Path) -> str:
-    return path.parent.name if path.stem == "__init__" else f"{path.parent.name}.{path.stem}"
+    """pipeline/run/graph.py -> pipeline.run.graph; pipeline/run/__init__.py -> pipeline.run."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def project_imports() -> dict[str, list[tuple[str, list[str]]]]:
     """{module: [(imported module, names taken from it)]} for every import of our own modules."""
     graph = {}
     for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             found = []
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
                     found.append((node.module, [a.name for a in node.names]))
+                    found += [(f"{node.module}.{a.name}", []) for a in node.names]  # `from pkg import module`
                 elif isinstance(node, ast.Import):
                     found += [(a.name, []) for a in node.names if a.name.split(".")[0] in PACKAGES]
             graph[module_name(path)] = found

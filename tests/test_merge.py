@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from pipeline.merge import (
+from pipeline.infer.merge import (
     KEPT,
     greedy_clusters,
     intersecting_pairs,
@@ -25,7 +25,7 @@ CHIP, OVERLAP = 512, 64
 def chip_starts(size: int, chip: int = CHIP, overlap: int = OVERLAP) -> list[int]:
     """Chip offsets along one axis: stride chip - overlap, last chip snapped to the edge.
 
-    Written here on purpose (not imported from pipeline.tiling) so the merge test does
+    Written here on purpose (not imported from pipeline.chips.tiling) so the merge test does
     not depend on the tiling code it would otherwise share mistakes with.
     """
     stride = chip - overlap

@@ -19,11 +19,11 @@ CHILD = textwrap.dedent('''
     import torch
     import ray
     from ray.cluster_utils import Cluster
-    from pipeline.execution import run_job
-    from pipeline.planning import PLAN_BATCH
-    from pipeline.spec import JobSpec
-    from pipeline.synth import SYNTH_CLASSES, synthesize
-    from pipeline.table import read_committed
+    from pipeline.run.graph import run_job
+    from pipeline.chips.planning import PLAN_BATCH
+    from pipeline.config.spec import JobSpec
+    from pipeline.tools.synth import SYNTH_CLASSES, synthesize
+    from pipeline.table.transactions import read_committed
     from retinanet import build_model, save_checkpoint
 
     root = Path(sys.argv[1])

@@ -6,9 +6,9 @@ import pytest
 import rasterio
 from real_data import real, requires_real_data
 
+from pipeline.chips.normalize import MIN_STD, BandStats, compute_band_stats, patch_windows
 from pipeline.errors import InputError
-from pipeline.normalize import MIN_STD, BandStats, compute_band_stats, patch_windows
-from pipeline.synth import synthesize
+from pipeline.tools.synth import synthesize
 
 
 def exact_stats(paths, bands):

@@ -27,9 +27,9 @@ from real_data import real
 from workspaces import tiny_checkpoint
 
 from pipeline.cli import main
-from pipeline.inputs import expand_patterns, glob_regex
-from pipeline.predictor import FaultPlan
-from pipeline.synth import synthesize
+from pipeline.infer.predictor import FaultPlan
+from pipeline.io.inputs import expand_patterns, glob_regex
+from pipeline.tools.synth import synthesize
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -85,7 +85,7 @@ def glob_rows(table: Path) -> list[tuple]:
 
 def committed_rows(table: Path) -> list[tuple]:
     """The same, over the files the current manifests list (a rerun leaves superseded files)."""
-    from pipeline.table import committed_files
+    from pipeline.table.transactions import committed_files
 
     return duckdb.sql(ROW_SQL.format(committed_files(table)) + " ORDER BY ALL").fetchall()
 
@@ -239,9 +239,9 @@ def test_scenes_planned_by_ray_tasks_fail_alone_and_lose_nothing(ws, src_rows, r
     """More scenes than the driver plans first (PLAN_BATCH): the others are planned by Ray
     tasks while the first are already predicted. A scene planned there that cannot feed
     the model fails alone and is recorded; every other scene's rows are its image's rows."""
-    from pipeline.execution import run_job
-    from pipeline.planning import PLAN_BATCH
-    from pipeline.spec import load_job
+    from pipeline.chips.planning import PLAN_BATCH
+    from pipeline.config.spec import load_job
+    from pipeline.run.graph import run_job
 
     folder = ws / "many"
     folder.mkdir()
@@ -263,8 +263,8 @@ def test_scenes_planned_by_ray_tasks_fail_alone_and_lose_nothing(ws, src_rows, r
 
 
 def test_every_chip_failing_is_failed_and_a_transient_fault_converges(ws, src_rows, ray_session):
-    from pipeline.execution import run_job
-    from pipeline.spec import load_job
+    from pipeline.config.spec import load_job
+    from pipeline.run.graph import run_job
 
     spec = load_job(write_job(ws, "converge", paths=[str(ws / "src" / "*.tif")]))
     every_chip = [f"synth_001/r{r}c{c}" for r in range(2) for c in range(2)]
@@ -281,10 +281,10 @@ def test_every_chip_failing_is_failed_and_a_transient_fault_converges(ws, src_ro
 
 
 def test_a_transient_error_never_wipes_complete_rows(ws, src_rows, monkeypatch, ray_session):
-    from pipeline import execution
+    from pipeline.config.spec import load_job
     from pipeline.errors import InputError
-    from pipeline.execution import run_job
-    from pipeline.spec import load_job
+    from pipeline.run import graph as execution
+    from pipeline.run.graph import run_job
 
     spec = load_job(write_job(ws, "transient", paths=[str(ws / "src" / "*.tif")]))
     assert run_job(spec)["exit_code"] == 0

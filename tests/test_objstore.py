@@ -8,9 +8,9 @@ import rasterio
 from rasterio.transform import from_origin
 
 from pipeline.errors import InputError
-from pipeline.inputs import expand_patterns, scene_key
-from pipeline.objstore import head, list_objects, local_file
-from pipeline.raster import open_raster
+from pipeline.io.inputs import expand_patterns, scene_key
+from pipeline.io.objstore import head, list_objects, local_file
+from pipeline.io.raster import open_raster
 
 BUCKET = "objstore-tests"
 

@@ -114,7 +114,7 @@ def test_openvino_bf16_keeps_the_boxes(checkpoint, tmp_path):
 
 
 def test_backend_auto_picks_openvino_on_cpu_and_torch_on_gpu():
-    from pipeline.predictor import resolve_backend
+    from pipeline.infer.predictor import resolve_backend
 
     assert resolve_backend("auto", "cpu") == "openvino"
     assert resolve_backend("auto", "cuda") == "torch"
@@ -124,7 +124,7 @@ def test_backend_auto_picks_openvino_on_cpu_and_torch_on_gpu():
 def test_openvino_on_cuda_is_refused_in_the_job():
     from pydantic import ValidationError
 
-    from pipeline.spec import ModelSpec
+    from pipeline.config.spec import ModelSpec
 
     with pytest.raises(ValidationError, match="runs on the CPU"):
         ModelSpec(checkpoint="m.pt", backend="openvino", device="cuda")
@@ -138,7 +138,7 @@ def test_pipeline_run_openvino_matches_torch(tmp_path, ray_session):
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from pipeline.synth import SYNTH_CLASSES, synthesize
+    from pipeline.tools.synth import SYNTH_CLASSES, synthesize
 
     synthesize(tmp_path / "scenes", scenes=1, size=384, seed=2)
     torch.manual_seed(0)

@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline import table as T
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.georef import box_corners
+from pipeline.geo.georef import box_corners
 from pipeline.query import QueryError, query_text, run_query, table_columns
+from pipeline.table import schema
+from pipeline.table import transactions as T
 
 CLASSES = ["vehicle", "building", "tank"]
 
@@ -25,7 +26,7 @@ def scene_rows(run: T.RunInfo, scene: str, px: list, labels: list, scores: list,
     """Rows with map box = pixel box x (1, -1) + (1000, 5000): a 1 m grid, y up."""
     boxes = np.asarray(px, np.float64).reshape(-1, 4)
     corners = box_corners(boxes) * [1.0, -1.0] + [1000.0, 5000.0]
-    return T.build_detection_table(
+    return schema.build_detection_table(
         corners, boxes, scores, labels, CLASSES, run_id=run.run_id, job_name=run.job_name, scene_id=scene,
         scene_path=f"/scenes/{scene}.tif", model_id=run.model_id, job_hash=run.job_hash,
         processed_at=dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc), date=date)

@@ -9,8 +9,8 @@ from rasterio.crs import CRS
 from real_data import real, requires_real_data
 
 from pipeline.errors import GeoreferenceError, InputError
-from pipeline.objstore import gdal_path
-from pipeline.raster import IDENTITY, is_rotated, read_scene_info, scene_id_for
+from pipeline.io.objstore import gdal_path
+from pipeline.io.raster import IDENTITY, is_rotated, read_scene_info, scene_id_for
 
 
 @pytest.mark.parametrize("given,expected", [

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from readers import assert_every_reader_agrees, duckdb_rows, pipeline_rows
 from test_table import rows, run_info
 
-import pipeline.table as T
+import pipeline.table.transactions as T
 
 
 def test_reruns_and_dates_leave_one_version_per_scene(tmp_path):

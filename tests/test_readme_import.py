@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 
 from pipeline.cli import main
-from pipeline.spec import ModelSpec, TilingSpec
+from pipeline.config.spec import ModelSpec, TilingSpec
 from retinanet import load_checkpoint
 
 README = Path(__file__).resolve().parents[1] / "README.md"

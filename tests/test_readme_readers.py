@@ -8,7 +8,7 @@ from pathlib import Path
 from readers import pipeline_rows
 from test_table import rows, run_info
 
-import pipeline.table as T
+import pipeline.table.transactions as T
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

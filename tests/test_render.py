@@ -8,12 +8,13 @@ from click.testing import CliRunner
 from PIL import Image
 from rasterio.enums import Resampling
 
-from pipeline import table as T
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.georef import box_corners
+from pipeline.geo.georef import box_corners
 from pipeline.render import PALETTE, display_shape, render_quicklook, stretch
-from pipeline.synth import synthesize
+from pipeline.table import schema
+from pipeline.table import transactions as T
+from pipeline.tools.synth import synthesize
 
 CLASSES = ["vehicle", "building", "tank"]
 # Pixel boxes in a 512 px scene; rendered at 256 px every coordinate halves:
@@ -30,7 +31,7 @@ def scene(tmp_path_factory):
 
 def commit(root, scene, run_id="r1", boxes=BOXES, labels=LABELS):
     run = T.RunInfo(run_id, "sat", "h", "m", None)
-    rows = T.build_detection_table(box_corners(boxes), boxes, [0.9] * len(boxes), labels, CLASSES,
+    rows = schema.build_detection_table(box_corners(boxes), boxes, [0.9] * len(boxes), labels, CLASSES,
                                    run_id=run_id, job_name="sat", scene_id=scene.stem, scene_path=str(scene),
                                    model_id="m", job_hash="h")
     T.commit_scene(root, run, scene.stem, {"k": run_id}, rows)
@@ -78,7 +79,7 @@ def test_detections_of_other_scenes_and_runs_are_not_drawn(tmp_path, scene):
     root = tmp_path / "table"
     commit(root, scene, run_id="r1")
     other = T.RunInfo("r1", "sat", "h", "m", None)
-    rows = T.build_detection_table(box_corners(BOXES), BOXES, [0.9, 0.9], [1, 1], CLASSES, run_id="r1",
+    rows = schema.build_detection_table(box_corners(BOXES), BOXES, [0.9, 0.9], [1, 1], CLASSES, run_id="r1",
                                    job_name="sat", scene_id="another", scene_path="/x/another.tif",
                                    model_id="m", job_hash="h")
     T.commit_scene(root, other, "another", {"k": 0}, rows)

@@ -103,9 +103,9 @@ def test_auto_batch_size_on_cpu(tiny_model):
 
 
 def test_resolve_batch_size(tmp_path, ray_session):
-    from pipeline.predictor import resolve_batch_size
-    from pipeline.spec import ModelSpec
-    from pipeline.synth import SYNTH_CLASSES
+    from pipeline.config.spec import ModelSpec
+    from pipeline.infer.predictor import resolve_batch_size
+    from pipeline.tools.synth import SYNTH_CLASSES
     from retinanet import save_checkpoint
 
     model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=16, head_depth=1)
@@ -243,13 +243,13 @@ def test_bf16_detections_agree_with_fp32(spread_model, images192):
     (8, 1.0, 8.0, 8),
 ])
 def test_default_read_tasks(actors, cpus_per_actor, cluster_cpus, expected):
-    from pipeline.execution import default_read_tasks
+    from pipeline.run.graph import default_read_tasks
 
     assert default_read_tasks(actors, cpus_per_actor, cluster_cpus) == expected
 
 
 def test_in_flight_bytes_counts_pixels_and_packed_masks():
-    from pipeline.execution import in_flight_bytes
+    from pipeline.run.graph import in_flight_bytes
 
     assert in_flight_bytes(4, 1, 4, 3, 512, 1) == 16 * (786432 + 32768)
     # uint16 bands cost twice the pixels; a chip width not divisible by 8 rounds its mask rows up
@@ -264,7 +264,7 @@ def test_in_flight_bytes_counts_pixels_and_packed_masks():
     (1, 0, 1, 1),
 ])
 def test_transport_batch(batch_size, n_chips, actors, expected):
-    from pipeline.execution import transport_batch
+    from pipeline.run.graph import transport_batch
 
     assert transport_batch(batch_size, n_chips, actors) == expected
 
@@ -273,7 +273,7 @@ def test_chips_of_several_dtypes_stack_without_losing_values():
     """Chips travel as raw bytes in their file's dtype; a batch that mixes scenes of two
     dtypes stacks into the dtype that holds both, every value intact (Ray Data's own
     tensor columns would cast uint16 chips into a uint8 batch)."""
-    from pipeline.predictor import stack_chip_pixels
+    from pipeline.infer.predictor import stack_chip_pixels
 
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)

@@ -10,7 +10,7 @@ import rasterio
 import shapely
 from real_data import REAL_DATA
 
-from pipeline import georef
+from pipeline.geo import georef
 
 
 def test_clip_boxes_to_scene_by_hand():
@@ -56,12 +56,12 @@ WORLD = REAL_DATA / "world.rgb.tif"
 @pytest.mark.skipif(not WORLD.exists(), reason=f"real test raster not found at {WORLD}")
 def test_finalize_scene_keeps_geometry_inside_a_scene_smaller_than_a_chip(tmp_path):
     """world.rgb.tif is 512x256 EPSG:4326; a 512-px chip is padded below row 256."""
-    from pipeline.finalize import finalize_scene
-    from pipeline.planning import ScenePlan
-    from pipeline.predictor import encode_detections
-    from pipeline.raster import read_scene_info
-    from pipeline.spec import JobSpec
-    from pipeline.tiling import chip_id, plan_chips
+    from pipeline.chips.planning import ScenePlan
+    from pipeline.chips.tiling import chip_id, plan_chips
+    from pipeline.config.spec import JobSpec
+    from pipeline.infer.finalize import finalize_scene
+    from pipeline.infer.predictor import encode_detections
+    from pipeline.io.raster import read_scene_info
 
     info = read_scene_info(WORLD)
     chips = plan_chips(WORLD, 512, 64, 0.0)

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.inputs import expand_patterns
-from pipeline.spec import (
+from pipeline.config.spec import (
     JobSpec,
     apply_overrides,
     check_runnable,
@@ -18,6 +16,8 @@ from pipeline.spec import (
     load_job,
     parse_job,
 )
+from pipeline.errors import ConfigError
+from pipeline.io.inputs import expand_patterns
 
 REPO = Path(__file__).resolve().parents[1]
 

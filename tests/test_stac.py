@@ -16,9 +16,9 @@ import pytest
 import rasterio
 from rasterio.warp import transform_bounds
 
+from pipeline.config.spec import check_runnable, load_job
 from pipeline.errors import ConfigError, InputError
-from pipeline.spec import check_runnable, load_job
-from pipeline.stac import (
+from pipeline.io.stac import (
     REPORT_KEY,
     last_success_datetime,
     parse_interval,
@@ -26,7 +26,7 @@ from pipeline.stac import (
     select_stac,
     stac_scene_paths,
 )
-from pipeline.synth import synthesize
+from pipeline.tools.synth import synthesize
 
 UTC = dt.timezone.utc
 # Scene i's acquisition time; scene 3 carries an interval (start/end_datetime) instead.
@@ -147,7 +147,7 @@ def write_report(table: Path, run_id: str, job: str, code: int, newest) -> None:
 
 
 def test_since_last_success_reads_the_run_reports(catalog, tmp_path):
-    from pipeline.spec import StacSpec
+    from pipeline.config.spec import StacSpec
 
     table = tmp_path / "table"
     spec = StacSpec(source=str(catalog), since_last_success=True)
@@ -298,7 +298,7 @@ def test_check_runnable_wants_a_local_source_file(tmp_path):
 
 
 def test_the_run_report_carries_the_field_the_next_stac_run_reads():
-    from pipeline.runbook import RunReport
-    from pipeline.stac import REPORT_KEY
+    from pipeline.io.stac import REPORT_KEY
+    from pipeline.run.runbook import RunReport
 
     assert REPORT_KEY in {f.name for f in dataclasses.fields(RunReport)}

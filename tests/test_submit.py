@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from pipeline.errors import ConfigError
-from pipeline.submit import entrypoint, exit_code_of, local_paths, resolved_job_data
+from pipeline.run.submit import entrypoint, exit_code_of, local_paths, resolved_job_data
 
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def workspace(tmp_path_factory):
     """A job with *relative* paths next to one small scene and a tiny untrained model."""
     import torch
 
-    from pipeline.synth import SYNTH_CLASSES, synthesize
+    from pipeline.tools.synth import SYNTH_CLASSES, synthesize
     from retinanet import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("job")
@@ -189,7 +189,7 @@ def test_submit_follow_runs_the_job_on_the_cluster(head, workspace, tmp_path):
     summary = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
     assert summary["run_id"] == "night-1" and summary["scenes_ok"] == 1 and summary["scenes_failed"] == []
 
-    from pipeline.table import committed_scenes, read_committed
+    from pipeline.table.transactions import committed_scenes, read_committed
 
     # Committed into the table the job file names (relative to the job file, not to cwd).
     table = workspace / "out" / "table"
@@ -205,7 +205,7 @@ def test_submit_follow_runs_the_job_on_the_cluster(head, workspace, tmp_path):
                 env, tmp_path)
     assert quick.returncode == 0 and quick.stdout.strip().startswith("raysubmit_"), quick.stderr
     assert "must exist on the cluster nodes" in quick.stderr
-    follow = subprocess.run([sys.executable, "-c", "import sys; from pipeline.submit import follow_job; "
+    follow = subprocess.run([sys.executable, "-c", "import sys; from pipeline.run.submit import follow_job; "
                              f"sys.exit(follow_job({url!r}, {quick.stdout.strip()!r}))"],
                             env=env, cwd=tmp_path, text=True, capture_output=True, timeout=120)
     assert follow.returncode == 2 and "model.checkpoint: file not found" in follow.stdout, follow.stderr[-2000:]

@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from real_data import peak_rss_mb_snippet
 
 from pipeline.cli import main
-from pipeline.synth import SEAM_STRIDE, SYNTH_CLASSES, synthesize
+from pipeline.tools.synth import SEAM_STRIDE, SYNTH_CLASSES, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_memory_is_bounded_for_large_scenes(tmp_path):
     # stays under 200 MB; holding the scene would not.
     probe = peak_rss_mb_snippet() + textwrap.dedent("""
         import sys
-        from pipeline.synth import synthesize
+        from pipeline.tools.synth import synthesize
         synthesize(sys.argv[1], 1, 6144, 0)
         print(peak_rss_mb())
     """)

@@ -16,9 +16,10 @@ import pyproj
 import pytest
 import shapely
 
-from pipeline import table as T
 from pipeline.errors import CommitError
-from pipeline.georef import box_corners
+from pipeline.geo.georef import box_corners
+from pipeline.table import schema
+from pipeline.table import transactions as T
 
 CLASSES = ["car", "ship", "plane"]
 WHEN = dt.datetime(2024, 5, 1, 2, 30, tzinfo=dt.timezone.utc)
@@ -35,7 +36,7 @@ def rows(run: T.RunInfo, scene: str, n: int, seed: int = 0, date: str | None = N
     px = np.concatenate([xy, xy + rng.uniform(5, 50, (n, 2))], axis=1)
     # Map y grows upwards: pixel row r -> northing offset - 0.5 r.
     corners = box_corners(px) * [0.5, -0.5] + offset
-    return T.build_detection_table(
+    return schema.build_detection_table(
         corners, px, rng.uniform(0.3, 1, n), rng.integers(0, 3, n), CLASSES,
         run_id=run.run_id, job_name=run.job_name, scene_id=scene, scene_path=f"/data/{scene}.tif",
         model_id=run.model_id, job_hash=run.job_hash, processed_at=WHEN, date=date,
@@ -53,7 +54,7 @@ def visible(root) -> list[tuple]:
 
 
 def test_schema_columns():
-    s = T.detection_schema()
+    s = schema.detection_schema()
     assert s.names == [
         "geometry", "bbox", "run_id", "job_name", "scene_id", "scene_path", "label", "label_id", "score",
         "px_xmin", "px_ymin", "px_xmax", "px_ymax", "model_id", "job_hash", "processed_at", "date",
@@ -68,7 +69,7 @@ def test_wkb_decodes_to_the_boxes_counterclockwise():
     px = np.array([[0, 0, 10, 20], [5, 5, 6, 7]], np.float64)
     corners = box_corners(px)
     corners[1] = corners[1][::-1]  # clockwise input must come out counterclockwise
-    t = T.build_detection_table(corners, px, [0.9, 0.4], [2, 0], CLASSES, run_id="r", job_name="j", scene_id="s",
+    t = schema.build_detection_table(corners, px, [0.9, 0.4], [2, 0], CLASSES, run_id="r", job_name="j", scene_id="s",
                                 scene_path=None, model_id="m", job_hash="h", processed_at=WHEN)
     geoms = shapely.from_wkb(t["geometry"].to_pylist())
     assert geoms[0].equals(shapely.box(0, 0, 10, 20)) and geoms[1].equals(shapely.box(5, 5, 6, 7))
@@ -82,7 +83,7 @@ def test_wkb_decodes_to_the_boxes_counterclockwise():
 def test_unprojectable_polygon_gets_null_geometry():
     corners = box_corners(np.array([[0, 0, 1, 1], [2, 2, 3, 3]]))
     corners[1, 2] = np.nan
-    t = T.build_detection_table(corners, np.zeros((2, 4)), [0.5, 0.5], [0, 0], CLASSES, run_id="r", job_name="j",
+    t = schema.build_detection_table(corners, np.zeros((2, 4)), [0.5, 0.5], [0, 0], CLASSES, run_id="r", job_name="j",
                                 scene_id="s", scene_path=None, model_id="m", job_hash="h")
     assert t["geometry"].null_count == 1 and t["geometry"][1].as_py() is None
     assert t["bbox"][1].as_py() is None and t["bbox"][0].as_py()["xmax"] == 1
@@ -91,11 +92,11 @@ def test_unprojectable_polygon_gets_null_geometry():
 def test_build_rejects_inconsistent_inputs():
     kw = dict(run_id="r", job_name="j", scene_id="s", scene_path=None, model_id="m", job_hash="h")
     with pytest.raises(ValueError, match="differ in length"):
-        T.build_detection_table(box_corners(np.zeros((2, 4))), np.zeros((2, 4)), [1.0], [0, 0], CLASSES, **kw)
+        schema.build_detection_table(box_corners(np.zeros((2, 4))), np.zeros((2, 4)), [1.0], [0, 0], CLASSES, **kw)
     with pytest.raises(ValueError, match="class names"):
-        T.build_detection_table(box_corners(np.zeros((1, 4))), np.zeros((1, 4)), [1.0], [3], CLASSES, **kw)
+        schema.build_detection_table(box_corners(np.zeros((1, 4))), np.zeros((1, 4)), [1.0], [3], CLASSES, **kw)
     with pytest.raises(ValueError, match="polygons must be"):
-        T.build_detection_table(np.zeros((1, 3, 2)), np.zeros((1, 4)), [1.0], [0], CLASSES, **kw)
+        schema.build_detection_table(np.zeros((1, 3, 2)), np.zeros((1, 4)), [1.0], [0], CLASSES, **kw)
 
 
 def test_committed_file_is_geoparquet_1_1(tmp_path):
@@ -147,7 +148,7 @@ def test_duckdb_reads_the_committed_files(tmp_path):
 
 def test_read_committed_columns_filters_and_empty(tmp_path):
     assert T.read_committed(tmp_path / "none").num_rows == 0
-    assert T.read_committed(tmp_path / "none").schema.names == T.detection_schema().names
+    assert T.read_committed(tmp_path / "none").schema.names == schema.detection_schema().names
     run = run_info()
     T.commit_scene(tmp_path, run, "s1", "k", rows(run, "s1", 30, date="2024-05-01"))
     T.commit_scene(tmp_path, run, "s2", "k", rows(run, "s2", 20, date="2024-05-02"))

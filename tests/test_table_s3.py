@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from test_table import rows, run_info, run_two_writers
 from workspaces import tiny_checkpoint
 
-import pipeline.table as T
+import pipeline.table.transactions as T
 from pipeline.cli import main
-from pipeline.tablestore import open_store
+from pipeline.table.store import open_store
 
 BUCKET = "detections-bucket"
 
@@ -115,7 +115,7 @@ def test_two_concurrent_writers(bucket):
 
 def test_pipeline_run_rerun_force_query_vacuum_into_s3(bucket, tmp_path, ray_session):
 
-    from pipeline.synth import synthesize
+    from pipeline.tools.synth import synthesize
 
     synthesize(tmp_path / "scenes", scenes=2, size=300, seed=4)
     tiny_checkpoint(tmp_path / "model.pt")

@@ -13,9 +13,7 @@ import rasterio
 from rasterio.windows import Window
 from real_data import peak_rss_mb_snippet, real, real_rasters, requires_real_data
 
-from pipeline.errors import InputError, PipelineError, RasterReadError
-from pipeline.synth import synthesize
-from pipeline.tiling import (
+from pipeline.chips.tiling import (
     Chip,
     ChipFailure,
     ChipWindow,
@@ -28,6 +26,8 @@ from pipeline.tiling import (
     read_chips,
     window_fractions,
 )
+from pipeline.errors import InputError, PipelineError, RasterReadError
+from pipeline.tools.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,7 @@ def test_plan_on_overviews_matches_full_resolution(tmp_path):
     path = synthesize(tmp_path, 1, 2048, seed=5, nodata_regions=True)[0]
     full = plan_chips(path, 256, 0, 0.0)
     exact = exact_fractions(path, full.windows)
-    from pipeline.tiling import valid_fractions
+    from pipeline.chips.tiling import valid_fractions
     with rasterio.open(path) as ds:
         estimate = valid_fractions(ds, full.windows, 256)
     assert np.abs(estimate - exact).max() < 0.1
@@ -330,7 +330,7 @@ def test_every_real_raster_reads_or_fails_typed(name):
 
 MEMORY_PROBE = peak_rss_mb_snippet() + textwrap.dedent("""
     import json, sys
-    from pipeline.tiling import chip_grid, plan_chips, read_chips
+    from pipeline.chips.tiling import chip_grid, plan_chips, read_chips
     path = sys.argv[1]
     every = plan_chips(path, 512, 64, 0.0)                    # enumerate all windows
     kept = plan_chips(path, 512, 64, 0.01)                    # decimated mask read
@@ -385,7 +385,7 @@ def test_planning_leaves_the_gdal_block_cache_setting_alone(tmp_path):
     probe = textwrap.dedent("""
         import sys, rasterio
         from rasterio.env import get_gdal_config
-        from pipeline.tiling import chip_grid, valid_fractions
+        from pipeline.chips.tiling import chip_grid, valid_fractions
         before = get_gdal_config("GDAL_CACHEMAX")
         with rasterio.open(sys.argv[1]) as ds:
             fractions = valid_fractions(ds, chip_grid(512, 512, 128, 0), 128)

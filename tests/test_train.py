@@ -12,22 +12,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.anchorfit import anchor_shapes, centred_iou, fit_anchors, match_share
-from pipeline.errors import ConfigError
-from pipeline.spec import load_job
-from pipeline.synth import synthesize
-from pipeline.train import (
-    TrainingError,
-    check_trainable,
-    epoch_order,
-    lr_factor,
-    plan_steps,
-    plot_metrics,
-    shard_indices,
-    train,
-    write_metrics_csv,
-)
-from pipeline.trainset import (
+from pipeline.config.spec import load_job
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.tools.synth import synthesize
+from pipeline.train.anchors import anchor_shapes, centred_iou, fit_anchors, match_share
+from pipeline.train.data import (
     box_sizes,
     build_records,
     expand_scene_paths,
@@ -35,6 +24,9 @@ from pipeline.trainset import (
     read_records,
     split_regions,
 )
+from pipeline.train.driver import check_trainable, train
+from pipeline.train.loop import plot_metrics, write_metrics_csv
+from pipeline.train.schedule import epoch_order, lr_factor, plan_steps, shard_indices
 from retinanet import build_model, save_checkpoint
 from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, cell_anchors
 from retinanet.checkpoint import load_checkpoint
@@ -303,8 +295,8 @@ def test_resume_without_an_earlier_run_is_a_clear_error(job_folder, ray_session)
 
 def test_a_batch_of_chips_without_objects_trains(synth_dir):
     # Negative-only batches happen (empty chips, scale jitter cropping every box away).
-    from pipeline.train import ChipCache, make_batch
-    from pipeline.trainset import ChipRecord
+    from pipeline.train.data import ChipRecord
+    from pipeline.train.loop import ChipCache, make_batch
     from retinanet.model import build_model
 
     path = str(sorted(synth_dir.glob("*.tif"))[0])
@@ -319,7 +311,7 @@ def test_a_batch_of_chips_without_objects_trains(synth_dir):
 
 def test_fine_tuning_keeps_the_init_checkpoints_resize_rule_and_settings(tmp_path, job_folder):
     """An imported DeepForest model fine-tuned here keeps resizing chips as it was trained to."""
-    from pipeline.train import prepare
+    from pipeline.train.driver import prepare
 
     source = build_model(num_classes=3, backbone="resnet18", fpn_channels=32, head_width=32, head_depth=1,
                          min_size=800, max_size=1333, nms_threshold=0.05, score_threshold=0.1,

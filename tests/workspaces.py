@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.synth import SYNTH_CLASSES
+from pipeline.tools.synth import SYNTH_CLASSES
 from retinanet import build_model, save_checkpoint
 
 

@@ -21,9 +21,9 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from pipeline.chips.tiling import PLAN_CACHE_MB, select_bands
 from pipeline.errors import InputError, RasterReadError
-from pipeline.raster import bounded_block_cache, error_reason, open_raster, scene_info_from_dataset
-from pipeline.tiling import PLAN_CACHE_MB, select_bands
+from pipeline.io.raster import bounded_block_cache, error_reason, open_raster, scene_info_from_dataset
 
 DEFAULT_MAX_PIXELS = 1_000_000
 PATCH = 32  # side of a sampled patch, pixels

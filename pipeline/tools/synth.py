@@ -37,8 +37,8 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from pipeline.georef import pixel_boxes_to_map
-from pipeline.raster import bounded_block_cache
+from pipeline.geo.georef import pixel_boxes_to_map
+from pipeline.io.raster import bounded_block_cache
 
 SYNTH_CLASSES = ("vehicle", "building", "tank")
 SYNTH_CRS = "EPSG:32633"

@@ -46,9 +46,9 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError
-from pipeline.inputs import is_remote
-from pipeline.merge import MergeMethod
-from retinanet.options import Backend, Precision
+from pipeline.infer.merge import MergeMethod
+from pipeline.io.inputs import is_remote
+from retinanet.options import BACKBONES, TRAINABLE, Backend, BoxLoss, Precision
 
 # Bump when the meaning of a hashed field changes, so old table rows are not mistaken
 # for results of the new semantics.
@@ -61,7 +61,7 @@ _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
 
 
 class StacSpec(BaseModel):
-    """``inputs.stac``: scenes from a static STAC catalog (see pipeline.stac)::
+    """``inputs.stac``: scenes from a static STAC catalog (see pipeline.io.stac)::
 
         stac: {source: ../catalog/catalog.json, asset: visual,
                datetime: "2026-01-01/..", bbox: [12.0, 41.0, 13.0, 42.0],
@@ -94,7 +94,7 @@ class StacSpec(BaseModel):
     @field_validator("datetime")
     @classmethod
     def _interval(cls, v: Optional[str]) -> Optional[str]:
-        from pipeline.stac import parse_interval
+        from pipeline.io.stac import parse_interval
 
         if v is not None:
             parse_interval(v)  # ValueError names the bad part
@@ -103,7 +103,7 @@ class StacSpec(BaseModel):
     @field_validator("bbox")
     @classmethod
     def _lonlat_box(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        from pipeline.stac import check_bbox
+        from pipeline.io.stac import check_bbox
 
         return None if v is None else check_bbox(v)
 
@@ -193,7 +193,7 @@ class ModelSpec(BaseModel):
     # int8_calibration_chips chips of the job's own scenes, then measured on labelled data
     # (int8_labels: label files for int8_scenes, default the job's inputs.paths) against
     # f32; an AP50 drop above int8_max_ap50_drop points is refused (int8_on_drop: refuse)
-    # or run with a warning (warn). See pipeline.int8.
+    # or run with a warning (warn). See pipeline.infer.int8.
     int8_labels: list[str] = Field(default_factory=list)
     int8_scenes: Optional[list[str]] = None
     int8_max_ap50_drop: float = Field(1.0, ge=0.0)
@@ -257,7 +257,7 @@ class ComputeSpec(BaseModel):
 
 
 class MergeSpec(BaseModel):
-    """Seam merge of detections from overlapping chips (see pipeline.merge)."""
+    """Seam merge of detections from overlapping chips (see pipeline.infer.merge)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -273,7 +273,7 @@ class OutputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    # A local directory, or an s3:// / gs:// prefix (pipeline.tablestore: exclusive
+    # A local directory, or an s3:// / gs:// prefix (pipeline.table.store: exclusive
     # manifest creates are conditional PUTs there).
     table: str = Field(min_length=1)
     # Any CRS pyproj understands; null or "pixel" keep scene pixel coordinates (for
@@ -319,7 +319,7 @@ class ValSplitSpec(BaseModel):
 
 
 class AugmentSpec(BaseModel):
-    """Training augmentation (pipeline.augment): on/off flags and strengths."""
+    """Training augmentation (pipeline.train.augment): on/off flags and strengths."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -356,15 +356,15 @@ class TrainSpec(BaseModel):
     scene_field: Optional[str] = None           # vector files: attribute with the scene id
     classes: list[str] = Field(min_length=1)
     val_split: ValSplitSpec = Field(default_factory=ValSplitSpec)
-    backbone: str = "resnet50"
+    backbone: str = TRAINABLE.backbone
     backbone_weights: Optional[str] = None      # local ImageNet state dict
     init_checkpoint: Optional[str] = None       # start from these weights (fine-tuning)
-    fpn_channels: int = Field(256, ge=8)
-    head_width: int = Field(256, ge=8)
-    head_depth: int = Field(4, ge=1)
-    focal_alpha: float = Field(0.25, ge=0.0, le=1.0)
-    focal_gamma: float = Field(2.0, ge=0.0)
-    box_loss: Literal["l1", "smooth_l1", "giou"] = "l1"
+    fpn_channels: int = Field(TRAINABLE.fpn_channels, ge=8)
+    head_width: int = Field(TRAINABLE.head_width, ge=8)
+    head_depth: int = Field(TRAINABLE.head_depth, ge=1)
+    focal_alpha: float = Field(TRAINABLE.focal_alpha, ge=0.0, le=1.0)
+    focal_gamma: float = Field(TRAINABLE.focal_gamma, ge=0.0)
+    box_loss: BoxLoss = TRAINABLE.box_loss
     fit_anchors: bool = False
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0.0)
@@ -412,8 +412,6 @@ class TrainSpec(BaseModel):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str) -> str:
-        from retinanet.backbones import BACKBONES
-
         if v not in BACKBONES:
             raise ValueError(f"unknown backbone {v!r}; choose one of {', '.join(BACKBONES)}")
         return v
@@ -702,7 +700,7 @@ def writable_dir_problem(table: str) -> Optional[str]:
 
 def check_runnable(spec: JobSpec) -> None:
     """Check the job's own files before any scene is looked at; raise one ConfigError
-    listing every problem (the scenes are checked by :func:`pipeline.execution.preflight`).
+    listing every problem (the scenes are checked by :func:`pipeline.run.graph.preflight`).
 
     - a local ``inputs.stac.source`` is an existing file;
     - ``model.checkpoint`` is a file (local, or an ``s3://``/``gs://`` object);

@@ -1,6 +1,6 @@
 """Detection metrics on in-memory boxes: COCO through pycocotools, PASCAL VOC AP.
 
-No pipeline imports: the evaluation of runs and checkpoints (:mod:`pipeline.evaluate`),
+No pipeline imports: the evaluation of runs and checkpoints (:mod:`pipeline.eval.evaluate`),
 training's validation and the INT8 gate all score boxes with these functions.
 
 COCO protocol notes: images are scenes (or chips); area ranges small < 32^2 <= medium <

@@ -31,9 +31,9 @@ from typing import Callable, Optional, Sequence
 
 import yaml
 
+from pipeline.config.spec import apply_overrides, parse_job, read_job_file, resolve_paths
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.inputs import expand_patterns, id_collisions, is_remote
-from pipeline.spec import apply_overrides, parse_job, read_job_file, resolve_paths
+from pipeline.io.inputs import expand_patterns, id_collisions, is_remote
 
 JOB_FILE = "job.yaml"
 

@@ -2,16 +2,16 @@
 against model and table, and the chip windows to read (no pixels).
 
 Planned on the driver for the first scenes of a run and in Ray tasks for the rest
-(:mod:`pipeline.execution`), and by the INT8 gate for its calibration chips.
+(:mod:`pipeline.run.graph`), and by the INT8 gate for its calibration chips.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pipeline.config.spec import JobSpec
 from pipeline.errors import ConfigError, InputError, PipelineError
-from pipeline.inputs import SceneInput
-from pipeline.spec import JobSpec
+from pipeline.io.inputs import SceneInput
 
 # Scenes per planning task of a run's chip stream (each plans them PLAN_THREADS at a time).
 PLAN_BATCH = 8
@@ -42,7 +42,7 @@ class ModelFacts:
 def model_facts(location: str) -> ModelFacts:
     """Read ``model.checkpoint`` (local, or fetched once from s3:// / gs://) without
     building the model. Raises ConfigError naming the field when it is not a checkpoint."""
-    from pipeline.objstore import local_file
+    from pipeline.io.objstore import local_file
     from retinanet.checkpoint import CheckpointError, file_sha256, read_checkpoint
 
     try:
@@ -79,7 +79,7 @@ def scene_problems(info, bands, model: ModelFacts, output_crs) -> tuple[list[str
     model with 8-bit statistics (values above 255 saturate it, unless the file only
     holds 0-255).
     """
-    from pipeline.tiling import select_bands
+    from pipeline.chips.tiling import select_bands
 
     errors, warnings_ = [], []
     try:
@@ -107,7 +107,7 @@ def scene_problems(info, bands, model: ModelFacts, output_crs) -> tuple[list[str
 
 def plan_scene(scene: SceneInput, spec: JobSpec, model: ModelFacts) -> ScenePlan:
     """Chip windows of one scene worth reading; raises PipelineError when it cannot run."""
-    from pipeline.tiling import plan_chips
+    from pipeline.chips.tiling import plan_chips
 
     info, windows, skipped = plan_chips(scene.location, spec.tiling.chip_size, spec.tiling.overlap,
                                         spec.tiling.min_valid_fraction, scene_id=scene.scene_id)

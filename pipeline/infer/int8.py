@@ -85,7 +85,7 @@ def calibration_cells(spec, scenes, model) -> list:
     """The chips of the job's own scenes to calibrate on, as (scene plan, window):
     ``model.int8_calibration_chips`` of the chips worth reading of its first scenes (the
     ones the driver plans first), evenly spread."""
-    from pipeline.planning import PLAN_BATCH, ScenePlan, plan_scenes
+    from pipeline.chips.planning import PLAN_BATCH, ScenePlan, plan_scenes
 
     plans = [o for o in plan_scenes(spec, scenes[:PLAN_BATCH], model) if isinstance(o, ScenePlan)]
     cells = [(plan, window) for plan in plans for window in plan.windows]
@@ -98,7 +98,7 @@ def calibration_cells(spec, scenes, model) -> list:
 def read_cells(spec, model, cells) -> np.ndarray:
     """Pixels (N, C, S, S) float32 of the calibration cells that read (a damaged tile costs
     one calibration chip, not the gate), each scene opened once."""
-    from pipeline.tiling import read_chips
+    from pipeline.chips.tiling import read_chips
 
     pixels, failed = [], []
     for plan in {id(p): p for p, _ in cells}.values():
@@ -113,8 +113,8 @@ def read_cells(spec, model, cells) -> np.ndarray:
 
 
 def labelled_records(spec, classes: list[str]):
-    """Chip records (pipeline.trainset) of the labelled scenes INT8 is measured on."""
-    from pipeline.trainset import Region, build_records, expand_scene_paths, labelled_scenes
+    """Chip records (pipeline.train.data) of the labelled scenes INT8 is measured on."""
+    from pipeline.train.data import Region, build_records, expand_scene_paths, labelled_scenes
 
     if spec.model.int8_scenes is None and spec.inputs.stac:
         raise ConfigError(f"{spec.source or 'job'}: model.int8_scenes: name the labelled scenes (the job's "
@@ -155,11 +155,11 @@ def measure_int8(spec, model, scenes, cache_dir: Path, log) -> tuple[Int8Measure
     (the measurement, the INT8 graph's path)."""
     import torch
 
-    from pipeline.metrics import coco_metrics
-    from pipeline.objstore import local_file
-    from pipeline.predictor import apply_job_settings
-    from pipeline.tiling import chip_id
-    from pipeline.trainset import detect_records, records_truth
+    from pipeline.chips.tiling import chip_id
+    from pipeline.eval.metrics import coco_metrics
+    from pipeline.infer.predictor import apply_job_settings
+    from pipeline.io.objstore import local_file
+    from pipeline.train.data import detect_records, records_truth
     from retinanet.openvino_backend import OpenVinoDetector, graph_exists
 
     checkpoint = local_file(spec.model.checkpoint)

@@ -11,7 +11,7 @@ Patterns (``inputs.paths``, ``train.scenes``, ``--scenes``):
   in it (suffixes in :data:`RASTER_SUFFIXES`); use ``dir/**/*.tif`` to recurse;
 - a file or URL, taken as given;
 - ``s3://`` and ``gs://`` globs and prefixes are listed through the store's own API
-  (:mod:`pipeline.objstore`) with the same matching rules as local globs.
+  (:mod:`pipeline.io.objstore`) with the same matching rules as local globs.
 
 Scene ids: the location relative to its pattern's *root*, without the file suffix, with
 ``/`` between folders. The root is the part of the pattern before the first folder that
@@ -43,8 +43,8 @@ from pathlib import PurePosixPath
 from typing import Iterable, Optional, Sequence
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.objstore import head, is_object_url, list_objects
-from pipeline.stac import StacSelection
+from pipeline.io.objstore import head, is_object_url, list_objects
+from pipeline.io.stac import StacSelection
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg", ".img", ".vrt", ".ntf")
 _WILDCARD = re.compile(r"[*?\[]")
@@ -225,7 +225,7 @@ def job_inputs(spec, table_root: Optional[str] = None) -> tuple[InputSet, Option
     stac = spec.inputs.stac
     if stac is None:
         return expand_patterns(spec.inputs.paths), None
-    from pipeline.stac import select_stac
+    from pipeline.io.stac import select_stac
 
     selection = select_stac(stac, table_root or spec.output.table, spec.name)
     scenes = [SceneInput(href, item_id, stac.source) for href, item_id in zip(selection.paths, selection.item_ids)]

@@ -13,7 +13,7 @@ the compute is (in Ray tasks):
 or in one loop without Ray: ``for item in iter_chips(...)``.
 
 Pixels stay in raw units (no stretch): normalisation uses per-dataset statistics
-(:mod:`pipeline.normalize`) inside the model, so one object looks the same in every chip.
+(:mod:`pipeline.chips.normalize`) inside the model, so one object looks the same in every chip.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from pipeline.errors import InputError, RasterReadError
-from pipeline.raster import (
+from pipeline.io.raster import (
     SceneInfo,
     bounded_block_cache,
     error_reason,
@@ -319,7 +319,7 @@ def plan_chips(path: str | Path, chip_size: int, overlap: int, min_valid_fractio
     :func:`valid_fractions` (mask/overviews, decimated).
 
     Raises:
-        InputError / GeoreferenceError: see :func:`pipeline.raster.read_scene_info`.
+        InputError / GeoreferenceError: see :func:`pipeline.io.raster.read_scene_info`.
         RasterReadError: the decimated mask could not be read.
     """
     with open_raster(path) as dataset:
@@ -376,7 +376,7 @@ def read_chip(dataset: rasterio.io.DatasetReader, window: ChipWindow,
     """Read one chip from an open dataset.
 
     Args:
-        dataset: open rasterio dataset (see :func:`pipeline.raster.open_raster`).
+        dataset: open rasterio dataset (see :func:`pipeline.io.raster.open_raster`).
         window: the chip's window in scene pixels (from :func:`plan_chips`).
         bands: 1-based band indexes, or None for every non-alpha band.
         chip_size: side of the returned arrays; windows smaller than it are padded.

@@ -27,14 +27,22 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.console import native_log_lines_hidden
+from pipeline.chips.planning import (
+    PLAN_BATCH,
+    PLAN_THREADS,
+    ModelFacts,
+    ScenePlan,
+    model_facts,
+    plan_scenes,
+    scene_problems,
+)
+from pipeline.chips.tiling import chip_id
+from pipeline.config.spec import JobSpec, check_runnable, job_hash
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.inputs import InputSet, SceneInput, scene_key
-from pipeline.planning import PLAN_BATCH, PLAN_THREADS, ModelFacts, ScenePlan, model_facts, plan_scenes, scene_problems
-from pipeline.runbook import SCENE_EMPTY, SCENE_FAILED, RunReport, SceneBook
-from pipeline.spec import JobSpec, check_runnable, job_hash
-from pipeline.stac import StacSelection
-from pipeline.tiling import chip_id
+from pipeline.io.inputs import InputSet, SceneInput, scene_key
+from pipeline.io.stac import StacSelection
+from pipeline.run.console import native_log_lines_hidden
+from pipeline.run.runbook import SCENE_EMPTY, SCENE_FAILED, RunReport, SceneBook
 
 # GDAL block cache per chip-reading task, in MB: holds the blocks one batch of
 # neighbouring chips shares (a 512-px RGB uint8 chip spans < 1 MB of blocks).
@@ -56,15 +64,15 @@ def preflight(spec: JobSpec, check_scenes: bool = True) -> Preflight:
     """Everything a run needs, checked before anything runs; raises one ConfigError
     listing every problem.
 
-    Job level (always): the job's files (:func:`pipeline.spec.check_runnable`), the
+    Job level (always): the job's files (:func:`pipeline.config.spec.check_runnable`), the
     checkpoint is readable and is a checkpoint, the inputs expand to at least one scene
     and no two scenes share an id. Scene level (``check_scenes``, what validate adds):
     each scene's header against the model and the table (:func:`scene_problems`).
     `pipeline run` skips the scene level: there a bad scene fails alone, the others run.
     Patterns that match nothing are warnings (a nightly folder may be empty tonight).
     """
-    from pipeline.inputs import job_inputs, require_scenes
-    from pipeline.raster import read_scene_info
+    from pipeline.io.inputs import job_inputs, require_scenes
+    from pipeline.io.raster import read_scene_info
 
     source = spec.source or "job"
     check_runnable(spec)
@@ -146,8 +154,8 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
     """
     import ray
 
-    from pipeline.raster import bounded_block_cache
-    from pipeline.tiling import ChipWindow, read_chips
+    from pipeline.chips.tiling import ChipWindow, read_chips
+    from pipeline.io.raster import bounded_block_cache
 
     n = len(batch["chip_id"])
     status = np.array([str(s) for s in batch["status"]], dtype=object)
@@ -179,7 +187,7 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
                 chips_of[i] = chip.pixels
                 valid[i] = np.packbits(chip.valid, axis=-1)
     # Each chip travels as its raw bytes in the file's dtype (uint8 moves 4x fewer bytes than
-    # float32); the predictor stacks them (pipeline.predictor.stack_chip_pixels).
+    # float32); the predictor stacks them (pipeline.infer.predictor.stack_chip_pixels).
     pixels = np.array([chips_of[i].tobytes() if i in chips_of else b"" for i in range(n)], dtype=object)
     pixel_dtype = np.array([str(chips_of[i].dtype) if i in chips_of else "" for i in range(n)], dtype=object)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -288,7 +296,7 @@ def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channel
 
 
 def scene_keys(scenes: list[SceneInput]) -> tuple[dict[str, dict], list[dict]]:
-    """Each scene's content identity (:func:`pipeline.inputs.scene_key`), PLAN_THREADS at a
+    """Each scene's content identity (:func:`pipeline.io.inputs.scene_key`), PLAN_THREADS at a
     time (remote scenes: one HEAD request each) -> ({scene id: key}, failures)."""
     def attempt(scene: SceneInput) -> tuple[Optional[dict], Optional[dict]]:
         try:
@@ -324,8 +332,8 @@ class RunStart:
 def open_run(spec: JobSpec, jhash: str, force: bool, log) -> RunStart:
     """Preflight, the scenes' content keys, the table's state (finishing commits an earlier
     run published but did not move), what is left to do, and the plans of its first scenes."""
-    from pipeline import table
-    from pipeline.tablestore import open_store
+    from pipeline.table import transactions as table
+    from pipeline.table.store import open_store
 
     pre = preflight(spec, check_scenes=False)
     for warning in pre.warnings:
@@ -362,9 +370,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     the chip-level raw detections are not kept). Exit code 1 while any scene is not complete.
     """
 
-    from pipeline import table
-    from pipeline.predictor import ChipLedger, ChipPredictor, resolve_batch_size
-    from pipeline.table import RunInfo
+    from pipeline.infer.predictor import ChipLedger, ChipPredictor, resolve_batch_size
+    from pipeline.table import transactions as table
+    from pipeline.table.transactions import RunInfo
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = time.time()
@@ -385,8 +393,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     run_info = RunInfo(run_id, spec.name, jhash, model_id, spec.output.crs)
     int8 = None
     if todo and spec.model.precision == "int8":  # before any chip is read: a refusal stops the run here
-        from pipeline.int8 import graph_for_actors, int8_allowed, measure_int8
-        from pipeline.objstore import cache_dir
+        from pipeline.infer.int8 import graph_for_actors, int8_allowed, measure_int8
+        from pipeline.io.objstore import cache_dir
 
         measured, graph = measure_int8(spec, model, pre.inputs.scenes, cache_dir() / "openvino", log)
         running, message = int8_allowed(measured, spec.model.int8_max_ap50_drop, spec.model.int8_on_drop)

@@ -3,13 +3,13 @@
 Three entry points:
 
 - :func:`evaluate_table`: scene-level evaluation of a committed run (``pipeline eval``):
-  merged detections read with :func:`pipeline.table.read_committed` against ground truth
+  merged detections read with :func:`pipeline.table.transactions.read_committed` against ground truth
   (COCO JSON, VOC XML, CSV: scene id = file stem; or vector labels, placed on each scene
   through the raster named in the table).
 - :func:`evaluate_checkpoint`: chip-level evaluation of a checkpoint on labelled scenes,
   without running the pipeline (``pipeline eval-checkpoint``); also used for validation
   during training.
-- the metric functions on in-memory boxes live in :mod:`pipeline.metrics`.
+- the metric functions on in-memory boxes live in :mod:`pipeline.eval.metrics`.
 
 COCO protocol notes: images are scenes (or chips); area ranges small < 32^2 <= medium <
 96^2 <= large, in pixels; ``maxDets`` is (1, 100, M) where M is at least the largest
@@ -27,8 +27,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.metrics import ImageBoxes, coco_metrics, voc_metrics
-from pipeline.trainset import predict_records, records_truth
+from pipeline.eval.metrics import ImageBoxes, coco_metrics, voc_metrics
+from pipeline.train.data import predict_records, records_truth
 
 # ---------------------------------------------------------------------- reporting
 
@@ -111,12 +111,12 @@ def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: dict[s
     class names (COCO category order when a COCO file is given, else sorted names).
 
     Image-indexed formats are matched to the table's scene ids by
-    :func:`pipeline.inputs.match_label_images`; vector files are read per scene on
+    :func:`pipeline.io.inputs.match_label_images`; vector files are read per scene on
     the raster at ``scene_paths[scene_id]`` (the table's scene_path).
     """
-    from pipeline.inputs import match_label_images
-    from pipeline.labels import by_scene, read_labels
-    from pipeline.raster import read_scene_info
+    from pipeline.io.inputs import match_label_images
+    from pipeline.io.labels import by_scene, read_labels
+    from pipeline.io.raster import read_scene_info
 
     out: dict[str, tuple[np.ndarray, list[str], int, int]] = {}
     classes: list[str] = []
@@ -200,7 +200,7 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
     import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
-    from pipeline.table import committed_scenes, read_committed
+    from pipeline.table.transactions import committed_scenes, read_committed
 
     table = Path(table)
     if not table.is_dir():
@@ -322,7 +322,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, scenes: Sequence[str], la
     ``untrained``: evaluate a freshly initialised model of the checkpoint's config
     instead of its weights (``seed`` fixes the init).
     """
-    from pipeline.trainset import Region, build_records, expand_scene_paths, labelled_scenes, split_regions
+    from pipeline.train.data import Region, build_records, expand_scene_paths, labelled_scenes, split_regions
 
     model, classes = _model_for_eval(checkpoint, untrained, seed)
     labelled = labelled_scenes(expand_scene_paths(scenes, "--scenes"), [str(p) for p in labels], classes)
@@ -342,7 +342,7 @@ def evaluate_checkpoint_on_job(checkpoint: str | os.PathLike, spec, split: str =
                                precision: str = "fp32", untrained: bool = False) -> dict:
     """Chip-level evaluation on the chips of a training job: its validation split (the
     chips `pipeline train` validates on) or its training split (``split="train"``)."""
-    from pipeline.train import check_trainable, training_data
+    from pipeline.train.driver import check_trainable, training_data
 
     check_trainable(spec)
     model, classes = _model_for_eval(checkpoint, untrained, spec.train.seed)

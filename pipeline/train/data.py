@@ -3,7 +3,7 @@
 Steps, all on the driver and cheap (headers, masks and label files only):
 
 1. :func:`labelled_scenes`: expand ``train.scenes``, read every label file
-   (:func:`pipeline.labels.read_labels`: COCO JSON, VOC XML, CSV, vector files) and pair
+   (:func:`pipeline.io.labels.read_labels`: COCO JSON, VOC XML, CSV, vector files) and pair
    each scene with its boxes (scene id = file stem) and class indices.
 2. :func:`split_regions`: the validation split, as pixel regions of scenes. By scene:
    the last ``round(fraction * n)`` scenes (at least one, at most n - 1) of a seeded
@@ -11,9 +11,9 @@ Steps, all on the driver and cheap (headers, masks and label files only):
    (``side: bottom``) or columns (``side: right``) is validation; training stops
    ``gap`` pixels before it, so the two never share a pixel, nor an object smaller
    than the gap.
-3. :func:`region_chips`: a chip grid (:func:`pipeline.tiling.chip_grid`) over each
+3. :func:`region_chips`: a chip grid (:func:`pipeline.chips.tiling.chip_grid`) over each
    region, nearly empty windows skipped with the scene's validity mask, and the chip's
-   boxes from :func:`pipeline.labels.chip_labels` (a box is kept when at least
+   boxes from :func:`pipeline.io.labels.chip_labels` (a box is kept when at least
    ``min_box_inside`` of it is inside the chip, clipped to it).
 
 Pixels are read later, where they are used (:func:`read_records`, in the workers).
@@ -26,12 +26,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from pipeline.chips.tiling import ChipWindow, chip_grid, read_chips, valid_fractions
 from pipeline.errors import ConfigError, InputError
-from pipeline.inputs import SceneInput, expand_patterns, id_collisions, match_label_images, scene_id_for
-from pipeline.labels import Annotations, by_scene, chip_labels, read_labels
-from pipeline.metrics import ImageBoxes
-from pipeline.raster import SceneInfo, open_raster, read_scene_info
-from pipeline.tiling import ChipWindow, chip_grid, read_chips, valid_fractions
+from pipeline.eval.metrics import ImageBoxes
+from pipeline.io.inputs import SceneInput, expand_patterns, id_collisions, match_label_images, scene_id_for
+from pipeline.io.labels import Annotations, by_scene, chip_labels, read_labels
+from pipeline.io.raster import SceneInfo, open_raster, read_scene_info
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +94,7 @@ class ChipRecord:
 
 
 def expand_scene_paths(patterns: Sequence[str], source: str = "train.scenes") -> list[SceneInput]:
-    """Training scenes through the one expander (:func:`pipeline.inputs.expand_patterns`),
+    """Training scenes through the one expander (:func:`pipeline.io.inputs.expand_patterns`),
     with their ids. Raises ConfigError naming each pattern that matches nothing (a missing
     training scene would silently shrink the training set) and each id collision."""
     inputs = expand_patterns(patterns)
@@ -120,7 +120,7 @@ def labelled_scenes(scenes: Sequence[SceneInput | str], label_paths: Sequence[st
     """Pair every scene with its annotations from any of the label files.
 
     Image-indexed formats (COCO, VOC, CSV) are matched to scene ids by
-    :func:`pipeline.inputs.match_label_images` (the image name relative to the scenes'
+    :func:`pipeline.io.inputs.match_label_images` (the image name relative to the scenes'
     folder, or a file name that only one scene has); vector files are read per scene
     (reprojected into its pixel grid). A scene listed by no label file raises
     InputError: an unlabelled training scene would teach the model that its objects are
@@ -267,7 +267,7 @@ def box_sizes(records: Sequence[ChipRecord]) -> np.ndarray:
 def predict_records(model, records, bands, chip_size: int, batch_size: int = 8, device: str = "cpu",
                     precision: str = "fp32", pixels: Optional[np.ndarray] = None,
                     channels_last: bool = True) -> list[ImageBoxes]:
-    """Run a RetinaNet on chip records (pipeline.trainset.ChipRecord) -> detections per chip.
+    """Run a RetinaNet on chip records (pipeline.train.data.ChipRecord) -> detections per chip.
 
     Chips are read in batches (bounded memory) unless ``pixels`` (N, C, S, S) holds them
     already; ``precision`` as retinanet.runtime. Leaves the model in eval mode.

@@ -135,7 +135,7 @@ def probe_batch_size(checkpoint: str, chip_size: int, precision: str, device: st
     """Batch size for this process's device from its free memory (see retinanet.runtime.auto_batch_size)."""
     import torch
 
-    from pipeline.objstore import local_file
+    from pipeline.io.objstore import local_file
     from retinanet import load_checkpoint
     from retinanet.runtime import auto_batch_size
 
@@ -198,7 +198,7 @@ class ChipPredictor:
         import ray
         import torch
 
-        from pipeline.objstore import local_file
+        from pipeline.io.objstore import local_file
         from retinanet import Detector, load_checkpoint
 
         checkpoint = local_file(checkpoint)  # s3:// / gs://: fetched once per node
@@ -218,13 +218,13 @@ class ChipPredictor:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             backend = resolve_backend(backend, device)
             if backend == "openvino":
-                from pipeline.objstore import cache_dir
+                from pipeline.io.objstore import cache_dir
                 from retinanet.openvino_backend import OpenVinoDetector
 
                 self.detector = OpenVinoDetector(checkpoint, precision=precision, num_threads=num_threads,
                                                  cache_dir=cache_dir() / "openvino",
                                                  int8_key=int8["key"] if int8 else None)
-                if int8:  # measured and made by the driver (pipeline.int8): install it on this node
+                if int8:  # measured and made by the driver (pipeline.infer.int8): install it on this node
                     self.detector.install_graph(int8["name"], int8["xml"], int8["bin"])
                 if chip_size:  # convert (or load the cached graph) and compile now, not on the first batch
                     self.detector.prepare((chip_size, chip_size))

@@ -11,7 +11,7 @@ travel over the network:
 
 Georeferencing rules (see docs/imagery.md):
 
-- Scene ids come from :mod:`pipeline.inputs` (the path relative to its input pattern's
+- Scene ids come from :mod:`pipeline.io.inputs` (the path relative to its input pattern's
   folder, without suffix); a bare path's id is its file stem.
 - A raster without a CRS is not georeferenced: its geotransform, if any, is ignored and
   the scene lives in its own pixel frame (identity transform, ``crs_wkt=None``), so
@@ -36,8 +36,8 @@ from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from pipeline.errors import GeoreferenceError, InputError
-from pipeline.inputs import is_remote, scene_id_for
-from pipeline.objstore import gdal_options, gdal_path
+from pipeline.io.inputs import is_remote, scene_id_for
+from pipeline.io.objstore import gdal_options, gdal_path
 
 IDENTITY: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -47,7 +47,7 @@ class SceneInfo:
     """What the pipeline needs to know about a scene, read from its header only.
 
     Attributes:
-        scene_id: the scene's id (see :mod:`pipeline.inputs`); unique within a job.
+        scene_id: the scene's id (see :mod:`pipeline.io.inputs`); unique within a job.
         path: the path as given by the user (before any /vsi mapping).
         width, height: raster size in pixels.
         count: number of bands.

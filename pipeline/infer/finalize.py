@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.georef import boxes_to_polygons, clip_boxes_to_scene, valid_polygons
-from pipeline.merge import merge_detections
-from pipeline.predictor import decode_detections
-from pipeline.tiling import chip_id
+from pipeline.chips.tiling import chip_id
+from pipeline.geo.georef import boxes_to_polygons, clip_boxes_to_scene, valid_polygons
+from pipeline.infer.merge import merge_detections
+from pipeline.infer.predictor import decode_detections
 
 
 def gather_scene_detections(chip_results: list[tuple[str, bytes]], chip_index_of: dict[str, int]):
@@ -29,7 +29,7 @@ def finalize_scene(spec, plan, chip_results: list[tuple[str, bytes]], class_name
     Boxes are clipped to the scene first (empty ones dropped); a geometry that is not a
     valid polygon after reprojection is written as null.
     """
-    from pipeline.table import build_detection_table
+    from pipeline.table.schema import build_detection_table
 
 
     windows = np.array([[w.col_off, w.row_off, w.col_off + w.width, w.row_off + w.height] for w in plan.windows],
@@ -53,7 +53,7 @@ def finalize_scene(spec, plan, chip_results: list[tuple[str, bytes]], class_name
 def empty_scene_rows(job_name: str, scene_id: str, scene_path: str, class_names: list[str], run_id: str,
                      model_id: str, job_hash: str):
     """The (zero) rows of a scene that produced nothing: what a failed scene commits."""
-    from pipeline.table import build_detection_table
+    from pipeline.table.schema import build_detection_table
 
     return build_detection_table(np.zeros((0, 4, 2)), np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64),
                                  class_names, run_id=run_id, job_name=job_name, scene_id=scene_id,

@@ -1,6 +1,6 @@
 """STAC input: scene paths from a static STAC catalog, collection or ItemCollection.
 
-``inputs.stac`` in a job (see :class:`pipeline.spec.StacSpec`) names a source — a local
+``inputs.stac`` in a job (see :class:`pipeline.config.spec.StacSpec`) names a source — a local
 JSON file or an http(s) URL holding a Catalog, a Collection (their items are found
 through child/item links, recursively), an ItemCollection (``FeatureCollection``) or a
 single Item — and the asset key whose file each item contributes as a scene.
@@ -27,7 +27,7 @@ Hrefs are returned absolute: relative asset hrefs are resolved against the item'
 location (or the source's, for ItemCollections), ``file://`` URIs become local paths.
 A STAC scene's id is its item id, so items whose assets share a file name (every
 Sentinel-2 item holds a ``TCI.tif``) are distinct scenes; two selected items with the same
-id are refused before anything runs (:func:`pipeline.inputs.require_scenes`).
+id are refused before anything runs (:func:`pipeline.io.inputs.require_scenes`).
 """
 from __future__ import annotations
 
@@ -305,7 +305,7 @@ def last_success_datetime(table_root: os.PathLike | str, job_name: str) -> Optio
     matches and :data:`REPORT_KEY` is set. None when there is no such report (then the
     whole configured range is taken). Raises InputError for an unreadable report.
     """
-    from pipeline.tablestore import open_store
+    from pipeline.table.store import open_store
 
     store = open_store(table_root)
     best: Optional[dt.datetime] = None
@@ -328,7 +328,7 @@ def last_success_datetime(table_root: os.PathLike | str, job_name: str) -> Optio
 
 
 def select_stac(stac: Any, table_root: os.PathLike | str, job_name: str) -> StacSelection:
-    """The scenes of a job's ``inputs.stac`` section (a :class:`pipeline.spec.StacSpec`).
+    """The scenes of a job's ``inputs.stac`` section (a :class:`pipeline.config.spec.StacSpec`).
 
     With ``since_last_success`` the start of the range is raised to
     :func:`last_success_datetime` of this job in ``table_root``.

@@ -1,5 +1,5 @@
 """Where a detection table lives: a local folder or an object-store prefix, behind the few
-operations the commit protocol needs (:mod:`pipeline.table`).
+operations the commit protocol needs (:mod:`pipeline.table.transactions`).
 
 Keys are paths relative to the table root with ``/`` separators. Two backends:
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.objstore import is_object_url, split_url, store_for
+from pipeline.io.objstore import is_object_url, split_url, store_for
 from retinanet.files import TMP_PREFIX, fsync_dir, write_atomically
 
 

@@ -5,7 +5,7 @@ vertical flips and 90-degree rotations are label-preserving. Brightness/contrast
 jitter imitates sun angle and sensor gain; scale jitter imitates a different ground
 sample distance.
 
-Conventions (the same as :mod:`pipeline.tiling` and :mod:`pipeline.labels`):
+Conventions (the same as :mod:`pipeline.chips.tiling` and :mod:`pipeline.io.labels`):
 
 - ``pixels``: (C, H, W) float32 array in raw units (not normalised).
 - ``valid``: (H, W) bool, True on valid scene pixels (False on padding/nodata).
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 # A box keeps its label after scale jitter when at least this share of its area is still
-# inside the chip (the same rule, and default, as pipeline.labels.chip_labels).
+# inside the chip (the same rule, and default, as pipeline.io.labels.chip_labels).
 DEFAULT_MIN_INSIDE_FRACTION = 0.5
 
 

@@ -1,6 +1,6 @@
 """The driver's side of a run's chip stream: scenes in flight, their commits, the run report.
 
-Rows come back from the predictors in any order (:func:`pipeline.execution.run_job`). A
+Rows come back from the predictors in any order (:func:`pipeline.run.graph.run_job`). A
 scene's first row carries its plan; the scene is committed once its plan and every one of
 its chips have come back, and then forgotten, so the driver holds scenes in flight only.
 """
@@ -12,12 +12,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from pipeline import table
+from pipeline.chips.planning import ScenePlan
+from pipeline.chips.tiling import chip_id
+from pipeline.config.spec import JobSpec
 from pipeline.errors import PipelineError
-from pipeline.finalize import empty_scene_rows, finalize_scene
-from pipeline.planning import ScenePlan
-from pipeline.spec import JobSpec
-from pipeline.tiling import chip_id
+from pipeline.infer.finalize import empty_scene_rows, finalize_scene
+from pipeline.table import transactions as table
 
 # Status of a row in the chip stream. "ok" rows are chips to read; the two scene markers
 # stand for a scene with no chip to read (all empty: committed with no rows) and one that
@@ -33,12 +33,12 @@ class RunReport:
     job_name: str
     job_hash: str
     model_id: str
-    stac_newest_datetime: Optional[str]  # pipeline.stac.REPORT_KEY: where the next STAC run starts
+    stac_newest_datetime: Optional[str]  # pipeline.io.stac.REPORT_KEY: where the next STAC run starts
     stac_skipped: list[dict]
     inputs_unmatched: list[str]
     warnings: list[str]
     scenes_skipped_done: list[str]
-    int8: Optional[dict] = None  # the INT8 gate's figures (pipeline.int8), when it ran
+    int8: Optional[dict] = None  # the INT8 gate's figures (pipeline.infer.int8), when it ran
     scenes_ok: list[str] = field(default_factory=list)
     scenes_partial: list[dict] = field(default_factory=list)  # scene_id, path, chips_missing, chips_predicted
     scenes_failed: list[dict] = field(default_factory=list)  # scene_id, path, reason

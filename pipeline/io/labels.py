@@ -1,7 +1,7 @@
 """Label readers (COCO JSON, Pascal VOC XML, CSV, vector files) and chip labels.
 
 Every reader returns ``list[Annotations]``: one entry per image, boxes as (N, 4)
-float32 XYXY in that image's pixel EDGE coordinates (see :mod:`pipeline.georef`),
+float32 XYXY in that image's pixel EDGE coordinates (see :mod:`pipeline.geo.georef`),
 labels as strings. Bad boxes (NaN, infinite, xmax <= xmin or ymax <= ymin) raise
 InputError naming the file and the row/object, never silently dropped.
 
@@ -33,9 +33,9 @@ import numpy as np
 import shapely
 
 from pipeline.errors import InputError
-from pipeline.georef import map_to_pixel, reproject_points
-from pipeline.inputs import label_image_id
-from pipeline.raster import SceneInfo, read_scene_info
+from pipeline.geo.georef import map_to_pixel, reproject_points
+from pipeline.io.inputs import label_image_id
+from pipeline.io.raster import SceneInfo, read_scene_info
 
 CSV_COLUMNS = ("image_path", "xmin", "ymin", "xmax", "ymax", "label")
 
@@ -59,7 +59,7 @@ class Annotations:
     @property
     def scene_id(self) -> str:
         """The image's id as the label file names it (its path without suffix), matched to
-        scene ids by :func:`pipeline.inputs.match_label_images`."""
+        scene ids by :func:`pipeline.io.inputs.match_label_images`."""
         return label_image_id(self.image)
 
     def __len__(self) -> int:
@@ -352,7 +352,7 @@ def chip_labels(boxes: np.ndarray, labels: Sequence, window, min_inside_fraction
         boxes: (N, 4) XYXY scene pixels.
         labels: N labels (any type; returned as a list).
         window: (col_off, row_off, width, height) or an object with those attributes
-            (e.g. :class:`pipeline.tiling.ChipWindow`).
+            (e.g. :class:`pipeline.chips.tiling.ChipWindow`).
         min_inside_fraction: in (0, 1].
 
     Returns:

@@ -1,0 +1,1 @@
+"""Scenes into chips: the grid, windows, chip ids, normalisation, scene plans."""

@@ -1,0 +1,1 @@
+"""Job configuration: the job models, loading, overrides, checks and the job hash."""

@@ -1,0 +1,1 @@
+"""Evaluation: box metrics (no pipeline imports) and evaluating tables or checkpoints."""

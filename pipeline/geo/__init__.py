@@ -1,0 +1,1 @@
+"""Map coordinates: box corners, ring orientation, CRS conversion (the only copies)."""

@@ -1,0 +1,1 @@
+"""Reading the world: input patterns and scene ids, STAC, object storage, rasters, labels."""

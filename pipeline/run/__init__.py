@@ -1,0 +1,1 @@
+"""A run on Ray: Ray helpers, the streaming job graph, the driver's scene book, Ray Jobs."""

@@ -1,0 +1,1 @@
+"""The detection table: GeoParquet rows, atomic commits, reads, compaction, vacuum, stores."""

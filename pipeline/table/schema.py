@@ -1,0 +1,174 @@
+"""The detection table's rows: GeoParquet 1.1 columns, file metadata and the builder.
+
+Pure: nothing here touches a file. :mod:`pipeline.table.transactions` writes and reads
+these rows; every reader of the table (DuckDB, pyarrow, GeoPandas) sees this schema
+without the ``date`` column, which comes from the hive folder instead.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.geo.georef import crs_to_projjson, orient_ccw
+
+GEOPARQUET_VERSION = "1.1.0"
+SCHEMA_VERSION = 1
+BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+
+
+def detection_schema() -> pa.Schema:
+    """Columns of the detection table (without file metadata; see :func:`geo_metadata`).
+
+    geometry: WKB box polygon in the output CRS (null where it could not be projected);
+    bbox: its GeoParquet 1.1 covering; px_*: the box in scene pixels (x right, y down);
+    label_id: class index of the model; processed_at: commit-side timestamp (UTC);
+    date: YYYY-MM-DD, also the hive partition directory.
+    """
+    bbox = pa.struct([(name, pa.float64()) for name in BBOX_FIELDS])
+    return pa.schema(
+        [
+            pa.field("geometry", pa.binary()),
+            pa.field("bbox", bbox),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("job_name", pa.string(), nullable=False),
+            pa.field("scene_id", pa.string(), nullable=False),
+            pa.field("scene_path", pa.string()),
+            pa.field("label", pa.string()),
+            pa.field("label_id", pa.int32(), nullable=False),
+            pa.field("score", pa.float32(), nullable=False),
+            pa.field("px_xmin", pa.float32(), nullable=False),
+            pa.field("px_ymin", pa.float32(), nullable=False),
+            pa.field("px_xmax", pa.float32(), nullable=False),
+            pa.field("px_ymax", pa.float32(), nullable=False),
+            pa.field("model_id", pa.string(), nullable=False),
+            pa.field("job_hash", pa.string(), nullable=False),
+            pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field("date", pa.string(), nullable=False),
+        ]
+    )
+
+
+def geo_metadata(crs: Optional[str], bbox: Optional[Sequence[float]] = None) -> dict:
+    """The GeoParquet 1.1 ``geo`` file metadata for the detection table.
+
+    crs: output CRS string, or None for pixel coordinates, written as ``"crs": null``
+    (the spec's "unknown/undefined CRS"; omitting the key would instead mean OGC:CRS84).
+    bbox: [xmin, ymin, xmax, ymax] of the file's geometries, when known.
+    """
+    column: dict[str, Any] = {
+        "encoding": "WKB",
+        "geometry_types": ["Polygon"],
+        "crs": crs_to_projjson(crs) if crs is not None else None,
+        "orientation": "counterclockwise",
+        "edges": "planar",
+        "covering": {"bbox": {name: ["bbox", name] for name in BBOX_FIELDS}},
+    }
+    if bbox is not None:
+        column["bbox"] = [float(v) for v in bbox]
+    return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}
+
+
+def _closed_ccw_rings(polygons: np.ndarray) -> np.ndarray:
+    """(N, 4, 2) corners or (N, 5, 2) closed rings -> (N, 5, 2) closed, counterclockwise
+    in the coordinate plane (positive shoelace area), as the ``orientation`` key says."""
+    p = np.asarray(polygons, np.float64)
+    if p.ndim != 3 or p.shape[2] != 2 or p.shape[1] not in (4, 5):
+        raise ValueError(f"polygons must be (N, 4, 2) corners or (N, 5, 2) rings, got shape {p.shape}")
+    corners = orient_ccw(p[:, :4])
+    return np.concatenate([corners, corners[:, :1]], axis=1)
+
+
+def _wkb_polygons(rings: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """WKB of each (5, 2) ring, vectorised with shapely 2; null where not valid."""
+    import shapely
+
+    wkb = np.full(len(rings), None, dtype=object)
+    if valid.any():
+        wkb[valid] = shapely.to_wkb(shapely.polygons(rings[valid]), output_dimension=2)
+    return pa.array(wkb.tolist(), pa.binary())
+
+
+def _broadcast(value: Any, n: int, name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=object)
+    if arr.ndim == 0:
+        return np.full(n, value, dtype=object)
+    if len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} values for {n} detections")
+    return arr
+
+
+def build_detection_table(
+    polygons: np.ndarray,
+    px_boxes: np.ndarray,
+    scores: np.ndarray,
+    label_ids: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    run_id: str,
+    job_name: str,
+    scene_id: str,
+    scene_path: Optional[str],
+    model_id: str,
+    job_hash: str,
+    processed_at: Optional[dt.datetime] = None,
+    date: Optional[str] = None,
+) -> pa.Table:
+    """Rows of one scene's detections as a table with :func:`detection_schema`.
+
+    polygons: (N, 4, 2) corners or (N, 5, 2) closed rings in the output CRS, x/y order
+    (easting/longitude first, as GeoParquet requires); rows with a non-finite coordinate
+    get a null geometry and bbox. px_boxes: (N, 4) XYXY scene px. scores: (N,).
+    label_ids: (N,) int indexing ``class_names``. processed_at: aware datetime
+    (default now, UTC); date: partition "YYYY-MM-DD" (default processed_at's UTC date).
+    """
+    poly = np.asarray(polygons, np.float64)
+    rings = _closed_ccw_rings(poly if poly.size else np.zeros((0, 4, 2)))
+    n = len(rings)
+    px = np.asarray(px_boxes, np.float32).reshape(-1, 4)
+    score = np.asarray(scores, np.float32).reshape(-1)
+    ids = np.asarray(label_ids, np.int64).reshape(-1)
+    if not (len(px) == len(score) == len(ids) == n):
+        raise ValueError("polygons, px_boxes, scores, label_ids differ in length: "
+                         f"{n}, {len(px)}, {len(score)}, {len(ids)}")
+    if n and (ids.min() < 0 or ids.max() >= len(class_names)):
+        raise ValueError(f"label_ids must index the {len(class_names)} class names, got {ids.min()}..{ids.max()}")
+    when = (processed_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    day = date or when.date().isoformat()
+    dt.date.fromisoformat(day)  # raises ValueError on a malformed partition value
+
+    valid = np.isfinite(rings).all(axis=(1, 2))
+    lo = np.where(valid[:, None], rings.min(axis=1), np.nan)
+    hi = np.where(valid[:, None], rings.max(axis=1), np.nan)
+    mask = pa.array(~valid) if n else None
+    bbox = pa.StructArray.from_arrays(
+        [pa.array(lo[:, 0]), pa.array(lo[:, 1]), pa.array(hi[:, 0]), pa.array(hi[:, 1])],
+        names=list(BBOX_FIELDS),
+        mask=mask,
+    ) if n else pa.array([], detection_schema().field("bbox").type)
+    names = np.asarray(list(class_names), dtype=object)
+    columns = {
+        "geometry": _wkb_polygons(rings, valid),
+        "bbox": bbox,
+        "run_id": _broadcast(run_id, n, "run_id"),
+        "job_name": _broadcast(job_name, n, "job_name"),
+        "scene_id": _broadcast(scene_id, n, "scene_id"),
+        "scene_path": _broadcast(scene_path, n, "scene_path"),
+        "label": names[ids] if n else np.array([], dtype=object),
+        "label_id": ids.astype(np.int32),
+        "score": score,
+        "px_xmin": px[:, 0],
+        "px_ymin": px[:, 1],
+        "px_xmax": px[:, 2],
+        "px_ymax": px[:, 3],
+        "model_id": _broadcast(model_id, n, "model_id"),
+        "job_hash": _broadcast(job_hash, n, "job_hash"),
+        "processed_at": pa.array([when] * n, pa.timestamp("us", tz="UTC")),
+        "date": _broadcast(day, n, "date"),
+    }
+    schema = detection_schema()
+    arrays = [c if isinstance(c, pa.Array) else pa.array(c.tolist() if c.dtype == object else c, schema.field(k).type)
+              for k, c in columns.items()]
+    return pa.Table.from_arrays(arrays, schema=schema)

@@ -1,0 +1,1 @@
+"""Tools around the pipeline: synthetic labelled scenes and the demo."""

@@ -1,0 +1,1 @@
+"""Training: labelled chips, augmentation, anchor fitting, the Ray Train driver and loop."""
