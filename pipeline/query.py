@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, PipelineError
+from pipeline.table.store import LocalStore, open_store
 
 VIEW = "detections"
 SCENES_VIEW = "scenes"
@@ -70,7 +71,6 @@ class QueryError(PipelineError):
 def _check_table_root(table_root: os.PathLike | str) -> str:
     """A table root must exist: a typo must not read as 'no rows'. An object-store table
     must hold its ``_table.json``."""
-    from pipeline.table.store import LocalStore, open_store
     from pipeline.table.transactions import TABLE_INFO
 
     store = open_store(table_root)
@@ -162,7 +162,6 @@ def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
     """
     import duckdb
 
-    from pipeline.table.store import open_store
     from pipeline.table.transactions import committed_scenes, part_location, read_committed, visible_parts
 
     root = _check_table_root(table_root)

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.io.inputs import is_remote, scene_id_for
 
 # Distinct, saturated colours (RGB) for class ids 0, 1, 2, ...; repeats after 10 classes.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -212,7 +213,6 @@ def render_quicklook(table_root: os.PathLike | str, scene_path: str, out: os.Pat
 def committed_scene_id(table_root: os.PathLike | str, scene_path: str, job_name: Optional[str] = None) -> str:
     """The scene id under which the table holds ``scene_path`` (ids depend on the job's input
     patterns, so the manifests are asked); the file stem when no committed scene has that path."""
-    from pipeline.io.inputs import is_remote, scene_id_for
     from pipeline.table.transactions import committed_scenes
 
     if not Path(table_root).is_dir():

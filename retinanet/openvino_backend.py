@@ -32,6 +32,7 @@ from torch import Tensor
 from retinanet.checkpoint import file_sha256, load_checkpoint
 from retinanet.export import DenseRetinaNet, default_cache_dir, detect_with_dense, skeleton_model
 from retinanet.files import write_atomically
+from retinanet.model import RetinaNetConfig
 from retinanet.runtime import fold_batch_norm
 
 PRECISION_HINTS = {"auto": None, "fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": None}
@@ -96,7 +97,6 @@ class OpenVinoDetector:
         return (self.cache_dir / f"{self._prefix()}.config.pt").is_file()
 
     def _cached_config(self):
-        from retinanet.model import RetinaNetConfig
 
         return RetinaNetConfig.from_dict(torch.load(self.cache_dir / f"{self._prefix()}.config.pt",
                                                     weights_only=True))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pipeline.config.spec import JobSpec
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.io.inputs import SceneInput
+from pipeline.io.objstore import local_file
 
 # Scenes per planning task of a run's chip stream (each plans them PLAN_THREADS at a time).
 PLAN_BATCH = 8
@@ -42,7 +43,6 @@ class ModelFacts:
 def model_facts(location: str) -> ModelFacts:
     """Read ``model.checkpoint`` (local, or fetched once from s3:// / gs://) without
     building the model. Raises ConfigError naming the field when it is not a checkpoint."""
-    from pipeline.io.objstore import local_file
     from retinanet.checkpoint import CheckpointError, file_sha256, read_checkpoint
 
     try:

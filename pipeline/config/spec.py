@@ -48,6 +48,7 @@ from pydantic import (
 from pipeline.errors import ConfigError
 from pipeline.infer.merge import MergeMethod
 from pipeline.io.inputs import is_remote
+from pipeline.io.stac import check_bbox, parse_interval
 from retinanet.options import BACKBONES, TRAINABLE, Backend, BoxLoss, Precision
 
 # Bump when the meaning of a hashed field changes, so old table rows are not mistaken
@@ -94,7 +95,6 @@ class StacSpec(BaseModel):
     @field_validator("datetime")
     @classmethod
     def _interval(cls, v: Optional[str]) -> Optional[str]:
-        from pipeline.io.stac import parse_interval
 
         if v is not None:
             parse_interval(v)  # ValueError names the bad part
@@ -103,7 +103,6 @@ class StacSpec(BaseModel):
     @field_validator("bbox")
     @classmethod
     def _lonlat_box(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        from pipeline.io.stac import check_bbox
 
         return None if v is None else check_bbox(v)
 

@@ -28,7 +28,19 @@ import numpy as np
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.eval.metrics import ImageBoxes, coco_metrics, voc_metrics
-from pipeline.train.data import predict_records, records_truth
+from pipeline.io.inputs import match_label_images
+from pipeline.io.labels import by_scene, read_labels
+from pipeline.io.raster import read_scene_info
+from pipeline.train.data import (
+    Region,
+    build_records,
+    expand_scene_paths,
+    labelled_scenes,
+    predict_records,
+    records_truth,
+    split_regions,
+)
+from pipeline.train.driver import check_trainable, training_data
 
 # ---------------------------------------------------------------------- reporting
 
@@ -114,10 +126,6 @@ def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: dict[s
     :func:`pipeline.io.inputs.match_label_images`; vector files are read per scene on
     the raster at ``scene_paths[scene_id]`` (the table's scene_path).
     """
-    from pipeline.io.inputs import match_label_images
-    from pipeline.io.labels import by_scene, read_labels
-    from pipeline.io.raster import read_scene_info
-
     out: dict[str, tuple[np.ndarray, list[str], int, int]] = {}
     classes: list[str] = []
     for path in truth_paths:
@@ -322,8 +330,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, scenes: Sequence[str], la
     ``untrained``: evaluate a freshly initialised model of the checkpoint's config
     instead of its weights (``seed`` fixes the init).
     """
-    from pipeline.train.data import Region, build_records, expand_scene_paths, labelled_scenes, split_regions
-
     model, classes = _model_for_eval(checkpoint, untrained, seed)
     labelled = labelled_scenes(expand_scene_paths(scenes, "--scenes"), [str(p) for p in labels], classes)
     if region is None:
@@ -342,8 +348,6 @@ def evaluate_checkpoint_on_job(checkpoint: str | os.PathLike, spec, split: str =
                                precision: str = "fp32", untrained: bool = False) -> dict:
     """Chip-level evaluation on the chips of a training job: its validation split (the
     chips `pipeline train` validates on) or its training split (``split="train"``)."""
-    from pipeline.train.driver import check_trainable, training_data
-
     check_trainable(spec)
     model, classes = _model_for_eval(checkpoint, untrained, spec.train.seed)
     if classes != list(spec.train.classes):

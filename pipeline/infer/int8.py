@@ -28,7 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.chips.planning import PLAN_BATCH, ScenePlan, plan_scenes
 from pipeline.errors import ConfigError, InputError
+from pipeline.eval.metrics import coco_metrics
+from pipeline.infer.predictor import apply_job_settings
+from pipeline.io.objstore import local_file
 from retinanet.files import write_atomically
 
 
@@ -85,7 +89,6 @@ def calibration_cells(spec, scenes, model) -> list:
     """The chips of the job's own scenes to calibrate on, as (scene plan, window):
     ``model.int8_calibration_chips`` of the chips worth reading of its first scenes (the
     ones the driver plans first), evenly spread."""
-    from pipeline.chips.planning import PLAN_BATCH, ScenePlan, plan_scenes
 
     plans = [o for o in plan_scenes(spec, scenes[:PLAN_BATCH], model) if isinstance(o, ScenePlan)]
     cells = [(plan, window) for plan in plans for window in plan.windows]
@@ -156,9 +159,6 @@ def measure_int8(spec, model, scenes, cache_dir: Path, log) -> tuple[Int8Measure
     import torch
 
     from pipeline.chips.tiling import chip_id
-    from pipeline.eval.metrics import coco_metrics
-    from pipeline.infer.predictor import apply_job_settings
-    from pipeline.io.objstore import local_file
     from pipeline.train.data import detect_records, records_truth
     from retinanet.openvino_backend import OpenVinoDetector, graph_exists
 

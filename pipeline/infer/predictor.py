@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.io.objstore import local_file
+
 DETECTION_FIELDS = 6  # x1, y1, x2, y2 (scene pixels), score, label id
 
 
@@ -135,7 +137,6 @@ def probe_batch_size(checkpoint: str, chip_size: int, precision: str, device: st
     """Batch size for this process's device from its free memory (see retinanet.runtime.auto_batch_size)."""
     import torch
 
-    from pipeline.io.objstore import local_file
     from retinanet import load_checkpoint
     from retinanet.runtime import auto_batch_size
 
@@ -198,7 +199,6 @@ class ChipPredictor:
         import ray
         import torch
 
-        from pipeline.io.objstore import local_file
         from retinanet import Detector, load_checkpoint
 
         checkpoint = local_file(checkpoint)  # s3:// / gs://: fetched once per node

@@ -44,7 +44,7 @@ from typing import Iterable, Optional, Sequence
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.objstore import head, is_object_url, list_objects
-from pipeline.io.stac import StacSelection
+from pipeline.io.stac import StacSelection, select_stac
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg", ".img", ".vrt", ".ntf")
 _WILDCARD = re.compile(r"[*?\[]")
@@ -225,7 +225,6 @@ def job_inputs(spec, table_root: Optional[str] = None) -> tuple[InputSet, Option
     stac = spec.inputs.stac
     if stac is None:
         return expand_patterns(spec.inputs.paths), None
-    from pipeline.io.stac import select_stac
 
     selection = select_stac(stac, table_root or spec.output.table, spec.name)
     scenes = [SceneInput(href, item_id, stac.source) for href, item_id in zip(selection.paths, selection.item_ids)]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.table.store import open_store
 
 # Run-report key holding the newest item time (ISO 8601, UTC) a run selected from STAC.
 REPORT_KEY = "stac_newest_datetime"
@@ -305,8 +306,6 @@ def last_success_datetime(table_root: os.PathLike | str, job_name: str) -> Optio
     matches and :data:`REPORT_KEY` is set. None when there is no such report (then the
     whole configured range is taken). Raises InputError for an unreadable report.
     """
-    from pipeline.table.store import open_store
-
     store = open_store(table_root)
     best: Optional[dt.datetime] = None
     for entry in store.list("_reports"):

@@ -19,7 +19,6 @@ import dataclasses
 import os
 import sys
 import time
-import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,13 +35,19 @@ from pipeline.chips.planning import (
     plan_scenes,
     scene_problems,
 )
-from pipeline.chips.tiling import chip_id
+from pipeline.chips.tiling import ChipWindow, chip_id, read_chips
 from pipeline.config.spec import JobSpec, check_runnable, job_hash
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.io.inputs import InputSet, SceneInput, scene_key
+from pipeline.infer.int8 import graph_for_actors, int8_allowed, measure_int8
+from pipeline.infer.predictor import ChipLedger, ChipPredictor, resolve_batch_size
+from pipeline.io.inputs import InputSet, SceneInput, job_inputs, require_scenes, scene_key
+from pipeline.io.objstore import cache_dir
+from pipeline.io.raster import bounded_block_cache, read_scene_info
 from pipeline.io.stac import StacSelection
 from pipeline.run.console import native_log_lines_hidden
 from pipeline.run.runbook import SCENE_EMPTY, SCENE_FAILED, RunReport, SceneBook
+from pipeline.table import transactions as table
+from pipeline.table.store import open_store
 
 # GDAL block cache per chip-reading task, in MB: holds the blocks one batch of
 # neighbouring chips shares (a 512-px RGB uint8 chip spans < 1 MB of blocks).
@@ -71,9 +76,6 @@ def preflight(spec: JobSpec, check_scenes: bool = True) -> Preflight:
     `pipeline run` skips the scene level: there a bad scene fails alone, the others run.
     Patterns that match nothing are warnings (a nightly folder may be empty tonight).
     """
-    from pipeline.io.inputs import job_inputs, require_scenes
-    from pipeline.io.raster import read_scene_info
-
     source = spec.source or "job"
     check_runnable(spec)
     model = model_facts(spec.model.checkpoint)
@@ -153,9 +155,6 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
     rows pass through unread.
     """
     import ray
-
-    from pipeline.chips.tiling import ChipWindow, read_chips
-    from pipeline.io.raster import bounded_block_cache
 
     n = len(batch["chip_id"])
     status = np.array([str(s) for s in batch["status"]], dtype=object)
@@ -332,9 +331,6 @@ class RunStart:
 def open_run(spec: JobSpec, jhash: str, force: bool, log) -> RunStart:
     """Preflight, the scenes' content keys, the table's state (finishing commits an earlier
     run published but did not move), what is left to do, and the plans of its first scenes."""
-    from pipeline.table import transactions as table
-    from pipeline.table.store import open_store
-
     pre = preflight(spec, check_scenes=False)
     for warning in pre.warnings:
         log(f"warning: {warning}")
@@ -355,6 +351,127 @@ def open_run(spec: JobSpec, jhash: str, force: bool, log) -> RunStart:
     return RunStart(pre, keys, failed, committed, done, todo, head)
 
 
+def start_run(spec: JobSpec, jhash: str, force: bool, verbose: bool, log) -> RunStart:
+    """Ray starting (seconds: its daemons, a raylet registering) beside :func:`open_run`
+    (seconds too: torch's imports, listing inputs and table, planning the first scenes).
+    Ray starts even when every scene turns out done: the two run side by side."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(open_run, spec, jhash, force, log)
+        connect_ray(spec.compute.address, quiet=not verbose)
+        return opening.result()
+
+
+def int8_gate(spec: JobSpec, start: RunStart, log) -> dict:
+    """Quantise, measure AP50 against f32 and refuse or warn, before any chip is read (a
+    refusal stops the run here) -> {"report": for the run report, "graph": for the actors}."""
+    measured, graph = measure_int8(spec, start.pre.model, start.pre.inputs.scenes, cache_dir() / "openvino", log)
+    running, message = int8_allowed(measured, spec.model.int8_max_ap50_drop, spec.model.int8_on_drop)
+    log(message + (" (measured earlier, cached)" if measured.cached else ""))
+    return {"report": measured.report(spec.model.int8_max_ap50_drop, spec.model.int8_on_drop, running),
+            "graph": graph_for_actors(measured.key, graph)}
+
+
+def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], faults, log):
+    """The Ray Data graph of a run: the first scenes' chip rows (planned on the driver) and
+    the other scenes planned by Ray tasks -> read tasks -> the predictor actor pool.
+    Returns the stream of predicted batches (nothing runs until it is iterated)."""
+    import ray
+    import ray.data
+    from ray.util.annotations import RayDeprecationWarning
+
+    model, todo = start.pre.model, start.todo
+    node = ray.get_runtime_context().get_node_id()
+    head_rows = [row for outcome in start.head for row in scene_rows(outcome, node)]
+    tail = todo[PLAN_BATCH:]
+    cluster = ray.cluster_resources()
+    gpus = actor_gpus(spec.compute.gpus_per_actor, cluster.get("GPU", 0), spec.compute.address is None, log)
+    if int8 and gpus > 0:
+        raise ConfigError(f"{spec.source or 'job'}: model.precision int8 runs on CPU actors (OpenVINO); "
+                          f"set compute.gpus_per_actor: 0 (it is {gpus:g})")
+    retries = spec.compute.max_retries
+    batch_size = resolve_batch_size(spec.model, spec.tiling.chip_size, gpus)  # null: from free GPU memory
+    read_tasks = spec.compute.read_concurrency or default_read_tasks(
+        spec.compute.actors, spec.compute.cpus_per_actor, cluster.get("CPU", 0))
+    ledger = ray.remote(num_cpus=0, max_restarts=-1)(ChipLedger).remote()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.max_errored_blocks = 0  # never drop a block silently
+    head_plans = [o for o in start.head if isinstance(o, ScenePlan)]
+    chips_guess = estimated_chips(sum(len(p.windows) for p in head_plans), len(start.head), len(todo))
+    # Chips travel in runs of at least MIN_READ_BATCH (one read task, one predictor call
+    # each) even when the model takes one chip per forward (CPU): Ray's per-call cost
+    # (task dispatch, ledger round trips) is then paid once per run, not per chip.
+    read_batch = transport_batch(batch_size, max(chips_guess, 1), spec.compute.actors)
+    # Budgeted at the pixel size of the scenes planned first (a budget, not a cap per chip).
+    itemsize = max((np.dtype(p.info.dtype).itemsize for p in head_plans), default=4)
+    budget = in_flight_bytes(spec.compute.prefetch_batches, spec.compute.actors, read_batch, model.in_channels,
+                             spec.tiling.chip_size, itemsize)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=budget)
+    ds = ray.data.from_items(head_rows, override_num_blocks=max(1, min(len(head_rows) // read_batch, 1000)))
+    with warnings.catch_warnings():
+        # max_retries / max_restarts travel as ray_remote_args, which Ray 2.60 deprecates
+        # without a named replacement; pyproject keeps Ray below 2.64, where they go.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        if tail:  # the other scenes are planned by Ray tasks, their chips streaming on
+            scenes = ray.data.from_items([dataclasses.asdict(s) for s in tail],
+                                         override_num_blocks=-(-len(tail) // PLAN_BATCH))
+            # Reserve no CPU slot (as reads, below); the pool size bounds them instead.
+            ds = ds.union(scenes.map_batches(plan_scene_batch, batch_size=PLAN_BATCH, batch_format="numpy",
+                                             fn_kwargs={"spec": spec, "model": model}, num_cpus=0,
+                                             max_retries=retries,
+                                             compute=ray.data.TaskPoolStrategy(size=read_tasks)))
+        ds = ds.map_batches(read_chip_batch, batch_size=read_batch, batch_format="numpy",
+                            fn_kwargs={"bands": spec.inputs.bands, "chip_size": spec.tiling.chip_size,
+                                       "out_channels": model.in_channels},
+                            # Reads reserve no CPU slot: the predictor actors hold the slots, and
+                            # a reserved read would deadlock a node whose CPUs all went to actors.
+                            # The task pool size bounds how many run at once instead.
+                            num_cpus=0, max_retries=retries,
+                            compute=ray.data.TaskPoolStrategy(size=read_tasks))
+        # Bounded actor restarts: enough for each poison chip to collect its strikes.
+        restarts = (retries + 2) * 4
+        ds = ds.map_batches(ChipPredictor, batch_size=read_batch, batch_format="numpy",
+                            fn_constructor_kwargs={"checkpoint": spec.model.checkpoint,
+                                                   "score_threshold": spec.model.score_threshold,
+                                                   "nms_threshold": spec.model.nms_threshold,
+                                                   "detections_per_chip": spec.model.detections_per_chip,
+                                                   "precision": spec.model.precision, "device": spec.model.device,
+                                                   "backend": spec.model.backend,
+                                                   "ledger": ledger, "max_strikes": retries,
+                                                   "num_threads": max(1, int(spec.compute.cpus_per_actor)),
+                                                   "faults": faults, "forward_batch": batch_size,
+                                                   "chip_size": spec.tiling.chip_size,
+                                                   "int8": int8["graph"] if int8 else None},
+                            compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus,
+                            num_cpus=spec.compute.cpus_per_actor, max_restarts=restarts,
+                            max_task_retries=restarts)
+    return ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def drain(stream, book: SceneBook, todo_scenes: int, started: float, verbose: bool, log) -> Optional[float]:
+    """Hand every predicted chip to the scene book (which commits each scene as its last
+    chip arrives), with a progress line every 5 s -> seconds from start to the first
+    predictions (None when none came)."""
+    first_predictions = None
+    last_log = time.time()
+    quiet = contextlib.nullcontext() if verbose else native_log_lines_hidden()
+    with quiet:  # Ray's native lines (actor start-up) only with --verbose
+        for batch in stream:
+            if first_predictions is None:  # start-up: planning, actor start, model load, first batch
+                first_predictions = time.time() - started
+                last_log = time.time()  # the first progress line comes with a measured rate
+            for i in range(len(batch["chip_id"])):
+                book.take(batch, i)
+            if time.time() - last_log > 5:
+                last_log = time.time()
+                planned = len(book.settled) + len(book.plans)
+                total = estimated_chips(book.chips_planned, planned, todo_scenes)  # exact once all are planned
+                log(progress_line(book.done_chips, total, len(book.report.scenes_ok), todo_scenes,
+                                  last_log - started - first_predictions, estimated=planned < todo_scenes))
+    return first_predictions
+
+
 def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=None, faults=None,
             verbose: bool = False) -> dict:
     """Run a job to completion and return its report (also written next to the manifests).
@@ -370,136 +487,30 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     the chip-level raw detections are not kept). Exit code 1 while any scene is not complete.
     """
 
-    from pipeline.infer.predictor import ChipLedger, ChipPredictor, resolve_batch_size
-    from pipeline.table import transactions as table
-    from pipeline.table.transactions import RunInfo
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = time.time()
     check_runnable(spec)  # the job's own files are named before Ray starts
     jhash = job_hash(spec)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # Ray starts (seconds: its daemons, a raylet registering) while the driver reads the
-        # checkpoint, lists inputs and table and plans the first scenes (seconds too: torch's
-        # imports). Ray starts even when every scene turns out done: the two run side by side.
-        opening = pool.submit(open_run, spec, jhash, force, log)
-        ray = connect_ray(spec.compute.address, quiet=not verbose)
-        start = opening.result()
-    pre, keys, failed, committed_entries, done, todo = (start.pre, start.keys, start.failed, start.committed,
-                                                        start.done, start.todo)
-    model, stac = pre.model, pre.stac
-    run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    class_names, in_channels, model_id = model.class_names, model.in_channels, model.model_id
-    run_info = RunInfo(run_id, spec.name, jhash, model_id, spec.output.crs)
-    int8 = None
-    if todo and spec.model.precision == "int8":  # before any chip is read: a refusal stops the run here
-        from pipeline.infer.int8 import graph_for_actors, int8_allowed, measure_int8
-        from pipeline.io.objstore import cache_dir
+    start = start_run(spec, jhash, force, verbose, log)
+    pre, todo = start.pre, start.todo
+    run_id = run_id or table.new_run_id()
+    int8 = int8_gate(spec, start, log) if todo and spec.model.precision == "int8" else None
+    log(f"run {run_id}: {len(todo)} scenes to run ({len(start.done)} already committed, skipped), "
+        f"{len(start.failed)} scenes failed to open")
 
-        measured, graph = measure_int8(spec, model, pre.inputs.scenes, cache_dir() / "openvino", log)
-        running, message = int8_allowed(measured, spec.model.int8_max_ap50_drop, spec.model.int8_on_drop)
-        log(message + (" (measured earlier, cached)" if measured.cached else ""))
-        int8 = {"report": measured.report(spec.model.int8_max_ap50_drop, spec.model.int8_on_drop, running),
-                "graph": graph_for_actors(measured.key, graph)}
-    tail = todo[PLAN_BATCH:]
-    head_outcomes = start.head
-    node = ray.get_runtime_context().get_node_id()
-    head_rows = [row for outcome in head_outcomes for row in scene_rows(outcome, node)]
-    log(f"run {run_id}: {len(todo)} scenes to run ({len(done)} already committed, skipped), "
-        f"{len(failed)} scenes failed to open")
-
-    report = RunReport(run_id, spec.name, jhash, model_id, stac.newest if stac else None,
-                       stac.skipped if stac else [], pre.inputs.unmatched, list(pre.warnings), sorted(done),
+    stac = pre.stac
+    report = RunReport(run_id, spec.name, jhash, pre.model.model_id, stac.newest if stac else None,
+                       stac.skipped if stac else [], pre.inputs.unmatched, list(pre.warnings), sorted(start.done),
                        int8=int8["report"] if int8 else None)
-    book = SceneBook(spec, run_info, keys, committed_entries, class_names, report, log)
-    for failure in failed:
+    run_info = table.RunInfo(run_id, spec.name, jhash, pre.model.model_id, spec.output.crs)
+    book = SceneBook(spec, run_info, start.keys, start.committed, pre.model.class_names, report, log)
+    for failure in start.failed:
         book.record_failure(failure)
-
     first_predictions = None
     if todo:
-        import ray.data
-        from ray.util.annotations import RayDeprecationWarning
-
-        cluster = ray.cluster_resources()
-        gpus = actor_gpus(spec.compute.gpus_per_actor, cluster.get("GPU", 0), spec.compute.address is None, log)
-        if int8 and gpus > 0:
-            raise ConfigError(f"{spec.source or 'job'}: model.precision int8 runs on CPU actors (OpenVINO); "
-                              f"set compute.gpus_per_actor: 0 (it is {gpus:g})")
-        retries = spec.compute.max_retries
-        batch_size = resolve_batch_size(spec.model, spec.tiling.chip_size, gpus)  # null: from free GPU memory
-        read_tasks = spec.compute.read_concurrency or default_read_tasks(
-            spec.compute.actors, spec.compute.cpus_per_actor, cluster.get("CPU", 0))
-        ledger = ray.remote(num_cpus=0, max_restarts=-1)(ChipLedger).remote()
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.max_errored_blocks = 0  # never drop a block silently
-        head_plans = [o for o in head_outcomes if isinstance(o, ScenePlan)]
-        chips_guess = estimated_chips(sum(len(p.windows) for p in head_plans), len(head_outcomes), len(todo))
-        # Chips travel in runs of at least MIN_READ_BATCH (one read task, one predictor call
-        # each) even when the model takes one chip per forward (CPU): Ray's per-call cost
-        # (task dispatch, ledger round trips) is then paid once per run, not per chip.
-        read_batch = transport_batch(batch_size, max(chips_guess, 1), spec.compute.actors)
-        # Budgeted at the pixel size of the scenes planned first (a budget, not a cap per chip).
-        itemsize = max((np.dtype(p.info.dtype).itemsize for p in head_plans), default=4)
-        budget = in_flight_bytes(spec.compute.prefetch_batches, spec.compute.actors, read_batch, in_channels,
-                                 spec.tiling.chip_size, itemsize)
-        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-            object_store_memory=budget)
-        ds = ray.data.from_items(head_rows, override_num_blocks=max(1, min(len(head_rows) // read_batch, 1000)))
-        with warnings.catch_warnings():
-            # max_retries / max_restarts travel as ray_remote_args, which Ray 2.60 deprecates
-            # without a named replacement; pyproject keeps Ray below 2.64, where they go.
-            warnings.simplefilter("ignore", RayDeprecationWarning)
-            if tail:  # the other scenes are planned by Ray tasks, their chips streaming on
-                scenes = ray.data.from_items([dataclasses.asdict(s) for s in tail],
-                                             override_num_blocks=-(-len(tail) // PLAN_BATCH))
-                # Reserve no CPU slot (as reads, below); the pool size bounds them instead.
-                ds = ds.union(scenes.map_batches(plan_scene_batch, batch_size=PLAN_BATCH, batch_format="numpy",
-                                                 fn_kwargs={"spec": spec, "model": model}, num_cpus=0,
-                                                 max_retries=retries,
-                                                 compute=ray.data.TaskPoolStrategy(size=read_tasks)))
-            ds = ds.map_batches(read_chip_batch, batch_size=read_batch, batch_format="numpy",
-                                fn_kwargs={"bands": spec.inputs.bands, "chip_size": spec.tiling.chip_size,
-                                           "out_channels": in_channels},
-                                # Reads reserve no CPU slot: the predictor actors hold the slots, and
-                                # a reserved read would deadlock a node whose CPUs all went to actors.
-                                # The task pool size bounds how many run at once instead.
-                                num_cpus=0, max_retries=retries,
-                                compute=ray.data.TaskPoolStrategy(size=read_tasks))
-            # Bounded actor restarts: enough for each poison chip to collect its strikes.
-            restarts = (retries + 2) * 4
-            ds = ds.map_batches(ChipPredictor, batch_size=read_batch, batch_format="numpy",
-                                fn_constructor_kwargs={"checkpoint": spec.model.checkpoint,
-                                                       "score_threshold": spec.model.score_threshold,
-                                                       "nms_threshold": spec.model.nms_threshold,
-                                                       "detections_per_chip": spec.model.detections_per_chip,
-                                                       "precision": spec.model.precision, "device": spec.model.device,
-                                                       "backend": spec.model.backend,
-                                                       "ledger": ledger, "max_strikes": retries,
-                                                       "num_threads": max(1, int(spec.compute.cpus_per_actor)),
-                                                       "faults": faults, "forward_batch": batch_size,
-                                                       "chip_size": spec.tiling.chip_size,
-                                                       "int8": int8["graph"] if int8 else None},
-                                compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus,
-                                num_cpus=spec.compute.cpus_per_actor, max_restarts=restarts,
-                                max_task_retries=restarts)
-        last_log = time.time()
-        stream = ds.iter_batches(batch_size=None, batch_format="numpy")
-        quiet = contextlib.nullcontext() if verbose else native_log_lines_hidden()
-        with quiet:  # Ray's native lines (actor start-up) only with --verbose
-            for batch in stream:
-                if first_predictions is None:  # start-up: planning, actor start, model load, first batch
-                    first_predictions = time.time() - started
-                    last_log = time.time()  # the first progress line comes with a measured rate
-                for i in range(len(batch["chip_id"])):
-                    book.take(batch, i)
-                if time.time() - last_log > 5:
-                    last_log = time.time()
-                    planned = len(book.settled) + len(book.plans)
-                    total = estimated_chips(book.chips_planned, planned, len(todo))  # exact once all are planned
-                    log(progress_line(book.done_chips, total, len(report.scenes_ok), len(todo),
-                                      last_log - started - first_predictions, estimated=planned < len(todo)))
+        first_predictions = drain(job_graph(spec, start, int8, faults, log), book, len(todo), started, verbose, log)
         book.close(todo)
+
     wall = time.time() - started
     report.workers = dict(book.workers)
     report.wall_seconds = round(wall, 3)

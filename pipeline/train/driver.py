@@ -31,6 +31,7 @@ from typing import Optional
 from pipeline.config.spec import JobSpec, TrainSpec, writable_dir_problem
 from pipeline.errors import ConfigError, InputError, TrainingError
 from pipeline.io.inputs import expand_patterns, is_remote
+from pipeline.train.anchors import fit_anchors
 from pipeline.train.loop import MODEL_FILE, STATE_FILE, STEP_FILE, Prepared, train_loop
 from pipeline.train.schedule import plan_steps
 from retinanet.files import write_atomically
@@ -95,7 +96,6 @@ def training_data(spec: JobSpec):
 
 def fit_job_anchors(spec: JobSpec):
     """Anchor fit on the job's training chips (``pipeline anchors``) -> AnchorFit."""
-    from pipeline.train.anchors import fit_anchors
     from pipeline.train.data import box_sizes
     from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
 
@@ -110,7 +110,6 @@ def fit_job_anchors(spec: JobSpec):
 def prepare(spec: JobSpec) -> Prepared:
     """Chips, statistics, anchors and the model config of a training job (driver side)."""
     from pipeline.chips.normalize import compute_band_stats
-    from pipeline.train.anchors import fit_anchors
     from pipeline.train.data import box_sizes
     from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
     from retinanet.backbones import build_backbone

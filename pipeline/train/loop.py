@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, cast
 import numpy as np
 
 from pipeline.errors import InputError, TrainingError
+from pipeline.eval.metrics import coco_metrics
 from pipeline.train.schedule import epoch_order, lr_factor, shard_indices
 from retinanet.files import write_atomically
 
@@ -144,7 +145,6 @@ def _load_init_weights(model, path: str) -> int:
 
 
 def _validate(model, prepared: Prepared, val_pixels, chip_size: int, device, precision: str) -> dict:
-    from pipeline.eval.metrics import coco_metrics
     from pipeline.train.data import predict_records, records_truth
 
     was_training = model.training
