@@ -96,7 +96,7 @@ def read_quicklook(path: str, max_size: int) -> tuple[np.ndarray, tuple[int, int
         data = src.read(bands, out_shape=(len(bands), height, width), masked=True,
                         resampling=Resampling.average)
         scene_size = (src.width, src.height)
-    valid = ~np.ma.getmaskarray(data).any(axis=0)
+    valid = np.asarray(~np.ma.getmaskarray(data).any(axis=0))
     rgb = stretch(np.ma.getdata(data), valid)
     if rgb.shape[0] == 1:
         rgb = np.repeat(rgb, 3, axis=0)
@@ -148,7 +148,7 @@ def display_boxes(boxes: np.ndarray, scene_size: tuple[int, int], shape: tuple[i
 
 def legend_entries(dets: SceneDetections) -> list[tuple[int, str, int]]:
     """(label_id, label, count) per class present, by label id."""
-    entries = {}
+    entries: dict[int, tuple[int, str, int]] = {}
     for lid, name in zip(dets.label_ids.tolist(), dets.labels):
         _, _, n = entries.get(lid, (lid, name, 0))
         entries[lid] = (lid, name, n + 1)

@@ -44,7 +44,7 @@ def _resnet_stages(net: nn.Module) -> nn.Sequential:
 
 
 def _feature_stages(net: nn.Module) -> nn.Sequential:
-    return nn.Sequential(OrderedDict((str(i), m) for i, m in enumerate(net.features)))
+    return nn.Sequential(OrderedDict((str(i), m) for i, m in enumerate(net.get_submodule("features").children())))
 
 
 def _find_taps(stages: nn.Sequential) -> tuple[list[str], list[int]]:

@@ -20,7 +20,7 @@ class Subnet(nn.Module):
         layers = []
         channels = in_channels
         for _ in range(depth):
-            block = [nn.Conv2d(channels, width, 3, padding=1, bias=not group_norm)]
+            block: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1, bias=not group_norm)]
             if group_norm:
                 block.append(nn.GroupNorm(32, width))
             block.append(nn.ReLU(inplace=True))
@@ -34,7 +34,7 @@ class Subnet(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0.0)
-        nn.init.constant_(self.predictor.bias, prior_bias)
+        nn.init.constant_(self.predictor.bias, prior_bias)  # type: ignore[arg-type]  # built with a bias
 
     def forward(self, features: list[Tensor]) -> Tensor:
         outputs = []

@@ -467,7 +467,10 @@ def read_chips(path: str | Path, windows: Sequence[ChipWindow], bands: Sequence[
     for item in _read_windows(path, windows, bands, chip_size, out_channels,
                               on_error="report", allow_rotated=allow_rotated, dtype=dtype,
                               out=out):
-        (failures if isinstance(item, ChipFailure) else chips).append(item)
+        if isinstance(item, ChipFailure):
+            failures.append(item)
+        else:
+            chips.append(item)
     return chips, failures
 
 

@@ -85,7 +85,8 @@ def box_corners(boxes: np.ndarray) -> np.ndarray:
 def apply_affine(points: np.ndarray, transform: Sequence[float]) -> np.ndarray:
     """Apply an affine (a, b, c, d, e, f) to points (..., 2) of (col, row) -> (x, y)."""
     points = np.asarray(points, dtype=np.float64)
-    x, y = Affine(*(float(v) for v in tuple(transform)[:6])) @ (points[..., 0], points[..., 1])
+    # affine maps arrays of coordinates too (its stubs say scalars)
+    x, y = Affine(*(float(v) for v in tuple(transform)[:6])) @ (points[..., 0], points[..., 1])  # type: ignore[operator]
     return np.stack([x, y], axis=-1)
 
 

@@ -130,7 +130,7 @@ def submit_job(address: str, job_path: str | Path, overrides: Sequence[str] = ()
     return job_id, local_paths(data)
 
 
-async def _tail(client, job_id: str, write: Callable[[str], None]) -> None:
+async def _tail(client, job_id: str, write: Callable[[str], object]) -> None:
     async for chunk in client.tail_job_logs(job_id):
         write(chunk)
 
@@ -143,7 +143,7 @@ def exit_code_of(status: str, driver_exit_code: Optional[int]) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def follow_job(address: str, job_id: str, write: Callable[[str], None] = sys.stdout.write,
+def follow_job(address: str, job_id: str, write: Callable[[str], object] = sys.stdout.write,
                poll_s: float = 1.0) -> int:
     """Stream the job's logs until it ends; return its exit code (:func:`exit_code_of`)."""
     client = connect(address)

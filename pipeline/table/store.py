@@ -14,6 +14,7 @@ Keys are paths relative to the table root with ``/`` separators. Two backends:
 """
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import uuid
@@ -63,7 +64,7 @@ class LocalStore:
         base = self.path(prefix) if prefix else self.root
         if not base.is_dir():
             return []
-        out = []
+        out: builtins.list[Entry] = []
         for folder, _, names in os.walk(base):
             for name in names:
                 full = Path(folder) / name
@@ -74,13 +75,13 @@ class LocalStore:
                 out.append(Entry(full.relative_to(self.root).as_posix(), st.st_size, st.st_mtime))
         return sorted(out, key=lambda e: e.key)
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def keys(self, prefix: str = "") -> builtins.list[str]:
         """The keys :meth:`list` gives, without a stat per file (manifest folders hold
         thousands of files and every commit lists them)."""
         base = self.path(prefix) if prefix else self.root
         if not base.is_dir():
             return []
-        out = []
+        out: builtins.list[str] = []
         for folder, _, names in os.walk(base):  # plain strings: pathlib costs more than the listing
             rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
             head = "" if rel == "." else rel + "/"
@@ -156,7 +157,7 @@ class ObjectStore:
                for chunk in obstore.list(self.store, prefix=(base + "/") if base else None) for m in chunk]
         return sorted(out, key=lambda e: e.key)
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def keys(self, prefix: str = "") -> builtins.list[str]:
         return [e.key for e in self.list(prefix)]  # one listing call either way
 
     def read(self, key: str) -> bytes:
