@@ -10,12 +10,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from retinanet.options import PRECISIONS
-
-# auto_batch_size on CPU. One chip at a time is the fastest per chip there: a batch's
-# activations outgrow the caches (R50-FPN, 512 px, bf16 on a 2-core AMX CPU: 0.19 s per
-# chip at batch 1, 0.23 at 2, 0.29 at 4, 0.31 at 8; fp32 0.35 -> 0.49).
-CPU_BATCH_SIZE = 1
+from retinanet.options import CPU_BATCH_SIZE, PRECISIONS
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from retinanet import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from retinanet.checkpoint import FORMAT_NAME, FORMAT_VERSION, read_checkpoint
+from retinanet.checkpoint import FORMAT_NAME, FORMAT_VERSION, read_checkpoint, read_checkpoint_header
 
 CLASSES = ["car", "ship"]
 
@@ -195,3 +195,52 @@ def test_the_same_weights_give_the_same_file(model, tmp_path):
     save_checkpoint(first, model, CLASSES)
     save_checkpoint(second, model, CLASSES)
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_the_header_is_the_payload_without_tensors_and_needs_no_torch(saved):
+    """The driver's reading (no torch import) against torch.load's: the same values, each
+    tensor None, in a fresh interpreter that never imports torch."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from retinanet.checkpoint import read_checkpoint_header as r; "
+            f"h = r({str(saved)!r}); "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'rest': {k: v for k, v in h.items() "
+            "if k != 'state_dict'}, 'tensors': {k: v is None for k, v in h['state_dict'].items()}}))")
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    check=True).stdout)
+    full = torch.load(saved, weights_only=True)
+    assert out["torch"] is False
+    assert out["rest"] == json.loads(json.dumps({k: v for k, v in full.items() if k != "state_dict"}))
+    assert out["tensors"] == {k: True for k in full["state_dict"]}
+
+
+def header_cases(saved, model, tmp_path):
+    """(file, what read_checkpoint says about it) for files both readers must refuse."""
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, I am not a checkpoint\n")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(saved.read_bytes()[:5000])
+    bare = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), bare)
+    future = tmp_path / "future.pt"
+    payload = torch.load(saved, weights_only=True)
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, future)
+    evil = tmp_path / "evil.pt"
+    torch.save(evil_payload(RunsCommand(f"touch {tmp_path / 'PWNED'}")), evil)
+    arbitrary = tmp_path / "object.pt"
+    torch.save(evil_payload(Arbitrary()), arbitrary)
+    return [tmp_path / "nope.pt", text, truncated, bare, future, evil, arbitrary]
+
+
+def test_the_header_refuses_what_the_full_read_refuses_with_the_same_message(saved, model, tmp_path):
+    for path in header_cases(saved, model, tmp_path):
+        with pytest.raises(CheckpointError) as full:
+            read_checkpoint(path)
+        with pytest.raises(CheckpointError) as header:
+            read_checkpoint_header(path)
+        # the same reason in the same words, up to the library's own detail in parentheses
+        assert str(header.value).split(" (")[0] == str(full.value).split(" (")[0], path.name
+    assert not (tmp_path / "PWNED").exists()

@@ -12,8 +12,8 @@ import torch
 
 from retinanet import Detector, build_model, runtime
 from retinanet.boxes import pairwise_iou
+from retinanet.options import CPU_BATCH_SIZE
 from retinanet.runtime import (
-    CPU_BATCH_SIZE,
     auto_batch_size,
     batch_size_for_memory,
     resolve_device,

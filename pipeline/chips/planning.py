@@ -13,6 +13,7 @@ from pipeline.config.spec import JobSpec
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.io.inputs import SceneInput
 from pipeline.io.objstore import local_file
+from retinanet.checkpoint import CheckpointError, file_sha256, read_checkpoint_header
 
 # Scenes per planning task of a run's chip stream (each plans them PLAN_THREADS at a time).
 PLAN_BATCH = 8
@@ -43,11 +44,9 @@ class ModelFacts:
 def model_facts(location: str) -> ModelFacts:
     """Read ``model.checkpoint`` (local, or fetched once from s3:// / gs://) without
     building the model. Raises ConfigError naming the field when it is not a checkpoint."""
-    from retinanet.checkpoint import CheckpointError, file_sha256, read_checkpoint
-
     try:
         local = local_file(location)
-        payload = read_checkpoint(local)
+        payload = read_checkpoint_header(local)  # no torch on the driver
     except (CheckpointError, PipelineError) as err:
         raise ConfigError(f"model.checkpoint: {err}") from None
     config = payload["config"]

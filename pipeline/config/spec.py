@@ -178,7 +178,7 @@ class ModelSpec(BaseModel):
     nms_threshold: Optional[float] = Field(None, gt=0.0, le=1.0)
     detections_per_chip: Optional[int] = Field(None, ge=1)
     # None: chosen for the predictors' device (from free GPU memory on CUDA; 1 on CPU,
-    # which is fastest per chip there, see retinanet.runtime.CPU_BATCH_SIZE).
+    # which is fastest per chip there, see retinanet.options.CPU_BATCH_SIZE).
     batch_size: Optional[int] = Field(None, ge=1)
     precision: Literal[Precision, "int8"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.io.objstore import local_file
+from retinanet.options import CPU_BATCH_SIZE
 
 DETECTION_FIELDS = 6  # x1, y1, x2, y2 (scene pixels), score, label id
 
@@ -149,14 +150,12 @@ def probe_batch_size(checkpoint: str, chip_size: int, precision: str, device: st
 def resolve_batch_size(model_spec, chip_size: int, gpus_per_actor: float) -> int:
     """`model.batch_size`, or when it is null one chosen for the predictors' device.
 
-    No GPU per actor (or device cpu): retinanet.runtime.CPU_BATCH_SIZE. Otherwise a one-off
+    No GPU per actor (or device cpu): retinanet.options.CPU_BATCH_SIZE. Otherwise a one-off
     Ray task holding one actor's GPU share loads the model there and measures (the driver
     may have no GPU); Ray ends a GPU task's worker after it, so its memory is returned
     before the actors start. A fractional share gets that fraction of the free memory.
     The ONNX backend is probed in fp32, the precision its graph runs in.
     """
-    from retinanet.runtime import CPU_BATCH_SIZE
-
     if model_spec.batch_size:
         return model_spec.batch_size
     if gpus_per_actor <= 0 or model_spec.device == "cpu":

@@ -1,0 +1,106 @@
+"""Start-up and memory of a whole `pipeline run`, as a user starts it (issue 15's targets:
+first predictions within 5 s of the command, peak memory of the process tree within 2.5 GB).
+
+Each run is a fresh `pipeline run JOB --force` process with a table of its own; variants
+(lists of ``--set`` overrides) are interleaved, so the load of the shared machine falls on
+all of them alike. While a run goes, the RSS of its whole process tree (the driver, Ray's
+daemons, every Ray worker) is sampled every 0.2 s. Printed per variant, medians over the
+repeats: the report's ``startup_seconds`` (run start to the first predictions reaching
+the driver), the run's wall, the process wall (imports and Ray's shutdown included) and
+the peak RSS, with the tree's RSS per process role at the peak of the median run.
+
+    python bench/startup_bench.py jobs/satellite.yaml --repeats 3 \\
+        --variant "" --variant "compute.actors=1 compute.cpus_per_actor=2" \
+        --variant "tree:/tmp/older-checkout"
+
+RSS counts pages that processes share once per process, as `ps` does; the peak is a sum
+over processes sampled at the same moment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.pipeline_bench import tree_rss  # noqa: E402
+from bench.scratch import scratch_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_run(job: str, overrides: list[str], table: Path) -> dict:
+    """One `pipeline run` in a fresh process -> its summary, process wall and peak RSS.
+
+    An override ``env:NAME=VALUE`` sets an environment variable of the run instead, and
+    ``tree:DIR`` runs the code of another checkout (a git worktree of an older commit)."""
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(Path(job).resolve()), "--force",
+               "--set", f"output.table={table}"]
+    env, tree = dict(os.environ), REPO
+    for item in overrides:
+        if item.startswith("env:"):
+            name, _, value = item[4:].partition("=")
+            env[name] = value
+        elif item.startswith("tree:"):
+            tree = Path(item[5:]).resolve()
+        else:
+            command += ["--set", item]
+    started = time.time()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            cwd=tree)
+    peak, at_peak = 0, {}
+    while proc.poll() is None:
+        roles = tree_rss(proc.pid)
+        if sum(roles.values()) > peak:
+            peak, at_peak = sum(roles.values()), roles
+        time.sleep(0.2)
+    wall = time.time() - started
+    out = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"pipeline run {' '.join(overrides)} exited with {proc.returncode}")
+    summary = json.loads(out[out.index("{"):])
+    return {"startup_seconds": summary["startup_seconds"], "run_wall_seconds": summary["wall_seconds"],
+            "process_wall_seconds": round(wall, 2), "peak_rss_mb": round(peak / 2**20),
+            "rss_by_role_mb": {k: round(v / 2**20) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="space-separated SECTION.KEY=VALUE overrides, env:NAME=VALUE settings or "
+                             "tree:DIR (another checkout's code); '' = the job as it is; repeatable")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    variants = args.variant or [""]
+    root = scratch_dir("startup-bench-")
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    load_before = os.getloadavg()[0]
+    for rep in range(args.repeats):
+        for i, variant in enumerate(variants):
+            result = one_run(args.job, variant.split(), root / f"table-{i}-{rep}")
+            runs[variant].append(result)
+            brief = {k: v for k, v in result.items() if k != "rss_by_role_mb"}
+            print(f"# {variant or '(job as is)'}: {json.dumps(brief)}", flush=True)
+    for variant, results in runs.items():
+        by_startup = sorted(results, key=lambda r: r["startup_seconds"])
+        median_run = by_startup[len(by_startup) // 2]
+        print(json.dumps({
+            "variant": variant or "(job as is)",
+            "startup_seconds": statistics.median(r["startup_seconds"] for r in results),
+            "run_wall_seconds": statistics.median(r["run_wall_seconds"] for r in results),
+            "process_wall_seconds": statistics.median(r["process_wall_seconds"] for r in results),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+            "rss_by_role_mb (median run)": median_run["rss_by_role_mb"],
+        }, indent=1))
+    print(f"load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+
+
+if __name__ == "__main__":
+    main()
