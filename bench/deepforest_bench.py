@@ -206,17 +206,12 @@ def our_windows(scene: Path, size: int) -> list[list[int]]:
 def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run cmd to completion: wall seconds, peak RSS of its process tree (and per role at the
     peak, roles as bench/pipeline_bench.py names them), stdout."""
-    from bench.pipeline_bench import tree_rss
+    from bench.pipeline_bench import peak_rss_until_exit
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
-        peak, at_peak = 0, {}
-        while proc.poll() is None:
-            roles = tree_rss(proc.pid)
-            if sum(roles.values()) > peak:
-                peak, at_peak = sum(roles.values()), roles
-            time.sleep(0.2)
+        peak, at_peak = peak_rss_until_exit(proc)
         wall = time.perf_counter() - start
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()

@@ -142,6 +142,18 @@ def tree_rss(pid: int) -> dict[str, int]:
     return roles
 
 
+def peak_rss_until_exit(proc: subprocess.Popen, every_s: float = 0.2) -> tuple[int, dict[str, int]]:
+    """Sample the RSS of proc's process tree until it exits -> (the peak, the RSS per role
+    at that moment, see tree_rss)."""
+    peak, at_peak = 0, {}
+    while proc.poll() is None:
+        roles = tree_rss(proc.pid)
+        if sum(roles.values()) > peak:
+            peak, at_peak = sum(roles.values()), roles
+        time.sleep(every_s)
+    return peak, at_peak
+
+
 def peak_rss_of_run(size: int, backbone: str) -> tuple[int, dict[str, int]]:
     """Run one scene of size^2 in a child process; sample its process tree's RSS ->
     (the peak, the tree's RSS per role at that moment)."""
@@ -163,13 +175,8 @@ ray.shutdown()
     synthesize(root / f"s{size}", scenes=1, size=size, seed=1)
     make_checkpoint(root / "model.pt", backbone)
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)])
-    peak, at_peak = 0, {}
     try:
-        while proc.poll() is None:
-            roles = tree_rss(proc.pid)
-            if sum(roles.values()) > peak:
-                peak, at_peak = sum(roles.values()), roles
-            time.sleep(0.2)
+        peak, at_peak = peak_rss_until_exit(proc)
     finally:
         shutil.rmtree(root, ignore_errors=True)  # a scene, a checkpoint and a table per call
     if proc.returncode:

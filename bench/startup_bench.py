@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.pipeline_bench import tree_rss  # noqa: E402
+from bench.pipeline_bench import peak_rss_until_exit  # noqa: E402
 from bench.scratch import scratch_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,12 +54,7 @@ def one_run(job: str, overrides: list[str], table: Path) -> dict:
     started = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             cwd=tree)
-    peak, at_peak = 0, {}
-    while proc.poll() is None:
-        roles = tree_rss(proc.pid)
-        if sum(roles.values()) > peak:
-            peak, at_peak = sum(roles.values()), roles
-        time.sleep(0.2)
+    peak, at_peak = peak_rss_until_exit(proc)
     wall = time.time() - started
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode not in (0, 1):
