@@ -140,7 +140,7 @@ def compute_band_stats(paths: Sequence[str | Path], bands: Sequence[int] | None 
         count += values.shape[1]
         total += values.sum(axis=1)
         total_sq += np.square(values).sum(axis=1)
-    if count == 0:
+    if total is None or total_sq is None or count == 0:
         raise InputError(f"no valid pixel in {len(paths)} scene(s) "
                          f"({', '.join(str(p) for p in paths[:3])}...) to compute band statistics")
     mean = total / count

@@ -45,7 +45,8 @@ from pipeline.table.store import open_store
 REPORT_KEY = "stac_newest_datetime"
 _OPEN = ("", "..")
 
-Interval = tuple[Optional[dt.datetime], Optional[dt.datetime]]
+Interval = tuple[Optional[dt.datetime], Optional[dt.datetime]]  # a filter: None ends are open
+ItemInterval = tuple[dt.datetime, dt.datetime]  # an item's time: both ends known
 
 
 # ---------------------------------------------------------------- time
@@ -84,7 +85,7 @@ def parse_interval(text: str) -> Interval:
     return start, end
 
 
-def item_interval(item: Any) -> Optional[Interval]:
+def item_interval(item: Any) -> Optional[ItemInterval]:
     """(start, end) of a pystac Item in UTC, or None when it carries no time at all."""
     if item.datetime is not None:
         when = _utc(item.datetime)
@@ -101,7 +102,7 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
 
 
-def overlaps(item: Interval, window: Interval) -> bool:
+def overlaps(item: ItemInterval, window: Interval) -> bool:
     """True when the closed intervals touch; None ends of ``window`` are open."""
     start, end = window
     return (start is None or item[1] >= start) and (end is None or item[0] <= end)
