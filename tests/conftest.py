@@ -32,6 +32,10 @@ def ray_session():
         ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_unconfigure(config):
+    """The session's cache goes at the very end, also when no test ran (Ray is down by then)."""
     if _SESSION_CACHE:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
