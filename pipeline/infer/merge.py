@@ -417,7 +417,7 @@ def merge_detections(
     plain = pair_iou(cb[i], cb[j])
     restricted = pair_iou(_clip_to(cb[i], win[cc[j]]), _clip_to(cb[j], win[cc[i]]))
     match = (plain > iou_threshold) | (restricted > iou_threshold)
-    parent = greedy_clusters(cs, i[match], j[match], spreads=cut.any(axis=1))
+    parent = greedy_clusters(cs, i[match], j[match], spreads=np.asarray(cut.any(axis=1)))
 
     if method == "nms":
         merged, merged_scores = _extend_cut_sides(cb, cut, parent), cs

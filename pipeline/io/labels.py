@@ -72,7 +72,7 @@ def validate_boxes(boxes: np.ndarray, source: str | Path, rows: Sequence[str]) -
     ``rows`` names each box's origin (e.g. ``"row 7"``, ``"object 3"``).
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    finite = np.isfinite(boxes).all(axis=1)
+    finite = np.asarray(np.isfinite(boxes).all(axis=1))
     positive = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     bad = np.flatnonzero(~(finite & positive))
     if bad.size:
@@ -127,7 +127,7 @@ def read_coco(path: str | Path) -> list[Annotations]:
         boxes.append([x, y, x + w, y + h])
         labels.append(categories[ann["category_id"]])
         rows.append(where)
-    return [_annotations(images[k], *per_image[k][:2], per_image[k][2], path) for k in images]
+    return [_annotations(images[k], per_image[k][0], per_image[k][1], per_image[k][2], path) for k in images]
 
 
 def _load_json(path: Path) -> dict:
@@ -294,7 +294,9 @@ def _read_ogr(path: Path):
 
 
 def _map_bounds_to_pixels(bounds: np.ndarray, label_crs: str, scene: SceneInfo) -> np.ndarray:
-    """(M, 4) map bounds in ``label_crs`` -> (M, 4) XYXY pixel boxes of ``scene``."""
+    """(M, 4) map bounds in ``label_crs`` -> (M, 4) XYXY pixel boxes of ``scene`` (which
+    has a CRS: its caller refuses scenes without one)."""
+    assert scene.crs_wkt is not None
     x0, y0, x1, y1 = np.asarray(bounds, dtype=np.float64).reshape(-1, 4).T
     corners = np.stack([np.stack([x0, y0], -1), np.stack([x1, y0], -1),
                         np.stack([x1, y1], -1), np.stack([x0, y1], -1)], axis=1)
