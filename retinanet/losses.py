@@ -6,6 +6,8 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss
 
+from retinanet.options import BOX_LOSSES
+
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Element-wise focal loss FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) (Lin et al., eq. 5).
@@ -31,4 +33,5 @@ def box_regression_loss(kind: str, deltas: Tensor, target_deltas: Tensor, pred_b
         return F.smooth_l1_loss(deltas.float(), target_deltas, beta=beta, reduction="sum")
     if kind == "giou":
         return generalized_box_iou_loss(pred_boxes, target_boxes, reduction="sum")
-    raise ValueError(f"unknown box loss {kind!r}: expected 'l1', 'smooth_l1' or 'giou'")
+    choices = ", ".join(repr(k) for k in BOX_LOSSES[:-1]) + f" or {BOX_LOSSES[-1]!r}"
+    raise ValueError(f"unknown box loss {kind!r}: expected {choices}")

@@ -33,7 +33,7 @@ import numpy as np
 import shapely
 
 from pipeline.errors import InputError
-from pipeline.geo.georef import map_to_pixel, reproject_points
+from pipeline.geo.georef import box_corners, map_to_pixel, reproject_points
 from pipeline.io.inputs import label_image_id
 from pipeline.io.raster import SceneInfo, read_scene_info
 
@@ -261,7 +261,7 @@ def read_vector(path: str | Path, scene: SceneInfo | str | Path, label_field: st
     label_crs = meta.get("crs")
     if label_crs is None:
         raise InputError(f"{path}: has no CRS; cannot place it on {info.path}")
-    boxes = _map_bounds_to_pixels(bounds, label_crs, info)
+    boxes = _map_bounds_to_pixels(bounds, label_crs, info.crs_wkt, info.transform)
     rows = [f"feature {int(i)}" for i in index]
     inside = ((boxes[:, 2] > 0) & (boxes[:, 0] < info.width)
               & (boxes[:, 3] > 0) & (boxes[:, 1] < info.height))
@@ -293,15 +293,12 @@ def _read_ogr(path: Path):
     return meta, wkb, fields
 
 
-def _map_bounds_to_pixels(bounds: np.ndarray, label_crs: str, scene: SceneInfo) -> np.ndarray:
-    """(M, 4) map bounds in ``label_crs`` -> (M, 4) XYXY pixel boxes of ``scene`` (which
-    has a CRS: its caller refuses scenes without one)."""
-    assert scene.crs_wkt is not None
-    x0, y0, x1, y1 = np.asarray(bounds, dtype=np.float64).reshape(-1, 4).T
-    corners = np.stack([np.stack([x0, y0], -1), np.stack([x1, y0], -1),
-                        np.stack([x1, y1], -1), np.stack([x0, y1], -1)], axis=1)
-    corners = reproject_points(corners, label_crs, scene.crs_wkt)
-    pixels = map_to_pixel(corners, scene.transform)  # (M, 4, 2) col, row
+def _map_bounds_to_pixels(bounds: np.ndarray, label_crs: str, scene_crs: str, transform) -> np.ndarray:
+    """(M, 4) map bounds in ``label_crs`` -> (M, 4) XYXY pixel boxes of a scene in
+    ``scene_crs`` with geotransform ``transform``: the pixel box around the reprojected
+    corners (a box's corners, not its two extremes, since a reprojection can rotate it)."""
+    corners = reproject_points(box_corners(bounds), label_crs, scene_crs)
+    pixels = map_to_pixel(corners, transform)  # (M, 4, 2) col, row
     return np.concatenate([pixels.min(axis=1), pixels.max(axis=1)], axis=1)
 
 
