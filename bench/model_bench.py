@@ -220,5 +220,6 @@ def main(argv=None) -> None:
             print(f"  {label:40s} {t:8.3f} {args.batch / t:8.2f} {a / t:6.2f}x {b / t:6.2f}x "
                   f"{c:7.2f} {a_cpu / c:9.2f}x {b_cpu / c:9.2f}x")
 
+
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """Command-line entry point. Parses arguments and calls library functions; no logic here."""
 from __future__ import annotations
 
+import json
 import sys
 from typing import Literal, NoReturn
 
@@ -66,8 +67,6 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool, v
 
     Exit code 0 when every scene is complete (or was already), 1 while any scene is
     partial or failed, 2 when the job cannot start (bad field, no scene found)."""
-    import json
-
     from pipeline.config.spec import load_job
     from pipeline.run.graph import run_job
 
@@ -231,8 +230,6 @@ def submit(job: str, address: str, overrides: tuple[str, ...], run_id: str | Non
 @click.option("--resume", is_flag=True, help="continue the last run of train.output_dir from its latest checkpoint")
 def train(job: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Train the job's RetinaNet on its `train:` section with Ray Train (see docs/training.md)."""
-    import json
-
     from pipeline.config.spec import load_job
     from pipeline.train.driver import train as run_training
 
@@ -337,8 +334,6 @@ def eval_checkpoint(checkpoint: str, job: str | None, overrides: tuple[str, ...]
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a job field")
 def anchors(job: str, overrides: tuple[str, ...]) -> None:
     """Fit anchor sizes and ratios to the job's training boxes; print the matched share."""
-    import json
-
     from pipeline.config.spec import load_job
     from pipeline.train.driver import fit_job_anchors
 

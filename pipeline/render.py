@@ -14,6 +14,7 @@ Display coordinates: a box edge at scene pixel ``x`` is drawn at ``floor(x * sx)
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +230,6 @@ def link_in_run_reports(table_root: os.PathLike | str, scene_id: str, png: os.Pa
                         job_name: Optional[str] = None) -> list[str]:
     """Record the quicklook under ``quicklooks[scene_id]`` in the run report of every run
     whose committed rows of this scene are current; returns the reports updated."""
-    import json
-
     from pipeline.table.transactions import REPORTS, committed_scenes, write_run_report
 
     updated = []

@@ -23,6 +23,7 @@ importing this module costs nothing.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -60,8 +61,6 @@ class OnnxUnavailableError(ImportError):
 
 def _require(module: str, purpose: str):
     """Import an optional dependency or raise OnnxUnavailableError naming it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as err:

@@ -46,8 +46,6 @@ class Subnet(nn.Module):
         return torch.cat(outputs, dim=1)
 
 
-
-
 def prior_logit(prior_probability: float) -> float:
     """Classifier bias b = -log((1 - pi) / pi) so every anchor starts at foreground probability pi."""
     return -math.log((1 - prior_probability) / prior_probability)

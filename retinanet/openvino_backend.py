@@ -21,7 +21,11 @@ converting at once each end with a whole file and later runs reuse it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -97,7 +101,6 @@ class OpenVinoDetector:
         return (self.cache_dir / f"{self._prefix()}.config.pt").is_file()
 
     def _cached_config(self):
-
         return RetinaNetConfig.from_dict(torch.load(self.cache_dir / f"{self._prefix()}.config.pt",
                                                     weights_only=True))
 
@@ -111,8 +114,6 @@ class OpenVinoDetector:
         """The cached graph for this size, converting it first if no process on this node has.
         Actors starting together take a file lock, so one converts and the others wait and
         load its result (conversion is seconds of CPU the others would otherwise repeat)."""
-        import fcntl
-
         path = self.graph_path(network_hw)
         if graph_exists(path):
             return path
@@ -157,10 +158,6 @@ class OpenVinoDetector:
         quantisation, calibrated on ``chips`` ((N, C, H, W) float, the units of the model's
         image_mean: what inference gets), and store it under ``int8_key``. Returns its path
         (kept as it is when a graph of that key exists)."""
-        import contextlib
-        import logging
-        import sys
-
         import openvino as ov
 
         network_hw = self.model.network_size(*chip_hw)

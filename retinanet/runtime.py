@@ -4,6 +4,7 @@ chosen from free GPU memory."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from functools import lru_cache
 
@@ -70,8 +71,6 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     (Conv2dNormActivation). Group norm (v2 heads) is left as it is. Uses
     torch.nn.utils.fusion.fuse_conv_bn_weights; the original model is not modified.
     """
-    import copy
-
     from torch.nn.utils.fusion import fuse_conv_bn_weights
     from torchvision.ops.misc import FrozenBatchNorm2d
 

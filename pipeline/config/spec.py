@@ -26,6 +26,7 @@ the file and the YAML path of the field, one line per problem, e.g.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
@@ -88,7 +89,6 @@ class StacSpec(BaseModel):
     @classmethod
     def _yaml_dates_as_text(cls, v: Any) -> Any:
         # YAML reads an unquoted 2026-01-01 as a date: take it as the instant it names.
-        import datetime as _dt
 
         return v.isoformat() if isinstance(v, (_dt.date, _dt.datetime)) else v
 

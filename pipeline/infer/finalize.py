@@ -31,7 +31,6 @@ def finalize_scene(spec, plan, chip_results: list[tuple[str, bytes]], class_name
     """
     from pipeline.table.schema import build_detection_table
 
-
     windows = np.array([[w.col_off, w.row_off, w.col_off + w.width, w.row_off + w.height] for w in plan.windows],
                        dtype=np.float64).reshape(-1, 4)
     index_of = {chip_id(plan.scene_id, w.row, w.col): i for i, w in enumerate(plan.windows)}

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -146,8 +147,6 @@ def _labels_digest(spec) -> str:
 def int8_key(checkpoint_sha: str, chip_size: int, chip_ids: list[str]) -> str:
     """Cache key of an INT8 graph: what it was made from (checkpoint, chip size,
     calibration chips) and with (NNCF and OpenVINO versions)."""
-    from importlib.metadata import version
-
     blob = json.dumps([checkpoint_sha, chip_size, chip_ids, version("nncf"), version("openvino")])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

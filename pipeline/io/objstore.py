@@ -13,6 +13,7 @@ clients (MinIO, Ceph, moto, ...).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.parse
 from functools import lru_cache
@@ -150,7 +151,6 @@ def local_file(location: str) -> str:
     ETag, so an overwritten object is fetched again and an unchanged one never is."""
     if not is_object_url(location):
         return str(location)
-    import hashlib
 
     meta = head(location)
     key = hashlib.sha256(f"{location}\n{meta['etag']}\n{meta['size']}".encode()).hexdigest()[:16]

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -54,6 +56,7 @@ from pipeline.table.store import open_store
 READ_TASK_CACHE_MB = 64
 # Chips per read task and predictor call when the model takes fewer (see transport_batch).
 MIN_READ_BATCH = 8
+
 
 @dataclass
 class Preflight:
@@ -101,8 +104,6 @@ def preflight(spec: JobSpec, check_scenes: bool = True) -> Preflight:
     return Preflight(inputs, stac, model, warnings_)
 
 
-
-
 def scene_rows(outcome: ScenePlan | dict, node: str = "") -> list[dict]:
     """The chip stream's rows for one planned scene: one small row per chip to read
     (identifiers and the window, no pixels), or one marker row when it has none.
@@ -111,8 +112,6 @@ def scene_rows(outcome: ScenePlan | dict, node: str = "") -> list[dict]:
     learns a scene's chip count and geometry from the stream itself, so it never holds
     the plans of scenes that are not in flight. Other rows carry ``b""``.
     """
-    import pickle
-
     blob = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
     failed = isinstance(outcome, dict)
     if failed or not outcome.windows:
@@ -209,8 +208,6 @@ def ray_init_options(address: str | None, quiet: bool) -> dict:
     if address is None:
         options["include_dashboard"] = False
     if quiet:  # Ray's own Python log lines (start-up, token notice, Ray Data plans) only with --verbose
-        import logging
-
         options["logging_level"] = logging.ERROR
     return options
 
@@ -221,8 +218,6 @@ def connect_ray(address: str | None, quiet: bool = True):
 
     if not ray.is_initialized():
         if quiet:
-            import logging
-
             os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read when Ray Data configures its loggers
             logging.getLogger("ray.data").setLevel(logging.ERROR)
             # Ray Data's advice for a small job (fewer blocks than read tasks) is no news to a user.
