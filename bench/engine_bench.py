@@ -14,7 +14,8 @@ of each per repetition, so a noisy neighbour slows all alike); figures are media
                       8 chips like the timed ones (speed only: accuracy needs labelled data,
                       see pipeline.infer.int8 and BENCHMARKS.md).
 
-Also: postprocessing alone (anchors in, detections out) per chip, and how many of torch
+Also: postprocessing alone (dense outputs in, detections out) per chip, numpy (OpenVINO
+actors) and torch, and how many of torch
 fp32's top boxes each variant keeps (IoU > 0.9). Ratios are against torch bf16 in the same
 process. The head gets a seeded spread so postprocessing sees realistic candidate counts.
 """
@@ -31,7 +32,9 @@ import torch
 from torchvision.ops import box_iou
 
 from retinanet import Detector, build_model, save_checkpoint
-from retinanet.export import detect_with_dense
+from retinanet.config import logit_bound
+from retinanet.export import detect_with_dense, skeleton_model
+from retinanet.numpy_postprocess import Geometry, Nms, postprocess
 from retinanet.openvino_backend import OpenVinoDetector
 from retinanet.runtime import fold_batch_norm
 
@@ -67,7 +70,7 @@ def main() -> None:
         ov_f32.prepare((args.chip, args.chip))
         cached_s = time.perf_counter() - started
         started = time.perf_counter()
-        ov_f32.quantize((args.chip, args.chip), torch.cat(chips[:8]), "bench")
+        ov_f32.quantize((args.chip, args.chip), torch.cat(chips[:8]).numpy(), "bench")
         quantize_s = time.perf_counter() - started
         ov_int8 = OpenVinoDetector(checkpoint, precision="int8", num_threads=args.threads, cache_dir=tmp,
                                    int8_key="bench")
@@ -91,16 +94,23 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
                 if len(expected) and len(got["boxes"]):
                     kept[name].append(float((box_iou(expected, got["boxes"]).max(dim=1).values > 0.9).float().mean()))
-        # postprocessing alone: the dense outputs of one chip, through the model's postprocess
-        post, candidates = [], []
-        warm = ov_f32.dense(chips[0])
-        detect_with_dense(ov_f32.model, chips[0], lambda _: warm, ov_f32._shapes, "bench")  # shapes, anchors
-        for chip in chips:
-            cls_logits, box_deltas = ov_f32.dense(chip)
+        # postprocessing alone: the dense outputs of one chip, through the numpy postprocessing
+        # the OpenVINO actors run and through the torch model's (GPU actors, ONNX)
+        hw = (args.chip, args.chip)
+        geometry, nms = Geometry.load(ov_f32.geometry_path(hw)), Nms()
+        skeleton, anchors_cache = skeleton_model(model.config), {}
+        post, post_torch, candidates = [], [], []
+        for chip in [chips[0], *chips]:  # the first is a warm-up (anchors, kernels)
+            cls_logits, box_deltas = (a.copy() for a in ov_f32.dense(chip.numpy()))
             t = time.perf_counter()
-            detect_with_dense(ov_f32.model, chip, lambda _: (cls_logits, box_deltas), ov_f32._shapes, "bench")
+            postprocess(cls_logits, box_deltas, geometry, ov_f32.config, nms)
             post.append(time.perf_counter() - t)
-            candidates.append(int((torch.sigmoid(cls_logits) > ov_f32.model.config.score_threshold).sum()))
+            dense = (torch.from_numpy(cls_logits), torch.from_numpy(box_deltas))
+            t = time.perf_counter()
+            detect_with_dense(skeleton, chip, lambda _, d=dense: d, anchors_cache, "bench")
+            post_torch.append(time.perf_counter() - t)
+            candidates.append(int((cls_logits > logit_bound(ov_f32.config.score_threshold)).sum()))
+        post, post_torch, candidates = post[1:], post_torch[1:], candidates[1:]
     base = statistics.median(times["torch bf16"])
     print(f"load average {open('/proc/loadavg').read().split()[:3]}; {args.backbone}, {args.chip}² chips, "
           f"{args.threads} threads, {args.reps} reps; openvino convert+compile {convert_s:.1f} s, "
@@ -111,8 +121,9 @@ def main() -> None:
         print(f"{name:<20}{median:>9.3f}{base / median:>14.2f}x{statistics.mean(kept[name] or [0]):>15.1%}")
     post_s = statistics.median(post)
     print(f"postprocessing alone ({statistics.median(candidates)} scores above the threshold per chip): "
-          f"{post_s * 1000:.1f} ms/chip = "
-          f"{post_s / statistics.median(times['openvino auto']):.0%} of an openvino auto chip")
+          f"numpy + OpenVINO NMS {post_s * 1000:.1f} ms/chip = "
+          f"{post_s / statistics.median(times['openvino auto']):.0%} of an openvino auto chip; "
+          f"torch {statistics.median(post_torch) * 1000:.1f} ms/chip")
 
 
 if __name__ == "__main__":

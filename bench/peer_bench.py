@@ -90,7 +90,7 @@ def trained_looking_weights(num_classes: int, chip: int, head_std: float, seed: 
 def write_checkpoint(state_dict: dict, class_names: list[str], path: Path) -> None:
     """Our checkpoint from the torchvision weights, normalising raw 0-255 pixels."""
     from retinanet import from_torchvision, save_checkpoint
-    from retinanet.model import IMAGENET_MEAN, IMAGENET_STD
+    from retinanet.config import IMAGENET_MEAN, IMAGENET_STD
 
     model = from_torchvision(state_dict, len(class_names), image_mean=tuple(255 * m for m in IMAGENET_MEAN),
                              image_std=tuple(255 * s for s in IMAGENET_STD), score_threshold=SCORE_THRESHOLD,

@@ -13,7 +13,7 @@ _HOME = {
     "save_checkpoint": "retinanet.checkpoint",
     "from_torchvision": "retinanet.convert",
     "RetinaNet": "retinanet.model",
-    "RetinaNetConfig": "retinanet.model",
+    "RetinaNetConfig": "retinanet.config",
     "build_model": "retinanet.model",
     "Detector": "retinanet.runtime",
 }

@@ -6,10 +6,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-# The paper's anchors: areas 32^2..512^2 on P3..P7, three octave scales, three ratios.
-# Sizes are truncated to integers as torchvision does, so imported weights see identical anchors.
-DEFAULT_SIZES = tuple(tuple(int(base * 2 ** (octave / 3)) for octave in range(3)) for base in (32, 64, 128, 256, 512))
-DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+from retinanet.config import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
 
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:

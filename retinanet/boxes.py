@@ -1,14 +1,10 @@
 """Box math on tensors. Boxes are (N, 4) float, XYXY, pixels, with x2 > x1 and y2 > y1."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-# Largest log-scale change a decoded box may have (detectron2/torchvision use the same);
-# stops exp() overflowing when an untrained head emits large deltas.
-MAX_LOG_SCALE = math.log(1000.0 / 16)
+from retinanet.config import MAX_LOG_SCALE
 
 
 def box_area(boxes: Tensor) -> Tensor:

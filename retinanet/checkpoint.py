@@ -134,7 +134,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[RetinaNet, dict]:
     """
     # Here, not at the top: read_checkpoint (the driver's preflight) needs torch only, and
     # the model pulls in torchvision (1.2 s of imports, a third of the driver's start-up).
-    from retinanet.model import RetinaNetConfig, build_model
+    from retinanet.config import RetinaNetConfig
+    from retinanet.model import build_model
 
     payload = read_checkpoint(path)
     try:

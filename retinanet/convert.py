@@ -5,7 +5,8 @@ import re
 
 from torch import Tensor
 
-from retinanet.model import IMAGENET_MEAN, IMAGENET_STD, RetinaNet, RetinaNetConfig, build_model
+from retinanet.config import IMAGENET_MEAN, IMAGENET_STD, RetinaNetConfig
+from retinanet.model import RetinaNet, build_model
 
 
 def torchvision_config(num_classes: int, v2: bool = False, **overrides) -> RetinaNetConfig:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -36,8 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retinanet.checkpoint import file_sha256, load_checkpoint
-from retinanet.files import write_atomically
-from retinanet.model import SIZE_DIVISOR, RetinaNet, RetinaNetConfig, build_model
+from retinanet.config import SIZE_DIVISOR, RetinaNetConfig, padded_size
+from retinanet.files import default_cache_dir, write_atomically
+from retinanet.model import RetinaNet, box_ratios, build_model
+from retinanet.numpy_postprocess import Geometry, check_anchor_count
 
 ONNX_OPSET = 18
 METADATA_KEY = "retinanet_pipeline"
@@ -65,14 +66,6 @@ def _require(module: str, purpose: str):
         return importlib.import_module(module)
     except ImportError as err:
         raise OnnxUnavailableError(f"{purpose} needs the '{module}' package ({err}); {INSTALL_HINT}") from err
-
-
-def padded_size(height: int, width: int) -> tuple[int, int]:
-    """(H, W) rounded up to multiples of SIZE_DIVISOR (32), as the model pads its input.
-
-    Example: (250, 256) -> (256, 256).
-    """
-    return height + (-height % SIZE_DIVISOR), width + (-width % SIZE_DIVISOR)
 
 
 class DenseRetinaNet(nn.Module):
@@ -208,12 +201,6 @@ def is_export_of(onnx_path: str | os.PathLike, checkpoint_sha256: str) -> bool:
         return False
 
 
-def default_cache_dir(engine: str = "onnx") -> Path:
-    """Per-node cache of graphs converted for an engine: $TMPDIR/retinanet-<engine>
-    (the pipeline passes its own cache folder instead)."""
-    return Path(tempfile.gettempdir()) / f"retinanet-{engine}"
-
-
 def onnx_for_checkpoint(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """The ONNX file for `checkpoint`, exporting it only when no current export exists.
 
@@ -290,7 +277,7 @@ class OnnxDetector:
         self.providers = self.session.get_providers()
         self.device = torch.device("cuda" if any(p in GPU_PROVIDERS for p in self.providers) else "cpu")
         self.precision = "fp32"
-        self._shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._anchors: dict[tuple[int, int], tuple[Tensor, list[int]]] = {}
 
     def dense(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The ONNX part alone: images -> (cls_logits (B, A, K), box_deltas (B, A, 4)) CPU float32."""
@@ -305,28 +292,49 @@ class OnnxDetector:
         if min(height, width) < MIN_SIDE:
             raise ValueError(f"{self.path}: the ONNX graph serves images of at least {MIN_SIDE} x {MIN_SIDE} "
                              f"pixels, got {height} x {width} (use the torch backend for smaller chips)")
-        return detect_with_dense(self.model, images, self.dense, self._shapes, str(self.path))
+        return detect_with_dense(self.model, images, self.dense, self._anchors, str(self.path))
 
 
-def detect_with_dense(skeleton: RetinaNet, images: Tensor, dense, shapes_cache: dict, source: str
+def detect_with_dense(skeleton: RetinaNet, images: Tensor, dense, anchors_cache: dict, source: str
                       ) -> list[dict[str, Tensor]]:
     """Detections of a batch whose dense part (`dense`: network-size images -> (cls_logits,
     box_deltas) on the CPU) runs outside torch: the model's resize rule before it, and its
     own anchors, postprocess and box mapping after it, on a weightless ``skeleton``.
-    shapes_cache: a dict kept by the caller, pyramid shapes per network size."""
+    anchors_cache: a dict kept by the caller, :func:`pyramid_anchors` per network size."""
     skeleton._check_images(images)
     input_hw = tuple(int(s) for s in images.shape[-2:])
     images, _ = skeleton.resize_input(images)  # the graphs hold the network, not the resize rule
     height, width = (int(s) for s in images.shape[-2:])
     cls_logits, box_deltas = dense(images)
-    shapes = shapes_cache.get((height, width))
-    if shapes is None:
-        shapes = shapes_cache[(height, width)] = pyramid_shapes(skeleton, (height, width))
-    anchors = skeleton.anchor_generator(padded_size(height, width), shapes, torch.device("cpu"))
-    per_location = skeleton.anchor_generator.num_anchors_per_location
-    level_counts = [h * w * per_location for h, w in shapes]
-    if sum(level_counts) != cls_logits.shape[1]:
-        raise RuntimeError(f"{source}: the graph returned {cls_logits.shape[1]} anchors, the config implies "
-                           f"{sum(level_counts)} (file and metadata disagree)")
+    if (height, width) not in anchors_cache:
+        anchors_cache[(height, width)] = pyramid_anchors(skeleton, (height, width))
+    anchors, level_counts = anchors_cache[(height, width)]
+    check_anchor_count(cls_logits.shape[1], level_counts, source)
     detections = skeleton.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))
     return skeleton.boxes_to_input(detections, (height, width), input_hw)
+
+
+def pyramid_anchors(skeleton: RetinaNet, network_hw: tuple[int, int]) -> tuple[Tensor, list[int]]:
+    """The anchors of one network input size, (A, 4) float32 on the CPU, levels concatenated,
+    and the number of anchors on each level."""
+    shapes = pyramid_shapes(skeleton, network_hw)
+    anchors = skeleton.anchor_generator(padded_size(*network_hw), shapes, torch.device("cpu"))
+    per_location = skeleton.anchor_generator.num_anchors_per_location
+    return anchors, [h * w * per_location for h, w in shapes]
+
+
+def postprocess_geometry(config: RetinaNetConfig, input_hw: tuple[int, int]) -> Geometry:
+    """What numpy postprocessing needs for inputs of ``input_hw`` (anchors, level sizes,
+    network size, box scale), computed by the torch model's own code."""
+    skeleton = skeleton_model(config)
+    network_hw = skeleton.network_size(*input_hw)
+    anchors, level_counts = pyramid_anchors(skeleton, network_hw)
+    return Geometry(anchors.numpy(), tuple(level_counts), network_hw, box_ratios(network_hw, input_hw, None).numpy())
+
+
+class ResizingDenseRetinaNet(DenseRetinaNet):
+    """:class:`DenseRetinaNet` with the config's resize rule in front: input-size images ->
+    (cls_logits, box_deltas) of the network-size image. For graphs that serve one chip size."""
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return super().forward(self.model.resize_input(images)[0])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -35,3 +36,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
     return path
+
+
+def default_cache_dir(engine: str = "onnx") -> Path:
+    """Per-node cache of graphs converted for an engine: $TMPDIR/retinanet-<engine>
+    (the pipeline passes its own cache folder instead)."""
+    return Path(tempfile.gettempdir()) / f"retinanet-{engine}"

@@ -32,10 +32,10 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
 from retinanet.checkpoint import FORMAT_NAME, CheckpointError, file_sha256
+from retinanet.config import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, IMAGENET_MEAN, IMAGENET_STD
 from retinanet.convert import from_torchvision
-from retinanet.model import IMAGENET_MEAN, IMAGENET_STD, RetinaNet
+from retinanet.model import RetinaNet
 
 KINDS = ("auto", "torchvision", "deepforest")
 # What each source does at inference when its file does not say otherwise.

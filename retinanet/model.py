@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -12,103 +12,12 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 import retinanet.boxes as box_ops
-from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, AnchorGenerator
+from retinanet.anchors import AnchorGenerator
 from retinanet.backbones import build_backbone
+from retinanet.config import SIZE_DIVISOR, RetinaNetConfig, logit_bound, resize_factor
 from retinanet.heads import Subnet, prior_logit
 from retinanet.losses import box_regression_loss, sigmoid_focal_loss
 from retinanet.matcher import IGNORE, match_batch, pad_targets
-from retinanet.options import TRAINABLE
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SIZE_DIVISOR = 32  # every level down to P5 must tile the padded input exactly
-
-
-def resize_factor(height: int, width: int, min_size: int | None, max_size: int | None) -> float:
-    """torchvision's resize rule: the factor that brings the short side to ``min_size``
-    without the long side passing ``max_size`` (1.0 without a rule). Example: a 400-px chip
-    with min_size 800, max_size 1333 -> 2.0; 1000x400 -> 1.333 (the long side caps it)."""
-    if min_size is None:
-        return 1.0
-    factor = min_size / min(height, width)
-    return min(factor, max_size / max(height, width)) if max_size is not None else factor
-
-
-@dataclass
-class RetinaNetConfig:
-    """Everything that defines a RetinaNet; stored in checkpoints as a plain dict.
-
-    image_mean / image_std are per band, in the units of the input tensor (e.g. 0-255 for
-    uint8 scenes, raw DN for 16-bit): the model normalises its own input, so the statistics
-    travel with the weights.
-    """
-
-    num_classes: int
-    backbone: str = TRAINABLE.backbone
-    in_channels: int = 3
-    image_mean: tuple[float, ...] = IMAGENET_MEAN
-    image_std: tuple[float, ...] = IMAGENET_STD
-    backbone_weights: str | None = None  # local ImageNet state dict; never stored in checkpoints
-    frozen_bn: bool = True
-    trainable_stages: int | None = None
-    fpn_channels: int = TRAINABLE.fpn_channels
-    p6_from: str = "c5"  # the paper builds P6 from C5; torchvision's v1 from P5
-    head_width: int = TRAINABLE.head_width
-    head_depth: int = TRAINABLE.head_depth
-    head_group_norm: bool = False
-    prior_probability: float = 0.01
-    anchor_sizes: tuple[tuple[float, ...], ...] = DEFAULT_SIZES
-    aspect_ratios: tuple[float, ...] = DEFAULT_ASPECT_RATIOS
-    fg_iou_threshold: float = 0.5
-    bg_iou_threshold: float = 0.4
-    allow_low_quality_matches: bool = True
-    focal_alpha: float = TRAINABLE.focal_alpha
-    focal_gamma: float = TRAINABLE.focal_gamma
-    box_loss: str = TRAINABLE.box_loss
-    smooth_l1_beta: float = 0.1
-    score_threshold: float = 0.05
-    topk_candidates: int = 1000
-    nms_threshold: float = 0.5
-    detections_per_image: int = 100
-    # Chip resize rule (torchvision's GeneralizedRCNNTransform): scale each input so its
-    # short side is min_size, unless that makes its long side exceed max_size; boxes are
-    # mapped back to input pixels. None: no resizing (models trained here).
-    min_size: int | None = None
-    max_size: int | None = None
-
-    def __post_init__(self):
-        self.image_mean = tuple(float(v) for v in self.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_std)
-        self.anchor_sizes = tuple(tuple(float(s) for s in level) for level in self.anchor_sizes)
-        self.aspect_ratios = tuple(float(r) for r in self.aspect_ratios)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if len(self.image_mean) != self.in_channels or len(self.image_std) != self.in_channels:
-            raise ValueError(f"image_mean/image_std need {self.in_channels} values (one per band), "
-                             f"got {len(self.image_mean)} and {len(self.image_std)}")
-        if any(s <= 0 for s in self.image_std):
-            raise ValueError(f"image_std must be positive, got {self.image_std}")
-        if self.p6_from not in ("c5", "p5"):
-            raise ValueError(f"p6_from must be 'c5' or 'p5', got {self.p6_from!r}")
-        if self.max_size is not None and self.min_size is None:
-            raise ValueError("max_size needs min_size (the resize rule scales the short side to min_size)")
-        if any(v is not None and v < 1 for v in (self.min_size, self.max_size)):
-            raise ValueError(f"min_size/max_size must be positive, got {self.min_size}/{self.max_size}")
-        if len(self.anchor_sizes) != 5:
-            raise ValueError(f"anchor_sizes needs one tuple per level P3-P7 (5), got {len(self.anchor_sizes)}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("backbone_weights")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RetinaNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown RetinaNetConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 class RetinaNet(nn.Module):
@@ -181,7 +90,7 @@ class RetinaNet(nn.Module):
         resized = F.interpolate(images.float(), scale_factor=factor, mode="bilinear", recompute_scale_factor=True,
                                 align_corners=False)
         if targets is not None:
-            ratio = _box_ratios((height, width), tuple(resized.shape[-2:]), images.device)
+            ratio = box_ratios((height, width), tuple(resized.shape[-2:]), images.device)
             targets = [{**t, "boxes": t["boxes"] * ratio} for t in targets]
         return resized, targets
 
@@ -190,7 +99,7 @@ class RetinaNet(nn.Module):
         """Map detections from the network's (resized) pixels back to the input's."""
         if tuple(network_hw) == tuple(input_hw):
             return detections
-        ratio = _box_ratios(network_hw, input_hw, detections[0]["boxes"].device if detections else None)
+        ratio = box_ratios(network_hw, input_hw, detections[0]["boxes"].device if detections else None)
         return [{**d, "boxes": d["boxes"] * ratio} for d in detections]
 
     # -- training --------------------------------------------------------------------------
@@ -260,13 +169,10 @@ class RetinaNet(nn.Module):
         cfg = self.config
         batch, _, num_classes = cls_logits.shape
         device = cls_logits.device
-        t = cfg.score_threshold
-        # a small margin below the exact bound: sigmoid's float rounding decides, just below
-        bound = math.log(t / (1 - t)) - 1e-3 if 0 < t < 1 else (-math.inf if t <= 0 else math.inf)
         flat = cls_logits.reshape(batch, -1)
-        image_index, flat_index = (flat > bound).nonzero(as_tuple=True)
+        image_index, flat_index = (flat > logit_bound(cfg.score_threshold)).nonzero(as_tuple=True)
         scores = torch.sigmoid(flat[image_index, flat_index].float())
-        keep = scores > t
+        keep = scores > cfg.score_threshold
         image_index, flat_index, scores = image_index[keep], flat_index[keep], scores[keep]
         anchor_index = torch.div(flat_index, num_classes, rounding_mode="floor")
         labels = flat_index % num_classes
@@ -337,7 +243,7 @@ def _rank_in_groups(sorted_groups: Tensor, counts: Tensor) -> Tensor:
     return torch.arange(len(sorted_groups), device=sorted_groups.device) - offsets[sorted_groups]
 
 
-def _box_ratios(from_hw: tuple[int, int], to_hw: tuple[int, int], device) -> Tensor:
+def box_ratios(from_hw: tuple[int, int], to_hw: tuple[int, int], device) -> Tensor:
     """(4,) XYXY multipliers from one image size to another, in float32 as torchvision
     computes them (to_size / from_size per axis)."""
     ratio_h = torch.tensor(to_hw[0], dtype=torch.float32) / torch.tensor(from_hw[0], dtype=torch.float32)

@@ -1,9 +1,11 @@
 """The network on OpenVINO's CPU runtime, with `retinanet.Detector`'s interface.
 
-What runs where: the dense part (normalise, pad, backbone with batch norm folded, FPN,
-subnets) is converted from the checkpoint with ``openvino.convert_model`` and compiled for
-the CPU; the resize rule, anchors, decoding and NMS run in torch through the model's own
-code (:func:`retinanet.export.detect_with_dense`), as for the ONNX backend.
+What runs where: the dense part (the config's resize rule, normalise, pad, backbone with
+batch norm folded, FPN, subnets) is converted from the checkpoint with
+``openvino.convert_model`` once per chip size and compiled for the CPU; anchors, decoding
+and NMS run in numpy and OpenVINO's NMS kernel (:mod:`retinanet.numpy_postprocess`), on
+geometry the torch model computed at conversion and stored beside the graph. So a process
+whose graph is cached never imports torch: an actor saves ~0.6 GB and ~2 s of start-up.
 
 Precision: ``auto`` leaves the choice to OpenVINO, which runs bf16 on CPUs with AMX or
 AVX512-BF16 and f32 elsewhere; ``fp32`` and ``bf16`` force one (``fp16`` only where the
@@ -16,8 +18,8 @@ under a key naming its calibration; INT8 changes results, so the pipeline measur
 Conversion takes seconds (a trace of the model), so converted graphs are cached per node
 (``cache_dir``: `pipeline run` passes ``<its cache>/openvino``, see
 :func:`pipeline.io.objstore.cache_dir`; default ``$TMPDIR/retinanet-openvino``), keyed by the
-checkpoint's SHA-256 and the network's input size; writes are atomic, so actors
-converting at once each end with a whole file and later runs reuse it.
+checkpoint's SHA-256 and the chip size; writes are atomic, so actors converting at once
+each end with a whole file and later runs reuse it.
 """
 from __future__ import annotations
 
@@ -30,14 +32,12 @@ import uuid
 import warnings
 from pathlib import Path
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from retinanet.checkpoint import file_sha256, load_checkpoint
-from retinanet.export import DenseRetinaNet, default_cache_dir, detect_with_dense, skeleton_model
-from retinanet.files import write_atomically
-from retinanet.model import RetinaNetConfig
-from retinanet.runtime import fold_batch_norm
+from retinanet.checkpoint import file_sha256, read_checkpoint_header
+from retinanet.config import RetinaNetConfig
+from retinanet.files import default_cache_dir, write_atomically
+from retinanet.numpy_postprocess import Geometry, Nms, check_anchor_count, postprocess
 
 PRECISION_HINTS = {"auto": None, "fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": None}
 INSTALL_HINT = "install it with: pip install openvino"
@@ -53,14 +53,16 @@ def openvino_available() -> bool:
 
 
 class OpenVinoDetector:
-    """Batch inference of a checkpoint on OpenVINO's CPU plugin.
+    """Batch inference of a checkpoint on OpenVINO's CPU plugin, without torch once its
+    graph is cached.
 
-    `detector(images)` takes a (B, C, H, W) float tensor in the units of the model's
-    image_mean and returns one dict per image ("boxes" XYXY input pixels, "scores",
-    "labels") on the CPU, like `retinanet.Detector`. `model` is a weightless copy holding
-    the config: set `model.config.score_threshold` (or nms_threshold,
-    detections_per_image) to change the postprocessing, as with a torch model.
-    Attributes: `device` (cpu), `precision` (what the compiled graph runs in, e.g. bf16).
+    `detector.detect(images)` takes a (B, C, H, W) float numpy array in the units of the
+    model's image_mean and returns one dict per image ("boxes" (N, 4) float32 XYXY input
+    pixels, "scores", "labels" int64) of numpy arrays; `detector(images)` does the same for
+    a torch tensor and returns tensors, like `retinanet.Detector`. `config` is the model's
+    RetinaNetConfig: set its score_threshold (or nms_threshold, detections_per_image) to
+    change the postprocessing. Attributes: `device` ("cpu"), `precision` (what the compiled
+    graph runs in, e.g. bf16).
     """
 
     def __init__(self, checkpoint: str | os.PathLike, precision: str = "auto", num_threads: int | None = None,
@@ -75,6 +77,7 @@ class OpenVinoDetector:
             raise ValueError("precision int8 runs a quantised graph and needs its int8_key (and only it does)")
         self.int8_key = int8_key
         self.checkpoint = Path(checkpoint)
+        self.config = RetinaNetConfig.from_dict(read_checkpoint_header(checkpoint)["config"])
         self.sha256 = file_sha256(checkpoint)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir("openvino")
         self._core = ov.Core()
@@ -84,37 +87,27 @@ class OpenVinoDetector:
             self._config["INFERENCE_NUM_THREADS"] = int(num_threads)
         if PRECISION_HINTS[precision]:
             self._config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
-        # The torch model is loaded only when a graph has to be converted (nothing cached yet).
-        self._torch_model = None if self._any_cached() else load_checkpoint(checkpoint)[0]
-        self.model = skeleton_model(self._cached_config() if self._torch_model is None else self._torch_model.config)
-        self._folded = None
-        self.device = torch.device("cpu")
-        self._compiled: dict[tuple[int, int], object] = {}
-        self._shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self.device = "cpu"
+        self._compiled: dict[tuple[int, int], tuple[object, Geometry]] = {}
+        self._nms: Nms | None = None
         self.converted = 0  # graphs this detector had to convert (0 when every size was cached)
 
     # -- cache ---------------------------------------------------------------------------
-    def _prefix(self) -> str:
-        return self.sha256[:16]
-
-    def _any_cached(self) -> bool:
-        return (self.cache_dir / f"{self._prefix()}.config.pt").is_file()
-
-    def _cached_config(self):
-        return RetinaNetConfig.from_dict(torch.load(self.cache_dir / f"{self._prefix()}.config.pt",
-                                                    weights_only=True))
-
-    def graph_path(self, network_hw: tuple[int, int], int8_key: str | None = None) -> Path:
-        """The cached IR (.xml, weights in the .bin beside it) for one network input size;
-        with ``int8_key``, the graph quantised under that key."""
+    def graph_path(self, chip_hw: tuple[int, int], int8_key: str | None = None) -> Path:
+        """The cached IR (.xml, weights in the .bin beside it) for chips of one size; with
+        ``int8_key``, the graph quantised under that key."""
         variant = f"-int8-{int8_key}" if int8_key else ""
-        return self.cache_dir / f"{self._prefix()}-{network_hw[0]}x{network_hw[1]}{variant}.xml"
+        return self.cache_dir / f"{self.sha256[:16]}-chip{chip_hw[0]}x{chip_hw[1]}{variant}.xml"
 
-    def _convert(self, network_hw: tuple[int, int]) -> Path:
+    def geometry_path(self, chip_hw: tuple[int, int]) -> Path:
+        """Anchors and sizes for postprocessing chips of one size (shared by f32 and INT8 graphs)."""
+        return self.cache_dir / f"{self.sha256[:16]}-chip{chip_hw[0]}x{chip_hw[1]}.geometry.npz"
+
+    def _convert(self, chip_hw: tuple[int, int]) -> Path:
         """The cached graph for this size, converting it first if no process on this node has.
         Actors starting together take a file lock, so one converts and the others wait and
         load its result (conversion is seconds of CPU the others would otherwise repeat)."""
-        path = self.graph_path(network_hw)
+        path = self.graph_path(chip_hw)
         if graph_exists(path):
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -122,50 +115,51 @@ class OpenVinoDetector:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
             if graph_exists(path):
                 return path
-            return self._convert_locked(network_hw, path)
+            return self._convert_locked(chip_hw, path)
 
-    def _convert_locked(self, network_hw: tuple[int, int], path: Path) -> Path:
+    def _convert_locked(self, chip_hw: tuple[int, int], path: Path) -> Path:
+        """Trace the torch model (the only place this class imports torch) -> the graph and
+        its postprocessing geometry, the geometry written first (a graph implies its geometry)."""
         import openvino as ov
+        import torch
 
-        if self._folded is None:
-            model = self._torch_model if self._torch_model is not None else load_checkpoint(self.checkpoint)[0]
-            self._folded = fold_batch_norm(model)
-            self._torch_model = None
-        channels = self._folded.config.in_channels
+        from retinanet.checkpoint import load_checkpoint
+        from retinanet.export import ResizingDenseRetinaNet, postprocess_geometry
+        from retinanet.runtime import fold_batch_norm
+
+        folded = fold_batch_norm(load_checkpoint(self.checkpoint)[0])
+        channels = folded.config.in_channels
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # convert_model traces with torch.jit.trace
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", UserWarning)  # the resize rule's scale factor, traced as a constant
             try:
-                graph = ov.convert_model(DenseRetinaNet(self._folded),
-                                         example_input=torch.zeros(1, channels, *network_hw),
-                                         input=[ov.PartialShape([-1, channels, *network_hw])])
+                graph = ov.convert_model(ResizingDenseRetinaNet(folded),
+                                         example_input=torch.zeros(1, channels, *chip_hw),
+                                         input=[ov.PartialShape([-1, channels, *chip_hw])])
             except Exception as err:  # noqa: BLE001 - name the checkpoint and the way out
                 raise RuntimeError(f"{self.checkpoint}: OpenVINO could not convert the network for "
-                                   f"{network_hw[0]}x{network_hw[1]} inputs ({type(err).__name__}: {err}); "
+                                   f"{chip_hw[0]}x{chip_hw[1]} chips ({type(err).__name__}: {err}); "
                                    "run it with model.backend: torch") from err
+        geometry = postprocess_geometry(folded.config, chip_hw)
+        write_atomically(self.geometry_path(chip_hw), geometry.save)
         save_graph_atomically(graph, path)
-        config_file = self.cache_dir / f"{self._prefix()}.config.pt"
-        if not config_file.is_file():
-            config = self._folded.config.to_dict()
-            write_atomically(config_file, lambda tmp: torch.save(config, tmp))
         self.converted += 1
-        self._folded = None  # the torch copy was only needed to convert: do not keep it in the actor
         return path
 
     # -- INT8 --------------------------------------------------------------------------
-    def quantize(self, chip_hw: tuple[int, int], chips: Tensor, int8_key: str) -> Path:
+    def quantize(self, chip_hw: tuple[int, int], chips: np.ndarray, int8_key: str) -> Path:
         """Quantise the f32 graph for chips of this size to INT8 with NNCF's post-training
-        quantisation, calibrated on ``chips`` ((N, C, H, W) float, the units of the model's
+        quantisation, calibrated on ``chips`` ((N, C, H, W), the units of the model's
         image_mean: what inference gets), and store it under ``int8_key``. Returns its path
         (kept as it is when a graph of that key exists)."""
         import openvino as ov
 
-        network_hw = self.model.network_size(*chip_hw)
-        path = self.graph_path(network_hw, int8_key)
+        path = self.graph_path(chip_hw, int8_key)
         if graph_exists(path):
             return path
-        graph = ov.Core().read_model(str(self._convert(network_hw)))
-        samples = [self.model.resize_input(chip[None].float())[0].numpy() for chip in chips]
+        graph = ov.Core().read_model(str(self._convert(chip_hw)))
+        samples = [np.asarray(chip, dtype=np.float32)[None] for chip in chips]
         # NNCF's progress bars go to stderr with the other progress: stdout may carry a report.
         # Its import makes torch warn that there is no CUDA toolkit, which is no news on a CPU node.
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -176,30 +170,34 @@ class OpenVinoDetector:
         save_graph_atomically(quantized, path)
         return path
 
-    def install_graph(self, path_name: str, xml: bytes, weights: bytes) -> None:
+    def install_graph(self, path_name: str, xml: bytes, weights: bytes, geometry_name: str, geometry: bytes) -> None:
         """Put a graph made on another node (an INT8 graph: calibration is not repeated per
-        node) into this node's cache under its name, atomically; kept if already there."""
-        path = self.cache_dir / path_name
-        if graph_exists(path):
-            return
+        node) and its geometry into this node's cache under their names, atomically; kept if
+        already there."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_graph_pair(path, lambda tmp: (tmp.with_suffix(".bin").write_bytes(weights), tmp.write_bytes(xml)))
+        if not (self.cache_dir / geometry_name).is_file():
+            write_atomically(self.cache_dir / geometry_name, lambda tmp: tmp.write_bytes(geometry))
+        path = self.cache_dir / path_name
+        if not graph_exists(path):
+            _write_graph_pair(path, lambda tmp: (tmp.with_suffix(".bin").write_bytes(weights), tmp.write_bytes(xml)))
 
     # -- inference -----------------------------------------------------------------------
-    def _graph_for(self, network_hw: tuple[int, int]) -> Path:
+    def _graph_for(self, chip_hw: tuple[int, int]) -> Path:
         if self.int8_key is None:
-            return self._convert(network_hw)
-        path = self.graph_path(network_hw, self.int8_key)
+            return self._convert(chip_hw)
+        path = self.graph_path(chip_hw, self.int8_key)
         if not graph_exists(path):
             raise RuntimeError(f"{self.checkpoint}: no INT8 graph {path.name} in {self.cache_dir}; INT8 graphs are "
                                f"made by quantize() (pipeline run with model.precision int8 makes and measures it)")
         return path
 
-    def _compiled_for(self, network_hw: tuple[int, int]):
-        compiled = self._compiled.get(network_hw)
+    def _compiled_for(self, chip_hw: tuple[int, int]) -> tuple[object, Geometry]:
+        compiled = self._compiled.get(chip_hw)
         if compiled is None:
-            compiled = self._core.compile_model(str(self._graph_for(network_hw)), "CPU", self._config)
-            self._compiled[network_hw] = compiled
+            graph = self._graph_for(chip_hw)
+            compiled = (self._core.compile_model(str(graph), "CPU", self._config),
+                        Geometry.load(self.geometry_path(chip_hw)))
+            self._compiled[chip_hw] = compiled
         return compiled
 
     @property
@@ -209,24 +207,42 @@ class OpenVinoDetector:
         if self.int8_key is not None:
             return "int8"
         if self._compiled:
-            compiled = next(iter(self._compiled.values()))
-            return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            compiled, _ = next(iter(self._compiled.values()))
+            return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # type: ignore[attr-defined]
         return self._requested
-
-    def dense(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """The compiled network alone: network-size images -> (cls_logits, box_deltas) float32."""
-        compiled = self._compiled_for(tuple(int(s) for s in images.shape[-2:]))
-        outputs = compiled(images.detach().to("cpu", torch.float32).contiguous().numpy())
-        return torch.from_numpy(outputs[0].copy()), torch.from_numpy(outputs[1].copy())
 
     def prepare(self, chip_hw: tuple[int, int]) -> None:
         """Convert (or load from the cache) and compile for chips of this size now, so the
         first batch does not pay for it."""
-        self._compiled_for(self.model.network_size(*chip_hw))
+        self._compiled_for(chip_hw)
+        if self._nms is None:
+            self._nms = Nms()
 
-    @torch.inference_mode()
-    def __call__(self, images: Tensor) -> list[dict[str, Tensor]]:
-        return detect_with_dense(self.model, images, self.dense, self._shapes, str(self.checkpoint))
+    def dense(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The compiled network alone: chips (B, C, H, W) -> (cls_logits, box_deltas) float32,
+        valid until the next call."""
+        compiled, _ = self._compiled_for((int(images.shape[-2]), int(images.shape[-1])))
+        outputs = compiled(np.ascontiguousarray(images, dtype=np.float32))  # type: ignore[operator]
+        return outputs[0], outputs[1]
+
+    def detect(self, images: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Detections of a (B, C, H, W) float batch, numpy in and out (see the class doc)."""
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels or images.dtype.kind != "f":
+            raise ValueError(f"images must be a (B, {self.config.in_channels}, H, W) floating array, got "
+                             f"{images.dtype} of shape {tuple(images.shape)}")
+        self.prepare((int(images.shape[-2]), int(images.shape[-1])))
+        _, geometry = self._compiled_for((int(images.shape[-2]), int(images.shape[-1])))
+        cls_logits, box_deltas = self.dense(images)
+        check_anchor_count(cls_logits.shape[1], geometry.level_counts, str(self.checkpoint))
+        assert self._nms is not None
+        return postprocess(cls_logits, box_deltas, geometry, self.config, self._nms)
+
+    def __call__(self, images):
+        """`retinanet.Detector`'s interface: a (B, C, H, W) float tensor -> dicts of tensors."""
+        import torch
+
+        found = self.detect(images.detach().to("cpu", torch.float32).numpy())
+        return [{k: torch.from_numpy(v) for k, v in d.items()} for d in found]
 
 
 def graph_exists(path: Path) -> bool:

@@ -4,7 +4,8 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, AnchorGenerator, cell_anchors, grid_anchors
+from retinanet.anchors import AnchorGenerator, cell_anchors, grid_anchors
+from retinanet.config import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
 
 
 def test_default_sizes_golden():

@@ -83,7 +83,7 @@ def test_openvino_f32_equals_torch_and_reuses_its_cache(checkpoint, tmp_path):
     again.prepare((256, 256))
     assert again.converted == 0  # the graph converted above is reused
     # the job's thresholds reach the postprocessing, as with a torch model
-    again.model.config.detections_per_image = 5
+    again.config.detections_per_image = 5
     assert [len(r["boxes"]) for r in again(images)] == [5, 5]
 
 
@@ -111,6 +111,86 @@ def test_openvino_bf16_keeps_the_boxes(checkpoint, tmp_path):
 
     iou = box_iou(expected["boxes"][:50], got["boxes"])
     assert (iou.max(dim=1).values > 0.9).float().mean() >= 0.9  # nine in ten of the top boxes kept
+
+
+@pytest.mark.parametrize("input_hw, resize, spread", [
+    ((256, 256), {}, 1.0),  # a few hundred candidates: the sparse selection
+    ((256, 192), {}, 4.0),  # thousands per level: top-k decides
+    ((160, 160), {"min_size": 320, "max_size": 640}, 1.0),  # resized: boxes scaled back to input pixels
+])
+def test_numpy_postprocess_equals_the_torch_models(input_hw, resize, spread):
+    """Oracle: RetinaNet.postprocess (torchvision's NMS and box clipping) on the same dense outputs."""
+    from retinanet.export import detect_with_dense, postprocess_geometry, skeleton_model
+    from retinanet.numpy_postprocess import Nms, postprocess
+
+    config = build_model(num_classes=3, backbone="resnet18", head_width=32, head_depth=1, topk_candidates=300,
+                         **resize).config
+    geometry = postprocess_geometry(config, input_hw)
+    gen = np.random.default_rng(7)
+    anchors = sum(geometry.level_counts)
+    cls_logits = (gen.standard_normal((3, anchors, 3)) * spread - 3.5).astype(np.float32)
+    box_deltas = (gen.standard_normal((3, anchors, 4)) * 0.3).astype(np.float32)
+    got = postprocess(cls_logits, box_deltas, geometry, config, Nms())
+    dense = (torch.from_numpy(cls_logits), torch.from_numpy(box_deltas))
+    expected = detect_with_dense(skeleton_model(config), torch.zeros(3, 3, *input_hw), lambda _: dense, {}, "test")
+    for e, g in zip(expected, got):
+        assert len(g["boxes"]) == len(e["boxes"]) > 10
+        e = {k: v.numpy() for k, v in e.items()}
+        assert np.all(np.diff(g["scores"]) <= 0)  # best first
+        # equal scores (thousands of float32 sigmoids) may come in either order: compare sorted
+        e, g = ({k: v[np.lexsort((d["boxes"][:, 1], d["boxes"][:, 0], d["labels"], -d["scores"]))]
+                 for k, v in d.items()} for d in (e, g))
+        np.testing.assert_allclose(g["boxes"], e["boxes"], atol=1e-3, rtol=0)
+        np.testing.assert_allclose(g["scores"], e["scores"], atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(g["labels"], e["labels"])
+    if resize:
+        assert max(float(g["boxes"].max()) for g in got) <= input_hw[1]
+
+
+@pytest.mark.parametrize("iou_threshold", [0.05, 0.3, 0.45, 0.5, 0.7])
+def test_openvino_nms_keeps_what_torchvision_keeps(iou_threshold):
+    """Boxes on an 8-px grid make IoUs exactly equal to the threshold: torchvision keeps a
+    box whose IoU equals it (it suppresses at IoU > t), and so must we."""
+    from torchvision.ops import batched_nms
+
+    from retinanet.numpy_postprocess import Nms
+
+    nms, gen = Nms(), np.random.default_rng(11)
+    for _ in range(40):
+        n = int(gen.integers(1, 300))
+        corner = np.round(gen.uniform(0, 400, (n, 2)) / 8) * 8
+        size = np.round(gen.uniform(8, 80, (n, 2)) / 8) * 8
+        boxes = np.concatenate([corner, corner + size], axis=1).astype(np.float32)
+        scores = gen.permutation(n).astype(np.float32) / n  # distinct: the order is defined
+        groups = gen.integers(0, 4, n)
+        expected = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(groups),
+                               iou_threshold).numpy()
+        np.testing.assert_array_equal(nms(boxes, scores, groups, iou_threshold), expected)
+
+
+def test_cached_graph_runs_without_torch(checkpoint, tmp_path):
+    """An actor process whose graph is cached never imports torch (~0.6 GB, ~2 s)."""
+    import subprocess
+    import sys
+
+    OpenVinoDetector(checkpoint, precision="fp32", cache_dir=tmp_path / "cache").prepare((256, 256))
+    code = f"""
+import json
+import sys
+import numpy as np
+from pipeline.infer.predictor import resolve_backend
+from retinanet.openvino_backend import OpenVinoDetector
+assert resolve_backend("auto", "cpu") == "openvino"
+detector = OpenVinoDetector({str(checkpoint)!r}, precision="fp32", cache_dir={str(tmp_path / "cache")!r})
+found = detector.detect(np.random.default_rng(0).uniform(0, 255, (2, 3, 256, 256)).astype(np.float32))
+print(json.dumps({{"converted": detector.converted, "boxes": [len(f["boxes"]) for f in found],
+                  "torch": "torch" in sys.modules}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["converted"] == 0 and min(result["boxes"]) > 0
+    assert result["torch"] is False
 
 
 def test_backend_auto_picks_openvino_on_cpu_and_torch_on_gpu():

@@ -28,8 +28,9 @@ from pipeline.train.driver import check_trainable, train
 from pipeline.train.loop import plot_metrics, write_metrics_csv
 from pipeline.train.schedule import epoch_order, lr_factor, plan_steps, shard_indices
 from retinanet import build_model, save_checkpoint
-from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, cell_anchors
+from retinanet.anchors import cell_anchors
 from retinanet.checkpoint import load_checkpoint
+from retinanet.config import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
 
 CLASSES = ["vehicle", "building", "tank"]
 

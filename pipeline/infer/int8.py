@@ -151,12 +151,10 @@ def int8_key(checkpoint_sha: str, chip_size: int, chip_ids: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def measure_int8(spec, model, scenes, cache_dir: Path, log) -> tuple[Int8Measurement, Path]:
+def measure_int8(spec, model, scenes, cache_dir: Path, log) -> tuple[Int8Measurement, Path, Path]:
     """Quantise (or reuse) the INT8 graph of the job's checkpoint for the job's ``scenes``
     and measure it against the f32 graph on the labelled chips (see the module doc) ->
-    (the measurement, the INT8 graph's path)."""
-    import torch
-
+    (the measurement, the INT8 graph's path, its postprocessing geometry's path)."""
     from pipeline.chips.tiling import chip_id
     from pipeline.train.data import detect_records, records_truth
     from retinanet.openvino_backend import OpenVinoDetector, graph_exists
@@ -167,29 +165,30 @@ def measure_int8(spec, model, scenes, cache_dir: Path, log) -> tuple[Int8Measure
     f32 = OpenVinoDetector(checkpoint, precision="fp32", num_threads=threads, cache_dir=cache_dir)
     cells = calibration_cells(spec, scenes, model)
     key = int8_key(f32.sha256, spec.tiling.chip_size, [chip_id(p.scene_id, w.row, w.col) for p, w in cells])
-    graph = f32.graph_path(f32.model.network_size(*chip_hw), key)
+    graph, geometry = f32.graph_path(chip_hw, key), f32.geometry_path(chip_hw)
     measured = graph.with_suffix(f".{_labels_digest(spec)}.json")
     if measured.is_file() and graph_exists(graph):
-        return Int8Measurement(**{**json.loads(measured.read_text()), "cached": True}), graph
+        return Int8Measurement(**{**json.loads(measured.read_text()), "cached": True}), graph, geometry
     log(f"INT8: calibrating on {len(cells)} chips of the job's scenes (once per checkpoint and node)")
-    f32.quantize(chip_hw, torch.from_numpy(read_cells(spec, model, cells)), key)
+    f32.quantize(chip_hw, read_cells(spec, model, cells), key)
     int8 = OpenVinoDetector(checkpoint, precision="int8", num_threads=threads, cache_dir=cache_dir, int8_key=key)
     records = labelled_records(spec, list(model.class_names))
     log(f"INT8: measuring AP50 against f32 on {len(records)} labelled chips")
     truth = records_truth(records, spec.tiling.chip_size)
     ap50 = {}
     for name, detector in (("f32", f32), ("int8", int8)):
-        apply_job_settings(detector.model.config, spec.model.score_threshold, spec.model.nms_threshold,
+        apply_job_settings(detector.config, spec.model.score_threshold, spec.model.nms_threshold,
                            spec.model.detections_per_chip)
         found = detect_records(detector, records, spec.inputs.bands, spec.tiling.chip_size, model.in_channels)
         ap50[name] = coco_metrics(truth, found, list(model.class_names))["AP50"] or 0.0
     result = Int8Measurement(key, round(ap50["f32"], 4), round(ap50["int8"], 4), len(cells), len(records))
     record = json.dumps({k: v for k, v in asdict(result).items() if k != "cached"})
     write_atomically(measured, lambda tmp: tmp.write_text(record))
-    return result, graph
+    return result, graph, geometry
 
 
-def graph_for_actors(key: str, graph: Path) -> dict:
-    """The INT8 graph as bytes for the predictor actors (other nodes install it in their
-    own cache; calibration is not repeated per node)."""
-    return {"key": key, "name": graph.name, "xml": graph.read_bytes(), "bin": graph.with_suffix(".bin").read_bytes()}
+def graph_for_actors(key: str, graph: Path, geometry: Path) -> dict:
+    """The INT8 graph and its postprocessing geometry as bytes for the predictor actors
+    (other nodes install them in their own cache; calibration is not repeated per node)."""
+    return {"key": key, "name": graph.name, "xml": graph.read_bytes(), "bin": graph.with_suffix(".bin").read_bytes(),
+            "geometry_name": geometry.name, "geometry": geometry.read_bytes()}

@@ -168,6 +168,21 @@ def resolve_batch_size(model_spec, chip_size: int, gpus_per_actor: float) -> int
     return int(ray.get(probe.remote(model_spec.checkpoint, chip_size, precision, model_spec.device, fraction)))
 
 
+def actor_device(device: str) -> str:
+    """model.device for this actor: ``auto`` is cuda when Ray gave the actor a GPU that
+    torch can see (Ray pins GPUs through CUDA_VISIBLE_DEVICES), else cpu. A CPU actor
+    decides without importing torch."""
+    if device != "auto":
+        return device
+    import ray
+
+    if not ray.get_gpu_ids():
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_backend(backend: str, device: str) -> str:
     """model.backend for an actor on `device` (cpu or cuda): ``auto`` is openvino on the
     CPU where the package imports, torch otherwise."""
@@ -196,53 +211,28 @@ class ChipPredictor:
                  nms_threshold: float | None = None, detections_per_chip: int | None = None,
                  chip_size: int | None = None, int8: dict | None = None):
         import ray
-        import torch
-
-        from retinanet import Detector, load_checkpoint
 
         checkpoint = local_file(checkpoint)  # s3:// / gs://: fetched once per node
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        if backend == "onnx":
-            # The graph: CHECKPOINT.onnx when `pipeline export` made it from this very
-            # checkpoint (SHA-256 in its metadata), else exported once per node into
-            # $TMPDIR/retinanet-onnx and reused; onnxruntime picks GPU providers itself.
-            from retinanet.export import OnnxDetector, onnx_for_checkpoint
+        device = actor_device(device)
+        backend = resolve_backend(backend, device)
+        if backend == "openvino":
+            # No torch in this process unless the graph has to be converted first.
+            from pipeline.io.objstore import cache_dir
+            from retinanet.openvino_backend import OpenVinoDetector
 
-            self.detector = OnnxDetector(onnx_for_checkpoint(checkpoint), device=device, precision=precision,
-                                         num_threads=num_threads)
-            model = self.detector.model  # weightless: config, anchors and postprocess only
+            self.detector = OpenVinoDetector(checkpoint, precision=precision, num_threads=num_threads,
+                                             cache_dir=cache_dir() / "openvino",
+                                             int8_key=int8["key"] if int8 else None)
+            if int8:  # measured and made by the driver (pipeline.infer.int8): install it on this node
+                self.detector.install_graph(int8["name"], int8["xml"], int8["bin"], int8["geometry_name"],
+                                            int8["geometry"])
+            if chip_size:  # convert (or load the cached graph) and compile now, not on the first batch
+                self.detector.prepare((chip_size, chip_size))
+            config = self.detector.config
         else:
-            if device == "auto":  # Ray pins the actor's GPUs through CUDA_VISIBLE_DEVICES
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            backend = resolve_backend(backend, device)
-            if backend == "openvino":
-                from pipeline.io.objstore import cache_dir
-                from retinanet.openvino_backend import OpenVinoDetector
-
-                self.detector = OpenVinoDetector(checkpoint, precision=precision, num_threads=num_threads,
-                                                 cache_dir=cache_dir() / "openvino",
-                                                 int8_key=int8["key"] if int8 else None)
-                if int8:  # measured and made by the driver (pipeline.infer.int8): install it on this node
-                    self.detector.install_graph(int8["name"], int8["xml"], int8["bin"])
-                if chip_size:  # convert (or load the cached graph) and compile now, not on the first batch
-                    self.detector.prepare((chip_size, chip_size))
-                model = self.detector.model
-            elif precision == "int8":
-                raise ValueError(f"model.precision int8 runs on OpenVINO CPU actors; this actor runs {backend} "
-                                 f"on {device}")
-            else:
-                from retinanet.runtime import fold_batch_norm, resolve_precision
-
-                model = load_checkpoint(checkpoint)[0]
-                if resolve_precision(precision, torch.device(device)) is not None:
-                    # bf16/fp16: one op per convolution instead of two (1.6x on CPU). fp32 stays
-                    # op for op the model as trained: the reference path, exact to float32.
-                    model = fold_batch_norm(model)
-                self.detector = Detector(model, device=device, precision=precision)
-                model = self.detector.model
-        apply_job_settings(model.config, score_threshold, nms_threshold, detections_per_chip)
-        self.in_channels = model.config.in_channels
+            config = self._torch_detector(checkpoint, backend, device, precision, num_threads)
+        apply_job_settings(config, score_threshold, nms_threshold, detections_per_chip)
+        self.in_channels = config.in_channels
         self.ledger = ledger
         self.max_strikes = max_strikes
         self.faults = faults
@@ -253,6 +243,37 @@ class ChipPredictor:
         self.worker = f"pid={os.getpid()} gpus=[{gpu_ids}] device={self.detector.device} {self.detector.precision}"
         self.worker += f" {backend}"
         self.node = ray.get_runtime_context().get_node_id()
+
+    def _torch_detector(self, checkpoint: str, backend: str, device: str, precision: str,
+                        num_threads: int | None):
+        """The torch or ONNX Runtime detector -> the model's config."""
+        import torch
+
+        from retinanet import Detector, load_checkpoint
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        if backend == "onnx":
+            # The graph: CHECKPOINT.onnx when `pipeline export` made it from this very
+            # checkpoint (SHA-256 in its metadata), else exported once per node into
+            # $TMPDIR/retinanet-onnx and reused; onnxruntime picks GPU providers itself.
+            from retinanet.export import OnnxDetector, onnx_for_checkpoint
+
+            self.detector = OnnxDetector(onnx_for_checkpoint(checkpoint), device=device, precision=precision,
+                                         num_threads=num_threads)
+            return self.detector.model.config  # a weightless model: config, anchors and postprocess only
+        if precision == "int8":
+            raise ValueError(f"model.precision int8 runs on OpenVINO CPU actors; this actor runs {backend} "
+                             f"on {device}")
+        from retinanet.runtime import fold_batch_norm, resolve_precision
+
+        model = load_checkpoint(checkpoint)[0]
+        if resolve_precision(precision, torch.device(device)) is not None:
+            # bf16/fp16: one op per convolution instead of two (1.6x on CPU). fp32 stays
+            # op for op the model as trained: the reference path, exact to float32.
+            model = fold_batch_norm(model)
+        self.detector = Detector(model, device=device, precision=precision)
+        return self.detector.model.config
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
@@ -305,10 +326,6 @@ class ChipPredictor:
                 self._predict_into(batch, [i], chip_ids, status, error, detections)
 
     def _predict(self, batch, indices, chip_ids, detections) -> None:
-        import torch
-
-        from retinanet.runtime import to_device
-
         if self.faults:
             self.faults.apply([chip_ids[i] for i in indices])
         chip_size = batch["valid"].shape[1]
@@ -316,16 +333,26 @@ class ChipPredictor:
                                    chip_size)  # file dtypes; the detector casts on device
         if pixels.shape[1] != self.in_channels:
             raise ValueError(f"chips have {pixels.shape[1]} bands, the model expects {self.in_channels}")
-        images = torch.from_numpy(pixels)
-        if not images.is_floating_point():  # integer chips travel small and become float on the device
-            # through pinned memory: a non-blocking copy from pageable memory would block
-            images = to_device(images, self.detector.device).float()
-        step = self.forward_batch or len(images)
-        results = [r for start in range(0, len(images), step) for r in self.detector(images[start:start + step])]
+        step = self.forward_batch or len(pixels)
+        results = [r for start in range(0, len(pixels), step) for r in self._detect(pixels[start:start + step])]
         for i, r in zip(indices, results):
-            boxes, scores, labels = r["boxes"].cpu().numpy(), r["scores"].cpu().numpy(), r["labels"].cpu().numpy()
+            boxes, scores, labels = r["boxes"], r["scores"], r["labels"]
             valid = np.unpackbits(batch["valid"][i], axis=-1, count=chip_size).astype(bool)
             keep = centres_on_valid_pixels(boxes, valid)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             offset = np.array([batch["col_off"][i], batch["row_off"][i]] * 2, dtype=np.float32)
             detections[i] = encode_detections(boxes + offset, scores, labels)
+
+    def _detect(self, pixels: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """One forward pass of chips in their file dtype -> numpy detections per chip."""
+        if hasattr(self.detector, "detect"):  # OpenVINO: numpy in and out
+            return self.detector.detect(pixels.astype(np.float32, copy=False))
+        import torch
+
+        from retinanet.runtime import to_device
+
+        images = torch.from_numpy(pixels)
+        if not images.is_floating_point():  # integer chips travel small and become float on the device
+            # through pinned memory: a non-blocking copy from pageable memory would block
+            images = to_device(images, self.detector.device).float()
+        return [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(images)]

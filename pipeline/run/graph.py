@@ -359,11 +359,12 @@ def start_run(spec: JobSpec, jhash: str, force: bool, verbose: bool, log) -> Run
 def int8_gate(spec: JobSpec, start: RunStart, log) -> dict:
     """Quantise, measure AP50 against f32 and refuse or warn, before any chip is read (a
     refusal stops the run here) -> {"report": for the run report, "graph": for the actors}."""
-    measured, graph = measure_int8(spec, start.pre.model, start.pre.inputs.scenes, cache_dir() / "openvino", log)
+    measured, graph, geometry = measure_int8(spec, start.pre.model, start.pre.inputs.scenes, cache_dir() / "openvino",
+                                             log)
     running, message = int8_allowed(measured, spec.model.int8_max_ap50_drop, spec.model.int8_on_drop)
     log(message + (" (measured earlier, cached)" if measured.cached else ""))
     return {"report": measured.report(spec.model.int8_max_ap50_drop, spec.model.int8_on_drop, running),
-            "graph": graph_for_actors(measured.key, graph)}
+            "graph": graph_for_actors(measured.key, graph, geometry)}
 
 
 def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], faults, log):

@@ -34,6 +34,7 @@ from pipeline.io.inputs import expand_patterns, is_remote
 from pipeline.train.anchors import fit_anchors
 from pipeline.train.loop import MODEL_FILE, STATE_FILE, STEP_FILE, Prepared, train_loop
 from pipeline.train.schedule import plan_steps
+from retinanet.config import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
 from retinanet.files import write_atomically
 from retinanet.options import TRAINABLE_FIELDS
 
@@ -97,7 +98,6 @@ def training_data(spec: JobSpec):
 def fit_job_anchors(spec: JobSpec):
     """Anchor fit on the job's training chips (``pipeline anchors``) -> AnchorFit."""
     from pipeline.train.data import box_sizes
-    from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
 
     check_trainable(spec)
     _, train_records, _, _ = training_data(spec)
@@ -111,7 +111,6 @@ def prepare(spec: JobSpec) -> Prepared:
     """Chips, statistics, anchors and the model config of a training job (driver side)."""
     from pipeline.chips.normalize import compute_band_stats
     from pipeline.train.data import box_sizes
-    from retinanet.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
     from retinanet.backbones import build_backbone
 
     t = spec.train

@@ -275,7 +275,8 @@ class WorkerRun:
         import ray.train.torch
         import torch
 
-        from retinanet.model import RetinaNetConfig, build_model
+        from retinanet.config import RetinaNetConfig
+        from retinanet.model import build_model
         from retinanet.runtime import precision_name, resolve_precision
 
         self.config = config
