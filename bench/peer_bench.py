@@ -150,13 +150,43 @@ def sahi_model(model, class_names: list[str], sahi_path: str):
 
 
 def sahi_run(path: Path, detection_model, chip: int, overlap: int) -> int:
-    """(a): SAHI sliced prediction over the raster held in memory. Returns detections."""
+    """(a): SAHI sliced prediction over the raster held in memory. Returns detections; the
+    last run's boxes and labels are kept in LAST["sahi"] for the agreement check."""
     from sahi.predict import get_sliced_prediction
 
     result = get_sliced_prediction(read_whole(path), detection_model, slice_height=chip, slice_width=chip,
                                    overlap_height_ratio=overlap / chip, overlap_width_ratio=overlap / chip,
                                    perform_standard_pred=False, verbose=0)
-    return len(result.object_prediction_list)
+    found = result.object_prediction_list
+    LAST["sahi"] = (np.array([p.bbox.to_xyxy() for p in found], dtype=np.float32).reshape(-1, 4),
+                    np.array([p.category.id for p in found], dtype=np.int64))
+    return len(found)
+
+
+# variant -> (boxes (N, 4) XYXY scene pixels, labels) of its last run
+LAST: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def table_detections(table: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (scene pixels) and label ids of a committed table, read with DuckDB."""
+    import duckdb
+
+    rows = duckdb.sql(f"SELECT px_xmin, px_ymin, px_xmax, px_ymax, label FROM read_parquet('{table}/date=*/*.parquet')"
+                      ).fetchall()
+    boxes = np.array([r[:4] for r in rows], dtype=np.float32).reshape(-1, 4)
+    return boxes, np.array([class_names.index(r[4]) for r in rows], dtype=np.int64)
+
+
+def matched_fraction(boxes: np.ndarray, labels: np.ndarray, other_boxes: np.ndarray, other_labels: np.ndarray,
+                     iou: float = 0.5) -> float:
+    """Share of ``boxes`` that a box of ``other`` with the same label overlaps at IoU >= iou."""
+    from torchvision.ops import box_iou
+
+    if not len(boxes):
+        return float("nan")
+    overlaps = box_iou(torch.from_numpy(boxes), torch.from_numpy(other_boxes)).numpy()
+    overlaps[labels[:, None] != other_labels[None, :]] = 0
+    return float((overlaps.max(axis=1, initial=0) >= iou).mean())
 
 
 def paired_ratio(reference: list[float], ours_times: list[float]) -> float:
@@ -319,6 +349,12 @@ def main(argv=None) -> None:
                   "imports, checkpoint load, first batch), median s: "
                   + ", ".join(f"{precision}/{backend} {statistics.median(v):.1f}" for (precision, backend), v
                               in STARTUP.items()) + "."]
+    sahi_label = next((label for label in variants if label.startswith("SAHI")), None)
+    if sahi_label:
+        mine, theirs = table_detections(root / f"auto{args.repeats - 1}", names), LAST["sahi"]
+        lines += ["", f"Agreement at IoU >= 0.5, same class, last run of each: {matched_fraction(*theirs, *mine):.1%} "
+                      f"of SAHI's {len(theirs[0])} boxes are matched by ours, "
+                      f"{matched_fraction(*mine, *theirs):.1%} of our {len(mine[0])} by SAHI's."]
     lines += ["", "ref / ours: ratio of the medians. Same, per round: median over rounds of the ratio within "
                   "a round (neighbours in time share the load of the moment, so this one drifts less when "
                   "other work comes and goes)."]
