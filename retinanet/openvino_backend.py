@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import subprocess
 import sys
 import uuid
 import warnings
@@ -118,32 +119,18 @@ class OpenVinoDetector:
             return self._convert_locked(chip_hw, path)
 
     def _convert_locked(self, chip_hw: tuple[int, int], path: Path) -> Path:
-        """Trace the torch model (the only place this class imports torch) -> the graph and
-        its postprocessing geometry, the geometry written first (a graph implies its geometry)."""
-        import openvino as ov
-        import torch
-
-        from retinanet.checkpoint import load_checkpoint
-        from retinanet.export import ResizingDenseRetinaNet, postprocess_geometry
-        from retinanet.runtime import fold_batch_norm
-
-        folded = fold_batch_norm(load_checkpoint(self.checkpoint)[0])
-        channels = folded.config.in_channels
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # convert_model traces with torch.jit.trace
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", UserWarning)  # the resize rule's scale factor, traced as a constant
-            try:
-                graph = ov.convert_model(ResizingDenseRetinaNet(folded),
-                                         example_input=torch.zeros(1, channels, *chip_hw),
-                                         input=[ov.PartialShape([-1, channels, *chip_hw])])
-            except Exception as err:  # noqa: BLE001 - name the checkpoint and the way out
-                raise RuntimeError(f"{self.checkpoint}: OpenVINO could not convert the network for "
-                                   f"{chip_hw[0]}x{chip_hw[1]} chips ({type(err).__name__}: {err}); "
-                                   "run it with model.backend: torch") from err
-        geometry = postprocess_geometry(folded.config, chip_hw)
-        write_atomically(self.geometry_path(chip_hw), geometry.save)
-        save_graph_atomically(graph, path)
+        """Convert in a child process, so that this one never imports torch: the child's
+        torch, traced model and converter (GBs for an R50) are returned to the system when
+        it exits, instead of staying in a long-lived actor for the rest of its run."""
+        command = [sys.executable, "-c", CONVERT_IN_CHILD, str(self.checkpoint), str(path),
+                   str(self.geometry_path(chip_hw)), str(chip_hw[0]), str(chip_hw[1])]
+        # the parent's import path (a Ray runtime_env's working_dir, for one) for the child
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        child = subprocess.run(command, capture_output=True, text=True, env=env)
+        if child.returncode != 0 or not graph_exists(path):
+            reason = child.stderr.strip().splitlines()[-1] if child.stderr.strip() else f"exit code {child.returncode}"
+            raise RuntimeError(f"{self.checkpoint}: OpenVINO could not convert the network for {chip_hw[0]}x"
+                               f"{chip_hw[1]} chips ({reason}); run it with model.backend: torch")
         self.converted += 1
         return path
 
@@ -243,6 +230,35 @@ class OpenVinoDetector:
 
         found = self.detect(images.detach().to("cpu", torch.float32).numpy())
         return [{k: torch.from_numpy(v) for k, v in d.items()} for d in found]
+
+
+# What the conversion child runs: python -c CONVERT_IN_CHILD CHECKPOINT GRAPH GEOMETRY H W
+CONVERT_IN_CHILD = ("import sys; from retinanet.openvino_backend import convert_checkpoint; "
+                    "convert_checkpoint(*sys.argv[1:])")
+
+
+def convert_checkpoint(checkpoint: str, graph_path: str, geometry_path: str, height: str, width: str) -> None:
+    """Trace a checkpoint's network (batch norm folded, resize rule in front) for chips of
+    height x width into an OpenVINO graph, and store it with its postprocessing geometry;
+    the geometry is written first, so a graph in place implies its geometry."""
+    import openvino as ov
+    import torch
+
+    from retinanet.checkpoint import load_checkpoint
+    from retinanet.export import ResizingDenseRetinaNet, postprocess_geometry
+    from retinanet.runtime import fold_batch_norm
+
+    chip_hw = (int(height), int(width))
+    folded = fold_batch_norm(load_checkpoint(checkpoint)[0])
+    channels = folded.config.in_channels
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # convert_model traces with torch.jit.trace
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)  # the resize rule's scale factor, traced as a constant
+        graph = ov.convert_model(ResizingDenseRetinaNet(folded), example_input=torch.zeros(1, channels, *chip_hw),
+                                 input=[ov.PartialShape([-1, channels, *chip_hw])])
+    write_atomically(Path(geometry_path), postprocess_geometry(folded.config, chip_hw).save)
+    save_graph_atomically(graph, Path(graph_path))
 
 
 def graph_exists(path: Path) -> bool:
