@@ -4,8 +4,9 @@ What runs where: the dense part (the config's resize rule, normalise, pad, backb
 batch norm folded, FPN, subnets) is converted from the checkpoint with
 ``openvino.convert_model`` once per chip size and compiled for the CPU; anchors, decoding
 and NMS run in numpy and OpenVINO's NMS kernel (:mod:`retinanet.numpy_postprocess`), on
-geometry the torch model computed at conversion and stored beside the graph. So a process
-whose graph is cached never imports torch: an actor saves ~0.6 GB and ~2 s of start-up.
+geometry the torch model computed at conversion and stored beside the graph. Conversion
+runs in a child process, so the detector's process never imports torch: an actor saves
+~0.6 GB and ~2 s of start-up, and the GBs of a conversion leave with the child.
 
 Precision: ``auto`` leaves the choice to OpenVINO, which runs bf16 on CPUs with AMX or
 AVX512-BF16 and f32 elsewhere; ``fp32`` and ``bf16`` force one (``fp16`` only where the
@@ -54,8 +55,7 @@ def openvino_available() -> bool:
 
 
 class OpenVinoDetector:
-    """Batch inference of a checkpoint on OpenVINO's CPU plugin, without torch once its
-    graph is cached.
+    """Batch inference of a checkpoint on OpenVINO's CPU plugin, without torch.
 
     `detector.detect(images)` takes a (B, C, H, W) float numpy array in the units of the
     model's image_mean and returns one dict per image ("boxes" (N, 4) float32 XYXY input
