@@ -25,6 +25,10 @@ class GeoreferenceError(InputError):
     """A scene's georeferencing cannot be honoured (e.g. rotated geotransform)."""
 
 
+class ClusterError(PipelineError):
+    """The Ray cluster named by compute.address cannot be reached or joined."""
+
+
 class CommitError(PipelineError):
     """Publishing a run's output failed; nothing of that run became visible."""
 

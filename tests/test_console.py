@@ -51,3 +51,46 @@ def test_a_driver_joining_a_cluster_keeps_the_workers_lines_off_the_console_unle
     _, verbose_err = run_child(JOINING_DRIVER, address, "verbose", timeout=120)
     assert "a worker line on stderr" in verbose_err
     assert "a worker line on stderr" not in quiet_err, quiet_err
+
+
+def test_head_unreachable_says_why():
+    import socket
+
+    from pipeline.run.graph import head_unreachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert head_unreachable(f"127.0.0.1:{port}") is None
+        assert head_unreachable(f"ray://127.0.0.1:{port}") is None
+    assert head_unreachable(f"127.0.0.1:{port}") == "Connection refused"
+    assert head_unreachable(None) is None and head_unreachable("auto") is None
+
+
+def test_a_run_against_an_address_where_no_head_answers_fails_at_once_and_names_it(tmp_path):
+    """ray.init would retry such an address for minutes; the run says what is wrong instead."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipeline.tools.synth import synthesize
+    from tests.workspaces import tiny_checkpoint
+
+    synthesize(tmp_path / "scenes", scenes=1, size=256, seed=0)
+    tiny_checkpoint(tmp_path / "model.pt")
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job = {"name": "dead-head", "inputs": {"paths": [str(tmp_path / "scenes" / "*.tif")]},
+           "model": {"checkpoint": str(tmp_path / "model.pt")},
+           "compute": {"address": f"127.0.0.1:{port}"}, "output": {"table": str(tmp_path / "table")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: compute.address 127.0.0.1:{port}: no Ray head answers there (Connection refused)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "table").exists() or not list((tmp_path / "table").rglob("*.parquet"))

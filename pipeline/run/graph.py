@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import socket
 import sys
 import time
 import warnings
@@ -39,7 +40,7 @@ from pipeline.chips.planning import (
 )
 from pipeline.chips.tiling import ChipWindow, chip_id, read_chips
 from pipeline.config.spec import JobSpec, check_runnable, job_hash
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ClusterError, ConfigError, PipelineError
 from pipeline.infer.int8 import graph_for_actors, int8_allowed, measure_int8
 from pipeline.infer.predictor import ChipLedger, ChipPredictor, resolve_batch_size
 from pipeline.io.inputs import InputSet, SceneInput, job_inputs, require_scenes, scene_key
@@ -222,10 +223,34 @@ def connect_ray(address: str | None, quiet: bool = True):
             logging.getLogger("ray.data").setLevel(logging.ERROR)
             # Ray Data's advice for a small job (fewer blocks than read tasks) is no news to a user.
             warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
-        # "local": a new Ray of our own; address=None would join any Ray started on this
-        # machine with `ray start` (someone else's cluster on a shared host).
-        ray.init(address=address if address is not None else "local", **ray_init_options(address, quiet))
+        problem = head_unreachable(address)
+        if problem:  # ray.init would retry for minutes before saying so
+            raise ClusterError(f"compute.address {address}: no Ray head answers there ({problem}); "
+                               "start the cluster (ray start --head) or correct the address")
+        try:
+            # "local": a new Ray of our own; address=None would join any Ray started on this
+            # machine with `ray start` (someone else's cluster on a shared host).
+            ray.init(address=address if address is not None else "local", **ray_init_options(address, quiet))
+        except ConnectionError as err:
+            if address is None:
+                raise
+            raise ClusterError(f"compute.address {address}: could not join the Ray cluster ({err}); on a cluster "
+                               "with token authentication this machine needs its token (RAY_AUTH_TOKEN, or "
+                               "the file ~/.ray/auth_token)") from err
     return ray
+
+
+def head_unreachable(address: str | None, timeout_s: float = 5.0) -> str | None:
+    """Why no TCP connection opens to a ``HOST:PORT`` or ``ray://HOST:PORT`` address
+    within ``timeout_s``, or None when one does (or for null and ``auto``, which name no port)."""
+    if address is None or address == "auto":
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
 
 
 def actor_gpus(requested: float, cluster_gpus: float, local: bool, log) -> float:
