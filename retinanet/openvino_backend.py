@@ -97,15 +97,15 @@ class OpenVinoDetector:
     def graph_path(self, chip_hw: tuple[int, int], int8_key: str | None = None) -> Path:
         """The cached IR (.xml, weights in the .bin beside it) for chips of one size; with
         ``int8_key``, the graph quantised under that key."""
-        variant = f"-int8-{int8_key}" if int8_key else ""
-        return self.cache_dir / f"{self.sha256[:16]}-chip{chip_hw[0]}x{chip_hw[1]}{variant}.xml"
+        return graph_file(self.cache_dir, self.sha256, chip_hw, int8_key)
 
     def geometry_path(self, chip_hw: tuple[int, int]) -> Path:
         """Anchors and sizes for postprocessing chips of one size (shared by f32 and INT8 graphs)."""
         return self.cache_dir / f"{self.sha256[:16]}-chip{chip_hw[0]}x{chip_hw[1]}.geometry.npz"
 
-    def _convert(self, chip_hw: tuple[int, int]) -> Path:
-        """The cached graph for this size, converting it first if no process on this node has.
+    def convert(self, chip_hw: tuple[int, int]) -> Path:
+        """The cached graph for this size, converting it first if no process on this node has
+        (nothing is compiled: a driver can convert ahead of the actors that will run it).
         Actors starting together take a file lock, so one converts and the others wait and
         load its result (conversion is seconds of CPU the others would otherwise repeat)."""
         path = self.graph_path(chip_hw)
@@ -145,7 +145,7 @@ class OpenVinoDetector:
         path = self.graph_path(chip_hw, int8_key)
         if graph_exists(path):
             return path
-        graph = ov.Core().read_model(str(self._convert(chip_hw)))
+        graph = ov.Core().read_model(str(self.convert(chip_hw)))
         samples = [np.asarray(chip, dtype=np.float32)[None] for chip in chips]
         # NNCF's progress bars go to stderr with the other progress: stdout may carry a report.
         # Its import makes torch warn that there is no CUDA toolkit, which is no news on a CPU node.
@@ -171,7 +171,7 @@ class OpenVinoDetector:
     # -- inference -----------------------------------------------------------------------
     def _graph_for(self, chip_hw: tuple[int, int]) -> Path:
         if self.int8_key is None:
-            return self._convert(chip_hw)
+            return self.convert(chip_hw)
         path = self.graph_path(chip_hw, self.int8_key)
         if not graph_exists(path):
             raise RuntimeError(f"{self.checkpoint}: no INT8 graph {path.name} in {self.cache_dir}; INT8 graphs are "
@@ -230,6 +230,14 @@ class OpenVinoDetector:
 
         found = self.detect(images.detach().to("cpu", torch.float32).numpy())
         return [{k: torch.from_numpy(v) for k, v in d.items()} for d in found]
+
+
+def graph_file(cache_dir: Path, checkpoint_sha256: str, chip_hw: tuple[int, int], int8_key: str | None = None
+               ) -> Path:
+    """Where a node's cache keeps the graph of a checkpoint (by its SHA-256) for chips of one
+    size: ``<first 16 hex>-chip512x512.xml``, ``...-int8-<key>.xml`` for a quantised one."""
+    variant = f"-int8-{int8_key}" if int8_key else ""
+    return cache_dir / f"{checkpoint_sha256[:16]}-chip{chip_hw[0]}x{chip_hw[1]}{variant}.xml"
 
 
 # What the conversion child runs: python -c CONVERT_IN_CHILD CHECKPOINT GRAPH GEOMETRY H W

@@ -257,3 +257,31 @@ def test_pipeline_run_openvino_matches_torch(tmp_path, ray_session):
     assert len(rows["openvino"]) == len(rows["torch"])
     a, b = np.array([r[1:] for r in rows["torch"]]), np.array([r[1:] for r in rows["openvino"]])
     assert np.abs(np.sort(a, axis=0) - np.sort(b, axis=0)).max() < 0.05
+
+
+def test_local_cpu_openvino_knows_before_ray_starts():
+    from pathlib import Path
+
+    from pipeline.config.spec import ComputeSpec, ModelSpec
+    from pipeline.infer.predictor import local_cpu_openvino
+
+    cpu_only = not any(Path("/dev").glob("nvidia[0-9]*"))
+    model, local = ModelSpec(checkpoint="m.pt"), ComputeSpec()
+    assert local_cpu_openvino(model, ComputeSpec(gpus_per_actor=0))
+    assert local_cpu_openvino(ModelSpec(checkpoint="m.pt", device="cpu"), local)
+    assert local_cpu_openvino(model, local) == cpu_only  # a GPU per actor: CPU only where there is none
+    assert not local_cpu_openvino(model, ComputeSpec(address="10.0.0.5:6379", gpus_per_actor=0))  # other nodes
+    assert not local_cpu_openvino(ModelSpec(checkpoint="m.pt", backend="torch"), ComputeSpec(gpus_per_actor=0))
+
+
+def test_convert_ahead_leaves_the_graph_for_the_actors(checkpoint, tmp_path, monkeypatch):
+    from pipeline.infer.predictor import convert_ahead
+
+    monkeypatch.setenv("RETINANET_PIPELINE_CACHE", str(tmp_path / "node-cache"))
+    convert_ahead(str(checkpoint), 256)
+    actor = OpenVinoDetector(checkpoint, precision="fp32", cache_dir=tmp_path / "node-cache" / "openvino")
+    actor.prepare((256, 256))
+    assert actor.converted == 0  # the actor found it converted
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    convert_ahead(str(broken), 256)  # best effort: the actor repeats a failed conversion and reports it

@@ -13,9 +13,11 @@ Bounded failure handling, because Ray Data restarts a crashing actor forever by 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -193,6 +195,38 @@ def resolve_backend(backend: str, device: str) -> str:
 
         return "openvino" if openvino_available() else "torch"
     return "torch"
+
+
+def local_cpu_openvino(model_spec, compute_spec) -> bool:
+    """Whether a run's predictors will be OpenVINO actors on this very machine, known
+    before Ray starts and without torch: a local Ray (no ``compute.address``), and backend
+    openvino, or auto with CPU actors (``model.device`` cpu, no GPU per actor, or no NVIDIA
+    device on this machine, in which case the local Ray has no GPU to give)."""
+    if compute_spec.address is not None or model_spec.backend not in ("auto", "openvino"):
+        return False
+    if model_spec.backend == "auto":
+        on_cpu = (model_spec.device == "cpu" or compute_spec.gpus_per_actor == 0
+                  or not any(Path("/dev").glob("nvidia[0-9]*")))
+        if not on_cpu:
+            return False
+    from retinanet.openvino_backend import openvino_available
+
+    return openvino_available()
+
+
+def convert_ahead(checkpoint: str, chip_size: int) -> None:
+    """Convert the checkpoint's OpenVINO graph for this chip size on this node now (in a
+    child process; nothing when it is cached), so that actors starting meanwhile find it
+    or wait on its lock instead of converting after they start. Best effort: a conversion
+    that fails here is repeated, and reported with its reason, by the actor that needs it."""
+    from pipeline.io.objstore import cache_dir
+    from retinanet.checkpoint import file_sha256
+    from retinanet.openvino_backend import OpenVinoDetector, graph_exists, graph_file
+
+    with contextlib.suppress(Exception):
+        path, graphs = local_file(checkpoint), cache_dir() / "openvino"
+        if not graph_exists(graph_file(graphs, file_sha256(path), (chip_size, chip_size))):  # else: no openvino import
+            OpenVinoDetector(path, cache_dir=graphs).convert((chip_size, chip_size))
 
 
 class ChipPredictor:

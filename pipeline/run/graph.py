@@ -21,6 +21,7 @@ import os
 import pickle
 import socket
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,13 @@ from pipeline.chips.tiling import ChipWindow, chip_id, read_chips
 from pipeline.config.spec import JobSpec, check_runnable, job_hash
 from pipeline.errors import ClusterError, ConfigError, PipelineError
 from pipeline.infer.int8 import graph_for_actors, int8_allowed, measure_int8
-from pipeline.infer.predictor import ChipLedger, ChipPredictor, resolve_batch_size
+from pipeline.infer.predictor import (
+    ChipLedger,
+    ChipPredictor,
+    convert_ahead,
+    local_cpu_openvino,
+    resolve_batch_size,
+)
 from pipeline.io.inputs import InputSet, SceneInput, job_inputs, require_scenes, scene_key
 from pipeline.io.objstore import cache_dir
 from pipeline.io.raster import bounded_block_cache, read_scene_info
@@ -375,6 +382,12 @@ def start_run(spec: JobSpec, jhash: str, force: bool, verbose: bool, log) -> Run
     """Ray starting (seconds: its daemons, a raylet registering) beside :func:`open_run`
     (seconds too: torch's imports, listing inputs and table, planning the first scenes).
     Ray starts even when every scene turns out done: the two run side by side."""
+    if local_cpu_openvino(spec.model, spec.compute):
+        # A checkpoint's first run on this node: its graph converts while Ray starts (mostly
+        # waiting) rather than after the actor has started. Daemon: a run that stops early
+        # does not wait for it (the child still finishes and caches the graph).
+        threading.Thread(target=convert_ahead, args=(spec.model.checkpoint, spec.tiling.chip_size), daemon=True,
+                         name="openvino-convert-ahead").start()
     with ThreadPoolExecutor(max_workers=1) as pool:
         opening = pool.submit(open_run, spec, jhash, force, log)
         connect_ray(spec.compute.address, quiet=not verbose)
