@@ -90,7 +90,7 @@ class OpenVinoDetector:
             self._config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
         self.device = "cpu"
         self._compiled: dict[tuple[int, int], tuple[object, Geometry]] = {}
-        self._nms: Nms | None = None
+        self._nms = Nms()
         self.converted = 0  # graphs this detector had to convert (0 when every size was cached)
 
     # -- cache ---------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class OpenVinoDetector:
 
     def geometry_path(self, chip_hw: tuple[int, int]) -> Path:
         """Anchors and sizes for postprocessing chips of one size (shared by f32 and INT8 graphs)."""
-        return self.cache_dir / f"{self.sha256[:16]}-chip{chip_hw[0]}x{chip_hw[1]}.geometry.npz"
+        return graph_file(self.cache_dir, self.sha256, chip_hw).with_suffix(".geometry.npz")
 
     def convert(self, chip_hw: tuple[int, int]) -> Path:
         """The cached graph for this size, converting it first if no process on this node has
@@ -202,8 +202,6 @@ class OpenVinoDetector:
         """Convert (or load from the cache) and compile for chips of this size now, so the
         first batch does not pay for it."""
         self._compiled_for(chip_hw)
-        if self._nms is None:
-            self._nms = Nms()
 
     def dense(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The compiled network alone: chips (B, C, H, W) -> (cls_logits, box_deltas) float32,
@@ -217,11 +215,9 @@ class OpenVinoDetector:
         if images.ndim != 4 or images.shape[1] != self.config.in_channels or images.dtype.kind != "f":
             raise ValueError(f"images must be a (B, {self.config.in_channels}, H, W) floating array, got "
                              f"{images.dtype} of shape {tuple(images.shape)}")
-        self.prepare((int(images.shape[-2]), int(images.shape[-1])))
-        _, geometry = self._compiled_for((int(images.shape[-2]), int(images.shape[-1])))
         cls_logits, box_deltas = self.dense(images)
+        _, geometry = self._compiled_for((int(images.shape[-2]), int(images.shape[-1])))
         check_anchor_count(cls_logits.shape[1], geometry.level_counts, str(self.checkpoint))
-        assert self._nms is not None
         return postprocess(cls_logits, box_deltas, geometry, self.config, self._nms)
 
     def __call__(self, images):

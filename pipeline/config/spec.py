@@ -89,7 +89,6 @@ class StacSpec(BaseModel):
     @classmethod
     def _yaml_dates_as_text(cls, v: Any) -> Any:
         # YAML reads an unquoted 2026-01-01 as a date: take it as the instant it names.
-
         return v.isoformat() if isinstance(v, (_dt.date, _dt.datetime)) else v
 
     @field_validator("datetime")

@@ -249,7 +249,7 @@ class ChipPredictor:
         device = actor_device(device)
         backend = resolve_backend(backend, device)
         if backend == "openvino":
-            # No torch in this process unless the graph has to be converted first.
+            # No torch in this process: numpy postprocessing, conversion in a child process.
             from pipeline.io.objstore import cache_dir
             from retinanet.openvino_backend import OpenVinoDetector
 
@@ -265,6 +265,7 @@ class ChipPredictor:
         else:
             config = self._torch_detector(checkpoint, backend, device, precision, num_threads)
         apply_job_settings(config, score_threshold, nms_threshold, detections_per_chip)
+        self.numpy_detector = backend == "openvino"  # numpy in and out (OpenVinoDetector.detect)
         self.in_channels = config.in_channels
         self.ledger = ledger
         self.max_strikes = max_strikes
@@ -378,7 +379,7 @@ class ChipPredictor:
 
     def _detect(self, pixels: np.ndarray) -> list[dict[str, np.ndarray]]:
         """One forward pass of chips in their file dtype -> numpy detections per chip."""
-        if hasattr(self.detector, "detect"):  # OpenVINO: numpy in and out
+        if self.numpy_detector:
             return self.detector.detect(pixels.astype(np.float32, copy=False))
         import torch
 
