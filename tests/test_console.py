@@ -27,7 +27,7 @@ def test_the_filter_drops_native_lines_written_to_fd_2_and_keeps_ours(capfd):
 
 JOINING_DRIVER = """
 import json, sys, time
-from pipeline.run.graph import connect_ray
+from pipeline.run.cluster import connect_ray
 ray = connect_ray(sys.argv[1], quiet=sys.argv[2] == "quiet")
 
 @ray.remote(num_cpus=0)
@@ -56,7 +56,7 @@ def test_a_driver_joining_a_cluster_keeps_the_workers_lines_off_the_console_unle
 def test_head_unreachable_says_why():
     import socket
 
-    from pipeline.run.graph import head_unreachable
+    from pipeline.run.cluster import head_unreachable
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -172,7 +172,6 @@ def test_progress_line_rate_excludes_start_up_and_gives_an_eta():
     assert progress_line(120, 400, 3, 10, 60.0, estimated=True).startswith("  120/~400 chips")
 
 
-
 def test_the_driver_gets_each_block_as_soon_as_it_is_done(ray_session):
     """The second block is computed only after the driver opened the gate on seeing the
     first: a stream that held a finished block back until the next one was done (Ray

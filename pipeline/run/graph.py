@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import os
 import pickle
-import socket
 import sys
 import threading
 import time
@@ -41,7 +38,7 @@ from pipeline.chips.planning import (
 )
 from pipeline.chips.tiling import ChipWindow, chip_id, read_chips
 from pipeline.config.spec import JobSpec, check_runnable, job_hash
-from pipeline.errors import ClusterError, ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.infer.int8 import graph_for_actors, int8_allowed, measure_int8
 from pipeline.infer.predictor import (
     ChipLedger,
@@ -54,6 +51,7 @@ from pipeline.io.inputs import InputSet, SceneInput, job_inputs, require_scenes,
 from pipeline.io.objstore import cache_dir
 from pipeline.io.raster import bounded_block_cache, read_scene_info
 from pipeline.io.stac import StacSelection
+from pipeline.run.cluster import connect_ray
 from pipeline.run.console import native_log_lines_hidden
 from pipeline.run.runbook import SCENE_EMPTY, SCENE_FAILED, RunReport, SceneBook
 from pipeline.table import transactions as table
@@ -204,60 +202,6 @@ def read_chip_batch(batch: dict[str, np.ndarray], bands: list[int] | None, chip_
         if passed in batch:
             out[passed] = batch[passed]
     return out
-
-
-def ray_init_options(address: str | None, quiet: bool) -> dict:
-    """Keyword arguments for ``ray.init``: quiet keeps the workers' and raylets' lines off the console.
-
-    The same whether Ray is ours or joined: a joined cluster forwards its raylets' error
-    lines too (a full /tmp, for one), which belong in Ray's logs, not in a nightly run's output.
-    """
-    options: dict = {"log_to_driver": not quiet}
-    if address is None:
-        options["include_dashboard"] = False
-    if quiet:  # Ray's own Python log lines (start-up, token notice, Ray Data plans) only with --verbose
-        options["logging_level"] = logging.ERROR
-    return options
-
-
-def connect_ray(address: str | None, quiet: bool = True):
-    """Join `address` (None: start a local Ray in this process) unless Ray is already up."""
-    import ray
-
-    if not ray.is_initialized():
-        if quiet:
-            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read when Ray Data configures its loggers
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
-            # Ray Data's advice for a small job (fewer blocks than read tasks) is no news to a user.
-            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
-        problem = head_unreachable(address)
-        if problem:  # ray.init would retry for minutes before saying so
-            raise ClusterError(f"compute.address {address}: no Ray head answers there ({problem}); "
-                               "start the cluster (ray start --head) or correct the address")
-        try:
-            # "local": a new Ray of our own; address=None would join any Ray started on this
-            # machine with `ray start` (someone else's cluster on a shared host).
-            ray.init(address=address if address is not None else "local", **ray_init_options(address, quiet))
-        except ConnectionError as err:
-            if address is None:
-                raise
-            raise ClusterError(f"compute.address {address}: could not join the Ray cluster ({err}); on a cluster "
-                               "with token authentication this machine needs its token (RAY_AUTH_TOKEN, or "
-                               "the file ~/.ray/auth_token)") from err
-    return ray
-
-
-def head_unreachable(address: str | None, timeout_s: float = 5.0) -> str | None:
-    """Why no TCP connection opens to a ``HOST:PORT`` or ``ray://HOST:PORT`` address
-    within ``timeout_s``, or None when one does (or for null and ``auto``, which name no port)."""
-    if address is None or address == "auto":
-        return None
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return None
-    except OSError as err:
-        return err.strerror or type(err).__name__
 
 
 def actor_gpus(requested: float, cluster_gpus: float, local: bool, log) -> float:

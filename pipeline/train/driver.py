@@ -214,10 +214,11 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2,
 
     # Ray Train's print patch would bypass contextlib.redirect_stdout (pycocotools' chatter).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    from pipeline.run.graph import connect_ray
+    from pipeline.run.cluster import connect_ray
 
     started_ray = not ray.is_initialized()
-    connect_ray(spec.compute.address, quiet=False)  # null: a Ray of our own, with worker logs shown
+    # null: a Ray of our own, with worker logs shown and the dashboard (Ray Train polls its State API)
+    connect_ray(spec.compute.address, quiet=False, dashboard=True)
     try:
         cpus = _cpus_per_worker(t)
         loop_config = {

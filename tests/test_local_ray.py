@@ -1,0 +1,72 @@
+"""A local Ray as `pipeline run` and `pipeline train` start it (pipeline.run.cluster)."""
+from __future__ import annotations
+
+import time
+
+from tests.children import run_child
+
+
+def test_node_registered_sees_a_live_node_and_gives_up_on_an_unknown_one(ray_session):
+    from pipeline.run.cluster import node_registered
+
+    context = ray_session.get_runtime_context()
+    started = time.monotonic()
+    assert node_registered(context.gcs_address, context.get_node_id(), timeout_s=10)
+    assert time.monotonic() - started < 5
+    assert not node_registered(context.gcs_address, "ab" * 28, timeout_s=0.3)
+
+
+WAITING_DRIVER = """
+import json
+import ray._private.services as services
+import pipeline.run.cluster as cluster
+
+ray_lookup, waits = services.get_node, []
+ours = cluster.node_registered
+cluster.node_registered = lambda *args: waits.append(ours(*args)) or waits[-1]
+cluster.connect_ray(None)
+print(json.dumps({"waits": waits, "restored": services.get_node is ray_lookup,
+                  "nodes": len(cluster.connect_ray(None).nodes())}))
+"""
+
+
+def test_a_local_ray_starts_through_the_fine_registration_wait():
+    """ray.init still looks its raylet up through the function we wrap (a Ray upgrade that
+    stopped would silently bring back the 1-second steps), and the wrap is undone after."""
+    result, _ = run_child(WAITING_DRIVER, timeout=120)
+    assert result == {"waits": [True], "restored": True, "nodes": 1}
+
+
+STATE_API_DRIVER = """
+import json, sys
+import ray
+from pipeline.run.cluster import connect_ray
+from ray.util.state import get_actor
+
+connect_ray(None, quiet=True, dashboard=sys.argv[1] == "dashboard")
+
+@ray.remote(num_cpus=0)
+class Idle:
+    def ping(self):
+        return 1
+
+actor = Idle.remote()
+ray.get(actor.ping.remote())
+try:
+    # The address named: with the test session's Ray on the same machine, the State API
+    # would not know which of the two to ask.
+    state = get_actor(actor._actor_id.hex(), address=ray.get_runtime_context().gcs_address, timeout=20).state
+except Exception as err:
+    state = type(err).__name__
+print(json.dumps({"state": state}))
+"""
+
+
+def test_a_local_ray_for_training_answers_the_state_api_that_ray_train_polls():
+    """Ray Train's placement-group cleaner asks the State API whether its controller lives,
+    every few seconds; a local Ray without the dashboard, which serves that API, made
+    `pipeline train` print 'Failed to query Ray Train Controller actor state' dozens of times."""
+    with_dashboard, _ = run_child(STATE_API_DRIVER, "dashboard", timeout=180)
+    without, _ = run_child(STATE_API_DRIVER, "none", timeout=180)
+    assert with_dashboard == {"state": "ALIVE"}
+    assert without["state"] != "ALIVE"  # what `pipeline run` starts: nothing there polls it
