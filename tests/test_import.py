@@ -61,9 +61,13 @@ def cli(*args) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def assert_same_boxes(expected: dict, got: dict, atol: float = 1e-3) -> None:
+def assert_same_boxes(expected: dict, got: dict, atol: float = 5e-3) -> None:
     """Same count; every expected box has its own match within atol px with the same label
-    and score (order can differ only between near-equal scores)."""
+    and score (order can differ only between near-equal scores).
+
+    5e-3 px: fp32 convolutions round differently on different CPUs (oneDNN picks its
+    kernels per instruction set); the same weights differed by up to 1.0e-3 px on an AMX
+    Xeon and 1.8e-3 px on an AVX2 EPYC. A half-pixel offset or a wrong anchor is >= 0.5 px."""
     assert len(got["boxes"]) == len(expected["boxes"])
     e_boxes, g_boxes = np.asarray(expected["boxes"], np.float64), np.asarray(got["boxes"], np.float64)
     distance = np.abs(e_boxes[:, None, :] - g_boxes[None, :, :]).max(axis=2)
@@ -231,10 +235,11 @@ def test_bare_deepforest_state_dict(tmp_path, tv_default):
 # ------------------------------------------------------------------ through `pipeline run`
 
 
-@pytest.mark.parametrize("backend, atol", [("torch", 1e-3), ("openvino", 5e-3)])
-def test_pipeline_run_matches_torchvision_on_a_400px_chip(tmp_path, tv_default, ray_session, backend, atol):
-    """torch fp32 is the exact path (1e-3 px); OpenVINO f32, the CPU default engine, resizes
-    before its graph normalises and rounds differently (measured 1.2e-3 px)."""
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_pipeline_run_matches_torchvision_on_a_400px_chip(tmp_path, tv_default, ray_session, backend):
+    """Both engines at fp32, the torch path op for op as trained; OpenVINO f32, the CPU
+    default engine, resizes before its graph normalises and rounds differently (measured
+    1.2e-3 px)."""
     scene = osbs_without_nodata(tmp_path)
     torch.save(tv_default.state_dict(), tmp_path / "weights.pt")
     assert cli("import", tmp_path / "weights.pt", "--out", tmp_path / "model.pt", "--classes", "tree")[0] == 0
@@ -253,7 +258,7 @@ def test_pipeline_run_matches_torchvision_on_a_400px_chip(tmp_path, tv_default, 
            "scores": rows["score"], "labels": np.zeros(len(rows["score"]), np.int64)}
     expected = torchvision_says(tv_default, osbs_pixels())
     assert len(expected["boxes"]) >= 20
-    assert_same_boxes(expected, got, atol=atol)
+    assert_same_boxes(expected, got)
 
 
 def test_job_fields_override_the_checkpoint_settings(tmp_path, tv_default, ray_session):

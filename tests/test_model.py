@@ -365,7 +365,9 @@ def test_batch_gives_the_same_detections_as_single_images(small_model):
         single = [small_model(images[i:i + 1])[0] for i in range(3)]
     for a, b in zip(batched, single):
         assert len(a["boxes"]) == len(b["boxes"]) > 10
-        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=1e-5)
+        # fp32 kernels may differ with the batch size (2.3e-3 px on a 114 px coordinate
+        # measured on an AVX2 EPYC); a padding or offset error is >= 0.5 px.
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=1e-4)
         assert torch.equal(a["labels"], b["labels"])
 
