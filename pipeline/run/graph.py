@@ -430,7 +430,7 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], faults, log)
 def blocks_as_done(ds):
     """A dataset's output blocks on the driver, each as soon as it is done (numpy batches).
 
-    Ray Data's default read-ahead (prefetch_batches=0) holds a finished block back until
+    Ray Data's default read-ahead (prefetch_batches=1) holds a finished block back until
     the next one is done too. A block here is a transport batch of predictions, seconds of
     CPU work, so that held every run's first predictions (and every commit after) back by one
     batch: 1.3-1.5 s of the demo job's start-up. The driver's share of a block is a
