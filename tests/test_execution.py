@@ -172,47 +172,59 @@ def test_progress_line_rate_excludes_start_up_and_gives_an_eta():
     assert progress_line(120, 400, 3, 10, 60.0, estimated=True).startswith("  120/~400 chips")
 
 
-def test_the_driver_gets_each_block_as_soon_as_it_is_done(ray_session):
+GATED_STREAM = """
+import json, time
+import numpy as np
+import ray
+import ray.data
+from pipeline.run.cluster import connect_ray
+from pipeline.run.graph import blocks_as_done
+
+connect_ray(None)
+
+@ray.remote(num_cpus=0)
+class Gate:
+    def __init__(self):
+        self.opened = False
+
+    def open(self):
+        self.opened = True
+
+    def is_open(self):
+        return self.opened
+
+class WaitForTheGateFromTheSecondBlockOn:
+    def __init__(self, gate):
+        self.gate = gate
+
+    def __call__(self, batch):
+        opened = True
+        if batch["i"][0] >= 2:
+            deadline = time.monotonic() + 30
+            while not ray.get(self.gate.is_open.remote()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            opened = ray.get(self.gate.is_open.remote())
+        return {"i": batch["i"], "gate_opened_in_time": np.array([opened] * len(batch["i"]))}
+
+gate = Gate.remote()
+ds = ray.data.from_items([{"i": i} for i in range(4)], override_num_blocks=2)
+ds = ds.map_batches(WaitForTheGateFromTheSecondBlockOn, batch_size=2, fn_constructor_kwargs={"gate": gate},
+                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+blocks = []
+for batch in blocks_as_done(ds):
+    blocks.append({"i": [int(i) for i in batch["i"]], "in_time": bool(all(batch["gate_opened_in_time"]))})
+    ray.get(gate.open.remote())
+print(json.dumps(sorted(blocks, key=lambda b: b["i"])))
+"""
+
+
+def test_the_driver_gets_each_block_as_soon_as_it_is_done():
     """The second block is computed only after the driver opened the gate on seeing the
     first: a stream that held a finished block back until the next one was done (Ray
-    Data's default read-ahead) would leave the second block waiting out its 20 s."""
-    import ray.data
+    Data's default read-ahead) would leave the second block waiting out its 30 s. In a
+    Ray of its own, as a run has: the test session's Ray Data context carries earlier
+    tests' settings and executors."""
+    from tests.children import run_child
 
-    from pipeline.run.graph import blocks_as_done
-
-    # Defined here, not at module level: Ray's workers cannot import this test module.
-    class Gate:
-        def __init__(self):
-            self.opened = False
-
-        def open(self) -> None:
-            self.opened = True
-
-        def is_open(self) -> bool:
-            return self.opened
-
-    class WaitForTheGateFromTheSecondBlockOn:
-        def __init__(self, gate):
-            self.gate = gate
-
-        def __call__(self, batch):
-            import time
-
-            opened = True
-            if batch["i"][0] >= 2:
-                deadline = time.monotonic() + 20
-                while not ray.get(self.gate.is_open.remote()) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                opened = ray.get(self.gate.is_open.remote())
-            return {"i": batch["i"], "gate_opened_in_time": np.array([opened] * len(batch["i"]))}
-
-    gate = ray.remote(num_cpus=0)(Gate).remote()
-    ds = ray.data.from_items([{"i": i} for i in range(4)], override_num_blocks=2)
-    ds = ds.map_batches(WaitForTheGateFromTheSecondBlockOn, batch_size=2, fn_constructor_kwargs={"gate": gate},
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
-    seen = []
-    for batch in blocks_as_done(ds):
-        seen += [int(i) for i in batch["i"]]
-        assert all(batch["gate_opened_in_time"]), f"block {list(batch['i'])} waited for the driver in vain"
-        ray.get(gate.open.remote())
-    assert sorted(seen) == [0, 1, 2, 3]
+    blocks, _ = run_child(GATED_STREAM, timeout=180)
+    assert blocks == [{"i": [0, 1], "in_time": True}, {"i": [2, 3], "in_time": True}]
