@@ -228,13 +228,14 @@ def submit(job: str, address: str, overrides: tuple[str, ...], run_id: str | Non
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a job field")
 @click.option("--resume", is_flag=True, help="continue the last run of train.output_dir from its latest checkpoint")
-def train(job: str, overrides: tuple[str, ...], resume: bool) -> None:
+@click.option("--verbose", is_flag=True, help="show Ray's and Ray Train's own log lines and the workers' output")
+def train(job: str, overrides: tuple[str, ...], resume: bool, verbose: bool) -> None:
     """Train the job's RetinaNet on its `train:` section with Ray Train (see docs/training.md)."""
     from pipeline.config.spec import load_job
     from pipeline.train.driver import train as run_training
 
     try:
-        summary = run_training(load_job(job, list(overrides)), resume=resume)
+        summary = run_training(load_job(job, list(overrides)), resume=resume, verbose=verbose)
     except PipelineError as err:
         fail(err)
     click.echo(json.dumps(summary, indent=2))

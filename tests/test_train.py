@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -226,6 +227,38 @@ def test_metrics_csv_and_plot(tmp_path):
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_training_progress_line_reads_a_metrics_row():
+    from pipeline.train.progress import training_progress_line
+
+    row = {"epoch": "3", "step": "136", "loss": "0.79677", "val_AP50": "0.79639"}
+    assert training_progress_line(row, 300, 0.5) == \
+        "  step 136/300, epoch 3: loss 0.797, val AP50 0.796, 0.50 steps/s, ETA 5m28s"
+    assert training_progress_line({**row, "val_AP50": ""}, 300, 0.0) == \
+        "  step 136/300, epoch 3: loss 0.797, 0.00 steps/s, ETA unknown"
+
+
+def test_progress_shows_each_new_row_once_and_ignores_an_earlier_runs_file(tmp_path):
+    from pipeline.train.progress import progress_from_metrics
+
+    def row(step):
+        return {"epoch": step // 4, "step": step, "loss": 1.0 / step, "cls_loss": 0, "box_loss": 0, "lr": 0.01,
+                "val_AP": 0.1, "val_AP50": 0.2}
+
+    path = tmp_path / "metrics.csv"
+    write_metrics_csv([row(4), row(8), row(12)], path)  # an earlier run's, finished
+    logged: list[str] = []
+    with progress_from_metrics(path, 12, start_step=4, log=logged.append, poll_s=0.02):
+        time.sleep(0.1)
+        assert logged == []
+        write_metrics_csv([row(4), row(8)], path)  # a run resumed from step 4 validates at 8
+        deadline = time.monotonic() + 10
+        while not logged and time.monotonic() < deadline:
+            time.sleep(0.02)
+        write_metrics_csv([row(4), row(8), row(12)], path)  # the last row, just before the end
+    assert [line.split(":")[0] for line in logged] == ["  step 8/12, epoch 2", "  step 12/12, epoch 3"]
+    assert logged[-1].endswith("ETA 0m00s")
+
+
 # ------------------------------------------------------------- Ray Train runs
 
 
@@ -241,8 +274,11 @@ def assert_same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def unbroken_run(ray_session, job_folder):
-    """2 workers on CPU, 6 steps, never interrupted: the reference."""
-    return train(load_job(write_job(job_folder, output_dir="runs/unbroken")))
+    """2 workers on CPU, 6 steps, never interrupted: the reference (with the progress lines
+    it logged under the test-only key "logged")."""
+    logged: list[str] = []
+    summary = train(load_job(write_job(job_folder, output_dir="runs/unbroken")), log=logged.append)
+    return {**summary, "logged": logged}
 
 
 @pytest.mark.slow
@@ -255,6 +291,11 @@ def test_two_workers_train_and_write_every_output(unbroken_run):
     rows = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
     # 18 chips, shards of 9, 2 per worker per step: epoch ends at step 4, training at 6.
     assert [int(r["step"]) for r in rows] == [4, 6]
+    # One progress line per validation, its numbers those of metrics.csv.
+    assert [line.split(" steps/s")[0].rsplit(", ", 1)[0] for line in unbroken_run["logged"]] == [
+        f"  step {r['step']}/6, epoch {r['epoch']}: loss {float(r['loss']):.3f}, val AP50 {float(r['val_AP50']):.3f}"
+        for r in rows]
+    assert unbroken_run["logged"][-1].endswith("ETA 0m00s")
     model, info = load_checkpoint(os.path.join(out, "best.pt"))
     assert info["class_names"] == CLASSES
     # The dataset's band statistics are the model's normalisation.
@@ -277,14 +318,27 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_like_an_unbroken_run(ray
 
 @pytest.mark.slow
 def test_resume_flag_continues_a_failed_run(ray_session, job_folder, unbroken_run, tmp_path):
+    """The failed run in this process; `pipeline train --resume` as a user runs it, in a Ray
+    of its own: Ray's and Ray Train's lines (a checkpoint repr per report, the token
+    notice, core_worker.cc) would show only with --verbose, ours show the resumed steps."""
+    import subprocess
+    import sys
+
     marker = tmp_path / "killed"
-    spec = load_job(write_job(job_folder, output_dir="runs/resumed"))
+    job = write_job(job_folder, output_dir="runs/resumed")
+    spec = load_job(job)
     with pytest.raises(TrainingError, match="training failed"):
         train(spec, max_failures=0, _fault={"crash_at_step": 5, "marker": str(marker), "rank": 0})
     assert marker.exists()
     run = json.loads(open(os.path.join(spec.train.output_dir, "run.json")).read())["ray_run"]
-    result = train(spec, resume=True)
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(job), "--resume"],
+                          cwd=job_folder, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
     assert result["ray_run"] == run and result["resumed_from"] and result["steps"] == 6
+    # One line per validation after the resumed checkpoint (step 4), nothing else.
+    assert [line.split(",")[0] for line in proc.stderr.splitlines()] == ["  step 6/6"], proc.stderr
     assert_same_weights(final_weights(result["output_dir"]), final_weights(unbroken_run["output_dir"]))
 
 

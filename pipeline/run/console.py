@@ -23,6 +23,15 @@ import threading
 NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.cc:\d+: ")
 
 
+def eta_text(units_left: float, units_per_second: float) -> str:
+    """The time left at a rate, for progress lines. Examples: (280, 2.0) -> 'ETA 2m20s';
+    (99990, 1.0) -> 'ETA 27h46m'; (5, 0.0) -> 'ETA unknown'."""
+    if units_per_second <= 0:
+        return "ETA unknown"
+    left = round(units_left / units_per_second)
+    return f"ETA {left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"ETA {left // 60}m{left % 60:02d}s"
+
+
 def is_native_log_line(line: bytes) -> bool:
     return NATIVE_LOG_LINE.match(line) is not None
 

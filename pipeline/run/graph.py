@@ -52,7 +52,7 @@ from pipeline.io.objstore import cache_dir
 from pipeline.io.raster import bounded_block_cache, read_scene_info
 from pipeline.io.stac import StacSelection
 from pipeline.run.cluster import connect_ray
-from pipeline.run.console import native_log_lines_hidden
+from pipeline.run.console import eta_text, native_log_lines_hidden
 from pipeline.run.runbook import SCENE_EMPTY, SCENE_FAILED, RunReport, SceneBook
 from pipeline.table import transactions as table
 from pipeline.table.store import open_store
@@ -234,13 +234,9 @@ def progress_line(chips_done: int, chips_total: int, scenes_done: int, scenes_to
     so it says what the rest of the run will do) and the time left at that rate.
     Example: (120, 400, 3, 10, 60.0) -> '  120/400 chips, 3/10 scenes committed, 2.0 chips/s, ETA 2m20s'."""
     rate = chips_done / seconds_predicting if seconds_predicting > 0 else 0.0
-    if rate > 0:
-        left = round((chips_total - chips_done) / rate)
-        eta = f"ETA {left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"ETA {left // 60}m{left % 60:02d}s"
-    else:
-        eta = "ETA unknown"
     total = f"~{chips_total}" if estimated else str(chips_total)  # "~": later scenes not yet planned
-    return f"  {chips_done}/{total} chips, {scenes_done}/{scenes_total} scenes committed, {rate:.1f} chips/s, {eta}"
+    return (f"  {chips_done}/{total} chips, {scenes_done}/{scenes_total} scenes committed, {rate:.1f} chips/s, "
+            f"{eta_text(chips_total - chips_done, rate)}")
 
 
 def transport_batch(batch_size: int, n_chips: int, actors: int) -> int:

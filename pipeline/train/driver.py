@@ -21,9 +21,11 @@ job uses the trained model. On a multi-node cluster
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -31,8 +33,10 @@ from typing import Optional
 from pipeline.config.spec import JobSpec, TrainSpec, writable_dir_problem
 from pipeline.errors import ConfigError, InputError, TrainingError
 from pipeline.io.inputs import expand_patterns, is_remote
+from pipeline.run.console import native_log_lines_hidden
 from pipeline.train.anchors import fit_anchors
 from pipeline.train.loop import MODEL_FILE, STATE_FILE, STEP_FILE, Prepared, train_loop
+from pipeline.train.progress import progress_from_metrics
 from pipeline.train.schedule import plan_steps
 from retinanet.config import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
 from retinanet.files import write_atomically
@@ -186,13 +190,16 @@ def _cpus_per_worker(t: TrainSpec) -> int:
     return max(1, total // t.workers)
 
 
-def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2,
+def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose: bool = False, log=None,
           _fault: Optional[dict] = None) -> dict:
     """Train the job's model; returns the summary (also written to summary.json).
 
     Args:
         resume: continue the previous run of this output_dir from its latest checkpoint.
         max_failures: worker-group restarts Ray may do (each from the latest checkpoint).
+        verbose: a Ray started here shows Ray's own lines and the workers' output; without
+            it the console gets one progress line per validation (pipeline.train.progress).
+        log: where progress lines go (default: stderr).
         _fault: test-only fault injection, never read from job files:
             ``{"crash_at_step": k, "marker": path, "rank": r}`` makes worker r call
             ``os._exit(1)`` after step k, once (the marker file remembers it).
@@ -217,8 +224,10 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2,
     from pipeline.run.cluster import connect_ray
 
     started_ray = not ray.is_initialized()
-    # null: a Ray of our own, with worker logs shown and the dashboard (Ray Train polls its State API)
-    connect_ray(spec.compute.address, quiet=False, dashboard=True)
+    # null: a Ray of our own, with the dashboard (Ray Train polls its State API)
+    connect_ray(spec.compute.address, quiet=not verbose, dashboard=True)
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start_step = json.loads((Path(resume_from) / STEP_FILE).read_text())["step"] if resume_from else 0
     try:
         cpus = _cpus_per_worker(t)
         loop_config = {
@@ -240,8 +249,10 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         )
         started = time.time()
+        quiet = contextlib.nullcontext() if verbose else native_log_lines_hidden()
         try:
-            result = trainer.fit()
+            with quiet, progress_from_metrics(output_dir / "metrics.csv", prepared.total_steps, start_step, log):
+                result = trainer.fit()
         except Exception as err:  # Ray wraps worker errors in its own types
             raise TrainingError(f"{spec.source}: training failed: {type(err).__name__}: {err}") from err
         if getattr(result, "error", None):
