@@ -23,6 +23,11 @@ import threading
 NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.cc:\d+: ")
 
 
+def console_line(message: str) -> None:
+    """A progress or status line for the user: stderr, flushed (stdout carries the summary JSON)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def eta_text(units_left: float, units_per_second: float) -> str:
     """The time left at a rate, for progress lines. Examples: (280, 2.0) -> 'ETA 2m20s';
     (99990, 1.0) -> 'ETA 27h46m'; (5, 0.0) -> 'ETA unknown'."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pickle
-import sys
 import threading
 import time
 import warnings
@@ -52,7 +51,7 @@ from pipeline.io.objstore import cache_dir
 from pipeline.io.raster import bounded_block_cache, read_scene_info
 from pipeline.io.stac import StacSelection
 from pipeline.run.cluster import connect_ray
-from pipeline.run.console import eta_text, native_log_lines_hidden
+from pipeline.run.console import console_line, eta_text, native_log_lines_hidden
 from pipeline.run.runbook import SCENE_EMPTY, SCENE_FAILED, RunReport, SceneBook
 from pipeline.table import transactions as table
 from pipeline.table.store import open_store
@@ -472,7 +471,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     the chip-level raw detections are not kept). Exit code 1 while any scene is not complete.
     """
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or console_line
     started = time.time()
     check_runnable(spec)  # the job's own files are named before Ray starts
     jhash = job_hash(spec)

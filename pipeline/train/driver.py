@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,9 +32,9 @@ from typing import Optional
 from pipeline.config.spec import JobSpec, TrainSpec, writable_dir_problem
 from pipeline.errors import ConfigError, InputError, TrainingError
 from pipeline.io.inputs import expand_patterns, is_remote
-from pipeline.run.console import native_log_lines_hidden
+from pipeline.run.console import console_line, native_log_lines_hidden
 from pipeline.train.anchors import fit_anchors
-from pipeline.train.loop import MODEL_FILE, STATE_FILE, STEP_FILE, Prepared, train_loop
+from pipeline.train.loop import MODEL_FILE, STATE_FILE, STEP_FILE, Prepared, checkpoint_step, train_loop
 from pipeline.train.progress import progress_from_metrics
 from pipeline.train.schedule import plan_steps
 from retinanet.config import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
@@ -157,11 +156,8 @@ def _latest_checkpoint_dir(run_dir: Path) -> Optional[str]:
     """The checkpoint directory with the highest step under a Ray run directory."""
     best, best_step = None, -1
     for d in sorted(run_dir.glob("checkpoint_*")):
-        try:
-            step = json.loads((d / STEP_FILE).read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue  # partial or foreign directory
-        if step > best_step and (d / MODEL_FILE).is_file() and (d / STATE_FILE).is_file():
+        step = checkpoint_step(d)
+        if step is not None and step > best_step and (d / MODEL_FILE).is_file() and (d / STATE_FILE).is_file():
             best, best_step = str(d), step
     return best
 
@@ -226,8 +222,7 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose
     started_ray = not ray.is_initialized()
     # null: a Ray of our own, with the dashboard (Ray Train polls its State API)
     connect_ray(spec.compute.address, quiet=not verbose, dashboard=True)
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    start_step = json.loads((Path(resume_from) / STEP_FILE).read_text())["step"] if resume_from else 0
+    start_step = (resume_from and checkpoint_step(resume_from)) or 0  # progress lines after it
     try:
         cpus = _cpus_per_worker(t)
         loop_config = {
@@ -251,7 +246,8 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose
         started = time.time()
         quiet = contextlib.nullcontext() if verbose else native_log_lines_hidden()
         try:
-            with quiet, progress_from_metrics(output_dir / "metrics.csv", prepared.total_steps, start_step, log):
+            with quiet, progress_from_metrics(output_dir / "metrics.csv", prepared.total_steps, start_step,
+                                                      log or console_line):
                 result = trainer.fit()
         except Exception as err:  # Ray wraps worker errors in its own types
             raise TrainingError(f"{spec.source}: training failed: {type(err).__name__}: {err}") from err

@@ -241,6 +241,14 @@ def _maybe_crash(fault: Optional[dict], rank: int, step: int) -> None:
     os._exit(1)
 
 
+def checkpoint_step(directory: str | os.PathLike) -> Optional[int]:
+    """The training step a checkpoint directory holds, or None for a partial or foreign one."""
+    try:
+        return json.loads((Path(directory) / STEP_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _resume_point(config: dict) -> Optional[str]:
     """Where to start: Ray's restored checkpoint (worker failure) or --resume's, latest step wins."""
     import ray.train
@@ -253,11 +261,8 @@ def _resume_point(config: dict) -> Optional[str]:
         candidates.append(config["resume_from"])
     best, best_step = None, -1
     for path in candidates:
-        try:
-            step = json.loads((Path(path) / STEP_FILE).read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if step > best_step:
+        step = checkpoint_step(path)
+        if step is not None and step > best_step:
             best, best_step = path, step
     return best
 
