@@ -34,6 +34,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from retinanet import Detector, from_torchvision
+from retinanet.export import DenseRetinaNet
 
 NUM_CLASSES = 2
 
@@ -162,6 +163,16 @@ def main(argv=None) -> None:
             "ours fp32 channels_last": lambda: detector_fp32(images),
             f"ours Detector(auto={detector_auto.precision})": lambda: detector_auto(images),
         }
+        # The network alone (backbone, FPN, heads; no decoding or NMS) at the Detector's precision
+        # and layout: the difference to the line above is what postprocessing costs.
+        network = DenseRetinaNet(detector_auto.model)
+        images_cl = images.contiguous(memory_format=torch.channels_last)
+
+        def network_only():
+            with torch.autocast(device.type, dtype=detector_auto.autocast_dtype or torch.float32,
+                                enabled=detector_auto.autocast_dtype is not None):
+                return network(images_cl)
+        variants[f"ours network only ({detector_auto.precision}), no postprocess"] = network_only
         if detector_auto.autocast_dtype is not None:  # the same precision for torchvision, for reference
             def tv_b_autocast():
                 with torch.autocast(device.type, dtype=detector_auto.autocast_dtype):
