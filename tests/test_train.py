@@ -342,6 +342,20 @@ def test_resume_flag_continues_a_failed_run(ray_session, job_folder, unbroken_ru
     assert_same_weights(final_weights(result["output_dir"]), final_weights(unbroken_run["output_dir"]))
 
 
+@pytest.mark.slow
+def test_time_budget_stops_at_a_validated_checkpoint_and_the_console_says_so(ray_session, job_folder):
+    logged: list[str] = []
+    spec = load_job(write_job(job_folder, output_dir="runs/budget", workers=1, time_budget_minutes=1e-4))
+    summary = train(spec, log=logged.append)
+    assert summary["stopped_early"] and summary["steps"] == 1 and summary["total_steps"] == 6
+    rows = list(csv.DictReader(open(os.path.join(summary["output_dir"], "metrics.csv"))))
+    assert [int(r["step"]) for r in rows] == [1]  # validated where it stopped
+    assert load_checkpoint(summary["last"])[0] is not None
+    # The progress line's ETA guessed at the whole schedule; the last line says why it ended.
+    assert [line.split(",")[0] for line in logged[:-1]] == ["  step 1/6"]
+    assert logged[-1] == "  stopped early at step 1/6: train.time_budget_minutes (0.0001) spent"
+
+
 def test_resume_without_an_earlier_run_is_a_clear_error(job_folder, ray_session):
     spec = load_job(write_job(job_folder, output_dir="runs/never"))
     with pytest.raises(TrainingError, match="nothing to resume"):

@@ -35,7 +35,7 @@ from pipeline.io.inputs import expand_patterns, is_remote
 from pipeline.run.console import console_line, native_log_lines_hidden
 from pipeline.train.anchors import fit_anchors
 from pipeline.train.loop import MODEL_FILE, STATE_FILE, STEP_FILE, Prepared, checkpoint_step, train_loop
-from pipeline.train.progress import progress_from_metrics
+from pipeline.train.progress import budget_stop_line, progress_from_metrics
 from pipeline.train.schedule import plan_steps
 from retinanet.config import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES
 from retinanet.files import write_atomically
@@ -223,6 +223,7 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose
     # null: a Ray of our own, with the dashboard (Ray Train polls its State API)
     connect_ray(spec.compute.address, quiet=not verbose, dashboard=True)
     start_step = (resume_from and checkpoint_step(resume_from)) or 0  # progress lines after it
+    say = log or console_line
     try:
         cpus = _cpus_per_worker(t)
         loop_config = {
@@ -246,8 +247,7 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose
         started = time.time()
         quiet = contextlib.nullcontext() if verbose else native_log_lines_hidden()
         try:
-            with quiet, progress_from_metrics(output_dir / "metrics.csv", prepared.total_steps, start_step,
-                                                      log or console_line):
+            with quiet, progress_from_metrics(output_dir / "metrics.csv", prepared.total_steps, start_step, say):
                 result = trainer.fit()
         except Exception as err:  # Ray wraps worker errors in its own types
             raise TrainingError(f"{spec.source}: training failed: {type(err).__name__}: {err}") from err
@@ -262,6 +262,8 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose
     with result.checkpoint.as_directory() as d:
         shutil.copyfile(Path(d) / MODEL_FILE, output_dir / "last.pt")
         final = json.loads((Path(d) / STEP_FILE).read_text())
+    if final.get("stopped_early"):
+        say(budget_stop_line(final["step"], prepared.total_steps, t.time_budget_minutes))
     summary = {
         "job": spec.source, "ray_run": run_name, "output_dir": str(output_dir),
         "best": str(output_dir / "best.pt"), "last": str(output_dir / "last.pt"),

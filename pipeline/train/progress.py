@@ -32,6 +32,14 @@ def training_progress_line(row: dict, total_steps: int, steps_per_second: float)
             f"{steps_per_second:.2f} steps/s, {eta_text(total_steps - step, steps_per_second)}")
 
 
+def budget_stop_line(step: int, total_steps: int, budget_minutes: float) -> str:
+    """The line that ends a run train.time_budget_minutes stopped: the last progress line's
+    ETA was the rate's guess for the whole schedule, which the run will not finish.
+
+    Example: (68, 300, 10) -> '  stopped early at step 68/300: train.time_budget_minutes (10) spent'."""
+    return f"  stopped early at step {step}/{total_steps}: train.time_budget_minutes ({budget_minutes:g}) spent"
+
+
 def read_metric_rows(path: Path) -> list[dict]:
     """metrics.csv's rows; none while it does not exist (it is replaced atomically, never half-written)."""
     try:
