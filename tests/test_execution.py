@@ -114,6 +114,8 @@ def test_python_exception_in_a_chip_quarantines_only_that_chip(workspace, ray_se
 
 def test_predictor_cuts_ray_batches_into_forward_batches(workspace, ray_session):
     """forward_batch only changes how many chips go through one forward, not what is found."""
+    from ray.data.block import BlockAccessor
+
     from pipeline.infer.predictor import ChipPredictor, decode_detections
 
     rng = np.random.default_rng(0)
@@ -125,11 +127,12 @@ def test_predictor_cuts_ray_batches_into_forward_batches(workspace, ray_session)
              "pixel_dtype": np.array(["uint8"] * n, dtype=object),
              "valid": np.full((n, 256, 32), 255, dtype=np.uint8),
              "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object)}
+    block = BlockAccessor.batch_to_block(batch)  # the Arrow block Ray Data hands the actor
     outputs = {}
     for step in (None, 2):
         predictor = ChipPredictor(str(workspace / "model.pt"), score_threshold=0.3, precision="fp32", device="cpu",
                                   forward_batch=step)
-        outputs[step] = predictor(batch)
+        outputs[step] = predictor(block)
     assert list(outputs[2]["status"]) == ["ok"] * n
     found = 0
     for whole, cut in zip(outputs[None]["detections"], outputs[2]["detections"]):
@@ -149,7 +152,48 @@ def test_detections_centred_on_nodata_are_dropped():
                       [2, 0, 7, 2],     # centre (4.5 -> 4, 1): nodata, though it overlaps valid pixels
                       [-3, -3, 1, 1],   # centre (-1, -1) clipped to (0, 0): valid
                       ], dtype=np.float32)
-    assert centres_on_valid_pixels(boxes, valid).tolist() == [True, False, False, True]
+    assert centres_on_valid_pixels(boxes, np.packbits(valid, axis=-1), 8).tolist() == [True, False, False, True]
+
+
+def test_valid_centres_read_from_packed_bits_match_the_unpacked_mask():
+    """The predictor reads each centre's bit from the mask as the read task packs it; numpy's
+    unpackbits of the same mask is the oracle (widths that are not a multiple of 8 too)."""
+    from pipeline.infer.predictor import centres_on_valid_pixels
+
+    rng = np.random.default_rng(4)
+    for height, width in ((64, 64), (37, 61), (512, 512)):
+        valid = rng.random((height, width)) < 0.5
+        corners = rng.uniform(-20, max(height, width) + 20, (500, 2, 2))
+        boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1).astype(np.float32)
+        cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(int), 0, width - 1)
+        cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(int), 0, height - 1)
+        packed = np.packbits(valid, axis=-1)
+        unpacked = np.unpackbits(packed, axis=-1, count=width).astype(bool)
+        assert np.array_equal(centres_on_valid_pixels(boxes, packed, width), unpacked[cy, cx])
+
+
+def test_chip_pixels_are_read_from_the_arrow_block_without_copies():
+    """binary_views: one view per row into the Arrow buffer, whatever the chunking and slicing
+    of the column; pyarrow's own to_pylist is the oracle."""
+    import pyarrow as pa
+
+    from pipeline.infer.predictor import binary_views, stack_chip_pixels
+
+    rng = np.random.default_rng(5)
+    chips = [rng.integers(0, 255, (3, 8, 8), dtype=np.uint8).tobytes() for _ in range(7)]
+    chips[3] = b""  # a chip that failed to read travels empty
+    for column in (pa.chunked_array([pa.array(chips, pa.binary())]),
+                   pa.chunked_array([pa.array(chips[:2], pa.binary()), pa.array(chips, pa.binary()).slice(2)]),
+                   pa.chunked_array([pa.array(chips, pa.large_binary()).slice(1, 5)])):
+        views = binary_views(column)
+        assert [v.tobytes() for v in views] == column.to_pylist()
+        # views, not copies: they point into the column's data buffers
+        buffers = [c.buffers()[2] for c in column.chunks]
+        assert all(any(b.address <= v.ctypes.data < b.address + b.size for b in buffers) for v in views if v.size)
+    views = binary_views(pa.chunked_array([pa.array(chips, pa.binary())]))
+    ok = [0, 1, 2, 4]
+    assert np.array_equal(stack_chip_pixels([views[i] for i in ok], ["uint8"] * 4, 8),
+                          np.stack([np.frombuffer(chips[i], np.uint8).reshape(3, 8, 8) for i in ok]))
 
 
 def test_quicklook_is_linked_from_the_run_report(clean_run, workspace, tmp_path):

@@ -108,10 +108,11 @@ def apply_job_settings(config, score_threshold: float | None, nms_threshold: flo
             setattr(config, name, value)
 
 
-def stack_chip_pixels(blobs: list[bytes], dtypes: list[str], chip_size: int) -> np.ndarray:
-    """Chips as they travel (each chip's raw bytes in its file's dtype) -> one (B, C, S, S)
-    array in the smallest dtype that holds them all exactly (numpy's promotion: uint8 with
-    uint16 -> uint16; with float32 -> float32).
+def stack_chip_pixels(blobs: list, dtypes: list[str], chip_size: int) -> np.ndarray:
+    """Chips as they travel (each chip's raw bytes in its file's dtype: bytes or a uint8
+    view, see :func:`binary_views`) -> one (B, C, S, S) array in the smallest dtype that
+    holds them all exactly (numpy's promotion: uint8 with uint16 -> uint16; with float32 ->
+    float32). The one copy of the pixels on the actor's host side.
 
     Why bytes: a job may mix scenes of several dtypes, and Ray Data hands on a batch merged
     from uint8 and uint16 tensor blocks as uint8, without an error; a binary column merges
@@ -120,16 +121,51 @@ def stack_chip_pixels(blobs: list[bytes], dtypes: list[str], chip_size: int) -> 
     return np.stack([np.frombuffer(b, dtype=d).reshape(-1, chip_size, chip_size) for b, d in zip(blobs, dtypes)])
 
 
-def centres_on_valid_pixels(boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def binary_views(column) -> list[np.ndarray]:
+    """A pyarrow binary column (ChunkedArray, any chunking and slicing) -> one read-only
+    uint8 view per row into its Arrow buffer, without copying.
+
+    Ray Data's numpy batches turn each cell of a binary column into a Python bytes object,
+    a copy of every chip: for a block of 64 RGB chips of 512² the largest host-side cost of
+    a GPU predictor's batch (bench/predictor_bench.py)."""
+    import pyarrow as pa
+
+    views: list[np.ndarray] = []
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise ValueError("a chip's pixels are null (a read task writes empty bytes, never null)")
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
+        views.extend(data[start:end] for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+    return views
+
+
+def chip_batch_columns(table) -> dict:
+    """A predictor's input block (a pyarrow Table, as Ray Data hands it with
+    batch_format="pyarrow") -> {column: numpy array}, except ``pixels``: a list of uint8
+    views (:func:`binary_views`). ``valid`` (a Ray tensor column) comes as a view too."""
+    from ray.data.block import BlockAccessor
+
+    block = BlockAccessor.for_block(table)
+    columns = {name: block.to_numpy(name) for name in table.column_names if name != "pixels"}
+    columns["pixels"] = binary_views(table.column("pixels"))
+    return columns
+
+
+def centres_on_valid_pixels(boxes: np.ndarray, valid_bits: np.ndarray, width: int) -> np.ndarray:
     """(N,) bool: True where the centre of a chip-pixel XYXY box lies on a valid pixel.
 
-    valid: (H, W) bool mask of the chip. Detections centred on nodata (scene borders,
-    masked regions, the padding of edge chips) describe no real object and are dropped.
+    valid_bits: (H, ceil(W / 8)) the chip's valid-pixel mask bit-packed along x, as the read
+    task packs it (np.packbits, most significant bit first); only the N centres' bits are
+    read, not the H x W mask. Detections centred on nodata (scene borders, masked regions,
+    the padding of edge chips) describe no real object and are dropped.
     """
-    h, w = valid.shape
-    cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(np.int64), 0, w - 1)
-    cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(np.int64), 0, h - 1)
-    return valid[cy, cx]
+    height = valid_bits.shape[0]
+    cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(np.int64), 0, width - 1)
+    cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(np.int64), 0, height - 1)
+    return ((valid_bits[cy, cx >> 3] >> (7 - (cx & 7))) & 1).astype(bool)
 
 
 def decode_detections(blob: bytes) -> np.ndarray:
@@ -231,8 +267,10 @@ def convert_ahead(checkpoint: str, chip_size: int) -> None:
 class ChipPredictor:
     """Callable class for Ray Data's map_batches: loads the checkpoint once, predicts batches.
 
-    Input batch columns: chip_id, scene_id, col_off, row_off, pixels (raw bytes of each chip's
-    (C, S, S) array) and pixel_dtype (its file's dtype), see :func:`stack_chip_pixels`,
+    Input: a pyarrow Table (map_batches' batch_format="pyarrow", so that the pixels are not
+    copied into Python bytes, see :func:`binary_views`) with columns chip_id, scene_id,
+    col_off, row_off, pixels (raw bytes of each chip's (C, S, S) array) and pixel_dtype (its
+    file's dtype), see :func:`stack_chip_pixels`,
     valid (B, S, S/8) bit-packed valid-pixel masks (detections centred on nodata are dropped),
     status ("ok" or a read failure), error. Output columns: chip_id, scene_id, status,
     error, detections (bytes, see encode_detections; boxes in SCENE pixels), worker.
@@ -309,9 +347,10 @@ class ChipPredictor:
         self.detector = Detector(model, device=device, precision=precision)
         return self.detector.model.config
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, table) -> dict[str, np.ndarray]:
         import ray
 
+        batch = chip_batch_columns(table)
         chip_ids = [str(c) for c in batch["chip_id"]]
         n = len(chip_ids)
         status = np.array([str(s) for s in batch["status"]], dtype=object)
@@ -371,8 +410,7 @@ class ChipPredictor:
         results = [r for start in range(0, len(pixels), step) for r in self._detect(pixels[start:start + step])]
         for i, r in zip(indices, results):
             boxes, scores, labels = r["boxes"], r["scores"], r["labels"]
-            valid = np.unpackbits(batch["valid"][i], axis=-1, count=chip_size).astype(bool)
-            keep = centres_on_valid_pixels(boxes, valid)
+            keep = centres_on_valid_pixels(boxes, batch["valid"][i], chip_size)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             offset = np.array([batch["col_off"][i], batch["row_off"][i]] * 2, dtype=np.float32)
             detections[i] = encode_detections(boxes + offset, scores, labels)

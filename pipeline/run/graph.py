@@ -404,7 +404,7 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], faults, log)
                             compute=ray.data.TaskPoolStrategy(size=read_tasks))
         # Bounded actor restarts: enough for each poison chip to collect its strikes.
         restarts = (retries + 2) * 4
-        ds = ds.map_batches(ChipPredictor, batch_size=read_batch, batch_format="numpy",
+        ds = ds.map_batches(ChipPredictor, batch_size=read_batch, batch_format="pyarrow",
                             fn_constructor_kwargs={"checkpoint": spec.model.checkpoint,
                                                    "score_threshold": spec.model.score_threshold,
                                                    "nms_threshold": spec.model.nms_threshold,
