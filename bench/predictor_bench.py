@@ -43,7 +43,7 @@ def make_block(n: int, chip: int, seed: int = 0):
     return BlockAccessor.batch_to_block(batch)
 
 
-def reference(block, chip: int, boxes: np.ndarray) -> int:
+def reference(block, chip: int, boxes: np.ndarray) -> tuple[tuple, int]:
     from ray.data.block import BlockAccessor
 
     batch = BlockAccessor.for_block(block).to_batch_format("numpy")
@@ -54,16 +54,16 @@ def reference(block, chip: int, boxes: np.ndarray) -> int:
         cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(np.int64), 0, chip - 1)
         cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(np.int64), 0, chip - 1)
         kept += int(valid[cy, cx].sum())
-    return kept + int(pixels[0, 0, 0, 0] >= 0)
+    return pixels.shape, kept
 
 
-def ours(block, chip: int, boxes: np.ndarray) -> int:
+def ours(block, chip: int, boxes: np.ndarray) -> tuple[tuple, int]:
     from pipeline.infer.predictor import centres_on_valid_pixels, chip_batch_columns, stack_chip_pixels
 
     batch = chip_batch_columns(block)
     pixels = stack_chip_pixels(batch["pixels"], list(batch["pixel_dtype"]), chip)
     kept = sum(int(centres_on_valid_pixels(boxes, packed, chip).sum()) for packed in batch["valid"])
-    return kept + int(pixels[0, 0, 0, 0] >= 0)
+    return pixels.shape, kept
 
 
 def main() -> None:
@@ -78,7 +78,7 @@ def main() -> None:
     block = blocks.pop()
     corners = np.random.default_rng(1).uniform(0, args.chip, (100, 2, 2))
     boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1).astype(np.float32)
-    assert reference(block, args.chip, boxes) == ours(block, args.chip, boxes)  # the same chips kept
+    assert reference(block, args.chip, boxes) == ours(block, args.chip, boxes)  # the same pixels' shape, centres kept
     times: dict[str, list[float]] = {"reference": [], "ours": []}
     for _ in range(args.reps):
         for name, fn in (("reference", reference), ("ours", ours)):
