@@ -14,6 +14,11 @@ of each per repetition, so a noisy neighbour slows all alike); figures are media
                       8 chips like the timed ones (speed only: accuracy needs labelled data,
                       see pipeline.infer.int8 and BENCHMARKS.md).
 
+Streams: OpenVINO runs a CPU actor's calls (runs of `--run` chips) as one infer request per
+chip on parallel streams (its throughput hint); timed here against the same runs as one
+request at a time over all the threads (its latency hint, what the actors did before), both
+at precision auto, interleaved.
+
 Also: postprocessing alone (dense outputs in, detections out) per chip, numpy (OpenVINO
 actors) and torch, and how many of torch
 fp32's top boxes each variant keeps (IoU > 0.9). Ratios are against torch bf16 in the same
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--chip", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--run", type=int, default=8, help="chips per call in the streams comparison")
     parser.add_argument("--cls-bias", type=float, default=1.6,
                         help="added to the class logits' bias: how many candidates pass the score threshold")
     args = parser.parse_args()
@@ -111,6 +117,7 @@ def main() -> None:
             post_torch.append(time.perf_counter() - t)
             candidates.append(int((cls_logits > logit_bound(ov_f32.config.score_threshold)).sum()))
         post, post_torch, candidates = post[1:], post_torch[1:], candidates[1:]
+        streams = time_streams(checkpoint, tmp, args, torch.cat(chips[:args.run]).numpy())
     base = statistics.median(times["torch bf16"])
     print(f"load average {open('/proc/loadavg').read().split()[:3]}; {args.backbone}, {args.chip}² chips, "
           f"{args.threads} threads, {args.reps} reps; openvino convert+compile {convert_s:.1f} s, "
@@ -124,6 +131,26 @@ def main() -> None:
           f"numpy + OpenVINO NMS {post_s * 1000:.1f} ms/chip = "
           f"{post_s / statistics.median(times['openvino auto']):.0%} of an openvino auto chip; "
           f"torch {statistics.median(post_torch) * 1000:.1f} ms/chip")
+    one, parallel = (statistics.median(streams[name]) for name in ("one request", "streams"))
+    print(f"runs of {args.run} chips per call, openvino auto: one request at a time over {args.threads} threads "
+          f"{one:.3f} s/chip, {streams['count']} parallel streams {parallel:.3f} s/chip: {one / parallel:.2f}x")
+
+
+def time_streams(checkpoint: str, cache: str, args, run) -> dict:
+    """Seconds per chip of runs of chips, one request at a time vs on parallel streams
+    (round-robin, one warm-up each); asserts both give the same detections."""
+    variants = {name: OpenVinoDetector(checkpoint, num_threads=args.threads, cache_dir=cache, streams=streams)
+                for name, streams in (("one request", 1), ("streams", None))}
+    first = {name: detector.detect(run) for name, detector in variants.items()}
+    for a, b in zip(first["one request"], first["streams"]):
+        assert len(a["scores"]) == len(b["scores"]), "streams changed the detections"
+    times: dict = {name: [] for name in variants}
+    for _ in range(args.reps):
+        for name, detector in variants.items():
+            t = time.perf_counter()
+            detector.detect(run)
+            times[name].append((time.perf_counter() - t) / len(run))
+    return {**times, "count": variants["streams"].streams}
 
 
 if __name__ == "__main__":

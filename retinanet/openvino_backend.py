@@ -16,6 +16,12 @@ under a key naming its calibration; INT8 changes results, so the pipeline measur
 (`pipeline.infer.int8`). Measured on this project's 2-core AMX machine (R50-FPN, 512² chips):
 0.09-0.11 s per chip against 0.25-0.37 s for torch bf16 (see BENCHMARKS.md).
 
+Streams: the graph is compiled with OpenVINO's throughput hint, which splits the threads
+into parallel streams (two of one thread on a 2-core actor), and :meth:`OpenVinoDetector.detect`
+runs a batch's chips as one infer request each, postprocessing each chip while the later
+ones run. On 2 cores that is 1.4x the chips per second of one request at a time over both
+threads (whose threads meet at every layer, and wait there for the slower one).
+
 Conversion takes seconds (a trace of the model), so converted graphs are cached per node
 (``cache_dir``: `pipeline run` passes ``<its cache>/openvino``, see
 :func:`pipeline.io.objstore.cache_dir`; default ``$TMPDIR/retinanet-openvino``), keyed by the
@@ -33,6 +39,7 @@ import sys
 import uuid
 import warnings
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -43,6 +50,15 @@ from retinanet.numpy_postprocess import Geometry, Nms, check_anchor_count, postp
 
 PRECISION_HINTS = {"auto": None, "fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": None}
 INSTALL_HINT = "install it with: pip install openvino"
+
+
+class Compiled(NamedTuple):
+    """A graph compiled for one chip size, its postprocessing geometry and the infer
+    requests that run it (one per stream)."""
+
+    model: object
+    geometry: Geometry
+    requests: list
 
 
 def openvino_available() -> bool:
@@ -62,12 +78,13 @@ class OpenVinoDetector:
     pixels, "scores", "labels" int64) of numpy arrays; `detector(images)` does the same for
     a torch tensor and returns tensors, like `retinanet.Detector`. `config` is the model's
     RetinaNetConfig: set its score_threshold (or nms_threshold, detections_per_image) to
-    change the postprocessing. Attributes: `device` ("cpu"), `precision` (what the compiled
-    graph runs in, e.g. bf16).
+    change the postprocessing. `streams`: infer requests run at once (None: what OpenVINO's
+    throughput hint picks for `num_threads`; 1: one request over all threads). Attributes:
+    `device` ("cpu"), `precision` (what the compiled graph runs in, e.g. bf16), `streams`.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, precision: str = "auto", num_threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, int8_key: str | None = None):
+                 cache_dir: str | os.PathLike | None = None, int8_key: str | None = None, streams: int | None = None):
         try:
             import openvino as ov
         except ImportError as err:
@@ -83,13 +100,17 @@ class OpenVinoDetector:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir("openvino")
         self._core = ov.Core()
         self._requested = precision
-        self._config = {"PERFORMANCE_HINT": "LATENCY"}
+        # Parallel streams (see the module doc), as many as OpenVINO's throughput hint picks for
+        # the threads unless `streams` says; one stream is its latency hint (all threads, one request).
+        self._config: dict = {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
+        if streams is not None and streams > 1:
+            self._config["NUM_STREAMS"] = int(streams)
         if num_threads:
             self._config["INFERENCE_NUM_THREADS"] = int(num_threads)
         if PRECISION_HINTS[precision]:
             self._config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
         self.device = "cpu"
-        self._compiled: dict[tuple[int, int], tuple[object, Geometry]] = {}
+        self._compiled: dict[tuple[int, int], Compiled] = {}
         self._nms = Nms()
         self.converted = 0  # graphs this detector had to convert (0 when every size was cached)
 
@@ -178,14 +199,20 @@ class OpenVinoDetector:
                                f"made by quantize() (pipeline run with model.precision int8 makes and measures it)")
         return path
 
-    def _compiled_for(self, chip_hw: tuple[int, int]) -> tuple[object, Geometry]:
+    def _compiled_for(self, chip_hw: tuple[int, int]) -> Compiled:
         compiled = self._compiled.get(chip_hw)
         if compiled is None:
-            graph = self._graph_for(chip_hw)
-            compiled = (self._core.compile_model(str(graph), "CPU", self._config),
-                        Geometry.load(self.geometry_path(chip_hw)))
+            model = self._core.compile_model(str(self._graph_for(chip_hw)), "CPU", self._config)
+            streams = int(model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+            compiled = Compiled(model, Geometry.load(self.geometry_path(chip_hw)),
+                                [model.create_infer_request() for _ in range(max(1, streams))])
             self._compiled[chip_hw] = compiled
         return compiled
+
+    @property
+    def streams(self) -> int:
+        """Infer requests that run at once (OpenVINO's streams) for the graphs compiled so far."""
+        return max((len(c.requests) for c in self._compiled.values()), default=0)
 
     @property
     def precision(self) -> str:
@@ -194,8 +221,8 @@ class OpenVinoDetector:
         if self.int8_key is not None:
             return "int8"
         if self._compiled:
-            compiled, _ = next(iter(self._compiled.values()))
-            return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # type: ignore[attr-defined]
+            model = next(iter(self._compiled.values())).model
+            return model.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # type: ignore[attr-defined]
         return self._requested
 
     def prepare(self, chip_hw: tuple[int, int]) -> None:
@@ -204,21 +231,24 @@ class OpenVinoDetector:
         self._compiled_for(chip_hw)
 
     def dense(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The compiled network alone: chips (B, C, H, W) -> (cls_logits, box_deltas) float32,
-        valid until the next call."""
-        compiled, _ = self._compiled_for((int(images.shape[-2]), int(images.shape[-1])))
-        outputs = compiled(np.ascontiguousarray(images, dtype=np.float32))  # type: ignore[operator]
+        """The compiled network alone, one request on one stream: chips (B, C, H, W) ->
+        (cls_logits, box_deltas) float32, valid until the next call."""
+        compiled = self._compiled_for((int(images.shape[-2]), int(images.shape[-1])))
+        outputs = compiled.model(np.ascontiguousarray(images, dtype=np.float32))  # type: ignore[operator]
         return outputs[0], outputs[1]
 
-    def detect(self, images: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """Detections of a (B, C, H, W) float batch, numpy in and out (see the class doc)."""
+    def detect(self, images: np.ndarray, chips_per_request: int = 1) -> list[dict[str, np.ndarray]]:
+        """Detections of a (B, C, H, W) float batch, numpy in and out (see the class doc).
+        The batch runs as requests of `chips_per_request` chips on the parallel streams."""
         if images.ndim != 4 or images.shape[1] != self.config.in_channels or images.dtype.kind != "f":
             raise ValueError(f"images must be a (B, {self.config.in_channels}, H, W) floating array, got "
                              f"{images.dtype} of shape {tuple(images.shape)}")
-        cls_logits, box_deltas = self.dense(images)
-        _, geometry = self._compiled_for((int(images.shape[-2]), int(images.shape[-1])))
-        check_anchor_count(cls_logits.shape[1], geometry.level_counts, str(self.checkpoint))
-        return postprocess(cls_logits, box_deltas, geometry, self.config, self._nms)
+        compiled = self._compiled_for((int(images.shape[-2]), int(images.shape[-1])))
+        found: list[dict[str, np.ndarray]] = []
+        for cls_logits, box_deltas in outputs_in_order(compiled.requests, images, chips_per_request):
+            check_anchor_count(cls_logits.shape[1], compiled.geometry.level_counts, str(self.checkpoint))
+            found += postprocess(cls_logits, box_deltas, compiled.geometry, self.config, self._nms)
+        return found
 
     def __call__(self, images):
         """`retinanet.Detector`'s interface: a (B, C, H, W) float tensor -> dicts of tensors."""
@@ -226,6 +256,35 @@ class OpenVinoDetector:
 
         found = self.detect(images.detach().to("cpu", torch.float32).numpy())
         return [{k: torch.from_numpy(v) for k, v in d.items()} for d in found]
+
+
+def outputs_in_order(requests: list, images: np.ndarray, chips_per_request: int
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Run `images` in slices of `chips_per_request` on `requests` in turn (each request
+    on its own stream) -> each slice's (cls_logits, box_deltas), in order, as it finishes.
+
+    A request's outputs stay valid until it is started again, which happens only after the
+    caller has taken them (the generator resumes): the caller's postprocessing of one slice
+    overlaps the network's work on the slices after it."""
+    pending: list = []
+    try:
+        for n, start in enumerate(range(0, len(images), max(1, chips_per_request))):
+            if len(pending) == len(requests):
+                yield finished_outputs(pending.pop(0))
+            request = requests[n % len(requests)]  # the one just taken, once all are busy
+            request.start_async({0: np.ascontiguousarray(images[start:start + chips_per_request], dtype=np.float32)})
+            pending.append(request)
+        while pending:
+            yield finished_outputs(pending.pop(0))
+    finally:  # the caller stopped early (an error): leave no request running into the next call
+        for request in pending:
+            request.wait()
+
+
+def finished_outputs(request) -> tuple[np.ndarray, np.ndarray]:
+    """Wait for an infer request -> its (cls_logits, box_deltas), views into its output tensors."""
+    request.wait()
+    return request.get_output_tensor(0).data, request.get_output_tensor(1).data
 
 
 def graph_file(cache_dir: Path, checkpoint_sha256: str, chip_hw: tuple[int, int], int8_key: str | None = None

@@ -406,8 +406,7 @@ class ChipPredictor:
                                    chip_size)  # file dtypes; the detector casts on device
         if pixels.shape[1] != self.in_channels:
             raise ValueError(f"chips have {pixels.shape[1]} bands, the model expects {self.in_channels}")
-        step = self.forward_batch or len(pixels)
-        results = [r for start in range(0, len(pixels), step) for r in self._detect(pixels[start:start + step])]
+        results = self._detect(pixels, self.forward_batch or len(pixels))
         for i, r in zip(indices, results):
             boxes, scores, labels = r["boxes"], r["scores"], r["labels"]
             keep = centres_on_valid_pixels(boxes, batch["valid"][i], chip_size)
@@ -415,16 +414,19 @@ class ChipPredictor:
             offset = np.array([batch["col_off"][i], batch["row_off"][i]] * 2, dtype=np.float32)
             detections[i] = encode_detections(boxes + offset, scores, labels)
 
-    def _detect(self, pixels: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """One forward pass of chips in their file dtype -> numpy detections per chip."""
-        if self.numpy_detector:
-            return self.detector.detect(pixels.astype(np.float32, copy=False))
+    def _detect(self, pixels: np.ndarray, step: int) -> list[dict[str, np.ndarray]]:
+        """Forward passes of `step` chips (in their file dtype) -> numpy detections per chip."""
+        if self.numpy_detector:  # OpenVINO runs the passes on its parallel streams
+            return self.detector.detect(pixels.astype(np.float32, copy=False), chips_per_request=step)
         import torch
 
         from retinanet.runtime import to_device
 
-        images = torch.from_numpy(pixels)
-        if not images.is_floating_point():  # integer chips travel small and become float on the device
-            # through pinned memory: a non-blocking copy from pageable memory would block
-            images = to_device(images, self.detector.device).float()
-        return [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(images)]
+        found = []
+        for start in range(0, len(pixels), step):
+            images = torch.from_numpy(pixels[start:start + step])
+            if not images.is_floating_point():  # integer chips travel small and become float on the device
+                # through pinned memory: a non-blocking copy from pageable memory would block
+                images = to_device(images, self.detector.device).float()
+            found += [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(images)]
+        return found
