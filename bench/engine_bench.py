@@ -3,7 +3,8 @@
     python bench/engine_bench.py                 # R50-FPN, 3 classes, 512² chips, 2 threads
     python bench/engine_bench.py --reps 15 --backbone resnet18
 
-Variants, each one chip per call (the CPU actors' batch size), timed round-robin (one call
+Variants, each one chip per call over all the threads (OpenVINO with ``streams=1``, its
+latency hint: one chip on parallel streams would run on one stream's threads), timed round-robin (one call
 of each per repetition, so a noisy neighbour slows all alike); figures are medians:
 
 - torch bf16:         `Detector(precision="auto")` on the model as loaded (the old default);
@@ -68,18 +69,18 @@ def main() -> None:
         checkpoint = os.path.join(tmp, "m.pt")
         save_checkpoint(checkpoint, model, ["a", "b", "c"])
         started = time.perf_counter()
-        ov_auto = OpenVinoDetector(checkpoint, precision="auto", num_threads=args.threads, cache_dir=tmp)
+        ov_auto = OpenVinoDetector(checkpoint, precision="auto", num_threads=args.threads, cache_dir=tmp, streams=1)
         ov_auto.prepare((args.chip, args.chip))
         convert_s = time.perf_counter() - started
         started = time.perf_counter()
-        ov_f32 = OpenVinoDetector(checkpoint, precision="fp32", num_threads=args.threads, cache_dir=tmp)
+        ov_f32 = OpenVinoDetector(checkpoint, precision="fp32", num_threads=args.threads, cache_dir=tmp, streams=1)
         ov_f32.prepare((args.chip, args.chip))
         cached_s = time.perf_counter() - started
         started = time.perf_counter()
         ov_f32.quantize((args.chip, args.chip), torch.cat(chips[:8]).numpy(), "bench")
         quantize_s = time.perf_counter() - started
         ov_int8 = OpenVinoDetector(checkpoint, precision="int8", num_threads=args.threads, cache_dir=tmp,
-                                   int8_key="bench")
+                                   int8_key="bench", streams=1)
         variants = {
             "torch bf16": Detector(copy.deepcopy(model), device="cpu", precision="auto"),
             "torch bf16 folded": Detector(fold_batch_norm(model), device="cpu", precision="auto"),

@@ -61,6 +61,7 @@ def raw_forward_chips_per_s(root: Path, n_chips: int, batch: int, threads: int, 
     import torch
 
     from pipeline.infer.predictor import resolve_backend
+    from pipeline.run.graph import MIN_READ_BATCH
     from retinanet import Detector, load_checkpoint
     from retinanet.openvino_backend import OpenVinoDetector
     from retinanet.runtime import fold_batch_norm
@@ -68,16 +69,20 @@ def raw_forward_chips_per_s(root: Path, n_chips: int, batch: int, threads: int, 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if resolve_backend(backend, device) == "openvino":
-        detector = OpenVinoDetector(root / "model.pt", num_threads=threads)
+        # as its actors run it: a run of chips per call, forward passes of `batch` on its streams
+        ov = OpenVinoDetector(root / "model.pt", num_threads=threads)
+        run = max(batch, MIN_READ_BATCH)
+        forward, per_call = (lambda images: ov.detect(images.numpy(), chips_per_request=batch)), run
     else:
-        detector = Detector(fold_batch_norm(load_checkpoint(root / "model.pt")[0]), device=device, precision="auto")
-    images = torch.rand(batch, 3, 512, 512) * 255
-    detector(images)  # warm-up
+        forward, per_call = Detector(fold_batch_norm(load_checkpoint(root / "model.pt")[0]), device=device,
+                                     precision="auto"), batch
+    images = torch.rand(per_call, 3, 512, 512) * 255
+    forward(images)  # warm-up
     start = time.perf_counter()
     done = 0
     while done < n_chips:
-        detector(images)
-        done += batch
+        forward(images)
+        done += per_call
     return done / (time.perf_counter() - start)
 
 

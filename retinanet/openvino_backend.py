@@ -19,8 +19,11 @@ under a key naming its calibration; INT8 changes results, so the pipeline measur
 Streams: the graph is compiled with OpenVINO's throughput hint, which splits the threads
 into parallel streams (two of one thread on a 2-core actor), and :meth:`OpenVinoDetector.detect`
 runs a batch's chips as one infer request each, postprocessing each chip while the later
-ones run. On 2 cores that is 1.4x the chips per second of one request at a time over both
-threads (whose threads meet at every layer, and wait there for the slower one).
+ones run. One request over all threads meets at every layer and waits there for the
+slowest thread, which loses most when reads share the cores: in a 2-core pipeline run
+the chips after start-up went 1.10x (R50) and 1.14x (R18) faster; alone on an idle
+machine the two are even. A call of a single chip runs on one stream's threads (half of
+them on 2 cores), so callers should pass chips in runs (the pipeline's are 8).
 
 Conversion takes seconds (a trace of the model), so converted graphs are cached per node
 (``cache_dir``: `pipeline run` passes ``<its cache>/openvino``, see
