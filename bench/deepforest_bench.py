@@ -206,18 +206,19 @@ def our_windows(scene: Path, size: int) -> list[list[int]]:
 def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run cmd to completion: wall seconds, peak RSS of its process tree (and per role at the
     peak, roles as bench/pipeline_bench.py names them), stdout."""
-    from bench.pipeline_bench import peak_rss_until_exit
+    from bench.pipeline_bench import peak_memory_until_exit
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
-        peak, at_peak = peak_rss_until_exit(proc)
+        peak = peak_memory_until_exit(proc)
         wall = time.perf_counter() - start
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{stderr[-3000:]}")
-    return {"wall_s": wall, "peak_rss": peak, "at_peak": at_peak, "stdout": stdout}
+    return {"wall_s": wall, "peak_rss": peak.rss, "pss_at_peak": peak.pss_at_peak, "at_peak": peak.rss_by_role,
+            "stdout": stdout}
 
 
 def run_deepforest(python: str, checkpoint: Path, scene: Path, out: Path, threads: int) -> dict:
@@ -300,14 +301,16 @@ def median(runs: list[dict], key: str) -> float:
 def timing_table(df_runs: list[dict], our_runs: list[dict]) -> str:
     df_version = df_runs[0]["deepforest"]
     rows = [
-        "| | wall, fresh process (s) | prediction alone (s) | start-up (s) | peak RSS (MiB) | detections |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| | wall, fresh process (s) | prediction alone (s) | start-up (s) | peak RSS (MiB) | PSS at that peak (MiB)"
+        " | detections |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| DeepForest {df_version} predict_tile | {median(df_runs, 'wall_s'):.1f} | {median(df_runs, 'predict_s'):.1f}"
         f" | import {median(df_runs, 'import_s'):.1f} + build/load {median(df_runs, 'build_load_s'):.1f}"
-        f" | {median(df_runs, 'peak_rss') / MIB:.0f} | {df_runs[-1]['detections']} |",
+        f" | {median(df_runs, 'peak_rss') / MIB:.0f} | {median(df_runs, 'pss_at_peak') / MIB:.0f}"
+        f" | {df_runs[-1]['detections']} |",
         f"| ours, pipeline run | {median(our_runs, 'wall_s'):.1f} | {median(our_runs, 'predict_s'):.1f}"
         f" | {median(our_runs, 'startup_s'):.1f} (startup_seconds) | {median(our_runs, 'peak_rss') / MIB:.0f}"
-        f" | {our_runs[-1]['detections']} |",
+        f" | {median(our_runs, 'pss_at_peak') / MIB:.0f} | {our_runs[-1]['detections']} |",
     ]
     ratio = statistics.median(d["wall_s"] / o["wall_s"] for d, o in zip(df_runs, our_runs))
     rows += ["", "Per run, wall s (DeepForest / ours): "

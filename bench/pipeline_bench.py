@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -128,17 +129,23 @@ def process_role(proc, root_pid: int) -> str:
     return title.split(".")[0] if title.startswith("ray::") else title
 
 
-def tree_rss(pid: int) -> dict[str, int]:
-    """RSS of a process and all its descendants, summed per role (see process_role)."""
+def tree_processes(pid: int) -> list:
+    """A process and all its descendants (psutil handles; empty once it has exited)."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
-        procs = [proc] + proc.children(recursive=True)
+        return [proc] + proc.children(recursive=True)
     except psutil.NoSuchProcess:
-        return {}
+        return []
+
+
+def tree_rss(pid: int) -> dict[str, int]:
+    """RSS of a process and all its descendants, summed per role (see process_role)."""
+    import psutil
+
     roles: dict[str, int] = {}
-    for p in procs:
+    for p in tree_processes(pid):
         try:
             role = process_role(p, pid)
             roles[role] = roles.get(role, 0) + p.memory_info().rss
@@ -147,21 +154,46 @@ def tree_rss(pid: int) -> dict[str, int]:
     return roles
 
 
-def peak_rss_until_exit(proc: subprocess.Popen, every_s: float = 0.2) -> tuple[int, dict[str, int]]:
-    """Sample the RSS of proc's process tree until it exits -> (the peak, the RSS per role
-    at that moment, see tree_rss)."""
-    peak, at_peak = 0, {}
+def tree_pss(pid: int) -> int:
+    """PSS of a process and all its descendants: each page shared by n processes counts 1/n
+    in each, so the sum is what the tree occupies in RAM (an RSS sum counts a shared page,
+    a library every Ray worker maps, once per process). Milliseconds per process to read."""
+    import psutil
+
+    total = 0
+    for p in tree_processes(pid):
+        try:
+            total += p.memory_full_info().pss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+@dataclass
+class PeakMemory:
+    """A process tree's peak RSS (summed over processes sampled at one moment), the RSS per
+    role at that moment, and the tree's PSS read right after that sample."""
+
+    rss: int = 0
+    rss_by_role: dict = field(default_factory=dict)
+    pss_at_peak: int = 0
+
+
+def peak_memory_until_exit(proc: subprocess.Popen, every_s: float = 0.2) -> PeakMemory:
+    """Sample the RSS of proc's process tree until it exits -> its peak (see PeakMemory).
+    PSS is read only when the RSS reaches a new peak: reading it costs the measured run
+    ~50 ms of CPU per sample of a Ray tree, too much to take five times a second."""
+    peak = PeakMemory()
     while proc.poll() is None:
         roles = tree_rss(proc.pid)
-        if sum(roles.values()) > peak:
-            peak, at_peak = sum(roles.values()), roles
+        if sum(roles.values()) > peak.rss:
+            peak = PeakMemory(sum(roles.values()), roles, tree_pss(proc.pid))
         time.sleep(every_s)
-    return peak, at_peak
+    return peak
 
 
-def peak_rss_of_run(size: int, backbone: str) -> tuple[int, dict[str, int]]:
-    """Run one scene of size^2 in a child process; sample its process tree's RSS ->
-    (the peak, the tree's RSS per role at that moment)."""
+def peak_memory_of_run(size: int, backbone: str) -> PeakMemory:
+    """Run one scene of size^2 in a child process; sample its process tree's memory."""
     code = f"""
 import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from pathlib import Path
@@ -181,12 +213,12 @@ ray.shutdown()
     make_checkpoint(root / "model.pt", backbone)
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)])
     try:
-        peak, at_peak = peak_rss_until_exit(proc)
+        peak = peak_memory_until_exit(proc)
     finally:
         shutil.rmtree(root, ignore_errors=True)  # a scene, a checkpoint and a table per call
     if proc.returncode:
         raise SystemExit(f"memory run for {size}^2 failed with exit code {proc.returncode}")
-    return peak, at_peak
+    return peak
 
 
 def main() -> None:
@@ -203,10 +235,12 @@ def main() -> None:
     result = {"throughput": throughput(args)}
     print(json.dumps(result, indent=2), flush=True)
     if args.memory:
-        (small, roles), (large, _) = peak_rss_of_run(4096, args.backbone), peak_rss_of_run(16384, args.backbone)
-        result["memory"] = {"peak_rss_4096_mb": round(small / 2**20), "peak_rss_16384_mb": round(large / 2**20),
-                            "ratio": round(large / small, 3),
-                            "at_peak_4096_mb": {r: round(b / 2**20) for r, b in sorted(roles.items())}}
+        small, large = peak_memory_of_run(4096, args.backbone), peak_memory_of_run(16384, args.backbone)
+        result["memory"] = {"peak_rss_4096_mb": round(small.rss / 2**20), "peak_rss_16384_mb": round(large.rss / 2**20),
+                            "ratio": round(large.rss / small.rss, 3),
+                            "pss_at_peak_4096_mb": round(small.pss_at_peak / 2**20),
+                            "pss_at_peak_16384_mb": round(large.pss_at_peak / 2**20),
+                            "at_peak_4096_mb": {r: round(b / 2**20) for r, b in sorted(small.rss_by_role.items())}}
         print(json.dumps(result, indent=2))
 
 

@@ -14,7 +14,8 @@ the peak RSS, with the tree's RSS per process role at the peak of the median run
         --variant "tree:/tmp/older-checkout"
 
 RSS counts pages that processes share once per process, as `ps` does; the peak is a sum
-over processes sampled at the same moment.
+over processes sampled at the same moment. The tree's PSS, read right after the sample that
+set the peak, counts each shared page once in all: what the run occupies in RAM.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.pipeline_bench import peak_rss_until_exit  # noqa: E402
+from bench.pipeline_bench import peak_memory_until_exit  # noqa: E402
 from bench.scratch import scratch_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,15 +55,16 @@ def one_run(job: str, overrides: list[str], table: Path) -> dict:
     started = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             cwd=tree)
-    peak, at_peak = peak_rss_until_exit(proc)
+    peak = peak_memory_until_exit(proc)
     wall = time.time() - started
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode not in (0, 1):
         raise SystemExit(f"pipeline run {' '.join(overrides)} exited with {proc.returncode}")
     summary = json.loads(out[out.index("{"):])
     return {"startup_seconds": summary["startup_seconds"], "run_wall_seconds": summary["wall_seconds"],
-            "process_wall_seconds": round(wall, 2), "peak_rss_mb": round(peak / 2**20),
-            "rss_by_role_mb": {k: round(v / 2**20) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])}}
+            "process_wall_seconds": round(wall, 2), "peak_rss_mb": round(peak.rss / 2**20),
+            "pss_at_peak_mb": round(peak.pss_at_peak / 2**20),
+            "rss_by_role_mb": {k: round(v / 2**20) for k, v in sorted(peak.rss_by_role.items(), key=lambda kv: -kv[1])}}
 
 
 def main() -> None:
@@ -92,6 +94,7 @@ def main() -> None:
             "run_wall_seconds": statistics.median(r["run_wall_seconds"] for r in results),
             "process_wall_seconds": statistics.median(r["process_wall_seconds"] for r in results),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+            "pss_at_peak_mb": statistics.median(r["pss_at_peak_mb"] for r in results),
             "rss_by_role_mb (median run)": median_run["rss_by_role_mb"],
         }, indent=1))
     print(f"load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")

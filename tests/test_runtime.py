@@ -256,17 +256,21 @@ def test_in_flight_bytes_counts_pixels_and_packed_masks():
     assert in_flight_bytes(1, 1, 1, 4, 100, 2) == 4 * 100 * 100 * 2 + 100 * 13
 
 
-@pytest.mark.parametrize("batch_size, n_chips, actors, expected", [
-    (1, 10000, 2, 8),   # CPU: one chip per forward, eight per Ray call
-    (64, 10000, 2, 64),  # GPU batches are already large
-    (1, 18, 2, 3),      # a small job still spreads over both actors
-    (4, 18, 2, 4),
-    (1, 0, 1, 1),
+@pytest.mark.parametrize("batch_size, n_chips, actors, parallel, expected", [
+    (1, 10000, 2, 1, 8),    # CPU: one chip per forward, eight per Ray call
+    (64, 10000, 2, 1, 64),  # GPU batches are already large
+    (1, 18, 2, 1, 3),       # a small job still spreads over both actors
+    (4, 18, 2, 1, 4),
+    (1, 0, 1, 1, 1),
+    (1, 10000, 1, 2, 8),    # two OpenVINO streams: eight chips keep both busy
+    (1, 10000, 1, 16, 16),  # a 16-CPU actor may run 16 streams: a chip for each
+    (2, 10000, 1, 16, 32),
+    (1, 40, 1, 16, 10),     # still four calls per actor on a small job
 ])
-def test_transport_batch(batch_size, n_chips, actors, expected):
+def test_transport_batch(batch_size, n_chips, actors, parallel, expected):
     from pipeline.run.graph import transport_batch
 
-    assert transport_batch(batch_size, n_chips, actors) == expected
+    assert transport_batch(batch_size, n_chips, actors, parallel) == expected
 
 
 def test_chips_of_several_dtypes_stack_without_losing_values():

@@ -238,15 +238,17 @@ def progress_line(chips_done: int, chips_total: int, scenes_done: int, scenes_to
             f"{eta_text(chips_total - chips_done, rate)}")
 
 
-def transport_batch(batch_size: int, n_chips: int, actors: int) -> int:
+def transport_batch(batch_size: int, n_chips: int, actors: int, parallel_passes: int = 1) -> int:
     """Chips per read task and per predictor call: at least `batch_size`, and runs of up to
-    MIN_READ_BATCH when the model takes fewer per forward, as long as every actor still
-    gets about four calls' worth of work.
+    MIN_READ_BATCH (or one forward pass for each of `parallel_passes`, the most an actor runs
+    at once: a CPU actor's OpenVINO streams are at most its CPUs) when the model takes fewer
+    per forward, as long as every actor still gets about four calls' worth of work.
 
-    Examples: (1, 10000, 2) -> 8; (64, 10000, 2) -> 64; (1, 18, 2) -> 3; (4, 18, 2) -> 4.
+    Examples: (1, 10000, 2) -> 8; (64, 10000, 2) -> 64; (1, 18, 2) -> 3; (4, 18, 2) -> 4;
+    (1, 10000, 2, 16) -> 16.
     """
     spread = -(-n_chips // (4 * actors))  # ceil
-    return max(batch_size, min(MIN_READ_BATCH, spread))
+    return max(batch_size, min(max(MIN_READ_BATCH, parallel_passes * batch_size), spread))
 
 
 def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channels: int, chip_size: int,
@@ -374,7 +376,10 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], faults, log)
     # Chips travel in runs of at least MIN_READ_BATCH (one read task, one predictor call
     # each) even when the model takes one chip per forward (CPU): Ray's per-call cost
     # (task dispatch, ledger round trips) is then paid once per run, not per chip.
-    read_batch = transport_batch(batch_size, max(chips_guess, 1), spec.compute.actors)
+    # A CPU actor runs up to one forward pass per CPU at once (OpenVINO's streams): runs that
+    # keep each stream busy.
+    parallel = 1 if gpus > 0 else max(1, int(spec.compute.cpus_per_actor))
+    read_batch = transport_batch(batch_size, max(chips_guess, 1), spec.compute.actors, parallel)
     # Budgeted at the pixel size of the scenes planned first (a budget, not a cap per chip).
     itemsize = max((np.dtype(p.info.dtype).itemsize for p in head_plans), default=4)
     budget = in_flight_bytes(spec.compute.prefetch_batches, spec.compute.actors, read_batch, model.in_channels,
