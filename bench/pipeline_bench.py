@@ -107,7 +107,7 @@ def throughput(args) -> dict:
         startup.append(report["startup_seconds"])
         # after the first output arrived (one predictor call: a run of transport_batch chips):
         # what a long nightly run sees once the actors are up
-        first = transport_batch(args.batch, chips, 1)
+        first = transport_batch(args.batch, chips, 1, 1 if args.gpus_per_actor else args.threads)
         steady.append((chips - first) / (report["wall_seconds"] - report["startup_seconds"]))
         raw.append(raw_forward_chips_per_s(root, chips, args.batch, args.threads, args.backend))
     ray.shutdown()

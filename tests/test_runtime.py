@@ -265,7 +265,9 @@ def test_in_flight_bytes_counts_pixels_and_packed_masks():
     (1, 10000, 1, 2, 8),    # two OpenVINO streams: eight chips keep both busy
     (1, 10000, 1, 16, 16),  # a 16-CPU actor may run 16 streams: a chip for each
     (2, 10000, 1, 16, 32),
-    (1, 40, 1, 16, 10),     # still four calls per actor on a small job
+    (1, 40, 1, 16, 16),     # a small job: whole rounds still (four calls of 10 would idle 6 streams)
+    (1, 25, 1, 2, 8),       # 7 would end each run with one of two streams idle
+    (4, 22, 1, 1, 8),       # whole forward passes: not 6 (a pass of 4, then one of 2)
 ])
 def test_transport_batch(batch_size, n_chips, actors, parallel, expected):
     from pipeline.run.graph import transport_batch

@@ -239,16 +239,19 @@ def progress_line(chips_done: int, chips_total: int, scenes_done: int, scenes_to
 
 
 def transport_batch(batch_size: int, n_chips: int, actors: int, parallel_passes: int = 1) -> int:
-    """Chips per read task and per predictor call: at least `batch_size`, and runs of up to
-    MIN_READ_BATCH (or one forward pass for each of `parallel_passes`, the most an actor runs
-    at once: a CPU actor's OpenVINO streams are at most its CPUs) when the model takes fewer
-    per forward, as long as every actor still gets about four calls' worth of work.
+    """Chips per read task and per predictor call: runs of up to MIN_READ_BATCH (or one
+    forward pass for each of `parallel_passes`, the most an actor runs at once: a CPU actor's
+    OpenVINO streams are at most its CPUs) as long as every actor still gets about four
+    calls' worth of work, rounded up to whole rounds of `parallel_passes` passes of
+    `batch_size` chips (a run of 7 on two streams would end with one stream idle).
 
     Examples: (1, 10000, 2) -> 8; (64, 10000, 2) -> 64; (1, 18, 2) -> 3; (4, 18, 2) -> 4;
-    (1, 10000, 2, 16) -> 16.
+    (1, 10000, 1, 16) -> 16; (1, 25, 1, 2) -> 8 (not 7).
     """
     spread = -(-n_chips // (4 * actors))  # ceil
-    return max(batch_size, min(max(MIN_READ_BATCH, parallel_passes * batch_size), spread))
+    one_round = parallel_passes * batch_size
+    run = min(max(MIN_READ_BATCH, one_round), spread)
+    return max(1, -(-run // one_round)) * one_round
 
 
 def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channels: int, chip_size: int,
