@@ -23,7 +23,7 @@ ones run. One request over all threads meets at every layer and waits there for 
 slowest thread, which loses most when reads share the cores: in a 2-core pipeline run
 the chips after start-up went 1.10x (R50) and 1.14x (R18) faster; alone on an idle
 machine the two are even. A call of a single chip runs on one stream's threads (half of
-them on 2 cores), so callers should pass chips in runs (the pipeline's are 8).
+them on 2 cores), so callers should pass chips in runs, best in whole rounds (a multiple of `streams`).
 
 Conversion takes seconds (a trace of the model), so converted graphs are cached per node
 (``cache_dir``: `pipeline run` passes ``<its cache>/openvino``, see
