@@ -25,10 +25,17 @@ def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False) 
     lines too (a full /tmp, for one), which belong in Ray's logs, not in a nightly run's output.
     A local Ray starts without the dashboard unless `dashboard`: it serves Ray's State API,
     which inference does not use and Ray Train polls (its placement-group cleaner).
+
+    A local Ray keeps up to one idle worker process per CPU of the machine. Ray's default
+    is one per CPU no task or actor holds, and a CPU run's predictor holds them all: the
+    read task's worker (reads hold no CPU) was ended after each second idle and every run
+    of chips started a new Python process, 1-2 s of CPU taken from the predictor (a 4096²
+    scene on 2 cores: 0.73 -> 0.63 s of predictor time per chip, BENCHMARKS.md).
     """
     options: dict = {"log_to_driver": not quiet}
     if address is None:
         options["include_dashboard"] = dashboard
+        options["_system_config"] = {"num_workers_soft_limit": os.cpu_count() or 1}
     if quiet:  # Ray's own Python log lines (start-up, token notice, Ray Data plans) only with --verbose
         options["logging_level"] = logging.ERROR
     return options
