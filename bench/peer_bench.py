@@ -37,7 +37,6 @@ same detections, so every variant runs the same network.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import statistics
@@ -280,8 +279,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     skip = set(filter(None, args.skip.split(",")))
 
-    import ray
-
+    from pipeline.run.cluster import connect_ray
     from pipeline.tools.synth import SYNTH_CLASSES, synthesize
     from retinanet.runtime import resolve_device, resolve_precision
 
@@ -295,10 +293,7 @@ def main(argv=None) -> None:
     same_n, same_diff = same_model_check(scene, tv, root / "model.pt", args.chip)
     auto_dtype = resolve_precision("auto", resolve_device("cpu"))
     auto = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[auto_dtype]
-    # address="local": a fresh Ray of our own even when `ray start` left a cluster running here.
-    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
-             logging_level="warning")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray = connect_ray(None, num_cpus=args.threads)  # a local Ray of our own, as `pipeline run` starts it
 
     # Every variant: repetition index -> detections; tables of ours are root/<precision><rep>.
     variants = {}

@@ -88,15 +88,14 @@ def raw_forward_chips_per_s(root: Path, n_chips: int, batch: int, threads: int, 
 
 
 def throughput(args) -> dict:
-    import ray
-
+    from pipeline.run.cluster import connect_ray
     from pipeline.run.graph import run_job, transport_batch
     from pipeline.tools.synth import synthesize
 
     root = scratch_dir("pipeline-bench-")
     synthesize(root / "scenes", scenes=1, size=args.size, seed=0)
     make_checkpoint(root / "model.pt", args.backbone)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray = connect_ray(None)  # as `pipeline run` starts it
     pipe, steady, startup, raw = [], [], [], []
     for r in range(args.repeats):
         report = run_job(job(root, str(root / "scenes" / "*.tif"), f"t{r}", args.batch, 1, args.threads, args.backend,
@@ -197,12 +196,12 @@ def peak_memory_of_run(size: int, backbone: str) -> PeakMemory:
     code = f"""
 import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from pathlib import Path
-import ray
 from pipeline.tools.synth import synthesize
+from pipeline.run.cluster import connect_ray
 from pipeline.run.graph import run_job
 import bench.pipeline_bench as b
 root = Path(sys.argv[1])
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+ray = connect_ray(None, num_cpus=2)
 run_job(b.job(root, str(root / "s{size}" / "*.tif"), "m{size}", 4, 1, 2), force=True, log=lambda m: None)
 ray.shutdown()
 """

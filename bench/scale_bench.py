@@ -35,12 +35,12 @@ from bench.scratch import scratch_dir  # noqa: E402
 CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-import ray
-from pipeline.run.graph import run_job
 from pipeline.config.spec import JobSpec
+from pipeline.run.cluster import connect_ray
+from pipeline.run.graph import run_job
 root = sys.argv[1]
 spec = JobSpec.model_validate(json.loads(sys.argv[2]))
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+connect_ray(None, num_cpus=2)  # as `pipeline run` starts it
 started = time.time()
 report = run_job(spec, force=True, log=lambda m: None)
 print(json.dumps({{"started": started, "ended": time.time(), "wall": report["wall_seconds"],

@@ -18,7 +18,7 @@ from pipeline.errors import ClusterError
 REGISTRATION_POLL_S = 0.02
 
 
-def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False) -> dict:
+def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False, num_cpus: int | None = None) -> dict:
     """Keyword arguments for ``ray.init``: quiet keeps the workers' and raylets' lines off the console.
 
     The same whether Ray is ours or joined: a joined cluster forwards its raylets' error
@@ -26,7 +26,8 @@ def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False) 
     A local Ray starts without the dashboard unless `dashboard`: it serves Ray's State API,
     which inference does not use and Ray Train polls (its placement-group cleaner).
 
-    A local Ray keeps up to one idle worker process per CPU of the machine. Ray's default
+    A local Ray has `num_cpus` CPUs (None: the machine's) and keeps up to one idle worker
+    process per CPU. Ray's default
     is one per CPU no task or actor holds, and a CPU run's predictor holds them all: the
     read task's worker (reads hold no CPU) was ended after each second idle and every run
     of chips started a new Python process, 1-2 s of CPU taken from the predictor (a 4096²
@@ -35,15 +36,17 @@ def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False) 
     options: dict = {"log_to_driver": not quiet}
     if address is None:
         options["include_dashboard"] = dashboard
-        options["_system_config"] = {"num_workers_soft_limit": os.cpu_count() or 1}
+        options["_system_config"] = {"num_workers_soft_limit": num_cpus or os.cpu_count() or 1}
+        if num_cpus:
+            options["num_cpus"] = num_cpus
     if quiet:  # Ray's own Python log lines (start-up, token notice, Ray Data plans) only with --verbose
         options["logging_level"] = logging.ERROR
     return options
 
 
-def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False):
+def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False, num_cpus: int | None = None):
     """Join `address` (None: start a local Ray in this process) unless Ray is already up;
-    see :func:`ray_init_options` for `quiet` and `dashboard`."""
+    see :func:`ray_init_options` for `quiet`, `dashboard` and `num_cpus` (benchmarks pin it)."""
     import ray
 
     if not ray.is_initialized():
@@ -56,7 +59,7 @@ def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False
         if problem:  # ray.init would retry for minutes before saying so
             raise ClusterError(f"compute.address {address}: no Ray head answers there ({problem}); "
                                "start the cluster (ray start --head) or correct the address")
-        options = ray_init_options(address, quiet, dashboard)
+        options = ray_init_options(address, quiet, dashboard, num_cpus)
         try:
             if address is None:
                 # "local": a new Ray of our own; address=None would join any Ray started on
