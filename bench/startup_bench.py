@@ -13,6 +13,14 @@ the peak RSS, with the tree's RSS per process role at the peak of the median run
         --variant "" --variant "compute.actors=1 compute.cpus_per_actor=2" \
         --variant "tree:/tmp/older-checkout"
 
+A variant holding the word ``join`` joins one Ray head the bench starts first (``ray start
+--head``, as a cluster's head is started, with the README's idle-worker setting) instead of
+starting a Ray of its own: the start-up a nightly run sees on a cluster that is already up.
+A joined run needs ``compute.gpus_per_actor=0`` where the job asks for GPUs and the head has
+none. The head's
+first run also creates Ray Data's detached helper actors, which the later runs find
+running. The head's processes are not in a run's tree, so their memory is not counted.
+
 RSS counts pages that processes share once per process, as `ps` does; the peak is a sum
 over processes sampled at the same moment. The tree's PSS, read right after the sample that
 set the peak, counts each shared page once in all: what the run occupies in RAM.
@@ -20,8 +28,13 @@ set the peak, counts each shared page once in all: what the run occupies in RAM.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import os
+import secrets
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -67,21 +80,66 @@ def one_run(job: str, overrides: list[str], table: Path) -> dict:
             "rss_by_role_mb": {k: round(v / 2**20) for k, v in sorted(peak.rss_by_role.items(), key=lambda kv: -kv[1])}}
 
 
+def start_head(root: Path, cpus: int) -> tuple[str, dict]:
+    """A Ray head in its own session, with token authentication as `ray start` has it by
+    default, stopped with its whole session when Python exits -> (address, the environment
+    a run needs to join it)."""
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    join_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = dict(os.environ, **join_env, RAY_num_workers_soft_limit=str(cpus),
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # stop at once: no node drain
+    ray = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             f"--num-cpus={cpus}", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={root / 'ray'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    atexit.register(stop_head, head)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise SystemExit(f"ray start --head exited with {head.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return f"127.0.0.1:{port}", join_env
+        time.sleep(0.2)
+    raise SystemExit("the Ray head did not answer within 60 s")
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """Stop exactly the head this bench started: `ray start`, then whatever is left of its session."""
+    head.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job")
     parser.add_argument("--variant", action="append", default=None,
-                        help="space-separated SECTION.KEY=VALUE overrides, env:NAME=VALUE settings or "
-                             "tree:DIR (another checkout's code); '' = the job as it is; repeatable")
+                        help="space-separated SECTION.KEY=VALUE overrides, env:NAME=VALUE settings, "
+                             "tree:DIR (another checkout's code) or join (run on the bench's Ray head); "
+                             "'' = the job as it is; repeatable")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="the CPUs of the head `join` joins")
     args = parser.parse_args()
     variants = args.variant or [""]
     root = scratch_dir("startup-bench-")
+    join: list[str] = []
+    if any("join" in v.split() for v in variants):
+        address, join_env = start_head(root, args.cpus)
+        join = [f"compute.address={address}"] + [f"env:{k}={v}" for k, v in join_env.items()]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     load_before = os.getloadavg()[0]
     for rep in range(args.repeats):
         for i, variant in enumerate(variants):
-            result = one_run(args.job, variant.split(), root / f"table-{i}-{rep}")
+            items = variant.split()
+            overrides = join + [x for x in items if x != "join"] if "join" in items else items
+            result = one_run(args.job, overrides, root / f"table-{i}-{rep}")
             runs[variant].append(result)
             brief = {k: v for k, v in result.items() if k != "rss_by_role_mb"}
             print(f"# {variant or '(job as is)'}: {json.dumps(brief)}", flush=True)
