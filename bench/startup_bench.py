@@ -17,9 +17,9 @@ A variant holding the word ``join`` joins one Ray head the bench starts first (`
 --head``, as a cluster's head is started, with the README's idle-worker setting) instead of
 starting a Ray of its own: the start-up a nightly run sees on a cluster that is already up.
 A joined run needs ``compute.gpus_per_actor=0`` where the job asks for GPUs and the head has
-none. The head's
-first run also creates Ray Data's detached helper actors, which the later runs find
-running. The head's processes are not in a run's tree, so their memory is not counted.
+none. The first joined run also creates Ray Data's detached helper actors, which the later
+runs find running. The head's processes are not in a run's tree, so their memory is not
+counted; while the head is up, its idle daemons share the machine with the other variants.
 
 RSS counts pages that processes share once per process, as `ps` does; the peak is a sum
 over processes sampled at the same moment. The tree's PSS, read right after the sample that
