@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.pipeline_bench import peak_memory_until_exit  # noqa: E402
 from bench.scratch import scratch_dir  # noqa: E402
+from pipeline.run.cluster import head_unreachable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,12 +99,15 @@ def start_head(root: Path, cpus: int) -> tuple[str, dict]:
                              f"--temp-dir={root / 'ray'}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     atexit.register(stop_head, head)
+    # An outer `timeout` ends the bench with SIGTERM, which skips atexit: exit normally instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    address = f"127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         if head.poll() is not None:
             raise SystemExit(f"ray start --head exited with {head.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return f"127.0.0.1:{port}", join_env
+        if head_unreachable(address, timeout_s=1) is None:
+            return address, join_env
         time.sleep(0.2)
     raise SystemExit("the Ray head did not answer within 60 s")
 
