@@ -4,8 +4,8 @@
     python bench/read_bench.py --size 4096 --workers 1 2
 
 The scene is planned as `pipeline run` plans it (`pipeline.chips.tiling.plan_chips`) and its
-chip rows (`pipeline.run.graph.scene_rows`) are read in runs of `MIN_READ_BATCH` by the
-pipeline's own read task, `pipeline.run.graph.read_chip_batch` (windowed reads, one open
+chip rows (`pipeline.chips.stream.scene_rows`) are read in runs of `MIN_READ_BATCH` by the
+pipeline's own read task, `pipeline.chips.stream.read_chip_batch` (windowed reads, one open
 per scene and batch, validity masks, the transport dtype), in N processes at once. Printed:
 chips/s per worker count, and the cores a node needs to feed a target rate (default 1,500
 chips/s, one H200's end-to-end target) at the measured per-core rate.
@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.scratch import scratch_dir  # noqa: E402
 from pipeline.chips.planning import ScenePlan  # noqa: E402
+from pipeline.chips.stream import read_chip_batch, rows_to_batch, scene_rows  # noqa: E402
 from pipeline.chips.tiling import plan_chips  # noqa: E402
-from pipeline.run.graph import MIN_READ_BATCH, read_chip_batch, rows_to_batch, scene_rows  # noqa: E402
+from pipeline.run.graph import MIN_READ_BATCH  # noqa: E402
 from pipeline.tools.synth import synthesize  # noqa: E402
 
 

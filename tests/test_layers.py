@@ -81,3 +81,22 @@ def test_no_private_name_is_imported_from_another_module(package):
     taken = [(m, target, name) for m, deps in project_imports().items() if m.split(".")[0] == package
              for target, names in deps for name in names if name.startswith("_") and name != "__version__"]
     assert taken == []
+
+
+def test_a_read_worker_imports_no_driver_code():
+    """A Ray worker imports the module of each task it runs: the chip stream's tasks
+    (pipeline.chips.stream) stay clear of the run's driver code, the job models and the
+    model runtimes, which every read worker would otherwise load as it starts."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; import pipeline.chips.stream; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('pipeline', 'retinanet', 'torch', 'openvino', 'pydantic'))))")
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
+                                           text=True).stdout))
+    assert "pipeline.chips.stream" in loaded
+    heavy = {"pipeline.run.graph", "pipeline.run.runbook", "pipeline.table.transactions", "pipeline.infer.predictor",
+             "pipeline.chips.planning", "pipeline.config.spec", "torch", "openvino", "pydantic"}
+    assert loaded & heavy == set()

@@ -13,16 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from pipeline.chips.planning import ScenePlan
+from pipeline.chips.stream import SCENE_EMPTY, SCENE_FAILED
 from pipeline.chips.tiling import chip_id
 from pipeline.config.spec import JobSpec
 from pipeline.errors import PipelineError
 from pipeline.infer.finalize import empty_scene_rows, finalize_scene
 from pipeline.table import transactions as table
-
-# Status of a row in the chip stream. "ok" rows are chips to read; the two scene markers
-# stand for a scene with no chip to read (all empty: committed with no rows) and one that
-# could not be planned (committed as failed). Markers pass the read and predict stages untouched.
-SCENE_EMPTY, SCENE_FAILED = "scene_empty", "scene_failed"
 
 
 @dataclass
