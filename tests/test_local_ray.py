@@ -38,12 +38,22 @@ def test_a_local_ray_starts_through_the_fine_registration_wait():
 
 
 STATE_API_DRIVER = """
-import json, sys
+import json, os, sys
 import ray
+from ray._private.node import Node
 from pipeline.run.cluster import connect_ray
 from ray.util.state import get_actor
 
+starters = (Node.start_monitor, Node.start_api_server)
 connect_ray(None, quiet=True, dashboard=sys.argv[1] == "dashboard")
+children = []  # the head's Python processes ray.init started, by script (from /proc)
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat, args = open(f"/proc/{pid}/stat").read(), open(f"/proc/{pid}/cmdline").read().split("\\0")
+    except OSError:
+        continue
+    if int(stat[stat.rfind(")") + 2:].split()[1]) == os.getpid():
+        children += [os.path.basename(a) for a in args if a.endswith(".py")]
 
 @ray.remote(num_cpus=0)
 class Idle:
@@ -58,18 +68,22 @@ try:
     state = get_actor(actor._actor_id.hex(), address=ray.get_runtime_context().gcs_address, timeout=20).state
 except Exception as err:
     state = type(err).__name__
-print(json.dumps({"state": state}))
+print(json.dumps({"state": state, "head": sorted({"monitor.py", "dashboard.py"} & set(children)),
+                  "restored": (Node.start_monitor, Node.start_api_server) == starters}))
 """
 
 
 def test_a_local_ray_for_training_answers_the_state_api_that_ray_train_polls():
     """Ray Train's placement-group cleaner asks the State API whether its controller lives,
     every few seconds; a local Ray without the dashboard, which serves that API, made
-    `pipeline train` print 'Failed to query Ray Train Controller actor state' dozens of times."""
+    `pipeline train` print 'Failed to query Ray Train Controller actor state' dozens of times.
+    A run's local Ray goes without the API server and the autoscaler's monitor too (Python
+    processes of ~100 MB each that nothing in a run talks to); a training's keeps both."""
     with_dashboard, _ = run_child(STATE_API_DRIVER, "dashboard", timeout=180)
     without, _ = run_child(STATE_API_DRIVER, "none", timeout=180)
-    assert with_dashboard == {"state": "ALIVE"}
+    assert with_dashboard == {"state": "ALIVE", "head": ["dashboard.py", "monitor.py"], "restored": True}
     assert without["state"] != "ALIVE"  # what `pipeline run` starts: nothing there polls it
+    assert without["head"] == [] and without["restored"]
 
 
 IDLE_WORKER_DRIVER = """

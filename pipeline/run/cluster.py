@@ -1,8 +1,9 @@
 """Ray for a run or a training: join `compute.address`, or start a local Ray of our own.
 
 A local Ray's start is on every run's critical path (3-4 s of the demo run's start-up on 2
-cores), so a run starts it without the dashboard, which it does not use, and with a
-fine-grained wait for its raylet instead of Ray's 1-second steps (:func:`fine_registration_wait`).
+cores), so a run starts it without the dashboard and the two head processes it does not use
+(:func:`without_unused_head_processes`), and with a fine-grained wait for its raylet
+instead of Ray's 1-second steps (:func:`fine_registration_wait`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import warnings
 from pipeline.errors import ClusterError
 
 REGISTRATION_POLL_S = 0.02
+# The methods of Ray's Node that start the head processes a run's local Ray goes without.
+UNUSED_HEAD_PROCESSES = ("start_monitor", "start_api_server")
 
 
 def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False, num_cpus: int | None = None) -> dict:
@@ -64,7 +67,8 @@ def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False
             if address is None:
                 # "local": a new Ray of our own; address=None would join any Ray started on
                 # this machine with `ray start` (someone else's cluster on a shared host).
-                with fine_registration_wait():
+                lean = contextlib.nullcontext() if dashboard else without_unused_head_processes()
+                with fine_registration_wait(), lean:
                     ray.init(address="local", **options)
             else:
                 ray.init(address=address, **options)
@@ -134,3 +138,38 @@ def fine_registration_wait(timeout_s: float = 30.0):
         yield
     finally:
         services.get_node = ray_lookup
+
+
+@contextlib.contextmanager
+def without_unused_head_processes():
+    """While a local Ray starts for a run, skip two head processes a run never talks to:
+
+    - the autoscaler's monitor (monitor.py): a local Ray has no node provider, so it only
+      watches, and writes the report `ray status` prints;
+    - the API server (dashboard.py), which Ray starts even with ``include_dashboard=False``:
+      the State API, job submission and `ray list`. Ray Train polls the State API, so a
+      training's Ray (``dashboard``) keeps it, and keeps both.
+
+    Together ~200 MB of the run's peak RSS and two Python processes booting on the cores
+    the predictor starts on: 1.0 s of the demo run's start-up on 2 cores (BENCHMARKS.md).
+    Ray's public ``ray.init`` has no switch for either (``ray start`` has ``--no-monitor``
+    only), so the Node methods that start them are skipped for the duration; a Ray layout
+    without them starts as Ray does.
+    """
+    from ray._private.node import Node
+
+    originals = {name: getattr(Node, name, None) for name in UNUSED_HEAD_PROCESSES}
+    if not all(callable(method) for method in originals.values()):  # another Ray layout
+        yield
+        return
+
+    def skip(self, **_):
+        return None
+
+    for name in UNUSED_HEAD_PROCESSES:
+        setattr(Node, name, skip)
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(Node, name, method)
