@@ -156,8 +156,10 @@ def without_unused_head_processes():
     only), so the Node methods that start them are skipped for the duration; a Ray layout
     without them starts as Ray does.
     """
-    from ray._private.node import Node
-
+    try:
+        from ray._private.node import Node
+    except ImportError:
+        Node = None
     originals = {name: getattr(Node, name, None) for name in UNUSED_HEAD_PROCESSES}
     if not all(callable(method) for method in originals.values()):  # another Ray layout
         yield
