@@ -150,8 +150,9 @@ def without_unused_head_processes():
       the State API, job submission and `ray list`. Ray Train polls the State API, so a
       training's Ray (``dashboard``) keeps it, and keeps both.
 
-    Together ~200 MB of the run's peak RSS and two Python processes booting on the cores
-    the predictor starts on: 1.0 s of the demo run's start-up on 2 cores (BENCHMARKS.md).
+    Two Python processes booting on the cores the predictor starts on (3.2 CPU-seconds
+    before the first predictions): without them the demo run's start-up went 11.6 -> 9.0 s
+    and its peak RSS 2.29 -> 2.07 GB on 2 cores (BENCHMARKS.md).
     Ray's public ``ray.init`` has no switch for either (``ray start`` has ``--no-monitor``
     only), so the Node methods that start them are skipped for the duration; a Ray layout
     without them starts as Ray does.
