@@ -94,3 +94,46 @@ def test_a_run_against_an_address_where_no_head_answers_fails_at_once_and_names_
     assert f"error: compute.address 127.0.0.1:{port}: no Ray head answers there (Connection refused)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "table").exists() or not list((tmp_path / "table").rglob("*.parquet"))
+
+
+def test_token_refused_asks_only_what_it_can(ray_session):
+    from pipeline.run.cluster import token_refused
+
+    # This process holds the token of the Ray it started (Ray 2.60 starts one with token
+    # authentication and sets RAY_AUTH_MODE here).
+    assert token_refused(ray_session.get_runtime_context().gcs_address) is None
+    assert token_refused(None) is None and token_refused("auto") is None
+    assert token_refused("ray://127.0.0.1:1") is None
+
+
+def test_a_run_whose_token_the_head_refuses_fails_at_once_and_says_what_to_set(tmp_path, ray_session):
+    """Joining a head with token authentication without its token: ray.init retried for
+    ~15 s, printing a native `gcs_client.cc` warning each second, before a vague error."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    import yaml
+
+    from pipeline.tools.synth import synthesize
+    from tests.workspaces import tiny_checkpoint
+
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        pytest.skip("the test session's Ray runs without token authentication")
+    synthesize(tmp_path / "scenes", scenes=1, size=256, seed=0)
+    tiny_checkpoint(tmp_path / "model.pt")
+    address = ray_session.get_runtime_context().gcs_address
+    job = {"name": "no-token", "inputs": {"paths": [str(tmp_path / "scenes" / "*.tif")]},
+           "model": {"checkpoint": str(tmp_path / "model.pt")},
+           "compute": {"address": address, "gpus_per_actor": 0}, "output": {"table": str(tmp_path / "table")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    without_token = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True, timeout=120, env=without_token)
+    assert proc.returncode == 1, proc.stderr
+    assert (f"error: compute.address {address}: the Ray head refused this machine's authentication token "
+            "(InvalidAuthToken: ") in proc.stderr
+    assert "set RAY_AUTH_MODE=token" in proc.stderr
+    assert "gcs_client.cc" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "table").exists() or not list((tmp_path / "table").rglob("*.parquet"))

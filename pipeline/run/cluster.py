@@ -17,6 +17,12 @@ import warnings
 from pipeline.errors import ClusterError
 
 REGISTRATION_POLL_S = 0.02
+# What a machine joining a cluster with token authentication needs (Ray 2.60: the token alone,
+# without the mode, is not sent).
+TOKEN_ADVICE = ("set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN or in the file "
+                "RAY_AUTH_TOKEN_PATH names (default ~/.ray/auth_token)")
+# Any cluster id for the token probe (token_refused): the head checks the token before it.
+PROBE_CLUSTER_ID = "00" * 28
 # The methods of Ray's Node that start the head processes a run's local Ray goes without.
 UNUSED_HEAD_PROCESSES = ("start_monitor", "start_api_server")
 
@@ -62,6 +68,10 @@ def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False
         if problem:  # ray.init would retry for minutes before saying so
             raise ClusterError(f"compute.address {address}: no Ray head answers there ({problem}); "
                                "start the cluster (ray start --head) or correct the address")
+        refused = token_refused(address)
+        if refused:  # ray.init would retry for ~15 s, a native warning line each second
+            raise ClusterError(f"compute.address {address}: the Ray head refused this machine's authentication "
+                               f"token ({refused}); {TOKEN_ADVICE}")
         options = ray_init_options(address, quiet, dashboard, num_cpus)
         try:
             if address is None:
@@ -75,9 +85,8 @@ def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False
         except ConnectionError as err:
             if address is None:
                 raise
-            raise ClusterError(f"compute.address {address}: could not join the Ray cluster ({err}); on a cluster "
-                               "with token authentication this machine needs its token (RAY_AUTH_TOKEN, or "
-                               "the file ~/.ray/auth_token)") from err
+            raise ClusterError(f"compute.address {address}: could not join the Ray cluster ({err}); "
+                               f"if the cluster uses token authentication: {TOKEN_ADVICE}") from err
     return ray
 
 
@@ -92,6 +101,29 @@ def head_unreachable(address: str | None, timeout_s: float = 5.0) -> str | None:
             return None
     except OSError as err:
         return err.strerror or type(err).__name__
+
+
+def token_refused(address: str | None, timeout_s: float = 5.0) -> str | None:
+    """Ray's reason when the head at a ``HOST:PORT`` address refuses this process's
+    authentication token, else None: accepted, or not asked (null, ``auto`` and ``ray://``
+    addresses, a head that does not answer within ``timeout_s``).
+
+    One request to the head's GCS with a made-up cluster id: the head checks the token
+    first, so a refused token answers InvalidAuthToken and an accepted one WrongClusterID.
+    Example reason: "InvalidAuthToken: Authentication token is missing or incorrect. Note:
+    RAY_AUTH_MODE is currently 'disabled' (not 'token')"
+    """
+    if address is None or address == "auto" or address.startswith("ray://"):
+        return None
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled; its stub omits it
+
+    try:
+        GcsClient(address=address, cluster_id=PROBE_CLUSTER_ID).internal_kv_get(b"", None, timeout=timeout_s)
+    except Exception as err:  # noqa: BLE001 - only a refused token is an answer here
+        message = str(err)
+        if "InvalidAuthToken" in message:
+            return message.removeprefix("RPC error: ").split(" Ensure that")[0].strip().rstrip(".")
+    return None
 
 
 def node_registered(gcs_address: str, node_id: str, timeout_s: float) -> bool:
