@@ -153,6 +153,21 @@ def tree_rss(pid: int) -> dict[str, int]:
     return roles
 
 
+def tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) that a process and its live descendants have used so far,
+    summed per role (see process_role); a process that has exited no longer counts."""
+    import psutil
+
+    roles: dict[str, float] = {}
+    for p in tree_processes(pid):
+        try:
+            role, times = process_role(p, pid), p.cpu_times()
+            roles[role] = roles.get(role, 0.0) + times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return roles
+
+
 def tree_pss(pid: int) -> int:
     """PSS of a process and all its descendants: each page shared by n processes counts 1/n
     in each, so the sum is what the tree occupies in RAM (an RSS sum counts a shared page,
@@ -178,15 +193,20 @@ class PeakMemory:
     pss_at_peak: int = 0
 
 
-def peak_memory_until_exit(proc: subprocess.Popen, every_s: float = 0.2) -> PeakMemory:
+def peak_memory_until_exit(proc: subprocess.Popen, every_s: float = 0.2, cpu_trace: list | None = None) -> PeakMemory:
     """Sample the RSS of proc's process tree until it exits -> its peak (see PeakMemory).
     PSS is read only when the RSS reaches a new peak: reading it costs the measured run
-    ~50 ms of CPU per sample of a Ray tree, too much to take five times a second."""
+    ~50 ms of CPU per sample of a Ray tree, too much to take five times a second.
+    With a `cpu_trace` list, each sample also appends (seconds since sampling began,
+    :func:`tree_cpu`)."""
     peak = PeakMemory()
+    began = time.time()
     while proc.poll() is None:
         roles = tree_rss(proc.pid)
         if sum(roles.values()) > peak.rss:
             peak = PeakMemory(sum(roles.values()), roles, tree_pss(proc.pid))
+        if cpu_trace is not None:
+            cpu_trace.append((time.time() - began, tree_cpu(proc.pid)))
         time.sleep(every_s)
     return peak
 

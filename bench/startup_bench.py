@@ -7,7 +7,10 @@ all of them alike. While a run goes, the RSS of its whole process tree (the driv
 daemons, every Ray worker) is sampled every 0.2 s. Printed per variant, medians over the
 repeats: the report's ``startup_seconds`` (run start to the first predictions reaching
 the driver), the run's wall, the process wall (imports and Ray's shutdown included) and
-the peak RSS, with the tree's RSS per process role at the peak of the median run.
+the peak RSS, with the tree's RSS per process role at the peak of the median run, and the
+CPU seconds each role had used when the median run's first predictions arrived (where the
+start-up's CPU went: on a machine with few cores, every process that boots meanwhile
+delays them; see :func:`cpu_at_first_predictions`).
 
     python bench/startup_bench.py jobs/satellite.yaml --repeats 3 \\
         --variant "" --variant "compute.actors=1 compute.cpus_per_actor=2" \
@@ -69,16 +72,33 @@ def one_run(job: str, overrides: list[str], table: Path) -> dict:
     started = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             cwd=tree)
-    peak = peak_memory_until_exit(proc)
+    trace: list = []
+    peak = peak_memory_until_exit(proc, cpu_trace=trace)
     wall = time.time() - started
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode not in (0, 1):
         raise SystemExit(f"pipeline run {' '.join(overrides)} exited with {proc.returncode}")
     summary = json.loads(out[out.index("{"):])
+    cpu = cpu_at_first_predictions(trace, summary["wall_seconds"], summary["startup_seconds"])
     return {"startup_seconds": summary["startup_seconds"], "run_wall_seconds": summary["wall_seconds"],
             "process_wall_seconds": round(wall, 2), "peak_rss_mb": round(peak.rss / 2**20),
             "pss_at_peak_mb": round(peak.pss_at_peak / 2**20),
-            "rss_by_role_mb": {k: round(v / 2**20) for k, v in sorted(peak.rss_by_role.items(), key=lambda kv: -kv[1])}}
+            "rss_by_role_mb": {k: round(v / 2**20) for k, v in sorted(peak.rss_by_role.items(), key=lambda kv: -kv[1])},
+            "cpu_s_by_role_at_first_predictions": {k: round(v, 2)
+                                                   for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])}}
+
+
+def cpu_at_first_predictions(trace: list, run_wall: float, startup: float | None) -> dict[str, float]:
+    """CPU seconds per role of a run's tree when its first predictions reached the driver,
+    from a :func:`peak_memory_until_exit` trace. That moment is placed from the end of the
+    predictor actor (the last sample it is in, where the run's stream ended), less the run's
+    time after its start-up (``wall_seconds - startup_seconds``): to within a sample and
+    the last scene's commit. Empty when no sample saw the predictor."""
+    with_predictor = [t for t, roles in trace if any("ChipPredictor" in role for role in roles)]
+    if not with_predictor or startup is None:
+        return {}
+    moment = with_predictor[-1] - (run_wall - startup)
+    return min(trace, key=lambda sample: abs(sample[0] - moment))[1]
 
 
 def start_head(root: Path, cpus: int) -> tuple[str, dict]:
@@ -145,7 +165,7 @@ def main() -> None:
             overrides = join + [x for x in items if x != "join"] if "join" in items else items
             result = one_run(args.job, overrides, root / f"table-{i}-{rep}")
             runs[variant].append(result)
-            brief = {k: v for k, v in result.items() if k != "rss_by_role_mb"}
+            brief = {k: v for k, v in result.items() if "_by_role" not in k}
             print(f"# {variant or '(job as is)'}: {json.dumps(brief)}", flush=True)
     for variant, results in runs.items():
         by_startup = sorted(results, key=lambda r: r["startup_seconds"])
@@ -158,6 +178,7 @@ def main() -> None:
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
             "pss_at_peak_mb": statistics.median(r["pss_at_peak_mb"] for r in results),
             "rss_by_role_mb (median run)": median_run["rss_by_role_mb"],
+            "cpu_s_by_role_at_first_predictions (median run)": median_run["cpu_s_by_role_at_first_predictions"],
         }, indent=1))
     print(f"load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
 
