@@ -68,7 +68,7 @@ try:
     state = get_actor(actor._actor_id.hex(), address=ray.get_runtime_context().gcs_address, timeout=20).state
 except Exception as err:
     state = type(err).__name__
-print(json.dumps({"state": state, "head": sorted({"monitor.py", "dashboard.py"} & set(children)),
+print(json.dumps({"state": state, "head": sorted({"monitor.py", "dashboard.py", "log_monitor.py"} & set(children)),
                   "restored": (Node.start_monitor, Node.start_api_server) == starters}))
 """
 
@@ -77,13 +77,46 @@ def test_a_local_ray_for_training_answers_the_state_api_that_ray_train_polls():
     """Ray Train's placement-group cleaner asks the State API whether its controller lives,
     every few seconds; a local Ray without the dashboard, which serves that API, made
     `pipeline train` print 'Failed to query Ray Train Controller actor state' dozens of times.
-    A run's local Ray goes without the API server and the autoscaler's monitor too (Python
-    processes of ~100 MB each that nothing in a run talks to); a training's keeps both."""
+    A run's local Ray goes without the API server, the autoscaler's monitor and (quiet) the
+    log monitor too (Python processes of ~80-120 MB each that nothing in a run talks to); a
+    training's keeps them."""
     with_dashboard, _ = run_child(STATE_API_DRIVER, "dashboard", timeout=180)
     without, _ = run_child(STATE_API_DRIVER, "none", timeout=180)
-    assert with_dashboard == {"state": "ALIVE", "head": ["dashboard.py", "monitor.py"], "restored": True}
+    assert with_dashboard == {"state": "ALIVE", "head": ["dashboard.py", "log_monitor.py", "monitor.py"],
+                              "restored": True}
     assert without["state"] != "ALIVE"  # what `pipeline run` starts: nothing there polls it
     assert without["head"] == [] and without["restored"]
+
+
+def test_a_run_keeps_the_log_monitor_only_when_its_workers_lines_are_shown():
+    from pipeline.run.cluster import unused_head_processes
+
+    assert unused_head_processes(dashboard=False, quiet=True) == ("start_monitor", "start_api_server",
+                                                                  "start_log_monitor")
+    assert unused_head_processes(dashboard=False, quiet=False) == ("start_monitor", "start_api_server")
+    assert unused_head_processes(dashboard=True, quiet=True) == ()
+
+
+VERBOSE_DRIVER = """
+import json, sys, time
+from pipeline.run.cluster import connect_ray
+
+ray = connect_ray(None, quiet=False)
+
+@ray.remote(num_cpus=0)
+def speak():
+    print("a worker line for the console", file=sys.stderr, flush=True)
+
+ray.get(speak.remote())
+time.sleep(2)  # the log monitor forwards what it finds at each poll
+print(json.dumps({"done": True}))
+"""
+
+
+def test_a_verbose_run_still_shows_its_workers_lines():
+    """`pipeline run --verbose` keeps Ray's log monitor, which forwards the workers' lines."""
+    _, err = run_child(VERBOSE_DRIVER, timeout=120)
+    assert "a worker line for the console" in err
 
 
 IDLE_WORKER_DRIVER = """

@@ -1,9 +1,9 @@
 """Ray for a run or a training: join `compute.address`, or start a local Ray of our own.
 
 A local Ray's start is on every run's critical path (3-4 s of the demo run's start-up on 2
-cores), so a run starts it without the dashboard and the two head processes it does not use
-(:func:`without_unused_head_processes`), and with a fine-grained wait for its raylet
-instead of Ray's 1-second steps (:func:`fine_registration_wait`).
+cores), so a run starts it without the dashboard and the head processes it does not use
+(:func:`unused_head_processes`), and with a fine-grained wait for its raylet instead of
+Ray's 1-second steps (:func:`fine_registration_wait`).
 """
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ TOKEN_ADVICE = ("set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUT
                 "RAY_AUTH_TOKEN_PATH names (default ~/.ray/auth_token)")
 # Any cluster id for the token probe (token_refused): the head checks the token before it.
 PROBE_CLUSTER_ID = "00" * 28
-# The methods of Ray's Node that start the head processes a run's local Ray goes without.
-UNUSED_HEAD_PROCESSES = ("start_monitor", "start_api_server")
 
 
 def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False, num_cpus: int | None = None) -> dict:
@@ -77,8 +75,7 @@ def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False
             if address is None:
                 # "local": a new Ray of our own; address=None would join any Ray started on
                 # this machine with `ray start` (someone else's cluster on a shared host).
-                lean = contextlib.nullcontext() if dashboard else without_unused_head_processes()
-                with fine_registration_wait(), lean:
+                with fine_registration_wait(), without_head_processes(unused_head_processes(dashboard, quiet)):
                     ray.init(address="local", **options)
             else:
                 ray.init(address=address, **options)
@@ -172,28 +169,39 @@ def fine_registration_wait(timeout_s: float = 30.0):
         services.get_node = ray_lookup
 
 
-@contextlib.contextmanager
-def without_unused_head_processes():
-    """While a local Ray starts for a run, skip two head processes a run never talks to:
+def unused_head_processes(dashboard: bool, quiet: bool) -> tuple[str, ...]:
+    """The methods of Ray's Node that start the head processes a local Ray goes without:
+    none for a training (``dashboard``); for a run, those nothing in it talks to:
 
-    - the autoscaler's monitor (monitor.py): a local Ray has no node provider, so it only
-      watches, and writes the report `ray status` prints;
-    - the API server (dashboard.py), which Ray starts even with ``include_dashboard=False``:
-      the State API, job submission and `ray list`. Ray Train polls the State API, so a
-      training's Ray (``dashboard``) keeps it, and keeps both.
+    - ``start_monitor``, the autoscaler's monitor (monitor.py): a local Ray has no node
+      provider, so it only watches, and writes the report `ray status` prints;
+    - ``start_api_server`` (dashboard.py), which Ray starts even with
+      ``include_dashboard=False``: the State API, job submission and `ray list`. Ray Train
+      polls the State API, so a training keeps it, and keeps the others too;
+    - ``start_log_monitor`` when ``quiet``: it tails the workers' log files to forward
+      their lines to a driver that, with ``log_to_driver=False``, does not listen.
 
-    Two Python processes booting on the cores the predictor starts on (3.2 CPU-seconds
-    before the first predictions): without them the demo run's start-up went 11.6 -> 9.0 s
-    and its peak RSS 2.29 -> 2.07 GB on 2 cores (BENCHMARKS.md).
-    Ray's public ``ray.init`` has no switch for either (``ray start`` has ``--no-monitor``
-    only), so the Node methods that start them are skipped for the duration; a Ray layout
-    without them starts as Ray does.
+    Each is a Python process booting on the cores the predictor starts on: without the first
+    two, the demo run's start-up went 11.6 -> 9.0 s and its peak RSS 2.29 -> 2.07 GB on 2
+    cores (BENCHMARKS.md). Example: (False, True) -> all three; (True, True) -> ().
     """
+    if dashboard:
+        return ()
+    return ("start_monitor", "start_api_server") + (("start_log_monitor",) if quiet else ())
+
+
+@contextlib.contextmanager
+def without_head_processes(methods: tuple[str, ...]):
+    """While a local Ray starts, the Node `methods` that start head processes do nothing
+    (:func:`unused_head_processes`). Ray's public ``ray.init`` has no switch for these
+    (``ray start`` has ``--no-monitor`` only). A Ray layout without one of them starts as
+    Ray does."""
     try:
-        from ray._private.node import Node
+        from ray._private import node as ray_node
     except ImportError:
-        Node = None
-    originals = {name: getattr(Node, name, None) for name in UNUSED_HEAD_PROCESSES}
+        ray_node = None  # type: ignore[assignment]
+    node_class = getattr(ray_node, "Node", None)
+    originals = {name: getattr(node_class, name, None) for name in methods}
     if not all(callable(method) for method in originals.values()):  # another Ray layout
         yield
         return
@@ -201,10 +209,10 @@ def without_unused_head_processes():
     def skip(self, **_):
         return None
 
-    for name in UNUSED_HEAD_PROCESSES:
-        setattr(Node, name, skip)
+    for name in methods:
+        setattr(node_class, name, skip)
     try:
         yield
     finally:
         for name, method in originals.items():
-            setattr(Node, name, method)
+            setattr(node_class, name, method)
