@@ -6,7 +6,8 @@ Each run is a fresh `pipeline run JOB --force` process with a table of its own; 
 all of them alike. While a run goes, the RSS of its whole process tree (the driver, Ray's
 daemons, every Ray worker) is sampled every 0.2 s. Printed per variant, medians over the
 repeats: the report's ``startup_seconds`` (run start to the first predictions reaching
-the driver), the run's wall, the process wall (imports and Ray's shutdown included) and
+the driver), the same counted from the command's launch (the CLI's imports included: the
+target's measure), the run's wall, the process wall (imports and Ray's shutdown included) and
 the peak RSS, with the tree's RSS per process role at the peak of the median run, and the
 CPU seconds each role had used when the median run's first predictions arrived (where the
 start-up's CPU went: on a machine with few cores, every process that boots meanwhile
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import datetime
 import json
 import os
 import secrets
@@ -80,12 +82,31 @@ def one_run(job: str, overrides: list[str], table: Path) -> dict:
         raise SystemExit(f"pipeline run {' '.join(overrides)} exited with {proc.returncode}")
     summary = json.loads(out[out.index("{"):])
     cpu = cpu_at_first_predictions(trace, summary["wall_seconds"], summary["startup_seconds"])
-    return {"startup_seconds": summary["startup_seconds"], "run_wall_seconds": summary["wall_seconds"],
+    return {"startup_seconds": summary["startup_seconds"],
+            "command_to_first_predictions_seconds": command_to_first_predictions(summary, started),
+            "run_wall_seconds": summary["wall_seconds"],
             "process_wall_seconds": round(wall, 2), "peak_rss_mb": round(peak.rss / 2**20),
             "pss_at_peak_mb": round(peak.pss_at_peak / 2**20),
             "rss_by_role_mb": {k: round(v / 2**20) for k, v in sorted(peak.rss_by_role.items(), key=lambda kv: -kv[1])},
             "cpu_s_by_role_at_first_predictions": {k: round(v, 2)
                                                    for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])}}
+
+
+def median_known(values) -> float | None:
+    """The median of the values that are not None; None when none is known."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def command_to_first_predictions(summary: dict, launched: float) -> float | None:
+    """Seconds from launching `pipeline run` to its first predictions: the report's
+    ``started_at`` (when run_job began, after the CLI's imports) plus ``startup_seconds``,
+    less the launch time. None for a checkout whose reports lack ``started_at``."""
+    report = json.loads(Path(summary["report_path"]).read_text())
+    if not report.get("started_at") or summary["startup_seconds"] is None:
+        return None
+    began = datetime.datetime.fromisoformat(report["started_at"]).timestamp()
+    return round(began + summary["startup_seconds"] - launched, 3)
 
 
 def cpu_at_first_predictions(trace: list, run_wall: float, startup: float | None) -> dict[str, float]:
@@ -173,6 +194,8 @@ def main() -> None:
         print(json.dumps({
             "variant": variant or "(job as is)",
             "startup_seconds": statistics.median(r["startup_seconds"] for r in results),
+            "command_to_first_predictions_seconds": median_known(r["command_to_first_predictions_seconds"]
+                                                                 for r in results),
             "run_wall_seconds": statistics.median(r["run_wall_seconds"] for r in results),
             "process_wall_seconds": statistics.median(r["process_wall_seconds"] for r in results),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),

@@ -1,7 +1,9 @@
 """`pipeline run` end to end on a real local Ray (logical GPUs), with fault injection."""
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 
 import numpy as np
 import pytest
@@ -62,6 +64,16 @@ def test_run_commits_every_scene_on_two_gpu_pinned_actors(clean_run):
     assert all(n > 0 for n in report["workers"].values())
     saved = json.loads(open(report["report_path"]).read())
     assert saved["run_id"] == report["run_id"]
+
+
+def test_the_report_says_when_the_run_started(clean_run):
+    """started_at (UTC, ms) places the run in time: a bench adds startup_seconds to it to
+    time a whole command to its first predictions. The report is written at the run's end."""
+    report = clean_run[0]
+    started = dt.datetime.fromisoformat(report["started_at"])
+    assert started.utcoffset() == dt.timedelta(0) and "." in report["started_at"]
+    written = os.path.getmtime(report["report_path"])
+    assert written - report["wall_seconds"] - 1 <= started.timestamp() <= written
 
 
 def test_tightest_prefetch_budget_streams_every_chip(workspace, clean_run):
