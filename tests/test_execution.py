@@ -115,6 +115,38 @@ def test_poison_chip_is_quarantined_and_the_rest_committed(workspace, clean_run)
     assert [r for r in rows if r[0] == "synth_000"] == clean_other
 
 
+def test_the_chip_ledger_keeps_strikes_in_rays_key_value_store(ray_session):
+    """The ledger's bookkeeping through Ray's own GCS store, crash by crash: a retried call
+    finds its chips in flight, a chip that died alone collects one strike more, and the
+    run's keys go with clear() (another run's stay)."""
+    from ray.experimental import internal_kv
+
+    from pipeline.infer.predictor import LEDGER_NAMESPACE, ChipLedger
+
+    ledger, other = ChipLedger("run-a"), ChipLedger("run-b")
+    call = ["s/r0c0", "s/r0c1", "s/r0c2"]
+    assert ledger.enter(call) == [0, 0, 0]
+    ledger.leave(call)
+    assert ledger.enter(call) == [0, 0, 0], "a call that finished leaves no strike"
+    assert other.enter(call) == [0, 0, 0], "runs are apart"
+    # The predictor died with the call in flight: on the retry each chip is a suspect.
+    assert ledger.enter(call) == [1, 1, 1]
+    ledger.enter_alone("s/r0c0", 1)
+    ledger.leave_alone("s/r0c0")  # predicted alone
+    ledger.enter_alone("s/r0c1", 1)  # ... and the predictor died with this one alone
+    assert ledger.enter(call) == [1, 2, 1]
+    ledger.enter_alone("s/r0c1", 2)  # died again
+    assert ledger.enter(call) == [1, 3, 1]
+
+    def keys(run: str) -> list[bytes]:
+        return internal_kv._internal_kv_list(f"chip-ledger/{run}/", namespace=LEDGER_NAMESPACE)
+
+    assert keys("run-a")
+    ledger.clear()
+    assert keys("run-a") == [] and len(keys("run-b")) == 1
+    other.clear()
+
+
 def test_python_exception_in_a_chip_quarantines_only_that_chip(workspace, ray_session):
     from pipeline.run.graph import run_job
 

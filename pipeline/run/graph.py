@@ -252,7 +252,7 @@ def int8_gate(spec: JobSpec, start: RunStart, log) -> dict:
             "graph": graph_for_actors(measured.key, graph, geometry)}
 
 
-def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], faults, log):
+def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], ledger: ChipLedger, faults, log):
     """The Ray Data graph of a run: the first scenes' chip rows (planned on the driver) and
     the other scenes planned by Ray tasks -> read tasks -> the predictor actor pool.
     Returns the stream of predicted batches (nothing runs until it is iterated)."""
@@ -273,7 +273,6 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], faults, log)
     batch_size = resolve_batch_size(spec.model, spec.tiling.chip_size, gpus)  # null: from free GPU memory
     read_tasks = spec.compute.read_concurrency or default_read_tasks(
         spec.compute.actors, spec.compute.cpus_per_actor, cluster.get("CPU", 0))
-    ledger = ray.remote(num_cpus=0, max_restarts=-1)(ChipLedger).remote()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.max_errored_blocks = 0  # never drop a block silently
@@ -404,7 +403,13 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
         book.record_failure(failure)
     first_predictions = None
     if todo:
-        first_predictions = drain(job_graph(spec, start, int8, faults, log), book, len(todo), started, verbose, log)
+        ledger = ChipLedger(run_id)
+        try:
+            first_predictions = drain(job_graph(spec, start, int8, ledger, faults, log), book, len(todo), started,
+                                      verbose, log)
+        finally:
+            with contextlib.suppress(Exception):  # a failed run's error, not its leftover keys
+                ledger.clear()
         book.close(todo)
 
     wall = time.time() - started
