@@ -88,6 +88,41 @@ def test_a_local_ray_for_training_answers_the_state_api_that_ray_train_polls():
     assert without["head"] == [] and without["restored"]
 
 
+AGENT_PORT_DRIVER = """
+import contextlib, json, os, re, socket
+import ray
+from ray._private.node import Node
+from pipeline.run.cluster import connect_ray
+
+start_raylet = Node.start_raylet
+taken = socket.socket()  # Ray's fixed agent port held, as another Ray on the machine holds it
+with contextlib.suppress(OSError):  # already taken (the test session's own Ray): as good
+    taken.bind(("", 52365))
+    taken.listen()
+connect_ray(None, quiet=True)
+session = ray._private.worker._global_node.get_session_dir_path()
+agents = []  # the agent's listen port in the command this Ray's raylet starts it with (/proc)
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        args = open(f"/proc/{pid}/cmdline").read().split("\\0")
+    except OSError:
+        continue
+    if f"--session_dir={session}" in args:
+        agents += re.findall(r"--listen-port=(\\d+)", " ".join(a for a in args if a.startswith("--dashboard_agent")))
+log = open(os.path.join(session, "logs", "dashboard_agent.log")).read()
+print(json.dumps({"agent_ports": agents, "retried": "Failed to bind" in log,
+                  "nodes": len([n for n in ray.nodes() if n["Alive"]]), "restored": Node.start_raylet == start_raylet}))
+"""
+
+
+def test_a_runs_local_ray_does_not_wait_for_a_port_another_ray_holds():
+    """Ray gives a local Ray's dashboard agent the fixed port 52365; with another Ray on the
+    machine the agent retried binding it for ~3 s before the raylet was ready. A run's agent
+    takes a free port (nothing in a run calls it); the patch is undone after."""
+    result, _ = run_child(AGENT_PORT_DRIVER, timeout=120)
+    assert result == {"agent_ports": ["0"], "retried": False, "nodes": 1, "restored": True}
+
+
 def test_a_run_keeps_the_log_monitor_only_when_its_workers_lines_are_shown():
     from pipeline.run.cluster import unused_head_processes
 

@@ -2,8 +2,9 @@
 
 A local Ray's start is on every run's critical path (3-4 s of the demo run's start-up on 2
 cores), so a run starts it without the dashboard and the head processes it does not use
-(:func:`unused_head_processes`), and with a fine-grained wait for its raylet instead of
-Ray's 1-second steps (:func:`fine_registration_wait`).
+(:func:`unused_head_processes`), with a fine-grained wait for its raylet instead of
+Ray's 1-second steps (:func:`fine_registration_wait`), and with its dashboard agent on a
+free port, so that another Ray on the machine does not hold it up (:func:`agent_on_a_free_port`).
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False
             if address is None:
                 # "local": a new Ray of our own; address=None would join any Ray started on
                 # this machine with `ray start` (someone else's cluster on a shared host).
-                with fine_registration_wait(), without_head_processes(unused_head_processes(dashboard, quiet)):
+                with (fine_registration_wait(), without_head_processes(unused_head_processes(dashboard, quiet)),
+                      agent_on_a_free_port(not dashboard)):
                     ray.init(address="local", **options)
             else:
                 ray.init(address=address, **options)
@@ -190,17 +192,49 @@ def unused_head_processes(dashboard: bool, quiet: bool) -> tuple[str, ...]:
     return ("start_monitor", "start_api_server") + (("start_log_monitor",) if quiet else ())
 
 
+def ray_node_class():
+    """Ray's Node (the processes a local Ray starts), or None where Ray lays it out otherwise."""
+    try:
+        from ray._private import node as ray_node
+    except ImportError:
+        return None
+    return getattr(ray_node, "Node", None)
+
+
+@contextlib.contextmanager
+def agent_on_a_free_port(enabled: bool):
+    """While a local Ray starts (``enabled``), its raylet's dashboard agent listens on a port
+    the kernel picks instead of Ray's fixed 52365, which ``ray.init`` has no switch for.
+
+    With another Ray on the machine (a cluster's head, a second run, the test suite's) that
+    port is taken, and the agent retries for ~3 s before the raylet is ready: a run beside a
+    head started 8.8 s after the command instead of 5.5 s (BENCHMARKS.md). Only the dashboard
+    and the API server call the agent there, and a run starts neither
+    (:func:`unused_head_processes`); a training keeps the fixed port for its dashboard."""
+    node_class = ray_node_class()
+    start_raylet = getattr(node_class, "start_raylet", None)
+    if not enabled or not callable(start_raylet):  # another Ray layout starts as Ray does
+        yield
+        return
+
+    def start_raylet_with_a_free_agent_port(self, *args, **kwargs):
+        self._ray_params.dashboard_agent_listen_port = 0
+        return start_raylet(self, *args, **kwargs)
+
+    node_class.start_raylet = start_raylet_with_a_free_agent_port
+    try:
+        yield
+    finally:
+        node_class.start_raylet = start_raylet
+
+
 @contextlib.contextmanager
 def without_head_processes(methods: tuple[str, ...]):
     """While a local Ray starts, the Node `methods` that start head processes do nothing
     (:func:`unused_head_processes`). Ray's public ``ray.init`` has no switch for these
     (``ray start`` has ``--no-monitor`` only). A Ray layout without one of them starts as
     Ray does."""
-    try:
-        from ray._private import node as ray_node
-    except ImportError:
-        ray_node = None  # type: ignore[assignment]
-    node_class = getattr(ray_node, "Node", None)
+    node_class = ray_node_class()
     originals = {name: getattr(node_class, name, None) for name in methods}
     if not all(callable(method) for method in originals.values()):  # another Ray layout
         yield
