@@ -46,8 +46,12 @@ class ChipLedger:
 
     run_id: str
 
+    @property
+    def _prefix(self) -> str:  # every key of the run starts so
+        return f"chip-ledger/{self.run_id}/"
+
     def _key(self, kind: str, name: str) -> str:
-        return f"chip-ledger/{self.run_id}/{kind}/{name}"
+        return f"{self._prefix}{kind}/{name}"
 
     def _call_key(self, chip_ids: list[str]) -> str:
         return self._key("call", hashlib.blake2b("\n".join(chip_ids).encode(), digest_size=16).hexdigest())
@@ -85,7 +89,7 @@ class ChipLedger:
         """Forget the run's keys (the driver, when its stream has ended)."""
         from ray.experimental import internal_kv as kv
 
-        kv._internal_kv_del(f"chip-ledger/{self.run_id}/", del_by_prefix=True, namespace=LEDGER_NAMESPACE)
+        kv._internal_kv_del(self._prefix, del_by_prefix=True, namespace=LEDGER_NAMESPACE)
 
 
 @dataclass

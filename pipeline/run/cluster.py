@@ -218,7 +218,9 @@ def agent_on_a_free_port(enabled: bool):
         return
 
     def start_raylet_with_a_free_agent_port(self, *args, **kwargs):
-        self._ray_params.dashboard_agent_listen_port = 0
+        params = getattr(self, "_ray_params", None)
+        if hasattr(params, "dashboard_agent_listen_port"):  # else another layout: Ray's own port
+            params.dashboard_agent_listen_port = 0
         return start_raylet(self, *args, **kwargs)
 
     node_class.start_raylet = start_raylet_with_a_free_agent_port
