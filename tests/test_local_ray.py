@@ -185,3 +185,124 @@ def test_a_local_ray_keeps_the_idle_read_worker_while_the_actors_hold_every_cpu(
     (15 % of a 2-core node's chips/s)."""
     result, _ = run_child(IDLE_WORKER_DRIVER, timeout=180)
     assert result == {"same worker": True}
+
+
+BUDGET_DRIVER = """
+import json, time
+import ray
+from ray.data._internal.cluster_autoscaler.base_autoscaling_coordinator import STANDARD_RESOURCE_TYPES
+from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import DefaultAutoscalingCoordinator
+from pipeline.run.cluster import connect_ray, node_budgets, ray_data_budgets_from_the_nodes, ray_started_here
+
+connect_ray(None, num_cpus=2)
+rays = DefaultAutoscalingCoordinator(requester_id="probe")  # Ray's own coordinator, before ours
+rays.request_resources([], expire_after_s=60, request_remaining=STANDARD_RESOURCE_TYPES)
+deadline, reserved = time.monotonic() + 60, {}
+while not reserved and time.monotonic() < deadline:
+    reserved = rays.get_reserved_resources()
+    time.sleep(0.05)
+rays.cancel_request()
+ray.kill(ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator"))
+
+ray_data_budgets_from_the_nodes()
+ray_data_budgets_from_the_nodes()  # a second run in the same process: installed once
+ours = DefaultAutoscalingCoordinator(requester_id="run")
+rows = ray.data.range(8, override_num_blocks=4).map_batches(lambda b: {"id": b["id"] * 2}).take_all()
+try:
+    ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    created = True
+except ValueError:
+    created = False
+print(json.dumps({"here": ray_started_here(), "rays": reserved, "ours": ours.get_reserved_resources(),
+                  "nodes": node_budgets(ray.nodes()), "rows": sorted(r["id"] for r in rows),
+                  "coordinator created": created}))
+"""
+
+
+def test_ray_data_on_a_ray_started_here_budgets_the_node_as_its_coordinator_would():
+    """Ray Data launched nothing until its autoscaling coordinator, a detached actor booting a
+    worker process of its own, answered what the executor may use: 1.5-2.5 s of every local
+    run's start-up on 2 cores. On a Ray started in this process (one node, no autoscaler) the
+    answer is the node; the oracle is Ray's own coordinator, asked on the same Ray."""
+    result, _ = run_child(BUDGET_DRIVER, timeout=180)
+    assert result["here"] is True
+    assert result["rays"] and result["ours"] == result["rays"] == result["nodes"]
+    assert result["rows"] == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert result["coordinator created"] is False
+
+
+def test_a_joined_cluster_keeps_rays_coordinator(ray_session):
+    """Only a Ray started in this process is budgeted from its nodes: a joined cluster's
+    coordinator shares its nodes between datasets and asks its autoscaler for more."""
+    from unittest import mock
+
+    from ray._private import worker
+
+    from pipeline.run.cluster import ray_data_budgets_from_the_nodes, ray_started_here
+
+    ray_data_budgets_from_the_nodes()
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import DefaultAutoscalingCoordinator
+
+    assert ray_started_here()  # the session's Ray: ray.init started it in this process
+    joined = mock.Mock(head=False)  # what a driver that joined a cluster holds
+    rays = mock.Mock(return_value={"a node": {"CPU": 64.0}})
+    coordinator = DefaultAutoscalingCoordinator(requester_id="joined")
+    coordinator.__dict__["_autoscaling_coordinator"] = mock.Mock(
+        get_reserved_resources=mock.Mock(remote=rays))  # Ray's actor handle, as Ray's tests inject it
+    with mock.patch.object(worker, "_global_node", joined):
+        assert not ray_started_here()
+        coordinator.get_reserved_resources()
+    rays.assert_called_once_with("joined")  # asked Ray's coordinator, not the nodes
+
+
+def test_node_budgets_count_the_alive_nodes_standard_resources():
+    from pipeline.run.cluster import node_budgets
+
+    nodes = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 2.0, "GPU": 0.0, "memory": 8.0,
+                                                          "object_store_memory": 4.0, "node:10.0.0.1": 1.0,
+                                                          "accelerator_type:T4": 1.0}},
+             {"NodeID": "b", "Alive": False, "Resources": {"CPU": 16.0}}]
+    assert node_budgets(nodes) == {"a": {"CPU": 2.0, "memory": 8.0, "object_store_memory": 4.0}}
+
+
+DEPENDENCY_DRIVER = """
+import json, sys
+if len(sys.argv) > 1:
+    sys.modules[sys.argv[1]] = None  # as if not installed
+import ray._private.utils as utils
+from pipeline.run.cluster import connect_ray, dashboard_dependencies_located
+
+with dashboard_dependencies_located():
+    ours = utils.get_dashboard_dependency_error()
+imported = "aiohttp" in sys.modules
+connect_ray(None)
+started = "aiohttp" in sys.modules
+rays = utils.get_dashboard_dependency_error()  # Ray's own check, the oracle: it imports them
+print(json.dumps({"ours": None if ours is None else ours.name, "ours imported aiohttp": imported,
+                  "rays": None if rays is None else type(rays).__name__, "aiohttp after a local start": started}))
+"""
+
+
+def test_a_local_ray_finds_the_dashboards_dependencies_without_importing_them():
+    """Ray decides whether its dashboard agent runs minimal by importing aiohttp, OpenTelemetry's
+    Prometheus exporter and the rest in the driver: 0.5 s on every local start's critical path,
+    for modules nothing in a run uses. Locating them gives Ray's answer; Ray's own check is
+    the oracle, with everything installed and with one module missing."""
+    installed, _ = run_child(DEPENDENCY_DRIVER, timeout=120)
+    assert installed == {"ours": None, "ours imported aiohttp": False, "rays": None,
+                         "aiohttp after a local start": False}
+    missing, _ = run_child(DEPENDENCY_DRIVER, "prometheus_client", timeout=120)
+    assert missing["ours"] == "prometheus_client" and missing["rays"] is not None
+
+
+def test_module_found_locates_without_importing():
+    import sys
+
+    from pipeline.run.cluster import imported_modules, module_found
+
+    assert module_found("json") and module_found("email.mime.text")
+    assert not module_found("json.no_such_part") and not module_found("no_such_package.part")
+    assert imported_modules("import a.b, c\nfrom d.e import f\nfrom . import g\n") == ["a.b", "c", "d.e"]
+    before = set(sys.modules)
+    assert module_found("xml.dom.minidom")  # a package not imported yet by this suite, at any rate
+    assert not {"xml.dom", "xml.dom.minidom"} & (set(sys.modules) - before)

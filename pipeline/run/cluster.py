@@ -5,15 +5,22 @@ cores), so a run starts it without the dashboard and the head processes it does 
 (:func:`unused_head_processes`), with a fine-grained wait for its raylet instead of
 Ray's 1-second steps (:func:`fine_registration_wait`), and with its dashboard agent on a
 free port, so that another Ray on the machine does not hold it up (:func:`agent_on_a_free_port`).
+On a Ray started in this process, Ray Data budgets with the node's resources instead of
+waiting for its autoscaling coordinator to boot (:func:`ray_data_budgets_from_the_nodes`).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import socket
 import time
 import warnings
+from pathlib import Path
 
 from pipeline.errors import ClusterError
 
@@ -24,6 +31,8 @@ TOKEN_ADVICE = ("set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUT
                 "RAY_AUTH_TOKEN_PATH names (default ~/.ray/auth_token)")
 # Any cluster id for the token probe (token_refused): the head checks the token before it.
 PROBE_CLUSTER_ID = "00" * 28
+# What Ray Data's executor budgets with (Ray's STANDARD_RESOURCE_TYPES), per node.
+BUDGETED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False, num_cpus: int | None = None) -> dict:
@@ -76,7 +85,8 @@ def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False
             if address is None:
                 # "local": a new Ray of our own; address=None would join any Ray started on
                 # this machine with `ray start` (someone else's cluster on a shared host).
-                with (fine_registration_wait(), without_head_processes(unused_head_processes(dashboard, quiet)),
+                with (fine_registration_wait(), dashboard_dependencies_located(),
+                      without_head_processes(unused_head_processes(dashboard, quiet)),
                       agent_on_a_free_port(not dashboard)):
                     ray.init(address="local", **options)
             else:
@@ -143,6 +153,31 @@ def node_registered(gcs_address: str, node_id: str, timeout_s: float) -> bool:
 
 
 @contextlib.contextmanager
+def replaced(owner, replacements: dict):
+    """While inside, the attributes of `owner` (a class or module of Ray's) named in
+    `replacements` are the ones given, and Ray's own again after. Nothing is replaced where
+    `owner` is None or lacks one of them as a callable: another Ray layout runs as Ray does."""
+    originals = {name: getattr(owner, name, None) for name in replacements}
+    if owner is None or not all(callable(original) for original in originals.values()):
+        yield
+        return
+    for name, replacement in replacements.items():
+        setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(owner, name, original)
+
+
+def ray_module(name: str):
+    """One of Ray's private modules (``ray._private.services``), or None where Ray lays it out otherwise."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def fine_registration_wait(timeout_s: float = 30.0):
     """While a local Ray starts, wait for its raylet's registration at 20 ms steps.
 
@@ -150,25 +185,71 @@ def fine_registration_wait(timeout_s: float = 30.0):
     registered yet, asks again one second later (a fixed step in Ray's C++ GCS client). The
     raylet registers ~1.05 s after it starts here, so ``ray.init`` waited 2 s where 1.1 s
     would do: 0.9 s of every local run's start-up. Ray's own lookup runs right after ours,
-    so an unexpected Ray (no such private function, a node that never shows) falls back to
-    Ray's behaviour, errors included.
+    so an unexpected Ray (a node that never shows) falls back to Ray's behaviour, errors included.
     """
-    import ray._private.services as services
-
+    services = ray_module("ray._private.services")
     ray_lookup = getattr(services, "get_node", None)
-    if ray_lookup is None:  # another Ray layout: its own wait
-        yield
-        return
 
     def get_node(gcs_address, node_id):
         node_registered(gcs_address, node_id, timeout_s)
-        return ray_lookup(gcs_address, node_id)
+        return ray_lookup(gcs_address, node_id)  # type: ignore[misc]  # replaced only where callable
 
-    services.get_node = get_node
+    return replaced(services, {"get_node": get_node})
+
+
+def module_found(name: str) -> bool:
+    """Whether module `name` is installed, from the files alone: its regular packages are
+    located, not imported (importing a namespace package runs nothing). Example:
+    "aiohttp.web" -> True where aiohttp is installed, without the 0.35 s aiohttp's import takes."""
+    parts = name.split(".")
     try:
-        yield
-    finally:
-        services.get_node = ray_lookup
+        spec = importlib.util.find_spec(parts[0])  # a top-level name imports nothing
+        for depth in range(2, len(parts) + 1):
+            if spec is None or spec.submodule_search_locations is None:
+                return False
+            prefix = ".".join(parts[:depth])
+            try:
+                spec = (importlib.util.find_spec(prefix) if spec.origin is None  # parent: a namespace package
+                        else importlib.machinery.PathFinder.find_spec(prefix, list(spec.submodule_search_locations)))
+            except KeyError:  # a namespace package inside a regular one: only an import finds it
+                spec = importlib.util.find_spec(prefix)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None
+
+
+def imported_modules(source: str) -> list[str]:
+    """The modules a Python file's import statements name. Example: "import a.b\nfrom c import d" -> ["a.b", "c"]."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return names
+
+
+def dashboard_dependencies_located():
+    """While a local Ray starts, Ray's check for the dashboard's optional dependencies (which
+    decides whether its agent runs in minimal mode) locates them instead of importing them.
+
+    Ray's check imports every module of ``ray/dashboard/optional_deps.py`` (aiohttp,
+    OpenTelemetry's Prometheus exporter, ...) in the driver, 0.5 s of CPU on ``ray.init``'s
+    critical path, before the raylet starts; nothing else in a run's driver uses them. The
+    answer is the same: an ImportError naming the first module not installed, else None.
+    """
+    utils = ray_module("ray._private.utils")
+    dashboard = ray_module("ray.dashboard")
+    deps = Path(getattr(dashboard, "__file__", None) or "/nonexistent").parent / "optional_deps.py"
+    if not deps.is_file():  # another Ray layout: Ray's own check
+        return contextlib.nullcontext()
+    names = imported_modules(deps.read_text(encoding="utf-8"))
+
+    def get_dashboard_dependency_error():
+        missing = next((name for name in names if not module_found(name)), None)
+        return None if missing is None else ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    return replaced(utils, {"get_dashboard_dependency_error": get_dashboard_dependency_error})
 
 
 def unused_head_processes(dashboard: bool, quiet: bool) -> tuple[str, ...]:
@@ -201,7 +282,6 @@ def ray_node_class():
     return getattr(ray_node, "Node", None)
 
 
-@contextlib.contextmanager
 def agent_on_a_free_port(enabled: bool):
     """While a local Ray starts (``enabled``), its raylet's dashboard agent listens on a port
     the kernel picks instead of Ray's fixed 52365, which ``ray.init`` has no switch for.
@@ -213,42 +293,91 @@ def agent_on_a_free_port(enabled: bool):
     (:func:`unused_head_processes`); a training keeps the fixed port for its dashboard."""
     node_class = ray_node_class()
     start_raylet = getattr(node_class, "start_raylet", None)
-    if not enabled or not callable(start_raylet):  # another Ray layout starts as Ray does
-        yield
-        return
+    if not enabled:
+        return contextlib.nullcontext()
 
     def start_raylet_with_a_free_agent_port(self, *args, **kwargs):
         params = getattr(self, "_ray_params", None)
         if hasattr(params, "dashboard_agent_listen_port"):  # else another layout: Ray's own port
             params.dashboard_agent_listen_port = 0
-        return start_raylet(self, *args, **kwargs)
+        return start_raylet(self, *args, **kwargs)  # type: ignore[misc]  # replaced only where callable
 
-    node_class.start_raylet = start_raylet_with_a_free_agent_port
-    try:
-        yield
-    finally:
-        node_class.start_raylet = start_raylet
+    return replaced(node_class, {"start_raylet": start_raylet_with_a_free_agent_port})
 
 
-@contextlib.contextmanager
 def without_head_processes(methods: tuple[str, ...]):
     """While a local Ray starts, the Node `methods` that start head processes do nothing
     (:func:`unused_head_processes`). Ray's public ``ray.init`` has no switch for these
     (``ray start`` has ``--no-monitor`` only). A Ray layout without one of them starts as
     Ray does."""
-    node_class = ray_node_class()
-    originals = {name: getattr(node_class, name, None) for name in methods}
-    if not all(callable(method) for method in originals.values()):  # another Ray layout
-        yield
-        return
-
     def skip(self, **_):
         return None
 
-    for name in methods:
-        setattr(node_class, name, skip)
+    return replaced(ray_node_class(), dict.fromkeys(methods, skip))
+
+
+def ray_started_here() -> bool:
+    """Whether this process's Ray is one that ``ray.init`` started here (its head runs under
+    this process: one node, no autoscaler that could add any) rather than a cluster joined."""
     try:
-        yield
-    finally:
-        for name, method in originals.items():
-            setattr(node_class, name, method)
+        from ray._private import worker
+    except ImportError:
+        return False
+    return bool(getattr(getattr(worker, "_global_node", None), "head", False))
+
+
+def node_budgets(nodes: list[dict]) -> dict[str, dict[str, float]]:
+    """What Ray Data's autoscaling coordinator reserves for the one dataset on a cluster that
+    cannot grow: each alive node's CPU, GPU, memory and object store, by node id, from
+    ``ray.nodes()`` entries. Example: [{"NodeID": "ab", "Alive": True, "Resources": {"CPU": 2.0,
+    "GPU": 0.0, "node:10.0.0.1": 1.0}}] -> {"ab": {"CPU": 2.0}}."""
+    return {node["NodeID"]: {name: float(amount) for name, amount in node["Resources"].items()
+                             if name in BUDGETED_RESOURCES and amount}
+            for node in nodes if node.get("Alive")}
+
+
+def ray_data_coordinator_class():
+    """The class through which Ray Data's executor asks its autoscaling coordinator for its
+    budget, or None where Ray lays it out otherwise."""
+    try:
+        from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as module
+    except ImportError:
+        return None
+    return getattr(module, "DefaultAutoscalingCoordinator", None)
+
+
+def ray_data_budgets_from_the_nodes() -> None:
+    """On a Ray started in this process (:func:`ray_started_here`), Ray Data's executor budgets
+    with the node's resources, as its autoscaling coordinator reserves them there, without
+    asking the coordinator. On a joined cluster it asks as Ray has it. Idempotent.
+
+    Ray Data launches no task until its coordinator, a detached actor it creates on first
+    use, has answered what the executor may use: on a fresh Ray, after a worker process has
+    booted and imported Ray Data for it. That held the demo run's first read 1.5-2.5 s on 2
+    cores (BENCHMARKS.md). On a cluster, the coordinator lives on between runs and shares
+    the nodes between datasets and the autoscaler; a Ray started here has one node and no
+    autoscaler to ask, so its answer is the node. A Ray layout without the three methods runs
+    as Ray does.
+    """
+    cls = ray_data_coordinator_class()
+    names = ("request_resources", "cancel_request", "get_reserved_resources")
+    if cls is None or getattr(cls, "budgets_from_the_nodes", False):
+        return
+    if not all(callable(getattr(cls, name, None)) for name in names):
+        return
+
+    def on_a_ray_started_here(ours, rays):
+        def method(self, *args, **kwargs):
+            return (ours if ray_started_here() else rays)(self, *args, **kwargs)
+        return method
+
+    def reserved(self):
+        import ray
+
+        return node_budgets(ray.nodes())
+
+    ours = {"request_resources": lambda self, *args, **kwargs: None,  # no autoscaler to ask
+            "cancel_request": lambda self: None, "get_reserved_resources": reserved}
+    for name in names:
+        setattr(cls, name, on_a_ray_started_here(ours[name], getattr(cls, name)))
+    cls.budgets_from_the_nodes = True
