@@ -192,7 +192,8 @@ import json, time
 import ray
 from ray.data._internal.cluster_autoscaler.base_autoscaling_coordinator import STANDARD_RESOURCE_TYPES
 from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import DefaultAutoscalingCoordinator
-from pipeline.run.cluster import connect_ray, node_budgets, ray_data_budgets_from_the_nodes, ray_started_here
+from pipeline.run.cluster import connect_ray
+from pipeline.run.local_data import node_budgets, ray_started_here, use_local_answers
 
 connect_ray(None, num_cpus=2)
 rays = DefaultAutoscalingCoordinator(requester_id="probe")  # Ray's own coordinator, before ours
@@ -204,43 +205,55 @@ while not reserved and time.monotonic() < deadline:
 rays.cancel_request()
 ray.kill(ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator"))
 
-ray_data_budgets_from_the_nodes()
-ray_data_budgets_from_the_nodes()  # a second run in the same process: installed once
+use_local_answers()
+use_local_answers()  # a second run in the same process: installed once
 ours = DefaultAutoscalingCoordinator(requester_id="run")
-rows = ray.data.range(8, override_num_blocks=4).map_batches(lambda b: {"id": b["id"] * 2}).take_all()
-try:
-    ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-    created = True
-except ValueError:
-    created = False
+
+
+class Double:  # an actor pool stage, as the predictor's
+    def __call__(self, batch):
+        return {"id": batch["id"] * 2}
+
+
+rows = ray.data.range(8, override_num_blocks=4).map_batches(
+    Double, compute=ray.data.ActorPoolStrategy(size=1)).take_all()
+helpers = []  # Ray Data's detached helper actors that exist now
+for name, namespace in [("AutoscalingCoordinator", "AutoscalingCoordinator"),
+                        ("datasets_stats_actor", "_dataset_stats_actor"), ("ActorLocationTracker", "ActorLocationTracker")]:
+    try:
+        ray.get_actor(name, namespace=namespace)
+        helpers.append(name)
+    except ValueError:
+        pass
 print(json.dumps({"here": ray_started_here(), "rays": reserved, "ours": ours.get_reserved_resources(),
-                  "nodes": node_budgets(ray.nodes()), "rows": sorted(r["id"] for r in rows),
-                  "coordinator created": created}))
+                  "nodes": node_budgets(ray.nodes()), "rows": sorted(r["id"] for r in rows), "helpers": helpers}))
 """
 
 
-def test_ray_data_on_a_ray_started_here_budgets_the_node_as_its_coordinator_would():
+def test_ray_data_on_a_ray_started_here_runs_without_its_helper_actors():
     """Ray Data launched nothing until its autoscaling coordinator, a detached actor booting a
-    worker process of its own, answered what the executor may use: 1.5-2.5 s of every local
-    run's start-up on 2 cores. On a Ray started in this process (one node, no autoscaler) the
-    answer is the node; the oracle is Ray's own coordinator, asked on the same Ray."""
+    worker process of its own, answered what the executor may use, and booted two more (its
+    stats actor, its actor-location tracker): ~2.7 CPU-s of every local run's start-up on 2
+    cores. On a Ray started in this process (one node, no autoscaler, no dashboard) the
+    answers are known; the budget's oracle is Ray's own coordinator, asked on the same Ray."""
     result, _ = run_child(BUDGET_DRIVER, timeout=180)
     assert result["here"] is True
     assert result["rays"] and result["ours"] == result["rays"] == result["nodes"]
     assert result["rows"] == [0, 2, 4, 6, 8, 10, 12, 14]
-    assert result["coordinator created"] is False
+    assert result["helpers"] == []  # nor the stats actor or the location tracker: one node, no dashboard
 
 
-def test_a_joined_cluster_keeps_rays_coordinator(ray_session):
+def test_a_joined_cluster_keeps_ray_datas_helpers(ray_session):
     """Only a Ray started in this process is budgeted from its nodes: a joined cluster's
-    coordinator shares its nodes between datasets and asks its autoscaler for more."""
+    coordinator shares its nodes between datasets and asks its autoscaler for more. Metrics
+    go to Ray Data's stats actor wherever a dashboard may show them."""
     from unittest import mock
 
     from ray._private import worker
 
-    from pipeline.run.cluster import ray_data_budgets_from_the_nodes, ray_started_here
+    from pipeline.run.local_data import metrics_unread, ray_started_here, use_local_answers
 
-    ray_data_budgets_from_the_nodes()
+    use_local_answers()
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import DefaultAutoscalingCoordinator
 
     assert ray_started_here()  # the session's Ray: ray.init started it in this process
@@ -250,13 +263,15 @@ def test_a_joined_cluster_keeps_rays_coordinator(ray_session):
     coordinator.__dict__["_autoscaling_coordinator"] = mock.Mock(
         get_reserved_resources=mock.Mock(remote=rays))  # Ray's actor handle, as Ray's tests inject it
     with mock.patch.object(worker, "_global_node", joined):
-        assert not ray_started_here()
+        assert not ray_started_here() and not metrics_unread()
         coordinator.get_reserved_resources()
     rays.assert_called_once_with("joined")  # asked Ray's coordinator, not the nodes
+    with mock.patch.object(worker, "_global_node", mock.Mock(head=True, webui_url="127.0.0.1:8265")):
+        assert ray_started_here() and not metrics_unread()  # a dashboard shows Ray Data's metrics
 
 
 def test_node_budgets_count_the_alive_nodes_standard_resources():
-    from pipeline.run.cluster import node_budgets
+    from pipeline.run.local_data import node_budgets
 
     nodes = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 2.0, "GPU": 0.0, "memory": 8.0,
                                                           "object_store_memory": 4.0, "node:10.0.0.1": 1.0,

@@ -5,8 +5,7 @@ cores), so a run starts it without the dashboard and the head processes it does 
 (:func:`unused_head_processes`), with a fine-grained wait for its raylet instead of
 Ray's 1-second steps (:func:`fine_registration_wait`), and with its dashboard agent on a
 free port, so that another Ray on the machine does not hold it up (:func:`agent_on_a_free_port`).
-On a Ray started in this process, Ray Data budgets with the node's resources instead of
-waiting for its autoscaling coordinator to boot (:func:`ray_data_budgets_from_the_nodes`).
+Ray Data's own helpers on such a Ray: :mod:`pipeline.run.local_data`.
 """
 from __future__ import annotations
 
@@ -31,8 +30,6 @@ TOKEN_ADVICE = ("set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUT
                 "RAY_AUTH_TOKEN_PATH names (default ~/.ray/auth_token)")
 # Any cluster id for the token probe (token_refused): the head checks the token before it.
 PROBE_CLUSTER_ID = "00" * 28
-# What Ray Data's executor budgets with (Ray's STANDARD_RESOURCE_TYPES), per node.
-BUDGETED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False, num_cpus: int | None = None) -> dict:
@@ -315,69 +312,3 @@ def without_head_processes(methods: tuple[str, ...]):
 
     return replaced(ray_node_class(), dict.fromkeys(methods, skip))
 
-
-def ray_started_here() -> bool:
-    """Whether this process's Ray is one that ``ray.init`` started here (its head runs under
-    this process: one node, no autoscaler that could add any) rather than a cluster joined."""
-    try:
-        from ray._private import worker
-    except ImportError:
-        return False
-    return bool(getattr(getattr(worker, "_global_node", None), "head", False))
-
-
-def node_budgets(nodes: list[dict]) -> dict[str, dict[str, float]]:
-    """What Ray Data's autoscaling coordinator reserves for the one dataset on a cluster that
-    cannot grow: each alive node's CPU, GPU, memory and object store, by node id, from
-    ``ray.nodes()`` entries. Example: [{"NodeID": "ab", "Alive": True, "Resources": {"CPU": 2.0,
-    "GPU": 0.0, "node:10.0.0.1": 1.0}}] -> {"ab": {"CPU": 2.0}}."""
-    return {node["NodeID"]: {name: float(amount) for name, amount in node["Resources"].items()
-                             if name in BUDGETED_RESOURCES and amount}
-            for node in nodes if node.get("Alive")}
-
-
-def ray_data_coordinator_class():
-    """The class through which Ray Data's executor asks its autoscaling coordinator for its
-    budget, or None where Ray lays it out otherwise."""
-    try:
-        from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as module
-    except ImportError:
-        return None
-    return getattr(module, "DefaultAutoscalingCoordinator", None)
-
-
-def ray_data_budgets_from_the_nodes() -> None:
-    """On a Ray started in this process (:func:`ray_started_here`), Ray Data's executor budgets
-    with the node's resources, as its autoscaling coordinator reserves them there, without
-    asking the coordinator. On a joined cluster it asks as Ray has it. Idempotent.
-
-    Ray Data launches no task until its coordinator, a detached actor it creates on first
-    use, has answered what the executor may use: on a fresh Ray, after a worker process has
-    booted and imported Ray Data for it. That held the demo run's first read 1.5-2.5 s on 2
-    cores (BENCHMARKS.md). On a cluster, the coordinator lives on between runs and shares
-    the nodes between datasets and the autoscaler; a Ray started here has one node and no
-    autoscaler to ask, so its answer is the node. A Ray layout without the three methods runs
-    as Ray does.
-    """
-    cls = ray_data_coordinator_class()
-    names = ("request_resources", "cancel_request", "get_reserved_resources")
-    if cls is None or getattr(cls, "budgets_from_the_nodes", False):
-        return
-    if not all(callable(getattr(cls, name, None)) for name in names):
-        return
-
-    def on_a_ray_started_here(ours, rays):
-        def method(self, *args, **kwargs):
-            return (ours if ray_started_here() else rays)(self, *args, **kwargs)
-        return method
-
-    def reserved(self):
-        import ray
-
-        return node_budgets(ray.nodes())
-
-    ours = {"request_resources": lambda self, *args, **kwargs: None,  # no autoscaler to ask
-            "cancel_request": lambda self: None, "get_reserved_resources": reserved}
-    for name in names:
-        setattr(cls, name, on_a_ray_started_here(ours[name], getattr(cls, name)))
-    cls.budgets_from_the_nodes = True

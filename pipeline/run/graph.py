@@ -50,8 +50,9 @@ from pipeline.io.inputs import InputSet, SceneInput, job_inputs, require_scenes,
 from pipeline.io.objstore import cache_dir
 from pipeline.io.raster import read_scene_info
 from pipeline.io.stac import StacSelection
-from pipeline.run.cluster import connect_ray, ray_data_budgets_from_the_nodes
+from pipeline.run.cluster import connect_ray
 from pipeline.run.console import console_line, eta_text, native_log_lines_hidden
+from pipeline.run.local_data import use_local_answers
 from pipeline.run.runbook import RunReport, SceneBook
 from pipeline.table import transactions as table
 from pipeline.table.store import open_store
@@ -273,7 +274,7 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], ledger: Chip
     batch_size = resolve_batch_size(spec.model, spec.tiling.chip_size, gpus)  # null: from free GPU memory
     read_tasks = spec.compute.read_concurrency or default_read_tasks(
         spec.compute.actors, spec.compute.cpus_per_actor, cluster.get("CPU", 0))
-    ray_data_budgets_from_the_nodes()
+    use_local_answers()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.max_errored_blocks = 0  # never drop a block silently
