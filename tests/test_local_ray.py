@@ -219,14 +219,18 @@ rows = ray.data.range(8, override_num_blocks=4).map_batches(
     Double, compute=ray.data.ActorPoolStrategy(size=1)).take_all()
 helpers = []  # Ray Data's detached helper actors that exist now
 for name, namespace in [("AutoscalingCoordinator", "AutoscalingCoordinator"),
-                        ("datasets_stats_actor", "_dataset_stats_actor"), ("ActorLocationTracker", "ActorLocationTracker")]:
+                        ("datasets_stats_actor", "_dataset_stats_actor"),
+                        ("ActorLocationTracker", "ActorLocationTracker")]:
     try:
         ray.get_actor(name, namespace=namespace)
         helpers.append(name)
     except ValueError:
         pass
+from ray.data._internal.execution import streaming_executor
+
 print(json.dumps({"here": ray_started_here(), "rays": reserved, "ours": ours.get_reserved_resources(),
-                  "nodes": node_budgets(ray.nodes()), "rows": sorted(r["id"] for r in rows), "helpers": helpers}))
+                  "nodes": node_budgets(ray.nodes()), "rows": sorted(r["id"] for r in rows), "helpers": helpers,
+                  "metadata": type(streaming_executor.make_metadata_fetcher()).__name__}))
 """
 
 
@@ -241,12 +245,14 @@ def test_ray_data_on_a_ray_started_here_runs_without_its_helper_actors():
     assert result["rays"] and result["ours"] == result["rays"] == result["nodes"]
     assert result["rows"] == [0, 2, 4, 6, 8, 10, 12, 14]
     assert result["helpers"] == []  # nor the stats actor or the location tracker: one node, no dashboard
+    assert result["metadata"] == "InlineMetadataFetcher"  # blocks' metadata in the node's own store
 
 
 def test_a_joined_cluster_keeps_ray_datas_helpers(ray_session):
     """Only a Ray started in this process is budgeted from its nodes: a joined cluster's
-    coordinator shares its nodes between datasets and asks its autoscaler for more. Metrics
-    go to Ray Data's stats actor wherever a dashboard may show them."""
+    coordinator shares its nodes between datasets and asks its autoscaler for more, and block
+    metadata from other nodes is fetched by Ray Data's thread. Metrics go to Ray Data's stats
+    actor wherever a dashboard may show them."""
     from unittest import mock
 
     from ray._private import worker
@@ -262,9 +268,12 @@ def test_a_joined_cluster_keeps_ray_datas_helpers(ray_session):
     coordinator = DefaultAutoscalingCoordinator(requester_id="joined")
     coordinator.__dict__["_autoscaling_coordinator"] = mock.Mock(
         get_reserved_resources=mock.Mock(remote=rays))  # Ray's actor handle, as Ray's tests inject it
+    from ray.data._internal.execution import streaming_executor
+
     with mock.patch.object(worker, "_global_node", joined):
         assert not ray_started_here() and not metrics_unread()
         coordinator.get_reserved_resources()
+        assert type(streaming_executor.make_metadata_fetcher()).__name__ == "ThreadedMetadataFetcher"
     rays.assert_called_once_with("joined")  # asked Ray's coordinator, not the nodes
     with mock.patch.object(worker, "_global_node", mock.Mock(head=True, webui_url="127.0.0.1:8265")):
         assert ray_started_here() and not metrics_unread()  # a dashboard shows Ray Data's metrics
