@@ -291,3 +291,13 @@ def test_chips_of_several_dtypes_stack_without_losing_values():
     assert stack_chip_pixels([small.tobytes()], ["uint8"], 8).dtype == np.uint8
     mixed = stack_chip_pixels([wide.tobytes(), real.tobytes()], ["uint16", "float32"], 8)
     assert mixed.dtype == np.float32 and np.array_equal(mixed[0], wide) and np.array_equal(mixed[1], real)
+
+
+def test_head_blocks_hold_whole_runs_of_chips():
+    from pipeline.run.graph import head_block_rows
+
+    assert head_block_rows(50, 8) == 8  # 8 x 6 + 2: never a block of 9 (a run of 8 and a run of 1)
+    assert head_block_rows(8, 8) == 8 and head_block_rows(3, 8) == 8
+    assert head_block_rows(20000, 8) == 24  # 2,500 runs in at most 1,000 blocks: 3 runs a block
+    assert head_block_rows(8000, 8, max_blocks=1000) == 8
+    assert head_block_rows(8001, 8, max_blocks=1000) == 16

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.chips.planning import (
     PLAN_BATCH,
@@ -59,6 +60,8 @@ from pipeline.table.store import open_store
 
 # Chips per read task and predictor call when the model takes fewer (see transport_batch).
 MIN_READ_BATCH = 8
+# Blocks of the first scenes' chip rows at most (see head_block_rows).
+MAX_HEAD_BLOCKS = 1000
 
 
 @dataclass
@@ -156,6 +159,16 @@ def transport_batch(batch_size: int, n_chips: int, actors: int, parallel_passes:
     one_round = parallel_passes * batch_size
     run = min(max(MIN_READ_BATCH, one_round), spread)
     return max(1, -(-run // one_round)) * one_round
+
+
+def head_block_rows(n_rows: int, run: int, max_blocks: int = MAX_HEAD_BLOCKS) -> int:
+    """Rows per block of the first scenes' chip rows (planned on the driver): whole runs of
+    `run` chips (one read and one predictor call each), as few runs a block as keep the
+    blocks to `max_blocks`. Ray Data reads and predicts a block in batches of `run`, so a
+    block of 9 rows went as a run of 8 and a run of 1, a predictor call for one chip.
+    Examples: (50, 8) -> 8 (blocks of 8, 8, 8, 8, 8, 8, 2); (20000, 8) -> 24."""
+    runs = -(-n_rows // run)  # ceil
+    return run * max(1, -(-runs // max_blocks))
 
 
 def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channels: int, chip_size: int,
@@ -293,7 +306,10 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], ledger: Chip
                              spec.tiling.chip_size, itemsize)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=budget)
-    ds = ray.data.from_items(head_rows, override_num_blocks=max(1, min(len(head_rows) // read_batch, 1000)))
+    block = head_block_rows(len(head_rows), read_batch)
+    # from_blocks keeps the blocks as cut, and reads their metadata here (from_arrow asks a Ray task).
+    ds = ray.data.from_blocks([pa.Table.from_pylist(head_rows[start:start + block])
+                               for start in range(0, len(head_rows), block)])
     with warnings.catch_warnings():
         # max_retries / max_restarts travel as ray_remote_args, which Ray 2.60 deprecates
         # without a named replacement; pyproject keeps Ray below 2.64, where they go.
