@@ -282,51 +282,86 @@ def test_a_joined_cluster_keeps_ray_datas_helpers(ray_session):
 def test_node_budgets_count_the_alive_nodes_standard_resources():
     from pipeline.run.local_data import node_budgets
 
-    nodes = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 2.0, "GPU": 0.0, "memory": 8.0,
+    nodes = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 2.5, "GPU": 0.0, "memory": 8.0,
                                                           "object_store_memory": 4.0, "node:10.0.0.1": 1.0,
                                                           "accelerator_type:T4": 1.0}},
-             {"NodeID": "b", "Alive": False, "Resources": {"CPU": 16.0}}]
+             {"NodeID": "b", "Alive": False, "Resources": {"CPU": 16.0}},
+             {"NodeID": "head", "Alive": True, "Resources": {"CPU": 0.0, "memory": 8.0, "object_store_memory": 4.0,
+                                                             "node:__internal_head__": 1.0}}]
+    # whole units, as Ray's coordinator shares them; a head without CPU or GPU is left out
     assert node_budgets(nodes) == {"a": {"CPU": 2.0, "memory": 8.0, "object_store_memory": 4.0}}
 
 
 DEPENDENCY_DRIVER = """
-import json, sys
+import json, os, sys
 if len(sys.argv) > 1:
-    sys.modules[sys.argv[1]] = None  # as if not installed
-import ray._private.utils as utils
-from pipeline.run.cluster import connect_ray, dashboard_dependencies_located
+    sys.modules[sys.argv[1]] = None  # installed, but does not import
+import ray
+from pipeline.run.cluster import connect_ray
 
-with dashboard_dependencies_located():
-    ours = utils.get_dashboard_dependency_error()
-imported = "aiohttp" in sys.modules
+imported_before = "aiohttp" in sys.modules
 connect_ray(None)
-started = "aiohttp" in sys.modules
-rays = utils.get_dashboard_dependency_error()  # Ray's own check, the oracle: it imports them
-print(json.dumps({"ours": None if ours is None else ours.name, "ours imported aiohttp": imported,
-                  "rays": None if rays is None else type(rays).__name__, "aiohttp after a local start": started}))
+session = ray._private.worker._global_node.get_session_dir_path()
+agent = []  # the command this Ray's raylet starts its dashboard agent with (its own command line, /proc)
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        args = open(f"/proc/{pid}/cmdline").read().split("\\0")
+    except OSError:
+        continue
+    if f"--session_dir={session}" in args:
+        agent += [a for a in args if a.startswith("--dashboard_agent_command")]
+print(json.dumps({"imported before": imported_before, "aiohttp imported": "aiohttp" in sys.modules,
+                  "minimal agent": any("--minimal" in a for a in agent), "agent found": bool(agent)}))
 """
 
 
-def test_a_local_ray_finds_the_dashboards_dependencies_without_importing_them():
+def test_a_local_ray_remembers_rays_answer_on_the_dashboards_packages(tmp_path):
     """Ray decides whether its dashboard agent runs minimal by importing aiohttp, OpenTelemetry's
-    Prometheus exporter and the rest in the driver: 0.5 s on every local start's critical path,
-    for modules nothing in a run uses. Locating them gives Ray's answer; Ray's own check is
-    the oracle, with everything installed and with one module missing."""
-    installed, _ = run_child(DEPENDENCY_DRIVER, timeout=120)
-    assert installed == {"ours": None, "ours imported aiohttp": False, "rays": None,
-                         "aiohttp after a local start": False}
-    missing, _ = run_child(DEPENDENCY_DRIVER, "prometheus_client", timeout=120)
-    assert missing["ours"] == "prometheus_client" and missing["rays"] is not None
+    Prometheus exporter and the rest in the driver: 0.5 s on every local start, for modules
+    nothing in a run uses. The first start in an environment asks Ray and keeps the answer;
+    later starts answer from it. A package that is installed but does not import gets Ray's
+    own answer (a minimal agent), not a full agent that would fail to start."""
+    import json
+    import os
+
+    env = {**os.environ, "RETINANET_PIPELINE_CACHE": str(tmp_path / "cache")}
+    first = run_child_env(DEPENDENCY_DRIVER, env)
+    second = run_child_env(DEPENDENCY_DRIVER, env)
+    assert first == {"imported before": False, "aiohttp imported": True, "minimal agent": False, "agent found": True}
+    assert second == {"imported before": False, "aiohttp imported": False, "minimal agent": False,
+                      "agent found": True}
+    (answer,) = (tmp_path / "cache" / "ray").glob("dashboard-dependencies-*.json")
+    assert json.loads(answer.read_text()) == {"missing": None}
+
+    broken = {**env, "RETINANET_PIPELINE_CACHE": str(tmp_path / "broken")}
+    hidden = run_child_env(DEPENDENCY_DRIVER, broken, "prometheus_client")
+    assert hidden["minimal agent"] is True and hidden["agent found"]  # as Ray's own check decides
+    (answer,) = (tmp_path / "broken" / "ray").glob("dashboard-dependencies-*.json")
+    assert "prometheus_client" in json.loads(answer.read_text())["missing"]
 
 
-def test_module_found_locates_without_importing():
+def run_child_env(code: str, env: dict, *args) -> dict:
+    import json
+    import subprocess
     import sys
 
-    from pipeline.run.cluster import imported_modules, module_found
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    assert module_found("json") and module_found("email.mime.text")
-    assert not module_found("json.no_such_part") and not module_found("no_such_package.part")
-    assert imported_modules("import a.b, c\nfrom d.e import f\nfrom . import g\n") == ["a.b", "c", "d.e"]
-    before = set(sys.modules)
-    assert module_found("xml.dom.minidom")  # a package not imported yet by this suite, at any rate
-    assert not {"xml.dom", "xml.dom.minidom"} & (set(sys.modules) - before)
+
+def test_the_environment_key_changes_with_the_installed_packages(tmp_path, monkeypatch):
+    import sys
+
+    from pipeline.run.cluster import environment_key
+
+    before = environment_key()
+    assert environment_key() == before
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    assert environment_key() == before  # a folder without distributions
+    (tmp_path / "somepackage-1.0.dist-info").mkdir()
+    upgraded = environment_key()
+    assert upgraded != before
+    (tmp_path / "somepackage-1.0.dist-info").rename(tmp_path / "somepackage-1.1.dist-info")
+    assert environment_key() not in (before, upgraded)
+

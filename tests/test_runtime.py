@@ -294,10 +294,15 @@ def test_chips_of_several_dtypes_stack_without_losing_values():
 
 
 def test_head_blocks_hold_whole_runs_of_chips():
-    from pipeline.run.graph import head_block_rows
+    from pipeline.run.graph import head_blocks
 
-    assert head_block_rows(50, 8) == 8  # 8 x 6 + 2: never a block of 9 (a run of 8 and a run of 1)
-    assert head_block_rows(8, 8) == 8 and head_block_rows(3, 8) == 8
-    assert head_block_rows(20000, 8) == 24  # 2,500 runs in at most 1,000 blocks: 3 runs a block
-    assert head_block_rows(8000, 8, max_blocks=1000) == 8
-    assert head_block_rows(8001, 8, max_blocks=1000) == 16
+    # never a block of 9 (a run of 8 and a run of 1) nor one under a run (it would wait)
+    assert head_blocks(50, 8) == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40), (40, 50)]
+    assert head_blocks(8, 8) == [(0, 8)] and head_blocks(5, 8) == [(0, 5)]
+    assert head_blocks(16, 8) == [(0, 8), (8, 16)]
+    blocks = head_blocks(20000, 8)  # 2,500 runs in at most 1,000 blocks: 3 runs a block
+    assert len(blocks) <= 1000 and {stop - start for start, stop in blocks[:-1]} == {24}
+    assert blocks[0][0] == 0 and blocks[-1][1] == 20000
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert len(head_blocks(8000, 8, max_blocks=1000)) == 1000
+    assert {stop - start for start, stop in head_blocks(8001, 8, max_blocks=1000)[:-1]} == {16}

@@ -9,19 +9,20 @@ Ray Data's own helpers on such a Ray: :mod:`pipeline.run.local_data`.
 """
 from __future__ import annotations
 
-import ast
 import contextlib
+import hashlib
 import importlib
-import importlib.machinery
-import importlib.util
+import json
 import logging
 import os
 import socket
+import sys
 import time
 import warnings
-from pathlib import Path
 
 from pipeline.errors import ClusterError
+from pipeline.io.objstore import cache_dir
+from retinanet.files import write_atomically
 
 REGISTRATION_POLL_S = 0.02
 # What a machine joining a cluster with token authentication needs (Ray 2.60: the token alone,
@@ -82,7 +83,7 @@ def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False
             if address is None:
                 # "local": a new Ray of our own; address=None would join any Ray started on
                 # this machine with `ray start` (someone else's cluster on a shared host).
-                with (fine_registration_wait(), dashboard_dependencies_located(),
+                with (fine_registration_wait(), dashboard_dependencies_remembered(),
                       without_head_processes(unused_head_processes(dashboard, quiet)),
                       agent_on_a_free_port(not dashboard)):
                     ray.init(address="local", **options)
@@ -194,57 +195,41 @@ def fine_registration_wait(timeout_s: float = 30.0):
     return replaced(services, {"get_node": get_node})
 
 
-def module_found(name: str) -> bool:
-    """Whether module `name` is installed, from the files alone: its regular packages are
-    located, not imported (importing a namespace package runs nothing). Example:
-    "aiohttp.web" -> True where aiohttp is installed, without the 0.35 s aiohttp's import takes."""
-    parts = name.split(".")
-    try:
-        spec = importlib.util.find_spec(parts[0])  # a top-level name imports nothing
-        for depth in range(2, len(parts) + 1):
-            if spec is None or spec.submodule_search_locations is None:
-                return False
-            prefix = ".".join(parts[:depth])
-            try:
-                spec = (importlib.util.find_spec(prefix) if spec.origin is None  # parent: a namespace package
-                        else importlib.machinery.PathFinder.find_spec(prefix, list(spec.submodule_search_locations)))
-            except KeyError:  # a namespace package inside a regular one: only an import finds it
-                spec = importlib.util.find_spec(prefix)
-    except (ImportError, ValueError):
-        return False
-    return spec is not None
+def environment_key() -> str:
+    """A digest of this Python environment: the interpreter and every installed distribution
+    with its version (the ``*.dist-info`` folders on ``sys.path``, ~15 ms to list). Installing,
+    upgrading or removing any package changes it."""
+    names = sorted(entry.name for folder in sys.path if os.path.isdir(folder)
+                   for entry in os.scandir(folder) if entry.name.endswith(".dist-info"))
+    return hashlib.blake2b("\n".join([sys.executable, *names]).encode(), digest_size=8).hexdigest()
 
 
-def imported_modules(source: str) -> list[str]:
-    """The modules a Python file's import statements name. Example: "import a.b\nfrom c import d" -> ["a.b", "c"]."""
-    names: list[str] = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.append(node.module)
-    return names
+def dashboard_dependencies_remembered():
+    """While a local Ray starts, Ray's check for the dashboard's optional packages (which
+    decides whether its agent runs in minimal mode) answers from its own earlier answer in
+    this environment (:func:`environment_key`), kept in the cache folder.
 
-
-def dashboard_dependencies_located():
-    """While a local Ray starts, Ray's check for the dashboard's optional dependencies (which
-    decides whether its agent runs in minimal mode) locates them instead of importing them.
-
-    Ray's check imports every module of ``ray/dashboard/optional_deps.py`` (aiohttp,
-    OpenTelemetry's Prometheus exporter, ...) in the driver, 0.5 s of CPU on ``ray.init``'s
-    critical path, before the raylet starts; nothing else in a run's driver uses them. The
-    answer is the same: an ImportError naming the first module not installed, else None.
+    Ray's check imports them all (aiohttp, OpenTelemetry's Prometheus exporter, ...) in the
+    driver: 0.5 s of CPU inside ``ray.init`` before the raylet starts, on every run, for
+    modules nothing else in a run uses. The first start in an environment runs Ray's check
+    and keeps its answer; an installed package that does not import (a missing dependency
+    of aiohttp, say) is answered as Ray answers it, so the agent starts minimal as before.
     """
     utils = ray_module("ray._private.utils")
-    dashboard = ray_module("ray.dashboard")
-    deps = Path(getattr(dashboard, "__file__", None) or "/nonexistent").parent / "optional_deps.py"
-    if not deps.is_file():  # another Ray layout: Ray's own check
+    rays_check = getattr(utils, "get_dashboard_dependency_error", None)
+    if not callable(rays_check):  # another Ray layout: Ray's own check
         return contextlib.nullcontext()
-    names = imported_modules(deps.read_text(encoding="utf-8"))
+    path = cache_dir() / "ray" / f"dashboard-dependencies-{environment_key()}.json"
 
     def get_dashboard_dependency_error():
-        missing = next((name for name in names if not module_found(name)), None)
-        return None if missing is None else ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            missing = json.loads(path.read_text(encoding="utf-8"))["missing"]
+            return None if missing is None else ImportError(missing)
+        error = rays_check()
+        with contextlib.suppress(OSError):  # a read-only cache: Ray's check again next time
+            answer = json.dumps({"missing": None if error is None else str(error)})
+            write_atomically(path, lambda tmp: tmp.write_text(answer, encoding="utf-8"))
+        return error
 
     return replaced(utils, {"get_dashboard_dependency_error": get_dashboard_dependency_error})
 

@@ -60,7 +60,7 @@ from pipeline.table.store import open_store
 
 # Chips per read task and predictor call when the model takes fewer (see transport_batch).
 MIN_READ_BATCH = 8
-# Blocks of the first scenes' chip rows at most (see head_block_rows).
+# Blocks of the first scenes' chip rows at most (see head_blocks).
 MAX_HEAD_BLOCKS = 1000
 
 
@@ -161,14 +161,20 @@ def transport_batch(batch_size: int, n_chips: int, actors: int, parallel_passes:
     return max(1, -(-run // one_round)) * one_round
 
 
-def head_block_rows(n_rows: int, run: int, max_blocks: int = MAX_HEAD_BLOCKS) -> int:
-    """Rows per block of the first scenes' chip rows (planned on the driver): whole runs of
-    `run` chips (one read and one predictor call each), as few runs a block as keep the
-    blocks to `max_blocks`. Ray Data reads and predicts a block in batches of `run`, so a
-    block of 9 rows went as a run of 8 and a run of 1, a predictor call for one chip.
-    Examples: (50, 8) -> 8 (blocks of 8, 8, 8, 8, 8, 8, 2); (20000, 8) -> 24."""
+def head_blocks(n_rows: int, run: int, max_blocks: int = MAX_HEAD_BLOCKS) -> list[tuple[int, int]]:
+    """(start, stop) of each block of the first scenes' chip rows (planned on the driver):
+    whole runs of `run` chips (one read and one predictor call each), as few runs a block as
+    keep the blocks to `max_blocks`, the last block also taking a remainder shorter than a
+    run. Ray Data reads and predicts a block in batches of `run`: a block of 9 rows went as a
+    run of 8 and a run of 1, and a block shorter than a run waits for rows of the scenes
+    planned later to fill its batch. Examples: (50, 8) -> five blocks of 8 and (40, 50);
+    (20000, 8) -> blocks of 24; (5, 8) -> [(0, 5)]."""
     runs = -(-n_rows // run)  # ceil
-    return run * max(1, -(-runs // max_blocks))
+    size = run * max(1, -(-runs // max_blocks))
+    starts = list(range(0, n_rows, size))
+    if len(starts) > 1 and n_rows - starts[-1] < run:
+        starts.pop()  # the short remainder joins the block before it
+    return [(start, stop) for start, stop in zip(starts, starts[1:] + [n_rows])]
 
 
 def in_flight_bytes(prefetch_batches: int, actors: int, batch_size: int, channels: int, chip_size: int,
@@ -306,10 +312,9 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], ledger: Chip
                              spec.tiling.chip_size, itemsize)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=budget)
-    block = head_block_rows(len(head_rows), read_batch)
     # from_blocks keeps the blocks as cut, and reads their metadata here (from_arrow asks a Ray task).
-    ds = ray.data.from_blocks([pa.Table.from_pylist(head_rows[start:start + block])
-                               for start in range(0, len(head_rows), block)])
+    ds = ray.data.from_blocks([pa.Table.from_pylist(head_rows[start:stop])
+                               for start, stop in head_blocks(len(head_rows), read_batch)])
     with warnings.catch_warnings():
         # max_retries / max_restarts travel as ray_remote_args, which Ray 2.60 deprecates
         # without a named replacement; pyproject keeps Ray below 2.64, where they go.

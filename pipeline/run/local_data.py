@@ -14,13 +14,13 @@ And it hands each finished block's metadata to a fetch thread that polls in 0.1-
 that fetching it from a remote node never holds up the scheduling loop.
 
 On a cluster they live on between runs, and their answers matter. On a Ray that ``ray.init``
-started in this process (a run's own local Ray, the test suite's) there is one node and no
-autoscaler, so each answer is known without asking: the budget is the node, the actors are
-all on it, and, where no dashboard runs (a run's local Ray starts without one), nothing reads
-the metrics; and a block's metadata is in the node's own object store, read inline (Ray
-Data's inline mode) as soon as the block is done. Without the three actors, the demo run
-starts sooner and smaller, and with the inline reads its first predictions reach the driver
-sooner (BENCHMARKS.md).
+started in this process (a run's own local Ray, the test suite's) there is one node, no
+autoscaler and, as in a run, one dataset at a time, so each answer is known without asking:
+the budget is the node, the actors are all on it, and, where no dashboard runs (a run's
+local Ray starts without one), nothing reads the metrics; and a block's metadata is in the
+node's own object store, read inline (Ray Data's inline mode) as soon as the block is done.
+Without the three actors, the demo run starts sooner and smaller, and with the inline reads
+its first predictions reach the driver sooner (BENCHMARKS.md).
 
 :func:`use_local_answers` installs these answers call by call: wherever the connected Ray is
 not one started here, Ray's own code runs. A Ray layout without these internals runs as Ray does.
@@ -34,6 +34,8 @@ from typing import Callable
 
 # What Ray Data's executor budgets with (Ray's STANDARD_RESOURCE_TYPES), per node.
 BUDGETED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+# The resource that marks Ray's head node.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 _installed = False
 
 
@@ -59,12 +61,18 @@ def _global_node():
 
 def node_budgets(nodes: list[dict]) -> dict[str, dict[str, float]]:
     """What Ray Data's autoscaling coordinator reserves for the one dataset on a cluster that
-    cannot grow: each alive node's CPU, GPU, memory and object store, by node id, from
-    ``ray.nodes()`` entries. Example: [{"NodeID": "ab", "Alive": True, "Resources": {"CPU": 2.0,
-    "GPU": 0.0, "node:10.0.0.1": 1.0}}] -> {"ab": {"CPU": 2.0}}."""
-    return {node["NodeID"]: {name: float(amount) for name, amount in node["Resources"].items()
-                             if name in BUDGETED_RESOURCES and amount}
-            for node in nodes if node.get("Alive")}
+    cannot grow, from ``ray.nodes()`` entries: each alive node's CPU, GPU, memory and object
+    store in whole units, by node id, leaving out a head node with neither CPU nor GPU (its
+    object store is not usable), as the coordinator does. Example: [{"NodeID": "ab", "Alive":
+    True, "Resources": {"CPU": 2.5, "GPU": 0.0, "node:10.0.0.1": 1.0}}] -> {"ab": {"CPU": 2.0}}."""
+    def usable(node: dict) -> bool:
+        resources = node["Resources"]
+        head_without_compute = HEAD_NODE_RESOURCE in resources and not (resources.get("CPU") or resources.get("GPU"))
+        return bool(node.get("Alive")) and not head_without_compute
+
+    return {node["NodeID"]: {name: float(amount // 1) for name, amount in node["Resources"].items()
+                             if name in BUDGETED_RESOURCES and amount // 1}
+            for node in nodes if usable(node)}
 
 
 class _Unrecorded:
