@@ -88,12 +88,27 @@ def test_a_local_ray_for_training_answers_the_state_api_that_ray_train_polls():
     assert without["head"] == [] and without["restored"]
 
 
+# Child code: the dashboard agent's arguments in the command line of this Ray's raylet (/proc);
+# the agent's own command line is overwritten by its process title.
+AGENT_COMMAND_OF_THIS_RAY = """
+def agent_command(session):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = open(f"/proc/{pid}/cmdline").read().split("\\0")
+        except OSError:
+            continue
+        if f"--session_dir={session}" in args:
+            found += [a for a in args if a.startswith("--dashboard_agent")]
+    return found
+"""
+
 AGENT_PORT_DRIVER = """
 import contextlib, json, os, re, socket
 import ray
 from ray._private.node import Node
 from pipeline.run.cluster import connect_ray
-
+""" + AGENT_COMMAND_OF_THIS_RAY + """
 start_raylet = Node.start_raylet
 taken = socket.socket()  # Ray's fixed agent port held, as another Ray on the machine holds it
 with contextlib.suppress(OSError):  # already taken (the test session's own Ray): as good
@@ -101,14 +116,7 @@ with contextlib.suppress(OSError):  # already taken (the test session's own Ray)
     taken.listen()
 connect_ray(None, quiet=True)
 session = ray._private.worker._global_node.get_session_dir_path()
-agents = []  # the agent's listen port in the command this Ray's raylet starts it with (/proc)
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        args = open(f"/proc/{pid}/cmdline").read().split("\\0")
-    except OSError:
-        continue
-    if f"--session_dir={session}" in args:
-        agents += re.findall(r"--listen-port=(\\d+)", " ".join(a for a in args if a.startswith("--dashboard_agent")))
+agents = re.findall(r"--listen-port=(\\d+)", " ".join(agent_command(session)))
 log = open(os.path.join(session, "logs", "dashboard_agent.log")).read()
 print(json.dumps({"agent_ports": agents, "retried": "Failed to bind" in log,
                   "nodes": len([n for n in ray.nodes() if n["Alive"]]), "restored": Node.start_raylet == start_raylet}))
@@ -298,18 +306,10 @@ if len(sys.argv) > 1:
     sys.modules[sys.argv[1]] = None  # installed, but does not import
 import ray
 from pipeline.run.cluster import connect_ray
-
+""" + AGENT_COMMAND_OF_THIS_RAY + """
 imported_before = "aiohttp" in sys.modules
 connect_ray(None)
-session = ray._private.worker._global_node.get_session_dir_path()
-agent = []  # the command this Ray's raylet starts its dashboard agent with (its own command line, /proc)
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        args = open(f"/proc/{pid}/cmdline").read().split("\\0")
-    except OSError:
-        continue
-    if f"--session_dir={session}" in args:
-        agent += [a for a in args if a.startswith("--dashboard_agent_command")]
+agent = agent_command(ray._private.worker._global_node.get_session_dir_path())
 print(json.dumps({"imported before": imported_before, "aiohttp imported": "aiohttp" in sys.modules,
                   "minimal agent": any("--minimal" in a for a in agent), "agent found": bool(agent)}))
 """
