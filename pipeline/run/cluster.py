@@ -168,12 +168,14 @@ def replaced(owner, replacements: dict):
             setattr(owner, name, original)
 
 
-def ray_module(name: str):
-    """One of Ray's private modules (``ray._private.services``), or None where Ray lays it out otherwise."""
+def ray_attribute(module: str, name: str | None = None):
+    """One of Ray's modules (``ray._private.services``), or the attribute `name` of it (read
+    now: ``_global_node`` changes with ``ray.init``); None where Ray lays it out otherwise."""
     try:
-        return importlib.import_module(name)
+        found = importlib.import_module(module)
     except ImportError:
         return None
+    return found if name is None else getattr(found, name, None)
 
 
 def fine_registration_wait(timeout_s: float = 30.0):
@@ -185,7 +187,7 @@ def fine_registration_wait(timeout_s: float = 30.0):
     would do: 0.9 s of every local run's start-up. Ray's own lookup runs right after ours,
     so an unexpected Ray (a node that never shows) falls back to Ray's behaviour, errors included.
     """
-    services = ray_module("ray._private.services")
+    services = ray_attribute("ray._private.services")
     ray_lookup = getattr(services, "get_node", None)
 
     def get_node(gcs_address, node_id):
@@ -215,7 +217,7 @@ def dashboard_dependencies_remembered():
     and keeps its answer; an installed package that does not import (a missing dependency
     of aiohttp, say) is answered as Ray answers it, so the agent starts minimal as before.
     """
-    utils = ray_module("ray._private.utils")
+    utils = ray_attribute("ray._private.utils")
     rays_check = getattr(utils, "get_dashboard_dependency_error", None)
     if not callable(rays_check):  # another Ray layout: Ray's own check
         return contextlib.nullcontext()
@@ -255,15 +257,6 @@ def unused_head_processes(dashboard: bool, quiet: bool) -> tuple[str, ...]:
     return ("start_monitor", "start_api_server") + (("start_log_monitor",) if quiet else ())
 
 
-def ray_node_class():
-    """Ray's Node (the processes a local Ray starts), or None where Ray lays it out otherwise."""
-    try:
-        from ray._private import node as ray_node
-    except ImportError:
-        return None
-    return getattr(ray_node, "Node", None)
-
-
 def agent_on_a_free_port(enabled: bool):
     """While a local Ray starts (``enabled``), its raylet's dashboard agent listens on a port
     the kernel picks instead of Ray's fixed 52365, which ``ray.init`` has no switch for.
@@ -273,7 +266,7 @@ def agent_on_a_free_port(enabled: bool):
     head started 8.8 s after the command instead of 5.5 s (BENCHMARKS.md). Only the dashboard
     and the API server call the agent there, and a run starts neither
     (:func:`unused_head_processes`); a training keeps the fixed port for its dashboard."""
-    node_class = ray_node_class()
+    node_class = ray_attribute("ray._private.node", "Node")
     start_raylet = getattr(node_class, "start_raylet", None)
     if not enabled:
         return contextlib.nullcontext()
@@ -295,5 +288,5 @@ def without_head_processes(methods: tuple[str, ...]):
     def skip(self, **_):
         return None
 
-    return replaced(ray_node_class(), dict.fromkeys(methods, skip))
+    return replaced(ray_attribute("ray._private.node", "Node"), dict.fromkeys(methods, skip))
 

@@ -28,9 +28,10 @@ not one started here, Ray's own code runs. A Ray layout without these internals 
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from typing import Callable
+
+from pipeline.run.cluster import ray_attribute
 
 # What Ray Data's executor budgets with (Ray's STANDARD_RESOURCE_TYPES), per node.
 BUDGETED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -42,21 +43,17 @@ _installed = False
 def ray_started_here() -> bool:
     """Whether this process's Ray is one that ``ray.init`` started here (its head runs under
     this process: one node, no autoscaler that could add any) rather than a cluster joined."""
-    node = _global_node()
-    return bool(getattr(node, "head", False))
+    return bool(getattr(this_ray(), "head", False))
 
 
 def metrics_unread() -> bool:
     """Whether nothing reads Ray Data's metrics: a Ray started here without a dashboard."""
-    return ray_started_here() and not getattr(_global_node(), "webui_url", None)
+    return ray_started_here() and not getattr(this_ray(), "webui_url", None)
 
 
-def _global_node():
-    try:
-        from ray._private import worker
-    except ImportError:
-        return None
-    return getattr(worker, "_global_node", None)
+def this_ray():
+    """Ray's node object of this process (None before ``ray.init``)."""
+    return ray_attribute("ray._private.worker", "_global_node")
 
 
 def node_budgets(nodes: list[dict]) -> dict[str, dict[str, float]]:
@@ -107,30 +104,21 @@ def use_local_answers() -> None:
     if _installed:
         return
     _installed = True
-    _answer_where(_attribute("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator",
-                             "DefaultAutoscalingCoordinator"),
+    _answer_where(ray_attribute("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator",
+                                "DefaultAutoscalingCoordinator"),
                   {"request_resources": _nothing,  # no autoscaler to ask
                    "cancel_request": _nothing, "get_reserved_resources": _reserved_resources}, ray_started_here)
-    _answer_where(_attribute("ray.data._internal.stats", "_StatsManager"),
+    _answer_where(ray_attribute("ray.data._internal.stats", "_StatsManager"),
                   dict.fromkeys(("register_dataset_to_stats_actor", "update_execution_metrics",
                                  "update_iteration_metrics"), _nothing), metrics_unread)
-    _answer_where(_attribute("ray.data._internal.execution.operators.actor_pool_map_operator", None),
+    _answer_where(ray_attribute("ray.data._internal.execution.operators.actor_pool_map_operator"),
                   {"get_or_create_actor_location_tracker": lambda: OneNodeActorLocations(),
                    # no locations known: the pool keeps the node each actor reported when ready
                    "get_actor_locations": lambda logical_actor_ids: {}}, ray_started_here)
-    inline = _attribute("ray.data._internal.execution.metadata_fetcher", "InlineMetadataFetcher")
+    inline = ray_attribute("ray.data._internal.execution.metadata_fetcher", "InlineMetadataFetcher")
     if inline is not None:
-        _answer_where(_attribute("ray.data._internal.execution.streaming_executor", None),
+        _answer_where(ray_attribute("ray.data._internal.execution.streaming_executor"),
                       {"make_metadata_fetcher": inline}, ray_started_here)
-
-
-def _attribute(module: str, name: str | None):
-    """Ray's module (name None) or a class in it; None where Ray lays it out otherwise."""
-    try:
-        found = importlib.import_module(module)
-    except ImportError:
-        return None
-    return found if name is None else getattr(found, name, None)
 
 
 def _answer_where(owner, ours: dict[str, Callable], applies: Callable[[], bool]) -> None:
