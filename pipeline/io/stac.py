@@ -231,6 +231,8 @@ class StacSelection:
     """What a STAC source contributes to a run.
 
     paths: scene hrefs, sorted by item time then id; item_ids: the item of each path;
+    acquired_at: each path's acquisition time (the item's ``datetime``, else its
+    ``start_datetime``, else its ``end_datetime``; aware UTC), None for an item without time;
     newest: ISO 8601 UTC of the latest item time selected (None if nothing was), to be
     stored in the run report under :data:`REPORT_KEY`; skipped: ``{"item", "reason"}``
     for items that matched the filters but could not be used (no such asset).
@@ -238,6 +240,7 @@ class StacSelection:
 
     paths: list[str] = field(default_factory=list)
     item_ids: list[str] = field(default_factory=list)
+    acquired_at: list[Optional[dt.datetime]] = field(default_factory=list)
     newest: Optional[str] = None
     skipped: list[dict] = field(default_factory=list)
 
@@ -266,6 +269,7 @@ def choose(items: Sequence[Any], source: str, asset: str, window: Interval,
             continue
         out.paths.append(href)
         out.item_ids.append(item.id)
+        out.acquired_at.append(when[0] if when is not None else None)
         if when is not None and (newest is None or when[1] > newest):
             newest = when[1]
     if picked and not out.paths:
