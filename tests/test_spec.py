@@ -309,3 +309,65 @@ def test_parse_job_without_file():
     assert spec.source == "inline" and spec.inputs.paths == ["a"]  # no base_dir: paths as given
     with pytest.raises(ConfigError, match=r"^inline: output: required key is missing"):
         parse_job({"name": "n", "inputs": {"paths": ["a"]}, "model": {"checkpoint": "m"}}, source="inline")
+
+
+# ---------------------------------------------------------------- overrides at any depth
+
+
+TRAIN = GOOD + """\
+train:
+  scenes: ["data/train/*.tif"]
+  labels: [data/train/truth.json]
+  classes: [vehicle]
+  output_dir: models/run
+  augment: {hflip: true, vflip: true}
+"""
+
+
+def test_overrides_reach_any_depth(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = load_job(write(tmp_path, TRAIN), ["train.augment.hflip=false", "train.augment.scale_range=[0.5, 2]",
+                                             "train.val_split.by=region", "train.val_split.fraction=0.3"])
+    assert spec.train is not None
+    assert spec.train.augment.hflip is False and spec.train.augment.vflip is True  # the file's other keys stay
+    assert spec.train.augment.scale_range == [0.5, 2.0]
+    assert (spec.train.val_split.by, spec.train.val_split.fraction) == ("region", 0.3)
+    # a nested section the file does not have, and a nested path resolved against the current directory
+    stac = load_job(write(tmp_path, GOOD), ["inputs.paths=null", "inputs.stac.source=cat/catalog.json",
+                                            "inputs.stac.asset=image"])
+    assert stac.inputs.stac is not None and stac.inputs.paths is None
+    assert stac.inputs.stac.source == str(tmp_path / "cat" / "catalog.json") and stac.inputs.stac.asset == "image"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.augment.hfilp=false", "unknown key train.augment.hfilp (known: brightness,"),
+        ("train.agument.hflip=false", "unknown key train.agument (known: augment,"),
+        ("train.augment.hflip.x=1", "'train.augment.hflip' has no sub-keys"),
+        ("inputs.stac.sauce=x", "unknown key inputs.stac.sauce"),
+        ("train.augment=3", "expected train.augment.KEY=VALUE"),
+    ],
+)
+def test_bad_deep_override_names_the_full_path(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, TRAIN), [override])
+    assert expected in str(err.value) and f"--set {override}" in str(err.value)
+
+
+def test_deep_override_into_a_non_mapping_is_named(tmp_path):
+    text = TRAIN.replace("augment: {hflip: true, vflip: true}", "augment: 7")
+    with pytest.raises(ConfigError, match=r"--set train\.augment\.hflip=false: train\.augment in the job file "
+                                          r"is not a mapping"):
+        load_job(write(tmp_path, text), ["train.augment.hflip=false"])
+
+
+def test_deep_override_value_is_validated_with_its_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.augment\.contrast"):
+        load_job(write(tmp_path, TRAIN), ["train.augment.contrast=2"])
+
+
+def test_unknown_nested_key_in_the_file_lists_its_sections_keys(tmp_path):
+    text = TRAIN.replace("augment: {hflip: true, vflip: true}", "augment: {hfilp: true}")
+    with pytest.raises(ConfigError, match=r"train\.augment\.hfilp: unknown key \(known: brightness, "):
+        load_job(write(tmp_path, text))

@@ -510,30 +510,53 @@ def resolve_paths(data: dict, base_dir: os.PathLike | str) -> dict:
     return out
 
 
-def _section_fields() -> dict[str, Optional[set[str]]]:
-    """Top-level keys -> allowed sub-keys (None for scalar top-level keys like ``name``)."""
-    out: dict[str, Optional[set[str]]] = {}
-    for key, field in JobSpec.model_fields.items():
-        ann = field.annotation
-        # Optional[Section] (e.g. train) is a section too.
-        ann = next((a for a in get_args(ann) if a is not type(None)), ann) if get_args(ann) else ann
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out[key] = set(ann.model_fields)
-        else:
-            out[key] = None
-    return out
+def _field_model(annotation: Any) -> Optional[type[BaseModel]]:
+    """The pydantic model a field holds (``Optional[Model]`` too), or None for a plain value."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    candidate = args[0] if len(args) == 1 and type(None) in get_args(annotation) else annotation
+    return candidate if isinstance(candidate, type) and issubclass(candidate, BaseModel) else None
+
+
+def _fields_at(path: Sequence[str]) -> Optional[dict[str, Any]]:
+    """Field name -> annotation of the model at dotted ``path`` under JobSpec (``()`` is the
+    job itself), or None when ``path`` is not a model (unknown, or a plain value)."""
+    model: Optional[type[BaseModel]] = JobSpec
+    for part in path:
+        field = model.model_fields.get(part) if model is not None else None
+        model = _field_model(field.annotation) if field is not None else None
+    return None if model is None else {k: f.annotation for k, f in model.model_fields.items()}
+
+
+def _override_path_resolves(parts: Sequence[str]) -> bool:
+    """The overridden field holds a local path (``inputs.stac.source`` is the STAC section's)."""
+    key = tuple(parts)
+    return key in _PATH_FIELDS or (key[-1:] == ("source",) and key[:-1] in _PATH_FIELDS)
+
+
+def _set_dotted(data: dict, parts: Sequence[str], value: Any, where: str, prefix: str = "") -> dict:
+    """A copy of ``data`` with ``value`` at ``parts``, copying (never mutating) each mapping on the way
+    and creating the ones the file does not have."""
+    head, rest = parts[0], parts[1:]
+    if not rest:
+        return {**data, head: value}
+    child = data.get(head)
+    if child is None:
+        child = {}
+    if not isinstance(child, dict):
+        raise ConfigError(f"{where}: {prefix}{head} in the job file is not a mapping")
+    return {**data, head: _set_dotted(child, rest, value, where, f"{prefix}{head}.")}
 
 
 def apply_overrides(data: dict, overrides: Iterable[str], cwd: os.PathLike | str | None = None) -> dict:
-    """Apply ``section.key=value`` (or ``name=value``) overrides to raw job ``data``.
+    """Apply ``section.key=value`` overrides, at any depth (``train.augment.hflip=false``,
+    ``name=value``), to raw job ``data``.
 
     ``value`` is parsed with ``yaml.safe_load`` so ``compute.actors=3`` gives an int,
     ``output.crs=null`` gives None and ``inputs.bands=[1,2,3]`` a list. Relative local
-    paths are resolved against ``cwd`` (default: the current directory). Unknown
-    sections or keys raise ConfigError naming them.
+    paths are resolved against ``cwd`` (default: the current directory). An unknown
+    section or key raises ConfigError naming its full dotted path and the known keys there.
     """
     base = Path(cwd) if cwd is not None else Path.cwd()
-    sections = _section_fields()
     out = dict(data)
     for item in overrides:
         where = f"--set {item}"
@@ -545,28 +568,21 @@ def apply_overrides(data: dict, overrides: Iterable[str], cwd: os.PathLike | str
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"{where}: value is not valid YAML: {err}") from None
-        top = parts[0]
-        if top not in sections:
-            raise ConfigError(f"{where}: unknown section {top!r} (known: {', '.join(sections)})")
-        allowed = sections[top]
-        if allowed is None:
-            if len(parts) != 1:
-                raise ConfigError(f"{where}: {top!r} has no sub-keys")
-            out[top] = value
-            continue
-        if len(parts) != 2:
-            raise ConfigError(f"{where}: expected {top}.KEY=VALUE (one of {', '.join(sorted(allowed))})")
-        key = parts[1]
-        if key not in allowed:
-            raise ConfigError(f"{where}: unknown key {top}.{key} (known: {', '.join(sorted(allowed))})")
-        sec = out.get(top)
-        if sec is None:
-            sec = {}
-        if not isinstance(sec, dict):
-            raise ConfigError(f"{where}: section {top!r} in the job file is not a mapping")
-        if (top, key) in _PATH_FIELDS:
+        for depth, key in enumerate(parts):
+            known = _fields_at(parts[:depth])
+            if known is None:  # the path so far is a plain value: nothing below it
+                raise ConfigError(f"{where}: {'.'.join(parts[:depth])!r} has no sub-keys")
+            if key not in known:
+                if depth == 0:
+                    raise ConfigError(f"{where}: unknown section {key!r} (known: {', '.join(known)})")
+                raise ConfigError(f"{where}: unknown key {'.'.join(parts[:depth + 1])} "
+                                  f"(known: {', '.join(sorted(known))})")
+        sub = _fields_at(parts)
+        if sub is not None:  # a whole section: say which keys it has
+            raise ConfigError(f"{where}: expected {dotted.strip()}.KEY=VALUE (one of {', '.join(sorted(sub))})")
+        if _override_path_resolves(parts):
             value = _resolve_field(value, base)
-        out[top] = {**sec, key: value}
+        out = _set_dotted(out, parts, value, where)
     return out
 
 
@@ -612,12 +628,13 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def _known_keys_hint(loc: Sequence[Any]) -> str:
-    sections = _section_fields()
-    if len(loc) == 1:
-        return f" (known: {', '.join(sections)})"
-    if len(loc) == 2 and sections.get(loc[0]):
-        return f" (known: {', '.join(sorted(sections[loc[0]]))})"
-    return ""
+    """`` (known: a, b)``: the keys of the section holding the unknown key at ``loc``."""
+    if not all(isinstance(part, str) for part in loc):
+        return ""
+    known = _fields_at(loc[:-1])
+    if not known:
+        return ""
+    return f" (known: {', '.join(known if len(loc) == 1 else sorted(known))})"
 
 
 def parse_job(data: Any, source: str = "job", base_dir: os.PathLike | str | None = None) -> JobSpec:
