@@ -8,7 +8,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 import retinanet.boxes as box_ops
@@ -148,7 +148,7 @@ class RetinaNet(nn.Module):
         deltas = box_deltas[image_index, anchor_index]
         boxes = clip_boxes_to_image(box_ops.decode(deltas, anchors[anchor_index]), image_hw)
 
-        kept = batched_nms(boxes, scores, image_index * num_classes + labels, cfg.nms_threshold)
+        kept = box_ops.grouped_nms(boxes, scores, image_index * num_classes + labels, cfg.nms_threshold)
         # kept is sorted by score; group by image (stable) and cap each image's count.
         kept = kept[torch.sort(image_index[kept], stable=True).indices]
         per_image = torch.bincount(image_index[kept], minlength=batch)
