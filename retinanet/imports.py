@@ -34,13 +34,12 @@ from torch import Tensor, nn
 
 from retinanet.checkpoint import FORMAT_NAME, CheckpointError, file_sha256
 from retinanet.config import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, IMAGENET_MEAN, IMAGENET_STD
-from retinanet.convert import from_torchvision
+from retinanet.convert import TORCHVISION_INFERENCE, TORCHVISION_RESIZE, from_torchvision
 from retinanet.model import RetinaNet
 
 KINDS = ("auto", "torchvision", "deepforest")
 # What each source does at inference when its file does not say otherwise.
-TORCHVISION_SETTINGS = {"min_size": 800, "max_size": 1333, "score_threshold": 0.05, "nms_threshold": 0.5,
-                        "detections_per_image": 300, "topk_candidates": 1000}
+TORCHVISION_SETTINGS = {**TORCHVISION_RESIZE, **TORCHVISION_INFERENCE}
 DEEPFOREST_SETTINGS = {**TORCHVISION_SETTINGS, "score_threshold": 0.1, "nms_threshold": 0.05}
 DEEPFOREST_LABELS = {"Tree": 0}
 # Classes a whole pickled torchvision model may instantiate when read (nothing else runs).

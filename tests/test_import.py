@@ -133,8 +133,12 @@ def test_state_dict_import_needs_names_and_reads_torchvision_defaults(tmp_path, 
     assert code == 0, out
     model, info = load_checkpoint(tmp_path / "m.pt")
     cfg = model.config
-    assert (cfg.min_size, cfg.max_size, cfg.score_threshold, cfg.nms_threshold, cfg.detections_per_image) == \
-        (800, 1333, 0.05, 0.5, 300)
+    assert (cfg.min_size, cfg.max_size, cfg.score_threshold, cfg.nms_threshold, cfg.detections_per_image,
+            cfg.topk_candidates) == (800, 1333, 0.05, 0.5, 300, 1000)
+    # torchvision's own model says the same
+    assert (tv_default.transform.min_size, tv_default.transform.max_size, tv_default.score_thresh,
+            tv_default.nms_thresh, tv_default.detections_per_img, tv_default.topk_candidates) == \
+        ((800,), 1333, 0.05, 0.5, 300, 1000)
     assert cfg.image_mean == pytest.approx(tuple(255 * m for m in tv_default.transform.image_mean))
     assert info["class_names"] == ["tree"]
     assert info["metadata"]["imported_from"]["kind"] == "torchvision"
