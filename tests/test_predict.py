@@ -192,8 +192,11 @@ def test_predict_image_tiles_an_array_as_predict_scene_tiles_its_file(workspace)
     assert np.allclose(a[["xmin", "ymin", "xmax", "ymax"]].to_numpy(),
                        b[["px_xmin", "px_ymin", "px_xmax", "px_ymax"]].to_numpy(), atol=1e-3)
     assert a["label"].tolist() == b["label"].tolist()
-    # uint16 data: the same call; a grey (H, W) array feeds a 3-channel model by replication.
-    assert set(pipeline.predict_image(array[..., 0], model, progress=False, **settings).columns) >= {"xmin", "label"}
+    # A grey (H, W) uint16 array feeds the 3-channel model by replication: the boxes of its RGB copy.
+    grey = array[:256, :256, 0].astype(np.uint16)
+    one = pipeline.predict_image(grey, model, progress=False, **settings)
+    three = pipeline.predict_image(np.repeat(grey[..., None], 3, axis=2), model, progress=False, **settings)
+    assert np.allclose(one[["xmin", "ymin", "xmax", "ymax", "score"]], three[["xmin", "ymin", "xmax", "ymax", "score"]])
 
 
 def test_bad_input_gets_a_named_error(workspace, tmp_path):

@@ -32,7 +32,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Sequence, get_args
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, get_args
 
 import yaml
 from pydantic import (
@@ -563,27 +563,51 @@ def apply_overrides(data: dict, overrides: Iterable[str], cwd: os.PathLike | str
         if "=" not in item:
             raise ConfigError(f"{where}: expected section.key=value")
         dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"{where}: value is not valid YAML: {err}") from None
-        for depth, key in enumerate(parts):
-            known = _fields_at(parts[:depth])
-            if known is None:  # the path so far is a plain value: nothing below it
-                raise ConfigError(f"{where}: {'.'.join(parts[:depth])!r} has no sub-keys")
-            if key not in known:
-                if depth == 0:
-                    raise ConfigError(f"{where}: unknown section {key!r} (known: {', '.join(known)})")
-                raise ConfigError(f"{where}: unknown key {'.'.join(parts[:depth + 1])} "
-                                  f"(known: {', '.join(sorted(known))})")
-        sub = _fields_at(parts)
-        if sub is not None:  # a whole section: say which keys it has
-            raise ConfigError(f"{where}: expected {dotted.strip()}.KEY=VALUE (one of {', '.join(sorted(sub))})")
-        if _override_path_resolves(parts):
-            value = _resolve_field(value, base)
-        out = _set_dotted(out, parts, value, where)
+        out = _override(out, dotted.strip(), value, where, base)
     return out
+
+
+def apply_values(data: dict, values: Mapping[str, Any], where: str, cwd: os.PathLike | str | None = None) -> dict:
+    """Apply Python values to raw job ``data`` under the dotted names ``--set`` takes
+    (``{"tiling.chip_size": 256}``), or a section's keys as one dict (``{"tiling":
+    {"chip_size": 256}}``, merged over the section): the keyword arguments of
+    ``pipeline.predict_scene``. The same checks and path resolution as
+    :func:`apply_overrides`; ``where`` names the caller in errors."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    out = dict(data)
+    pending = list(values.items())
+    while pending:
+        dotted, value = pending.pop(0)
+        if isinstance(value, Mapping) and _fields_at(dotted.split(".")) is not None:  # a section's keys
+            pending[:0] = [(f"{dotted}.{key}", item) for key, item in value.items()]
+            continue
+        out = _override(out, dotted, value, where, base)
+    return out
+
+
+def _override(data: dict, dotted: str, value: Any, where: str, base: Path) -> dict:
+    """A copy of raw job ``data`` with ``value`` at ``dotted`` (a local path resolved against
+    ``base``); an unknown section or key raises ConfigError naming it and the known keys there."""
+    parts = dotted.split(".")
+    for depth, key in enumerate(parts):
+        known = _fields_at(parts[:depth])
+        if known is None:  # the path so far is a plain value: nothing below it
+            raise ConfigError(f"{where}: {'.'.join(parts[:depth])!r} has no sub-keys")
+        if key not in known:
+            if depth == 0:
+                raise ConfigError(f"{where}: unknown section {key!r} (known: {', '.join(known)})")
+            raise ConfigError(f"{where}: unknown key {'.'.join(parts[:depth + 1])} "
+                              f"(known: {', '.join(sorted(known))})")
+    sub = _fields_at(parts)
+    if sub is not None:  # a whole section: say which keys it has
+        raise ConfigError(f"{where}: expected {dotted}.KEY=VALUE (one of {', '.join(sorted(sub))})")
+    if _override_path_resolves(parts):
+        value = _resolve_field(value, base)
+    return _set_dotted(data, parts, value, where)
 
 
 def _dotted(loc: Sequence[Any]) -> str:

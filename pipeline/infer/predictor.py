@@ -241,10 +241,34 @@ def resolve_batch_size(model_spec, chip_size: int, gpus_per_actor: float) -> int
         return CPU_BATCH_SIZE
     import ray
 
-    precision = "fp32" if model_spec.backend == "onnx" else model_spec.precision
     probe = ray.remote(num_gpus=gpus_per_actor, num_cpus=0)(probe_batch_size)
     fraction = 0.8 * min(1.0, gpus_per_actor)
-    return int(ray.get(probe.remote(model_spec.checkpoint, chip_size, precision, model_spec.device, fraction)))
+    return int(ray.get(probe.remote(model_spec.checkpoint, chip_size, probed_precision(model_spec), model_spec.device,
+                                    fraction)))
+
+
+def probed_precision(model_spec) -> str:
+    """The precision a batch size is measured in: the ONNX backend's graph runs in fp32."""
+    return "fp32" if model_spec.backend == "onnx" else model_spec.precision
+
+
+def local_batch_size(model_spec, chip_size: int, device: str) -> int:
+    """`model.batch_size`, or when it is null one chosen for `device` in this process (no
+    Ray): retinanet.options.CPU_BATCH_SIZE on the CPU, else measured on the GPU's free memory."""
+    if model_spec.batch_size:
+        return model_spec.batch_size
+    if device == "cpu":
+        return CPU_BATCH_SIZE
+    return probe_batch_size(model_spec.checkpoint, chip_size, probed_precision(model_spec), device, 0.8)
+
+
+def local_device(device: str) -> str:
+    """model.device in this process: ``auto`` is cuda where torch sees a GPU, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def actor_device(device: str) -> str:
@@ -257,9 +281,7 @@ def actor_device(device: str) -> str:
 
     if not ray.get_gpu_ids():
         return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return local_device(device)
 
 
 def resolve_backend(backend: str, device: str) -> str:
@@ -304,28 +326,21 @@ def convert_ahead(checkpoint: str, chip_size: int) -> None:
             OpenVinoDetector(path, cache_dir=graphs).convert((chip_size, chip_size))
 
 
-class ChipPredictor:
-    """Callable class for Ray Data's map_batches: loads the checkpoint once, predicts batches.
+class ChipEngine:
+    """One model in this process: chips in their file dtype in, detections in scene pixels
+    out. No Ray: each predictor actor holds one, and so does `pipeline.predict_scene`.
 
-    Input: a pyarrow Table (map_batches' batch_format="pyarrow", so that the pixels are not
-    copied into Python bytes, see :func:`binary_views`) with columns chip_id, scene_id,
-    col_off, row_off, pixels (raw bytes of each chip's (C, S, S) array) and pixel_dtype (its
-    file's dtype), see :func:`stack_chip_pixels`,
-    valid (B, S, S/8) bit-packed valid-pixel masks (detections centred on nodata are dropped),
-    status ("ok" or a read failure), error. Output columns: chip_id, scene_id, status,
-    error, detections (bytes, see encode_detections; boxes in SCENE pixels), worker.
+    ``device`` (cpu or cuda) and ``backend`` (torch, onnx or openvino) are resolved already
+    (:func:`actor_device` or :func:`local_device`, then :func:`resolve_backend`).
+    ``forward_batch``: chips per forward pass (None: all chips of a call at once).
+    ``chip_size``: an OpenVINO graph is converted and compiled for it now, not on the first call.
     """
 
-    def __init__(self, checkpoint: str, score_threshold: float | None = None, precision: str = "auto",
-                 device: str = "auto", ledger=None, max_strikes: int = 2, num_threads: int | None = None,
-                 faults: FaultPlan | None = None, backend: str = "auto", forward_batch: int | None = None,
+    def __init__(self, checkpoint: str, device: str, backend: str, precision: str = "auto",
+                 num_threads: int | None = None, score_threshold: float | None = None,
                  nms_threshold: float | None = None, detections_per_chip: int | None = None,
-                 chip_size: int | None = None, int8: dict | None = None):
-        import ray
-
+                 forward_batch: int | None = None, chip_size: int | None = None, int8: dict | None = None):
         checkpoint = local_file(checkpoint)  # s3:// / gs://: fetched once per node
-        device = actor_device(device)
-        backend = resolve_backend(backend, device)
         if backend == "openvino":
             # No torch in this process: numpy postprocessing, conversion in a child process.
             from pipeline.io.objstore import cache_dir
@@ -343,18 +358,12 @@ class ChipPredictor:
         else:
             config = self._torch_detector(checkpoint, backend, device, precision, num_threads)
         apply_job_settings(config, score_threshold, nms_threshold, detections_per_chip)
+        self.backend = backend
         self.numpy_detector = backend == "openvino"  # numpy in and out (OpenVinoDetector.detect)
         self.in_channels = config.in_channels
-        self.ledger = ledger
-        self.max_strikes = max_strikes
-        self.faults = faults
-        # Chips per forward pass; Ray hands over larger batches (fewer, cheaper transfers) and
-        # they are cut to this size here. None: the whole Ray batch at once.
+        # Chips per forward pass; callers hand over larger batches (fewer, cheaper transfers)
+        # and they are cut to this size here. None: the whole batch at once.
         self.forward_batch = forward_batch
-        gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
-        self.worker = f"pid={os.getpid()} gpus=[{gpu_ids}] device={self.detector.device} {self.detector.precision}"
-        self.worker += f" {backend}"
-        self.node = ray.get_runtime_context().get_node_id()
 
     def _torch_detector(self, checkpoint: str, backend: str, device: str, precision: str,
                         num_threads: int | None):
@@ -386,6 +395,80 @@ class ChipPredictor:
             model = fold_batch_norm(model)
         self.detector = Detector(model, device=device, precision=precision)
         return self.detector.model.config
+
+    @property
+    def name(self) -> str:
+        """What runs, for reports: device, precision and backend."""
+        return f"device={self.detector.device} {self.detector.precision} {self.backend}"
+
+    def chip_detections(self, pixels: np.ndarray, valid_bits: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+        """Detections of a batch of chips, each encoded (:func:`encode_detections`) in scene pixels.
+
+        pixels: (B, C, S, S) in the file's dtype (cast on the device). valid_bits: (B, S,
+        ceil(S / 8)) each chip's valid-pixel mask bit-packed along x (detections centred on
+        nodata are dropped, see :func:`centres_on_valid_pixels`). offsets: (B, 2) each chip's
+        (col_off, row_off) in the scene. Raises ValueError when C is not the model's channels.
+        """
+        if pixels.shape[1] != self.in_channels:
+            raise ValueError(f"chips have {pixels.shape[1]} bands, the model expects {self.in_channels}")
+        chip_size = pixels.shape[-1]
+        found = []
+        for r, valid, (col_off, row_off) in zip(self.detect(pixels, self.forward_batch or len(pixels)), valid_bits,
+                                                offsets):
+            boxes, scores, labels = r["boxes"], r["scores"], r["labels"]
+            keep = centres_on_valid_pixels(boxes, valid, chip_size)
+            offset = np.array([col_off, row_off] * 2, dtype=np.float32)
+            found.append(encode_detections(boxes[keep] + offset, scores[keep], labels[keep]))
+        return found
+
+    def detect(self, pixels: np.ndarray, step: int) -> list[dict[str, np.ndarray]]:
+        """Forward passes of `step` chips (in their file dtype) -> numpy detections per chip."""
+        if self.numpy_detector:  # OpenVINO runs the passes on its parallel streams
+            return self.detector.detect(pixels.astype(np.float32, copy=False), chips_per_request=step)
+        import torch
+
+        from retinanet.runtime import to_device
+
+        found = []
+        for start in range(0, len(pixels), step):
+            images = torch.from_numpy(pixels[start:start + step])
+            if not images.is_floating_point():  # integer chips travel small and become float on the device
+                # through pinned memory: a non-blocking copy from pageable memory would block
+                images = to_device(images, self.detector.device).float()
+            found += [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(images)]
+        return found
+
+
+class ChipPredictor:
+    """Callable class for Ray Data's map_batches: loads the checkpoint once, predicts batches.
+
+    Input: a pyarrow Table (map_batches' batch_format="pyarrow", so that the pixels are not
+    copied into Python bytes, see :func:`binary_views`) with columns chip_id, scene_id,
+    col_off, row_off, pixels (raw bytes of each chip's (C, S, S) array) and pixel_dtype (its
+    file's dtype), see :func:`stack_chip_pixels`,
+    valid (B, S, S/8) bit-packed valid-pixel masks (detections centred on nodata are dropped),
+    status ("ok" or a read failure), error. Output columns: chip_id, scene_id, status,
+    error, detections (bytes, see encode_detections; boxes in SCENE pixels), worker.
+    """
+
+    def __init__(self, checkpoint: str, score_threshold: float | None = None, precision: str = "auto",
+                 device: str = "auto", ledger=None, max_strikes: int = 2, num_threads: int | None = None,
+                 faults: FaultPlan | None = None, backend: str = "auto", forward_batch: int | None = None,
+                 nms_threshold: float | None = None, detections_per_chip: int | None = None,
+                 chip_size: int | None = None, int8: dict | None = None):
+        import ray
+
+        device = actor_device(device)
+        self.engine = ChipEngine(checkpoint, device, resolve_backend(backend, device), precision=precision,
+                                 num_threads=num_threads, score_threshold=score_threshold,
+                                 nms_threshold=nms_threshold, detections_per_chip=detections_per_chip,
+                                 forward_batch=forward_batch, chip_size=chip_size, int8=int8)
+        self.ledger = ledger
+        self.max_strikes = max_strikes
+        self.faults = faults
+        gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+        self.worker = f"pid={os.getpid()} gpus=[{gpu_ids}] {self.engine.name}"
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, table) -> dict[str, np.ndarray]:
         batch = chip_batch_columns(table)
@@ -439,30 +522,7 @@ class ChipPredictor:
             self.faults.apply([chip_ids[i] for i in indices])
         chip_size = batch["valid"].shape[1]
         pixels = stack_chip_pixels([batch["pixels"][i] for i in indices], [batch["pixel_dtype"][i] for i in indices],
-                                   chip_size)  # file dtypes; the detector casts on device
-        if pixels.shape[1] != self.in_channels:
-            raise ValueError(f"chips have {pixels.shape[1]} bands, the model expects {self.in_channels}")
-        results = self._detect(pixels, self.forward_batch or len(pixels))
-        for i, r in zip(indices, results):
-            boxes, scores, labels = r["boxes"], r["scores"], r["labels"]
-            keep = centres_on_valid_pixels(boxes, batch["valid"][i], chip_size)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            offset = np.array([batch["col_off"][i], batch["row_off"][i]] * 2, dtype=np.float32)
-            detections[i] = encode_detections(boxes + offset, scores, labels)
-
-    def _detect(self, pixels: np.ndarray, step: int) -> list[dict[str, np.ndarray]]:
-        """Forward passes of `step` chips (in their file dtype) -> numpy detections per chip."""
-        if self.numpy_detector:  # OpenVINO runs the passes on its parallel streams
-            return self.detector.detect(pixels.astype(np.float32, copy=False), chips_per_request=step)
-        import torch
-
-        from retinanet.runtime import to_device
-
-        found = []
-        for start in range(0, len(pixels), step):
-            images = torch.from_numpy(pixels[start:start + step])
-            if not images.is_floating_point():  # integer chips travel small and become float on the device
-                # through pinned memory: a non-blocking copy from pageable memory would block
-                images = to_device(images, self.detector.device).float()
-            found += [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(images)]
-        return found
+                                   chip_size)  # file dtypes; the engine casts on device
+        offsets = np.stack([batch["col_off"][indices], batch["row_off"][indices]], axis=1)
+        for i, found in zip(indices, self.engine.chip_detections(pixels, batch["valid"][indices], offsets)):
+            detections[i] = found
