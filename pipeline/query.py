@@ -34,6 +34,7 @@ import io
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -45,6 +46,7 @@ from pipeline.table.store import LocalStore, open_store
 
 VIEW = "detections"
 SCENES_VIEW = "scenes"
+AOI_VIEW = "aoi"
 # Columns of the ``scenes`` view; fixed here so an empty table gets the same types.
 SCENES_SCHEMA = pa.schema([
     ("job_name", pa.string()),
@@ -87,28 +89,14 @@ def _sql_string(text: str) -> str:
 
 
 FILES_VIEW = "_committed_files"
+# The columns added to the table's files after its first version, typed, with no row.
+ADDED_COLUMNS_SQL = "(SELECT CAST(NULL AS TIMESTAMPTZ) AS acquired_at WHERE false)"
 
 
-def view_sql(files: list[str], dated: bool = True) -> str:
-    """``CREATE VIEW detections`` over these Parquet files.
-
-    dated=True: each file's ``date`` (a DATE) comes from the relation ``_committed_files``
-    (filename, date), registered beside it: the files hold no date column, and the
-    staged files of an interrupted commit are not under their ``date=`` folder yet.
-    dated=False (the empty placeholder file): the file's own ``date`` column, cast to
-    DATE so the view has the same types either way.
-    """
-    listed = "[" + ", ".join(_sql_string(f) for f in files) + "]"
-    if dated:
-        source = f"read_parquet({listed}, hive_partitioning = false, filename = true)"
-        from pipeline.table.schema import detection_schema
-
-        # Columns named, not d.*: files of tables written before the date left the files
-        # still hold one, and it must not appear twice.
-        columns = ", ".join(f"d.{name}" for name in detection_schema().names if name != "date")
-        return (f"CREATE VIEW {VIEW} AS SELECT {columns}, f.date FROM {source} d "
-                f"JOIN {FILES_VIEW} f USING (filename)")
-    source = f"read_parquet({listed}, hive_partitioning = false)"
+def empty_view_sql(placeholder: str) -> str:
+    """``CREATE VIEW detections`` over an empty placeholder file with the table's schema:
+    its own ``date`` column, cast to DATE so the view has the same types as a full table's."""
+    source = f"read_parquet([{_sql_string(placeholder)}], hive_partitioning = false)"
     return f"CREATE VIEW {VIEW} AS SELECT * REPLACE (CAST(date AS DATE) AS date) FROM {source}"
 
 
@@ -151,60 +139,184 @@ def scenes_table(scenes: dict[tuple[str, str], dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCENES_SCHEMA)
 
 
+def spatial_extension() -> str:
+    """The file of DuckDB's spatial extension shipped by the ``duckdb-extension-spatial``
+    package for this DuckDB version (loaded from it: nothing is downloaded, nothing is
+    written under ``~/.duckdb``)."""
+    import importlib.resources
+
+    import duckdb
+
+    try:
+        root = importlib.resources.files("duckdb_extension_spatial")
+    except ModuleNotFoundError:
+        raise QueryError("DuckDB's spatial functions need the package duckdb-extension-spatial "
+                         f"(pip install 'duckdb-extension-spatial=={duckdb.__version__}')") from None
+    path = root / "extensions" / f"v{duckdb.__version__}" / "spatial.duckdb_extension"
+    if not path.is_file():
+        found = sorted(p.name for p in (root / "extensions").iterdir()) if (root / "extensions").is_dir() else []
+        raise QueryError(f"{path}: no spatial extension for DuckDB {duckdb.__version__} (the package ships "
+                         f"{', '.join(found) or 'none'}); install duckdb-extension-spatial=={duckdb.__version__}")
+    return str(path)
+
+
+def connect() -> Any:
+    """An in-memory DuckDB connection with the spatial functions (``ST_*``) loaded from the
+    packaged file. Extension auto-install is off: a query never reaches the network."""
+    import duckdb
+
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
+    try:
+        con.execute(f"LOAD {_sql_string(spatial_extension())}")
+    except duckdb.Error as err:
+        con.close()
+        raise QueryError(f"DuckDB could not load its spatial extension: {err}") from None
+    return con
+
+
+def _geoarrow_field(name: str, crs: str | None) -> pa.Field:
+    """A WKB column DuckDB reads as GEOMETRY (with the CRS, when known): GeoArrow's extension metadata."""
+    from pipeline.geo.georef import crs_to_projjson
+
+    meta = {"crs": crs_to_projjson(crs)} if crs is not None else {}
+    return pa.field(name, pa.binary(), metadata={b"ARROW:extension:name": b"geoarrow.wkb",
+                                                 b"ARROW:extension:metadata": json.dumps(meta).encode()})
+
+
+def read_aoi(path: os.PathLike | str, crs: str | None) -> pa.Table:
+    """A user's polygons (any vector file GDAL reads: GeoJSON, GeoPackage, shapefile, ...) as
+    the rows of the table ``aoi``: its attributes and ``geometry`` reprojected to ``crs``
+    (the detection table's). InputError for a file that cannot be read, has no CRS, or a
+    table without one (pixel coordinates)."""
+    import pyogrio
+    import shapely
+
+    from pipeline.geo.georef import reproject_points
+
+    try:
+        meta, table = pyogrio.read_arrow(path)
+    except Exception as err:  # pyogrio's DataSourceError, GDAL errors: name the file
+        raise InputError(f"{path}: cannot read the AOI file: {err}") from None
+    if not meta.get("crs"):
+        raise InputError(f"{path}: the AOI file has no CRS; set one (e.g. a .prj beside a shapefile, or "
+                         "ogr2ogr -a_srs EPSG:4326) so its polygons can be placed on the table's")
+    if crs is None:
+        raise InputError(f"{path}: the table's detections are in pixel coordinates (no CRS): an AOI cannot be placed")
+    geometry_name = meta.get("geometry_name") or "wkb_geometry"
+    shapes = shapely.from_wkb(table[geometry_name].to_numpy(zero_copy_only=False))
+    moved = shapely.transform(shapes, lambda xy: reproject_points(xy, meta["crs"], crs))
+    attributes = table.drop_columns([geometry_name])
+    if "geometry" in attributes.column_names:  # an attribute of that name would hide the shapes
+        attributes = attributes.rename_columns(["geometry_attribute" if n == "geometry" else n
+                                                for n in attributes.column_names])
+    return attributes.append_column(_geoarrow_field("geometry", crs), pa.array(shapely.to_wkb(moved), pa.binary()))
+
+
+def _committed_dataset(store: Any, parts: list, schema: pa.Schema) -> Any:
+    """A pyarrow dataset over exactly these object-store files (each file's date from its
+    partition), read with ranged requests: DuckDB pushes projections and filters into it."""
+    import pyarrow.dataset as ds
+
+    from pipeline.io.objstore import arrow_filesystem
+
+    filesystem, base = arrow_filesystem(store.url)
+    return ds.FileSystemDataset.from_paths(
+        [f"{base}/{p.key}" for p in parts], schema=schema, format=ds.ParquetFileFormat(), filesystem=filesystem,
+        partitions=[ds.field("date") == pa.scalar(dt.date.fromisoformat(p.day), pa.date32()) for p in parts])
+
+
+def _not_hidden(hidden: tuple[tuple[str, str], ...]) -> str:
+    """A WHERE clause leaving out the rows of these (job_name, scene_id) pairs."""
+    if not hidden:
+        return ""
+    pairs = " OR ".join(f"(job_name = {_sql_string(j)} AND scene_id = {_sql_string(s)})" for j, s in hidden)
+    return f" WHERE NOT ({pairs})"
+
+
+def _detections_view(con: Any, store: Any, visible: list, crs: str | None) -> None:
+    """``CREATE VIEW detections`` over the visible parts: local files through DuckDB's own
+    Parquet reader, object-store files through a pyarrow dataset each (no file is loaded
+    whole). Rows of a compacted file that a later commit superseded (a commit not settled
+    yet) are left out by scene."""
+    from pipeline.table.schema import detection_schema
+
+    names = [n for n in detection_schema().names if n != "date"]
+    groups: dict[tuple, list] = {}
+    for part in visible:
+        groups.setdefault(part.hidden, []).append(part)
+    selects = []
+    for i, (hidden, group) in enumerate(sorted(groups.items())):
+        if isinstance(store, LocalStore):
+            dates = pa.table({"filename": [str(store.path(p.key)) for p in group],
+                              "date": pa.array([dt.date.fromisoformat(p.day) for p in group], pa.date32())})
+            con.register(f"{FILES_VIEW}_{i}", dates)
+            listed = "[" + ", ".join(_sql_string(f) for f in dates["filename"].to_pylist()) + "]"
+            # Columns named, not d.*: files of tables written before the date left the files
+            # still hold one, and it must not appear twice.
+            columns = ", ".join(f"d.{name}" for name in names)
+            # Files written before a column was added lack it: columns matched by name, and an
+            # empty row set of the added columns types them where no file has them yet.
+            source = (f"(SELECT * FROM read_parquet({listed}, hive_partitioning = false, filename = true, "
+                      f"union_by_name = true) UNION ALL BY NAME {ADDED_COLUMNS_SQL})")
+            selects.append(f"SELECT {columns}, f.date FROM {source} d "
+                           f"JOIN {FILES_VIEW}_{i} f USING (filename){_not_hidden(hidden)}")
+        else:
+            schema = detection_schema()
+            schema = schema.set(schema.get_field_index("geometry"), _geoarrow_field("geometry", crs))
+            schema = schema.set(schema.get_field_index("date"), pa.field("date", pa.date32()))
+            con.register(f"_parts_{i}", _committed_dataset(store, group, schema))
+            selects.append(f"SELECT {', '.join(names)}, date FROM _parts_{i}{_not_hidden(hidden)}")
+    con.execute(f"CREATE VIEW {VIEW} AS " + " UNION ALL ".join(selects))
+
+
 @contextlib.contextmanager
-def open_detections(table_root: os.PathLike | str) -> Iterator[Any]:
-    """An in-memory DuckDB connection with the views ``detections`` (committed rows
-    only) and ``scenes`` (one row per current scene manifest).
+def open_detections(table_root: os.PathLike | str, aoi: os.PathLike | str | None = None) -> Iterator[Any]:
+    """An in-memory DuckDB connection (spatial functions loaded) with the views
+    ``detections`` (committed rows only) and ``scenes`` (one row per current scene
+    manifest), and with ``aoi`` the table ``aoi`` (:func:`read_aoi`).
 
     For a table without committed files, an empty Parquet file with the table's schema
     and ``geo`` metadata is written to a temporary directory for the life of the
     connection, so the view has the right columns and types.
     """
-    import duckdb
-
-    from pipeline.table.transactions import committed_scenes, part_location, read_committed, visible_parts
+    from pipeline.table.transactions import committed_scenes, read_committed, table_crs, visible_parts
 
     root = _check_table_root(table_root)
     scenes = scenes_table(committed_scenes(root))
     store = open_store(root)
     visible = visible_parts(root)
-    parts = [(part_location(store, p.key), p.day) for p in visible]
-    con = duckdb.connect(":memory:")
+    crs = table_crs(root)
+    aoi_rows = read_aoi(aoi, crs) if aoi is not None else None
+    con = connect()
     try:
         # A registered Arrow table reads as a view and keeps its schema with no rows.
         con.register(SCENES_VIEW, scenes)
+        if aoi_rows is not None:
+            con.register(AOI_VIEW, aoi_rows)
         with tempfile.TemporaryDirectory(prefix="pipeline-query-") as tmp:
-            if parts and ("://" in parts[0][0] or any(p.hidden for p in visible)):
-                # An object-store table: read through the store's client (DuckDB's own S3
-                # reader would need its httpfs extension and a second set of credentials).
-                # A compacted file with superseded rows (a commit not settled yet): filtered.
-                con.register("_committed_rows", read_committed(root))
-                con.execute(f"CREATE VIEW {VIEW} AS SELECT * REPLACE (CAST(date AS DATE) AS date) FROM _committed_rows")
-            elif parts:
-                dates = pa.table({"filename": [p for p, _ in parts],
-                                  "date": pa.array([dt.date.fromisoformat(d) for _, d in parts], pa.date32())})
-                con.register(FILES_VIEW, dates)
-                con.execute(view_sql([p for p, _ in parts]))
+            if visible:
+                _detections_view(con, store, visible, crs)
             else:
                 placeholder = os.path.join(tmp, "empty.parquet")
                 pq.write_table(read_committed(root), placeholder)
-                con.execute(view_sql([placeholder], dated=False))
+                con.execute(empty_view_sql(placeholder))
             yield con
     finally:
         con.close()
 
 
-def run_query(table_root: os.PathLike | str, sql: str) -> pa.Table:
-    """Run ``sql`` against the views ``detections`` and ``scenes``; return the result.
+def run_query(table_root: os.PathLike | str, sql: str, aoi: os.PathLike | str | None = None) -> pa.Table:
+    """Run ``sql`` against the views ``detections`` and ``scenes`` (and ``aoi``, given an
+    AOI file); return the result.
 
     Statements that return nothing give an empty table. Raises QueryError naming the
-    table for SQL DuckDB rejects, InputError for a missing table.
+    table for SQL DuckDB rejects, InputError for a missing table or unusable AOI file.
     """
     import duckdb
 
     if not sql.strip():
         raise QueryError("the SQL text is empty")
-    with open_detections(table_root) as con:
+    with open_detections(table_root, aoi) as con:
         try:
             relation = con.sql(sql)
             return pa.table({}) if relation is None else relation.to_arrow_table()
@@ -325,9 +437,125 @@ def format_result(result: pa.Table, fmt: Format = "table") -> str:
     raise QueryError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def query_text(table_root: os.PathLike | str, sql: str, fmt: Format = "table") -> str:
+def query_text(table_root: os.PathLike | str, sql: str, fmt: Format = "table",
+               aoi: os.PathLike | str | None = None) -> str:
     """Run ``sql`` on the table's views and render the result (the CLI's work)."""
-    return format_result(run_query(table_root, sql), fmt)
+    return format_result(run_query(table_root, sql, aoi), fmt)
+
+
+# ---------------------------------------------------------------- result files
+
+# --out suffix -> GDAL driver (None: GeoParquet, written with pyarrow: this GDAL may lack the Parquet driver).
+OUT_DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf", ".geojson": "GeoJSON", ".parquet": None, ".csv": "CSV"}
+OUT_SUFFIXES = tuple(OUT_DRIVERS)
+GEOARROW_WKB = b"geoarrow.wkb"
+
+
+def check_out_path(path: os.PathLike | str) -> str:
+    """The GDAL driver of an ``--out`` file from its suffix ('' for GeoParquet); QueryError
+    naming the suffixes we write for any other."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUT_DRIVERS:
+        raise QueryError(f"{path}: cannot write {suffix or 'a file without a suffix'}; "
+                         f"--out writes {', '.join(OUT_SUFFIXES)}")
+    return OUT_DRIVERS[suffix] or ""
+
+
+def _geometry_columns(result: pa.Table) -> list[str]:
+    """Columns DuckDB handed over as GEOMETRY (WKB with GeoArrow's extension name)."""
+    return [f.name for f in result.schema if (f.metadata or {}).get(b"ARROW:extension:name") == GEOARROW_WKB]
+
+
+def _column_crs(field: pa.Field, fallback: str | None) -> Any:
+    """The CRS DuckDB's GEOMETRY type carries (PROJJSON or a string), else ``fallback``."""
+    meta = json.loads((field.metadata or {}).get(b"ARROW:extension:metadata") or b"{}")
+    return meta.get("crs") or fallback
+
+
+def _geometry_type(shapes: np.ndarray) -> str:
+    """One GeoJSON type name for the layer ('Unknown' for a mix or none)."""
+    import shapely
+
+    names = {shapely.get_type_id(g) for g in shapes if g is not None}
+    types = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString", 6: "MultiPolygon",
+             7: "GeometryCollection"}
+    return types.get(names.pop(), "Unknown") if len(names) == 1 else "Unknown"
+
+
+def _write_geoparquet(result: pa.Table, tmp: Path, geometry: str | None, crs: Any, kind: str) -> None:
+    """GeoParquet 1.1: the WKB column plus the ``geo`` metadata naming its CRS and types."""
+    meta = dict(result.schema.metadata or {})
+    if geometry is not None:
+        column = {"encoding": "WKB", "geometry_types": [] if kind == "Unknown" else [kind],
+                  "crs": crs if crs is None or isinstance(crs, dict) else _projjson(crs)}
+        meta[b"geo"] = json.dumps({"version": "1.1.0", "primary_column": geometry,
+                                   "columns": {geometry: column}}).encode()
+        plain = [pa.field(f.name, f.type) if f.name == geometry else f for f in result.schema]
+        result = result.cast(pa.schema(plain))
+    pq.write_table(result.replace_schema_metadata(meta), tmp, compression="zstd")
+
+
+def _projjson(crs: str) -> dict:
+    from pipeline.geo.georef import crs_to_projjson
+
+    return crs_to_projjson(crs)
+
+
+def write_result(result: pa.Table, path: os.PathLike | str, crs: str | None) -> int:
+    """Write a query result to ``path`` (format from the suffix, :data:`OUT_SUFFIXES`) with
+    its geometry and CRS (the GEOMETRY column's own, else ``crs``: the table's). Written
+    under a temporary name and renamed, so a failed write leaves no half file. Returns
+    the rows written. A CSV holds the geometry as WKT (the format has no place for a CRS)."""
+    import pyogrio
+    import shapely
+
+    from retinanet.files import write_atomically
+
+    driver = check_out_path(path)
+    geometries = _geometry_columns(result)
+    if len(geometries) > 1:
+        raise QueryError(f"{path}: the result has {len(geometries)} geometry columns ({', '.join(geometries)}); "
+                         "a file keeps one: select one, or turn the others into text with ST_AsText")
+    geometry = geometries[0] if geometries else None
+    crs_of = _column_crs(result.schema.field(geometry), crs) if geometry else None
+    shapes = shapely.from_wkb(result[geometry].to_numpy(zero_copy_only=False)) if geometry else np.array([])
+    kind = _geometry_type(shapes)
+    if driver == "FlatGeobuf" and geometry is None:
+        raise QueryError(f"{path}: a FlatGeobuf file needs a geometry column; select one, or write .csv/.gpkg")
+    if geometry is not None and crs_of is not None and not isinstance(crs_of, str):
+        crs_of = json.dumps(crs_of)  # GDAL takes PROJJSON text
+    options: dict[str, str] = {}
+    if driver == "CSV" and geometry is not None:
+        options = {"GEOMETRY": "AS_WKT", "GEOMETRY_NAME": geometry}
+    if driver == "FlatGeobuf" and shapely.is_missing(shapes).any():
+        options = {"SPATIAL_INDEX": "NO"}  # FlatGeobuf's index cannot hold rows without geometry
+
+    def write(tmp: Path) -> None:
+        if not driver:
+            _write_geoparquet(result, tmp, geometry, crs_of, kind)
+            return
+        pyogrio.write_arrow(result, tmp, driver=driver, layer=Path(path).stem, geometry_name=geometry,
+                            geometry_type=kind if geometry else None, crs=crs_of if geometry else None,
+                            layer_options=options or None)
+
+    try:
+        write_atomically(path, write)
+    except QueryError:
+        raise
+    except Exception as err:  # GDAL/pyarrow: name the file and the cause
+        raise QueryError(f"{path}: cannot write the result: {err}") from None
+    return result.num_rows
+
+
+def query_to_file(table_root: os.PathLike | str, sql: str, path: os.PathLike | str,
+                  aoi: os.PathLike | str | None = None) -> int:
+    """Run ``sql`` and write the result to ``path`` (:func:`write_result`); the suffix is
+    checked before anything runs. Returns the rows written."""
+    from pipeline.table.transactions import table_crs
+
+    check_out_path(path)
+    result = run_query(table_root, sql, aoi)
+    return write_result(result, path, table_crs(_check_table_root(table_root)))
 
 
 def table_columns(table_root: os.PathLike | str, view: str = VIEW) -> list[tuple[str, str]]:

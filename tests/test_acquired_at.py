@@ -2,10 +2,21 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pystac
+import pytest
+from readers import COLUMNS, duckdb_rows, geopandas_rows, pipeline_rows, pyarrow_rows
+from test_table import rows, run_info
 
 from pipeline.io.stac import choose
+from pipeline.query import run_query
+from pipeline.table import schema
+from pipeline.table import transactions as T
 
 UTC = dt.timezone.utc
 
@@ -34,3 +45,125 @@ def test_stac_selection_carries_each_items_acquisition_time():
     assert got["b-instant"].utcoffset() == dt.timedelta(0)
     assert got["a-span"] == dt.datetime(2026, 1, 2, tzinfo=UTC)
     assert got["c-untimed"] is None
+
+
+# ---------------------------------------------------------------- a table of old and new files
+
+# The file columns as schema version 1 first wrote them (before acquired_at), spelled out.
+OLD_FILE_COLUMNS = ["geometry", "bbox", "run_id", "job_name", "scene_id", "scene_path", "label", "label_id",
+                    "score", "px_xmin", "px_ymin", "px_xmax", "px_ymax", "model_id", "job_hash", "processed_at"]
+ACQUIRED = dt.datetime(2026, 1, 3, 9, 15, tzinfo=UTC)
+
+
+def old_schema() -> pa.Schema:
+    """The detection schema as it was before acquired_at: the same fields, that column left out."""
+    fields = [schema.detection_schema().field(name) for name in OLD_FILE_COLUMNS + ["date"]]
+    return pa.schema(fields)
+
+
+def commit_old_style(root, monkeypatch, run_id: str, scene: str, n: int, seed: int) -> None:
+    """Commit as the code before acquired_at did: its rows, checked against its schema."""
+    run = run_info(run_id=run_id)
+    old = rows(run, scene, n, seed=seed, date="2026-01-04").select(OLD_FILE_COLUMNS + ["date"])
+    assert old.schema.equals(old_schema())
+    with monkeypatch.context() as patch:
+        patch.setattr(T, "detection_schema", old_schema)
+        T.commit_scene(root, run, scene, {"k": scene}, old)
+
+
+def commit_new_style(root, run_id: str, scene: str, n: int, seed: int, acquired_at=ACQUIRED) -> None:
+    run = run_info(run_id=run_id)
+    base = rows(run, scene, n, seed=seed, date="2026-01-04")
+    new = base.set_column(base.schema.get_field_index("acquired_at"), "acquired_at",
+                          pa.array([acquired_at] * n, pa.timestamp("us", tz="UTC")))
+    T.commit_scene(root, run, scene, {"k": scene}, new)
+
+
+@pytest.fixture(params=["old_file_first", "new_file_first"])
+def mixed_table(request, tmp_path, monkeypatch):
+    """One date partition holding a file without acquired_at (scene 'old', 4 rows) and one
+    with it (scene 'new', 3 rows); file names start with the run id, so the run ids decide
+    which file a reader that looks at the first file only sees."""
+    root = tmp_path / "table"
+    old_run, new_run = ("r0", "r1") if request.param == "old_file_first" else ("r1", "r0")
+    commit_old_style(root, monkeypatch, old_run, "old", 4, seed=1)
+    commit_new_style(root, new_run, "new", 3, seed=2)
+    files = sorted(T.committed_files(root))
+    first = pq.read_schema(files[0]).names
+    assert ("acquired_at" in first) == (request.param == "new_file_first")  # the files really differ
+    return root
+
+
+def acquired_by_scene(table: pa.Table) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for scene, when in zip(table["scene_id"].to_pylist(), table["acquired_at"].to_pylist()):
+        out.setdefault(scene, set()).add(when)
+    return out
+
+
+def test_our_reader_reads_old_files_as_null(mixed_table):
+    got = T.read_committed(mixed_table)
+    assert got.schema.remove_metadata().equals(schema.detection_schema())
+    assert acquired_by_scene(got) == {"old": {None}, "new": {ACQUIRED}}
+
+
+def test_pipeline_query_unions_old_and_new_files_by_name(mixed_table):
+    got = run_query(mixed_table, "SELECT scene_id, acquired_at FROM detections ORDER BY scene_id")
+    assert acquired_by_scene(got) == {"old": {None}, "new": {ACQUIRED}}
+    on_the_3rd = run_query(mixed_table, "SELECT count(*) AS n FROM detections "
+                                        "WHERE CAST(acquired_at AT TIME ZONE 'UTC' AS DATE) = DATE '2026-01-03'")
+    assert on_the_3rd["n"].to_pylist() == [3]
+
+
+def test_pipeline_query_on_a_table_of_old_files_only(tmp_path, monkeypatch):
+    commit_old_style(tmp_path, monkeypatch, "r0", "old", 4, seed=1)
+    got = run_query(tmp_path, "SELECT scene_id, acquired_at FROM detections")
+    assert got.num_rows == 4 and got["acquired_at"].null_count == 4
+
+
+def test_plain_readers_read_every_row_of_a_mixed_table(mixed_table):
+    # DuckDB, pyarrow and GeoPandas read the folder as they always do and agree with `pipeline query`.
+    expected = pipeline_rows(mixed_table)
+    assert len(expected) == 7
+    for reader in (duckdb_rows, pyarrow_rows, geopandas_rows):
+        assert reader(mixed_table) == expected, reader.__name__
+    # polars refuses a column the first file lacks unless told what to do with it (docs/operations.md).
+    import polars as pl
+
+    frame = pl.scan_parquet(f"{mixed_table}/**/*.parquet", hive_partitioning=True, missing_columns="insert",
+                            extra_columns="ignore").select(COLUMNS + ["date"]).collect()
+    assert len(frame) == 7
+
+
+def test_plain_readers_see_acquired_at_as_the_docs_say(mixed_table):
+    """The recipes of docs/operations.md ("Tables with files from before acquired_at")."""
+    import duckdb
+    import geopandas
+
+    rel = duckdb.sql(f"SELECT scene_id, acquired_at FROM read_parquet('{mixed_table}/**/*.parquet', "
+                     "hive_partitioning = true, union_by_name = true)")
+    assert acquired_by_scene(rel.arrow().read_all() if hasattr(rel.arrow(), "read_all") else rel.arrow()) == \
+        {"old": {None}, "new": {ACQUIRED}}
+
+    newest = max(Path(mixed_table).glob("date=*/*.parquet"), key=lambda p: "acquired_at" in pq.read_schema(p).names)
+    full = pq.read_schema(newest).append(pa.field("date", pa.string()))
+    table = ds.dataset(str(mixed_table), format="parquet", partitioning="hive", schema=full).to_table()
+    assert acquired_by_scene(table) == {"old": {None}, "new": {ACQUIRED}}
+
+    frame = geopandas.read_parquet(str(mixed_table), schema=full)
+    assert frame.crs is not None and frame.geometry.notna().all()
+    by_scene = frame.groupby("scene_id")["acquired_at"]
+    assert by_scene.apply(lambda s: s.isna().all()).to_dict() == {"new": False, "old": True}
+    assert set(frame.loc[frame.scene_id == "new", "acquired_at"]) == {pd.Timestamp(ACQUIRED)}
+
+    # File by file, then concatenated: the old file's rows get NaT.
+    frames = [geopandas.read_parquet(p) for p in sorted(Path(mixed_table).glob("date=*/*.parquet"))]
+    joined = pd.concat(frames, ignore_index=True)
+    assert len(joined) == 7 and joined["acquired_at"].isna().sum() == 4
+
+
+def test_compaction_rewrites_old_files_with_the_column(mixed_table):
+    T.compact(mixed_table, min_files=2)
+    [path] = T.committed_files(mixed_table)
+    assert pq.read_schema(path).names == schema.file_schema().names
+    assert acquired_by_scene(pq.read_table(path)) == {"old": {None}, "new": {ACQUIRED}}

@@ -57,12 +57,29 @@ def test_schema_columns():
     s = schema.detection_schema()
     assert s.names == [
         "geometry", "bbox", "run_id", "job_name", "scene_id", "scene_path", "label", "label_id", "score",
-        "px_xmin", "px_ymin", "px_xmax", "px_ymax", "model_id", "job_hash", "processed_at", "date",
+        "px_xmin", "px_ymin", "px_xmax", "px_ymax", "model_id", "job_hash", "processed_at", "acquired_at", "date",
     ]
     assert s.field("geometry").type == pa.binary()
     assert [f.name for f in s.field("bbox").type] == ["xmin", "ymin", "xmax", "ymax"]
     assert s.field("score").type == pa.float32() and s.field("label_id").type == pa.int32()
     assert s.field("processed_at").type == pa.timestamp("us", tz="UTC")
+    # Added after the first tables were written: nullable, so files without it read as null.
+    assert s.field("acquired_at").type == pa.timestamp("us", tz="UTC") and s.field("acquired_at").nullable
+    assert schema.file_schema().names == [n for n in s.names if n != "date"]
+
+
+def test_acquired_at_is_written_in_utc_and_must_be_aware():
+    run = run_info()
+    local = dt.datetime(2026, 1, 3, 11, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    t = schema.build_detection_table(box_corners(np.array([[0.0, 0, 4, 4]])), [[0, 0, 4, 4]], [0.5], [0], CLASSES,
+                                     run_id=run.run_id, job_name="j", scene_id="s", scene_path=None,
+                                     model_id="m", job_hash="h", acquired_at=local)
+    assert t["acquired_at"].to_pylist() == [dt.datetime(2026, 1, 3, 9, 0, tzinfo=dt.timezone.utc)]
+    assert rows(run, "s", 2)["acquired_at"].null_count == 2  # unknown by default
+    with pytest.raises(ValueError, match="acquired_at must be timezone-aware"):
+        schema.build_detection_table(np.zeros((0, 4, 2)), np.zeros((0, 4)), [], [], CLASSES, run_id="r",
+                                     job_name="j", scene_id="s", scene_path=None, model_id="m", job_hash="h",
+                                     acquired_at=dt.datetime(2026, 1, 3))
 
 
 def test_wkb_decodes_to_the_boxes_counterclockwise():

@@ -3,6 +3,11 @@
 Pure: nothing here touches a file. :mod:`pipeline.table.transactions` writes and reads
 these rows; every reader of the table (DuckDB, pyarrow, GeoPandas) sees this schema
 without the ``date`` column, which comes from the hive folder instead.
+
+Columns are only ever added, nullable, at the end of the file columns (``acquired_at``
+came after schema version 1's first tables): files written before stay in the table as
+they are, and :func:`current_file_rows` reads them as the current columns with nulls.
+The table's ``schema_version`` stays 1, so every table stays readable by this code.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ def detection_schema() -> pa.Schema:
     geometry: WKB box polygon in the output CRS (null where it could not be projected);
     bbox: its GeoParquet 1.1 covering; px_*: the box in scene pixels (x right, y down);
     label_id: class index of the model; processed_at: commit-side timestamp (UTC);
-    date: YYYY-MM-DD, also the hive partition directory.
+    acquired_at: when the scene was imaged (UTC; the STAC item's time or the raster's
+    acquisition tag), null when unknown and in files written before the column existed;
+    date: YYYY-MM-DD, the processing day, also the hive partition directory.
     """
     bbox = pa.struct([(name, pa.float64()) for name in BBOX_FIELDS])
     return pa.schema(
@@ -46,6 +53,7 @@ def detection_schema() -> pa.Schema:
             pa.field("model_id", pa.string(), nullable=False),
             pa.field("job_hash", pa.string(), nullable=False),
             pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field("acquired_at", pa.timestamp("us", tz="UTC")),
             pa.field("date", pa.string(), nullable=False),
         ]
     )
@@ -115,6 +123,7 @@ def build_detection_table(
     job_hash: str,
     processed_at: Optional[dt.datetime] = None,
     date: Optional[str] = None,
+    acquired_at: Optional[dt.datetime] = None,
 ) -> pa.Table:
     """Rows of one scene's detections as a table with :func:`detection_schema`.
 
@@ -122,7 +131,8 @@ def build_detection_table(
     (easting/longitude first, as GeoParquet requires); rows with a non-finite coordinate
     get a null geometry and bbox. px_boxes: (N, 4) XYXY scene px. scores: (N,).
     label_ids: (N,) int indexing ``class_names``. processed_at: aware datetime
-    (default now, UTC); date: partition "YYYY-MM-DD" (default processed_at's UTC date).
+    (default now, UTC); date: partition "YYYY-MM-DD" (default processed_at's UTC date);
+    acquired_at: aware datetime the scene was imaged, or None (unknown).
     """
     poly = np.asarray(polygons, np.float64)
     rings = _closed_ccw_rings(poly if poly.size else np.zeros((0, 4, 2)))
@@ -138,6 +148,8 @@ def build_detection_table(
     when = (processed_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
     day = date or when.date().isoformat()
     dt.date.fromisoformat(day)  # raises ValueError on a malformed partition value
+    if acquired_at is not None and acquired_at.utcoffset() is None:
+        raise ValueError(f"acquired_at must be timezone-aware, got {acquired_at!r}")
 
     valid = np.isfinite(rings).all(axis=(1, 2))
     lo = np.where(valid[:, None], rings.min(axis=1), np.nan)
@@ -166,9 +178,33 @@ def build_detection_table(
         "model_id": _broadcast(model_id, n, "model_id"),
         "job_hash": _broadcast(job_hash, n, "job_hash"),
         "processed_at": pa.array([when] * n, pa.timestamp("us", tz="UTC")),
+        "acquired_at": pa.array([acquired_at] * n, pa.timestamp("us", tz="UTC")),
         "date": _broadcast(day, n, "date"),
     }
     schema = detection_schema()
     arrays = [c if isinstance(c, pa.Array) else pa.array(c.tolist() if c.dtype == object else c, schema.field(k).type)
               for k, c in columns.items()]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def file_schema() -> pa.Schema:
+    """The columns a data file holds: :func:`detection_schema` without ``date`` (the folder's)."""
+    schema = detection_schema()
+    return schema.remove(schema.get_field_index("date"))
+
+
+def current_file_rows(rows: pa.Table) -> pa.Table:
+    """A data file's rows, written under any earlier version of the schema, as
+    :func:`file_schema`'s columns in order: a column added since (``acquired_at``) is
+    null, a ``date`` column (files written before the folder held it) is dropped, and
+    the file's metadata goes. Raises ValueError naming a column that cannot be read."""
+    want = file_schema()
+    columns = []
+    for field in want:
+        if field.name in rows.column_names:
+            columns.append(rows[field.name].cast(field.type))
+        elif field.nullable:
+            columns.append(pa.nulls(rows.num_rows, field.type))
+        else:
+            raise ValueError(f"the file has no column {field.name!r} (it is required)")
+    return pa.Table.from_arrays(columns, schema=want)

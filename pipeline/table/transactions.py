@@ -87,7 +87,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import CommitError
-from pipeline.table.schema import SCHEMA_VERSION, detection_schema, geo_metadata
+from pipeline.table.schema import SCHEMA_VERSION, current_file_rows, detection_schema, geo_metadata
 from pipeline.table.store import LocalStore, open_store
 from retinanet.files import TMP_PREFIX
 
@@ -501,8 +501,8 @@ def _read_rows(store, f: Mapping) -> pa.Table:
     """A data file's rows (from its staged key while a commit was interrupted before the move)."""
     key = f["path"] if store.stat(f["path"]) is not None else f.get("staged") or f["path"]
     rows = pq.read_table(pa.BufferReader(store.read(key)))  # FileNotFoundError: see _regroup
-    # Files of tables written before the date left them still hold one: the folder says it.
-    return rows.select([n for n in detection_schema().names if n != "date"]).replace_schema_metadata(None)
+    # Files written under an earlier schema (a date column, no acquired_at) read as the current columns.
+    return current_file_rows(rows)
 
 
 @dataclass
@@ -877,6 +877,12 @@ def committed_files(table_root: os.PathLike | str) -> list[str]:
     return [path for path, _ in committed_parts(table_root)]
 
 
+def table_crs(table_root: os.PathLike | str) -> Optional[str]:
+    """The CRS the table's geometries are in (``_table.json``); None for pixel coordinates
+    or a table nothing was committed to yet."""
+    return _read_table_info(open_store(table_root)).get("crs")
+
+
 def read_committed(
     table_root: os.PathLike | str,
     columns: Optional[list[str]] = None,
@@ -910,9 +916,8 @@ def read_committed(
         else:
             read = []
             for p in group:  # one GET per file
-                rows = pq.read_table(pa.BufferReader(store.read(p.key)))
-                rows = rows.append_column("date", pa.array([p.day] * rows.num_rows, pa.string()))
-                read.append(rows.select(schema.names).cast(schema))
+                rows = current_file_rows(pq.read_table(pa.BufferReader(store.read(p.key))))
+                read.append(rows.append_column(schema.field("date"), pa.array([p.day] * rows.num_rows, pa.string())))
             dataset = ds.InMemoryDataset(pa.concat_tables(read))
         keep = _hidden_rows(hidden)
         where = filters if keep is None else (~keep if filters is None else filters & ~keep)
