@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -10,9 +11,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pystac
 import pytest
+import rasterio
 from readers import COLUMNS, duckdb_rows, geopandas_rows, pipeline_rows, pyarrow_rows
+from real_data import real
 from test_table import rows, run_info
 
+from pipeline.io.raster import acquisition_time, read_scene_info
 from pipeline.io.stac import choose
 from pipeline.query import run_query
 from pipeline.table import schema
@@ -167,3 +171,51 @@ def test_compaction_rewrites_old_files_with_the_column(mixed_table):
     [path] = T.committed_files(mixed_table)
     assert pq.read_schema(path).names == schema.file_schema().names
     assert acquired_by_scene(pq.read_table(path)) == {"old": {None}, "new": {ACQUIRED}}
+
+
+# ---------------------------------------------------------------- raster tags
+
+
+@pytest.mark.parametrize("tags, expected, warned", [
+    ({"TIFFTAG_DATETIME": "2026:01:03 09:15:00"}, dt.datetime(2026, 1, 3, 9, 15, tzinfo=UTC), None),
+    # An acquisition tag says more than the file's own date-time: it wins.
+    ({"TIFFTAG_DATETIME": "2026:02:01 00:00:00", "ACQUISITIONDATETIME": "2026-01-03T09:15:00Z"},
+     dt.datetime(2026, 1, 3, 9, 15, tzinfo=UTC), None),
+    ({"ACQUISITION_DATE": "2026-01-03"}, dt.datetime(2026, 1, 3, tzinfo=UTC), None),
+    ({"acquisition_datetime": "2026-01-03T10:15:00+01:00"}, dt.datetime(2026, 1, 3, 9, 15, tzinfo=UTC), None),
+    ({"AREA_OR_POINT": "Area"}, None, None),
+    ({}, None, None),
+    # Strict: nothing is guessed from a malformed value, and the first tag found decides.
+    ({"TIFFTAG_DATETIME": "2026:13:03 09:15:00"}, None, "TIFFTAG_DATETIME"),
+    ({"TIFFTAG_DATETIME": "0000:00:00 00:00:00"}, None, "TIFFTAG_DATETIME"),
+    ({"TIFFTAG_DATETIME": "2026-01-03 09:15"}, None, "TIFFTAG_DATETIME"),
+    ({"ACQUISITIONDATETIME": "yesterday", "TIFFTAG_DATETIME": "2026:01:03 09:15:00"}, None, "ACQUISITIONDATETIME"),
+])
+def test_acquisition_time_from_tags(tags, expected, warned):
+    when, warning = acquisition_time(tags, "scene_7 (/data/scene_7.tif)")
+    assert when == expected
+    if warned is None:
+        assert warning is None
+    else:
+        assert warning is not None and warned in warning and "scene_7" in warning and repr(tags[warned]) in warning
+
+
+def test_scene_info_reads_the_real_rasters_tag():
+    # all-nodata.tif holds TIFFTAG_DATETIME '2022:01:17 10:43:43' (rasterio reads it back below).
+    path = real("all-nodata.tif")
+    with rasterio.open(path) as src:
+        assert src.tags()["TIFFTAG_DATETIME"] == "2022:01:17 10:43:43"
+    info = read_scene_info(path)
+    assert info.acquired_at == dt.datetime(2022, 1, 17, 10, 43, 43, tzinfo=UTC)
+    assert info.acquired_at_warning is None
+    assert read_scene_info(real("RGB.byte.tif")).acquired_at is None  # no such tag
+
+
+def tagged_copy(src: Path, dst: Path, **tags) -> Path:
+    """A copy of ``src`` with GDAL metadata ``tags`` (TIFFTAG_* become real TIFF tags)."""
+    shutil.copy(src, dst)
+    with rasterio.open(dst, "r+") as ds_:
+        ds_.update_tags(**tags)
+    with rasterio.open(dst) as check:
+        assert all(check.tags()[k] == v for k, v in tags.items())
+    return dst

@@ -21,14 +21,19 @@ Georeferencing rules (see docs/imagery.md):
   axis-aligned map boxes in the output table) assumes north-up, and a silently wrong
   box is worse than a refused scene. Warp such scenes to north-up with ``gdalwarp``.
 - Rasters georeferenced only by GCPs or RPCs are refused for the same reason.
+
+Acquisition time (:func:`acquisition_time`): from the raster's GDAL metadata (rasterio's
+``tags()``), the first of :data:`ACQUISITION_TAGS` present, parsed strictly; a value
+without a zone is UTC. A value that does not parse leaves it unknown with a warning.
 """
 from __future__ import annotations
 
+import datetime as dt
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping, Optional
 
 import rasterio
 from affine import Affine
@@ -60,6 +65,9 @@ class SceneInfo:
         block_shape: (rows, cols) of the file's internal blocks of band 1.
         colorinterp: colour interpretation per band (``"red"``, ``"alpha"``, ...).
         overviews: decimation factors of band 1's overviews, e.g. (2, 4, 8).
+        acquired_at: when the scene was imaged, from its tags (:func:`acquisition_time`),
+            aware UTC; None when no tag says it or its value did not parse.
+        acquired_at_warning: why a tag's value was not taken (names scene, tag and value).
     """
 
     scene_id: str
@@ -74,6 +82,8 @@ class SceneInfo:
     block_shape: tuple[int, int]
     colorinterp: tuple[str, ...] = ()
     overviews: tuple[int, ...] = ()
+    acquired_at: Optional[dt.datetime] = None
+    acquired_at_warning: Optional[str] = None
 
     @property
     def affine(self) -> Affine:
@@ -168,8 +178,10 @@ def scene_info_from_dataset(dataset: rasterio.io.DatasetReader, path: str | Path
     if dataset.count < 1:
         raise InputError(f"{path}: raster has no bands")
     nodata = dataset.nodata
+    scene_id = scene_id if scene_id is not None else scene_id_for(path)
+    acquired_at, acquired_at_warning = acquisition_time(dataset.tags(), f"scene {scene_id} ({path})")
     return SceneInfo(
-        scene_id=scene_id if scene_id is not None else scene_id_for(path),
+        scene_id=scene_id,
         path=str(path),
         width=int(dataset.width),
         height=int(dataset.height),
@@ -181,7 +193,52 @@ def scene_info_from_dataset(dataset: rasterio.io.DatasetReader, path: str | Path
         block_shape=tuple(int(v) for v in dataset.block_shapes[0]),
         colorinterp=tuple(ci.name for ci in dataset.colorinterp),
         overviews=tuple(int(v) for v in dataset.overviews(1)),
+        acquired_at=acquired_at,
+        acquired_at_warning=acquired_at_warning,
     )
+
+
+# GDAL metadata items (default domain) that say when a scene was imaged, most specific first:
+# acquisition tags as vendors write them, then the TIFF DateTime tag (TIFF 6.0: the image's
+# date-time, "YYYY:MM:DD HH:MM:SS"; for imagery straight from the sensor, its capture).
+ACQUISITION_TAGS = ("ACQUISITIONDATETIME", "ACQUISITION_DATETIME", "ACQUISITION_DATE", "ACQUISITIONDATE",
+                    "TIFFTAG_DATETIME")
+TIFF_DATETIME_FORMAT = "%Y:%m:%d %H:%M:%S"
+
+
+def parse_acquisition(value: str, tiff_only: bool = False) -> dt.datetime:
+    """A tag's date-time -> aware UTC datetime; no zone means UTC.
+
+    Accepted: the TIFF form ``YYYY:MM:DD HH:MM:SS``, and unless ``tiff_only`` ISO 8601 dates
+    and date-times (``2026-01-03``, ``2026-01-03T09:15:00Z``, ``...+01:00``). Raises ValueError.
+    """
+    text = value.strip()
+    try:
+        when = dt.datetime.strptime(text, TIFF_DATETIME_FORMAT)
+    except ValueError:
+        if tiff_only or not (len(text) >= 10 and text[4] == "-" and text[7] == "-"):  # not ISO's basic form (20260103)
+            raise ValueError(f"not a date-time: {value!r}") from None
+        when = dt.datetime.fromisoformat(text.replace("z", "Z"))
+    return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+
+
+def acquisition_time(tags: Mapping[str, str], scene: str) -> tuple[Optional[dt.datetime], Optional[str]]:
+    """(acquired_at, warning) from a raster's GDAL metadata ``tags`` (names matched without
+    regard to case). The first tag of :data:`ACQUISITION_TAGS` present decides: its value
+    parsed by :func:`parse_acquisition`, or (None, a warning naming ``scene``, the tag and
+    the value) when it does not parse. (None, None) when no such tag is present.
+    TIFFTAG_DATETIME takes the TIFF form only (the TIFF 6.0 specification's)."""
+    by_name = {str(k).upper(): (str(k), str(v)) for k, v in tags.items()}
+    for name in ACQUISITION_TAGS:
+        if name in by_name:
+            tag, value = by_name[name]
+            try:
+                return parse_acquisition(value, tiff_only=name == "TIFFTAG_DATETIME"), None
+            except ValueError:
+                expected = "'YYYY:MM:DD HH:MM:SS'" + ("" if name == "TIFFTAG_DATETIME" else " or ISO 8601")
+                return None, f"{scene}: tag {tag} value {value!r} is not a date-time (expected {expected}); " \
+                             "acquired_at left null"
+    return None, None
 
 
 def _has_gcps_or_rpcs(dataset: rasterio.io.DatasetReader) -> bool:
