@@ -133,7 +133,8 @@ def test_cli_query(table):
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output) == [{"n": 5}]
     bad = runner.invoke(main, ["query", str(table), "SELECT nope FROM detections"])
-    assert bad.exit_code == 1 and "error:" in bad.output and "nope" in bad.output
+    # a named error (not 0, not 3: an internal error's code)
+    assert bad.exit_code not in (0, 3) and "error:" in bad.output and "nope" in bad.output
 
 
 def test_examples_in_the_operations_doc_run(table):

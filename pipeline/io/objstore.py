@@ -7,9 +7,16 @@ alike, and reads the standard environment (``AWS_ACCESS_KEY_ID``, ``AWS_REGION``
 ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ``GOOGLE_APPLICATION_CREDENTIALS``...).
 
 Pixels are still read through GDAL's ``/vsis3/`` and ``/vsigs/`` (ranged reads of the
-windows only). GDAL has its own names for a custom S3 endpoint, so
-:func:`gdal_options` derives them from ``AWS_ENDPOINT_URL``: one setting serves both
-clients (MinIO, Ceph, moto, ...).
+windows only), and the table's Parquet files through pyarrow's S3/GCS filesystems
+(:func:`arrow_filesystem`: ranged reads of the columns and row groups a query needs).
+GDAL and pyarrow have their own names for a custom S3 endpoint, so :func:`s3_endpoint`
+reads ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` once and all three clients get it:
+one setting serves MinIO, Ceph, moto, .... An ``http://`` endpoint is that store's
+choice of plain HTTP, so it is allowed for obstore too (it refuses http unless
+``AWS_ALLOW_HTTP=true``), and GDAL gets ``AWS_HTTPS=NO``.
+
+Store failures are :class:`ObjectStoreError`: the URL (bucket and key) and the store's
+own first line of the cause, never a client's traceback.
 """
 from __future__ import annotations
 
@@ -25,6 +32,12 @@ from retinanet.files import write_atomically
 OBJECT_SCHEMES = ("s3://", "gs://")
 
 
+class ObjectStoreError(InputError, OSError):
+    """A request to an object store failed (missing bucket, refused credentials, endpoint
+    not reachable, ...). Also an OSError: callers that roll back on I/O failures (a
+    commit) treat it as one."""
+
+
 def is_object_url(location: str) -> bool:
     """True for ``s3://`` and ``gs://`` URLs (listable object stores)."""
     return str(location).startswith(OBJECT_SCHEMES)
@@ -36,17 +49,56 @@ def split_url(url: str) -> tuple[str, str]:
     return f"{parsed.scheme}://{parsed.netloc}", parsed.path.lstrip("/")
 
 
+def s3_endpoint() -> urllib.parse.ParseResult | None:
+    """The custom S3 endpoint (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``), parsed; None for AWS."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return urllib.parse.urlparse(endpoint) if endpoint else None
+
+
+def _plain_http(endpoint: urllib.parse.ParseResult | None) -> bool:
+    return endpoint is not None and endpoint.scheme == "http"
+
+
 @lru_cache(maxsize=32)
 def store_for(bucket_url: str):
     """The obstore client of one bucket (``s3://bucket``), made once per process."""
     from obstore.store import from_url
 
+    if bucket_url.startswith("s3://") and _plain_http(s3_endpoint()):
+        return from_url(bucket_url, client_options={"allow_http": True})
     return from_url(bucket_url)
 
 
-def _fail(url: str, err: Exception) -> InputError:
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return InputError(f"{url}: object store request failed: {text}")
+def arrow_filesystem(url: str):
+    """(pyarrow filesystem, path) for an ``s3://`` or ``gs://`` URL: the same endpoint,
+    region and credentials (the standard environment) as :func:`store_for`."""
+    import pyarrow.fs
+
+    bucket, key = split_url(url)
+    path = f"{bucket.split('://', 1)[1]}/{key}".rstrip("/")
+    if url.startswith("gs://"):
+        return pyarrow.fs.GcsFileSystem(), path
+    endpoint = s3_endpoint()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if endpoint is None:
+        return pyarrow.fs.S3FileSystem(region=region), path
+    return pyarrow.fs.S3FileSystem(region=region, endpoint_override=endpoint.netloc, scheme=endpoint.scheme), path
+
+
+def _fail(url: str, err: Exception) -> ObjectStoreError:
+    """The named error of a failed request: the URL and the first line of the store's answer."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ObjectStoreError(f"{url}: object store request failed: {text}")
+
+
+def store_error(url: str, err: Exception) -> Exception:
+    """What a failed store request raises: FileNotFoundError / FileExistsError as they are
+    (the commit protocol branches on them), an ObjectStoreError naming ``url`` otherwise."""
+    if "NoSuchBucket" in str(err):  # S3 answers 404 for a missing bucket too: not a missing key
+        return ObjectStoreError(f"{url}: bucket {split_url(url)[0]} does not exist (the store answered NoSuchBucket)")
+    if isinstance(err, (FileNotFoundError, FileExistsError, ObjectStoreError)):
+        return err
+    return _fail(url, err)
 
 
 def list_objects(prefix_url: str) -> list[str]:
@@ -131,10 +183,9 @@ def gdal_options(location: str) -> dict[str, str]:
     if not vsi.startswith(("/vsis3/", "/vsigs/", "/vsicurl/")):
         return {}
     options = {"CPL_VSIL_CURL_NON_CACHED": vsi}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint and vsi.startswith("/vsis3/"):
-        parsed = urllib.parse.urlparse(endpoint)
-        options.update({"AWS_S3_ENDPOINT": parsed.netloc, "AWS_HTTPS": "NO" if parsed.scheme == "http" else "YES",
+    endpoint = s3_endpoint()
+    if endpoint is not None and vsi.startswith("/vsis3/"):
+        options.update({"AWS_S3_ENDPOINT": endpoint.netloc, "AWS_HTTPS": "NO" if _plain_http(endpoint) else "YES",
                         "AWS_VIRTUAL_HOSTING": "FALSE"})
     return options
 

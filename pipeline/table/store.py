@@ -10,19 +10,23 @@ Keys are paths relative to the table root with ``/`` separators. Two backends:
 - :class:`ObjectStore`: ``s3://bucket/prefix`` or ``gs://bucket/prefix`` through obstore.
   Exclusive creates are a conditional PUT (``If-None-Match: *``), so two writers can
   never both publish one name; a PUT is atomic per object; a move is a server-side copy
-  then a delete. There are no folders.
+  then a delete. There are no folders. A failed request raises
+  :class:`pipeline.io.objstore.ObjectStoreError` naming the bucket and key and the
+  store's cause (FileNotFoundError and FileExistsError stay as they are: the protocol
+  branches on them).
 """
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from pipeline.io.objstore import is_object_url, split_url, store_for
+from pipeline.io.objstore import is_object_url, split_url, store_error, store_for
 from retinanet.files import TMP_PREFIX, fsync_dir, write_atomically
 
 
@@ -136,6 +140,17 @@ class ObjectStore:
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    @contextlib.contextmanager
+    def _request(self, key: str) -> Iterator[None]:
+        """Failures of the requests inside name ``<url>/<key>`` (see :func:`store_error`)."""
+        try:
+            yield
+        except Exception as err:  # obstore raises its own hierarchy
+            raised = store_error(f"{self.url}/{key}" if key else self.url, err)
+            if raised is err:
+                raise
+            raise raised from err
+
     def exists(self) -> bool:
         return True  # object stores have no folders: an empty table reads as empty
 
@@ -143,7 +158,8 @@ class ObjectStore:
         import obstore
 
         try:
-            meta = obstore.head(self.store, self._key(key))
+            with self._request(key):
+                meta = obstore.head(self.store, self._key(key))
         except FileNotFoundError:
             return None
         return Entry(key, int(meta["size"]), meta["last_modified"].timestamp())
@@ -153,8 +169,9 @@ class ObjectStore:
 
         base = self._key(prefix.rstrip("/")) if prefix else self.prefix
         cut = len(self.prefix) + 1 if self.prefix else 0
-        out = [Entry(m["path"][cut:], int(m["size"]), m["last_modified"].timestamp())
-               for chunk in obstore.list(self.store, prefix=(base + "/") if base else None) for m in chunk]
+        with self._request(prefix):
+            out = [Entry(m["path"][cut:], int(m["size"]), m["last_modified"].timestamp())
+                   for chunk in obstore.list(self.store, prefix=(base + "/") if base else None) for m in chunk]
         return sorted(out, key=lambda e: e.key)
 
     def keys(self, prefix: str = "") -> builtins.list[str]:
@@ -163,32 +180,37 @@ class ObjectStore:
     def read(self, key: str) -> bytes:
         import obstore
 
-        return bytes(obstore.get(self.store, self._key(key)).bytes())
+        with self._request(key):
+            return bytes(obstore.get(self.store, self._key(key)).bytes())
 
     def write(self, key: str, data: bytes) -> None:
         import obstore
 
-        obstore.put(self.store, self._key(key), data)
+        with self._request(key):
+            obstore.put(self.store, self._key(key), data)
 
     def create(self, key: str, data: bytes) -> None:
         import obstore
         from obstore.exceptions import AlreadyExistsError
 
-        try:
-            obstore.put(self.store, self._key(key), data, mode="create")  # If-None-Match: *
-        except AlreadyExistsError:
-            raise FileExistsError(f"{self.url}/{key}") from None
+        with self._request(key):
+            try:
+                obstore.put(self.store, self._key(key), data, mode="create")  # If-None-Match: *
+            except AlreadyExistsError:
+                raise FileExistsError(f"{self.url}/{key}") from None
 
     def move(self, src: str, dst: str) -> None:
         import obstore
 
-        obstore.rename(self.store, self._key(src), self._key(dst))
+        with self._request(src):
+            obstore.rename(self.store, self._key(src), self._key(dst))
 
     def delete(self, key: str) -> None:
         import obstore
 
         try:
-            obstore.delete(self.store, self._key(key))
+            with self._request(key):
+                obstore.delete(self.store, self._key(key))
         except FileNotFoundError:
             pass
 
@@ -197,4 +219,5 @@ class ObjectStore:
 
         keys = [self._key(e.key) for e in self.list(prefix)]
         if keys:
-            obstore.delete(self.store, keys)
+            with self._request(prefix):
+                obstore.delete(self.store, keys)
