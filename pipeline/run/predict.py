@@ -123,10 +123,10 @@ def predict_scene(path: str, checkpoint: str, *, progress: bool = True, **job_ov
     ``geopandas.GeoDataFrame``: the rows `pipeline run` commits for the same scene and
     settings, in ``output.crs`` (default EPSG:4326; ``None``: scene pixels), without Ray.
 
-    Columns: the detection table's (``geometry``, ``bbox``, ``scene_id``, ``scene_path``,
-    ``label``, ``label_id``, ``score``, ``px_xmin`` ... ``px_ymax`` in scene pixels,
-    ``model_id``, ``job_hash``) except those only a commit has: ``run_id``, ``job_name``,
-    ``processed_at``, ``date``.
+    Columns: the detection table's as ``geopandas.read_parquet`` reads it (``geometry``,
+    ``scene_id``, ``scene_path``, ``label``, ``label_id``, ``score``, ``px_xmin`` ...
+    ``px_ymax`` in scene pixels, ``model_id``, ``job_hash``, ...) except those only a commit
+    has: ``run_id``, ``job_name``, ``processed_at``, ``date``.
 
     ``job_overrides``: the job's settings by the names ``pipeline run --set`` takes, as
     dotted keys (``**{"tiling.chip_size": 256, "model.score_threshold": 0.4}``) or one
@@ -160,7 +160,9 @@ def detections_frame(table: pa.Table, crs: Optional[str]):
         import geopandas  # not a dependency of runs: imported here, and only here
     except ImportError:
         raise InputError("predict_scene returns a geopandas.GeoDataFrame: pip install geopandas") from None
-    frame = table.drop_columns(["geometry"]).to_pandas()
+    # bbox is GeoParquet's covering column, for readers that filter files by it; GeoPandas
+    # reads the table without it (geometry.bounds is the same box), so predicting leaves it out.
+    frame = table.drop_columns(["geometry", "bbox"]).to_pandas()
     frame.insert(0, "geometry", geopandas.GeoSeries.from_wkb(table.column("geometry").to_pylist(), crs=crs))
     return geopandas.GeoDataFrame(frame, geometry="geometry", crs=crs)
 
