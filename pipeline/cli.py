@@ -364,6 +364,7 @@ def anchors(job: str, overrides: tuple[str, ...]) -> None:
 def import_model(source: str, out: str, kind: str, classes: str | None, input_range: str, pixel_max: float,
                  no_resize: bool) -> None:
     """Import a torchvision or DeepForest RetinaNet so that it predicts as at home."""
+    from pipeline.io.model_card import write_model_card
     from retinanet.checkpoint import CheckpointError, save_checkpoint
     from retinanet.imports import import_model as read_model
 
@@ -372,6 +373,7 @@ def import_model(source: str, out: str, kind: str, classes: str | None, input_ra
     try:
         imported = read_model(source, kind, names, input_range, pixel_max, **overrides)
         path = save_checkpoint(out, imported.model, imported.class_names, imported.metadata)
+        card = write_model_card(path)  # the STAC MLM model card beside it
     except (CheckpointError, ValueError) as err:
         fail(ConfigError(str(err)))
     info, cfg = imported.metadata["imported_from"], imported.model.config
@@ -383,6 +385,7 @@ def import_model(source: str, out: str, kind: str, classes: str | None, input_ra
                f"image_std {std} (pixel units)")
     click.echo(f"inference: resize {resize}; score > {cfg.score_threshold}, NMS IoU {cfg.nms_threshold}, "
                f"{cfg.detections_per_image} detections per chip (job fields override them)")
+    click.echo(f"model card: {card}")
 
 
 @main.command(name="export")

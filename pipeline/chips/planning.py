@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pipeline.config.spec import JobSpec
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.io.inputs import SceneInput
+from pipeline.io.model_card import ModelCard, read_model_card
 from pipeline.io.objstore import local_file
 from retinanet.checkpoint import CheckpointError, file_sha256, read_checkpoint_header
 
@@ -39,19 +40,22 @@ class ModelFacts:
     image_mean: tuple
     image_std: tuple
     model_id: str
+    card: ModelCard | None = None  # the model card beside the checkpoint, if it has one
 
 
 def model_facts(location: str) -> ModelFacts:
-    """Read ``model.checkpoint`` (local, or fetched once from s3:// / gs://) without
-    building the model. Raises ConfigError naming the field when it is not a checkpoint."""
+    """Read ``model.checkpoint`` (local, or fetched once from s3:// / gs://) and its model
+    card without building the model. Raises ConfigError naming the field when it is not a
+    checkpoint, or the card when that cannot be read."""
     try:
         local = local_file(location)
         payload = read_checkpoint_header(local)  # no torch on the driver
     except (CheckpointError, PipelineError) as err:
         raise ConfigError(f"model.checkpoint: {err}") from None
-    config = payload["config"]
+    config, sha256 = payload["config"], file_sha256(local)
     return ModelFacts(location, list(payload["class_names"]), int(config["in_channels"]),
-                      tuple(config["image_mean"]), tuple(config["image_std"]), file_sha256(local)[:16])
+                      tuple(config["image_mean"]), tuple(config["image_std"]), sha256[:16],
+                      read_model_card(location, sha256))
 
 
 def eight_bit_statistics(image_mean, image_std) -> bool:
@@ -74,17 +78,19 @@ def scene_problems(info, bands, model: ModelFacts, output_crs) -> tuple[list[str
     georeferencing into a table with a CRS (its boxes would be pixels labelled as map
     coordinates: write it to a table with ``output.crs: null``); an 8-bit scene into a
     model whose statistics need larger values; integer pixels into a model whose statistics
-    are for [0, 1] inputs. Warning: a 16-bit or float scene into a
-    model with 8-bit statistics (values above 255 saturate it, unless the file only
-    holds 0-255).
+    are for [0, 1] inputs; what the model card rules out (:func:`card_problems`). Warning:
+    a 16-bit or float scene into a model with 8-bit statistics and no card's data type
+    (values above 255 saturate it, unless the file only holds 0-255).
     """
     from pipeline.chips.tiling import select_bands
 
     errors, warnings_ = [], []
     try:
-        select_bands(info, bands, model.in_channels)
+        chosen = select_bands(info, bands, model.in_channels)
     except PipelineError as err:
         errors.append(str(err))
+    else:
+        errors += card_problems(info, chosen, model.card)
     if output_crs is not None and not info.georeferenced:
         errors.append(f"{info.path}: has no georeferencing (no CRS) but output.crs is {output_crs!r}; "
                       "write it to a table with output.crs: null (pixel coordinates)")
@@ -97,11 +103,31 @@ def scene_problems(info, bands, model: ModelFacts, output_crs) -> tuple[list[str
     elif info.dtype == "uint8" and max(model.image_mean) > 255:
         errors.append(f"{info.path}: uint8 scene, but the model's image_mean {list(model.image_mean)} "
                       "is for larger values (16-bit data)")
-    elif info.dtype != "uint8" and eight_bit:
+    elif info.dtype != "uint8" and eight_bit and not (model.card and model.card.data_types):
         warnings_.append(f"{info.path}: {info.dtype} scene, but the model's statistics (image_mean "
                          f"{list(model.image_mean)}) are for 8-bit data: values above 255 saturate it; "
                          "rescale to 8-bit (gdal_translate -ot Byte -scale) or use a model trained on this data")
     return errors, warnings_
+
+
+def card_problems(info, chosen_bands: list[int], card: ModelCard | None) -> list[str]:
+    """What the model card rules out about a scene (none without a card): a band selection
+    whose count is not the card's input bands (a single band is not replicated for a
+    model whose card names several), and pixels of a data type the card does not allow."""
+    if card is None:
+        return []
+    errors = []
+    if len(chosen_bands) != len(card.band_names):
+        plural = "s" if len(chosen_bands) != 1 else ""
+        errors.append(f"{info.path}: {len(chosen_bands)} band{plural} {chosen_bands} selected, but the model card "
+                      f"{card.path} takes {len(card.band_names)} bands ({', '.join(card.band_names)}); select "
+                      f"{len(card.band_names)} with inputs.bands (the card rules out replicating one band)")
+    if card.data_types and info.dtype not in card.data_types:
+        errors.append(f"{info.path}: {info.dtype} pixels, but the model card {card.path} allows "
+                      f"{' or '.join(card.data_types)} only (what the model was trained or imported for); "
+                      "convert the scene (e.g. gdal_translate -ot Byte -scale for uint8) or use a model made "
+                      "for this data")
+    return errors
 
 
 def plan_scene(scene: SceneInput, spec: JobSpec, model: ModelFacts) -> ScenePlan:

@@ -16,7 +16,9 @@ Outputs in ``train.output_dir``: ``best.pt`` (highest validation AP50, ties brok
 AP), ``last.pt``, ``metrics.csv``, ``metrics.png``, ``summary.json``, ``run.json`` and
 ``ray/<run name>/`` (Ray's run directory with the checkpoints). With ``train.publish:
 true`` best.pt is then copied to ``model.checkpoint``, so ``pipeline run`` on the same
-job uses the trained model. On a multi-node cluster
+job uses the trained model. Each of these checkpoints gets a model card beside it
+(``best.pt.stac-item.json``: a STAC MLM item, :mod:`pipeline.io.model_card`) with the
+bands, data type, chip size, classes and validation AP. On a multi-node cluster
 ``output_dir`` must be storage every node sees (NFS), as Ray's ``storage_path`` must.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Optional
 from pipeline.config.spec import JobSpec, TrainSpec, writable_dir_problem
 from pipeline.errors import ConfigError, InputError, TrainingError
 from pipeline.io.inputs import expand_patterns, is_remote
+from pipeline.io.model_card import TrainingFacts, band_names, common_data_type, write_model_card
 from pipeline.run.console import console_line, native_log_lines_hidden
 from pipeline.train.anchors import fit_anchors
 from pipeline.train.loop import MODEL_FILE, STATE_FILE, STEP_FILE, Prepared, checkpoint_step, train_loop
@@ -277,8 +280,31 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose
     }
     if t.publish:
         summary["published"] = publish_best(output_dir, spec.model.checkpoint)
+    # A model card beside each checkpoint written (pipeline.io.model_card)
+    facts = training_facts(spec, prepared, run_name)
+    summary["model_cards"] = [str(write_model_card(path, facts)) for path in
+                              (output_dir / "best.pt", output_dir / "last.pt", summary.get("published"))
+                              if path is not None and os.path.isfile(path)]
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def training_facts(spec: JobSpec, prepared: Prepared, run_name: Optional[str]) -> TrainingFacts:
+    """What the model cards of a training job's checkpoints say beyond the checkpoint: the
+    bands read (named by the first scene's colour interpretation), the training scenes'
+    data type, the chip size, what the weights started from."""
+    from pipeline.io.raster import read_scene_info
+    from pipeline.train.data import expand_scene_paths
+
+    t = spec.train
+    infos = [read_scene_info(scene.location) for scene in expand_scene_paths(t.scenes)]
+    bands = prepared.bands if prepared.bands is not None else list(infos[0].data_bands)
+    started = (f"fine-tuned from {t.init_checkpoint}" if t.init_checkpoint else
+               f"ImageNet (backbone weights {t.backbone_weights})" if t.backbone_weights else None)
+    return TrainingFacts(job=spec.source or spec.name, band_names=band_names(infos[0].colorinterp, bands),
+                         data_type=common_data_type([info.dtype for info in infos]), chip_size=t.chip_size,
+                         pretrained_source=started, train_chips=len(prepared.train_records),
+                         val_chips=len(prepared.val_records), ray_run=run_name)
 
 
 def publish_best(output_dir: Path, checkpoint: str) -> str:

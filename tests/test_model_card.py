@@ -1,0 +1,296 @@
+"""The model card: `pipeline import` and `pipeline train` write a STAC Item with the MLM
+extension beside each checkpoint; pystac's MLM extension reads it and validates it against
+the extension's JSON schema; `pipeline validate` and `pipeline run` refuse scenes whose band
+count or data type the card rules out, and a checkpoint without a card runs as before.
+
+Oracles from outside: torchvision's own RetinaNet (its transform's mean/std and resize
+rule, its class count), pystac's MLM extension and JSON-schema validation, hashlib,
+rasterio's reading of the real rasters and of the training scenes, the metrics.csv that
+training writes, and torch's own version string.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import os
+import shutil
+
+import pystac
+import pytest
+import rasterio
+import torch
+import yaml
+from click.testing import CliRunner
+from pystac.errors import STACValidationError
+from pystac.extensions.mlm import MLMExtension
+from real_data import real
+from torchvision.models.detection import retinanet_resnet50_fpn
+
+from pipeline.cli import main
+from pipeline.io.model_card import (
+    band_names,
+    card_location,
+    common_data_type,
+    imported_data_type,
+    read_model_card,
+    validate_card,
+)
+
+MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
+
+
+def cli(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def torchvision_model():
+    torch.manual_seed(0)
+    return retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2).eval()
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, torchvision_model):
+    """A torchvision state dict imported with `pipeline import` -> (checkpoint, card)."""
+    folder = tmp_path_factory.mktemp("card_import")
+    torch.save(torchvision_model.state_dict(), folder / "weights.pt")
+    code, out = cli("import", folder / "weights.pt", "--out", folder / "models" / "retinanet.pt",
+                    "--classes", "tree,oil tank")
+    assert code == 0, out
+    checkpoint = folder / "models" / "retinanet.pt"
+    return checkpoint, folder / "models" / "retinanet.pt.stac-item.json"
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# ------------------------------------------------------------------ the card `pipeline import` writes
+
+
+def test_import_writes_a_card_beside_the_checkpoint_that_pystac_validates(imported, torchvision_model):
+    checkpoint, card_path = imported
+    assert card_location(checkpoint) == str(card_path) and card_path.is_file()
+    item = pystac.Item.from_file(str(card_path))
+    # pystac's JSON-schema validator, with the MLM schema (and the ones it refers to) local.
+    checked = validate_card(item)
+    assert MLM_SCHEMA in checked
+    mlm = MLMExtension.ext(item)
+    assert mlm.architecture == "RetinaNet" and [str(t) for t in mlm.tasks] == ["object-detection"]
+    assert mlm.framework == "PyTorch" and mlm.framework_version == torch.__version__
+    # Input: torchvision's RGB, its ImageNet normalisation in 8-bit pixel units, its resize rule.
+    model_input = item.properties["mlm:input"][0]
+    assert model_input["bands"] == ["red", "green", "blue"]
+    assert model_input["input"]["shape"] == [-1, 3, -1, -1] and model_input["input"]["data_type"] == "float32"
+    transform = torchvision_model.transform
+    assert [s["mean"] for s in model_input["value_scaling"]] == pytest.approx([m * 255 for m in transform.image_mean])
+    assert [s["stddev"] for s in model_input["value_scaling"]] == pytest.approx([s * 255 for s in transform.image_std])
+    assert {s["type"] for s in model_input["value_scaling"]} == {"z-score"}
+    assert model_input["resize_type"] == "interpolation-linear"
+    hyper = item.properties["mlm:hyperparameters"]
+    assert (hyper["min_size"], hyper["max_size"]) == (transform.min_size[0], transform.max_size)
+    assert hyper["score_threshold"] == torchvision_model.score_thresh
+    assert hyper["nms_threshold"] == torchvision_model.nms_thresh
+    assert hyper["detections_per_image"] == torchvision_model.detections_per_img
+    assert hyper["backbone"] == "resnet50"
+    # Output: the classes in the model's order.
+    classes = item.properties["mlm:output"][0]["classification:classes"]
+    assert [(c["value"], c["name"]) for c in classes] == [(0, "tree"), (1, "oil tank")]
+    # Source: imported from a torchvision state dict; 8-bit scenes expected.
+    assert item.properties["pipeline:source"]["kind"] == "imported"
+    assert item.properties["pipeline:source"]["from"] == "torchvision"
+    assert item.properties["pipeline:source"]["sha256"] == sha256_of(checkpoint.parent.parent / "weights.pt")
+    assert mlm.pretrained is True
+    asset = item.assets["model"]
+    assert asset.href.endswith("/retinanet.pt") and "mlm:model" in asset.roles
+    assert json.loads(card_path.read_text())["assets"]["model"]["href"] == "./retinanet.pt"  # relative on disk
+    assert asset.extra_fields["mlm:artifact_type"] == "torch.save"
+    assert asset.extra_fields["file:checksum"] == "1220" + sha256_of(checkpoint)
+    assert asset.extra_fields["file:size"] == os.path.getsize(checkpoint)
+    assert [(b["name"], b["data_type"]) for b in asset.extra_fields["raster:bands"]] == [
+        ("red", "uint8"), ("green", "uint8"), ("blue", "uint8")]
+
+
+def test_validation_is_real_a_broken_card_fails(imported):
+    _, card_path = imported
+    card = json.loads(card_path.read_text())
+    validate_card(card)
+    for breaking in (lambda c: c["properties"].pop("mlm:architecture"),
+                     lambda c: c["properties"]["mlm:input"][0]["value_scaling"][0].pop("stddev"),
+                     lambda c: c["assets"]["model"].pop("mlm:artifact_type"),
+                     lambda c: c["properties"]["mlm:output"][0]["classification:classes"][0].pop("description")):
+        broken = copy.deepcopy(card)
+        breaking(broken)
+        with pytest.raises(STACValidationError):
+            validate_card(broken)
+
+
+def test_a_moved_checkpoint_and_card_still_name_each_other(imported, tmp_path):
+    checkpoint, card_path = imported
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copy(checkpoint, moved / checkpoint.name)
+    shutil.copy(card_path, moved / card_path.name)
+    item = pystac.Item.from_file(str(moved / card_path.name))
+    assert item.assets["model"].get_absolute_href() == str(moved / checkpoint.name)
+    assert read_model_card(str(moved / checkpoint.name), sha256_of(moved / checkpoint.name)) is not None
+
+
+def test_card_helpers_golden_values():
+    assert imported_data_type(255.0) == "uint8"
+    assert imported_data_type(4095.0) == "uint16"  # 12-bit imagery in 16-bit files
+    assert imported_data_type(65535.0) == "uint16"
+    assert imported_data_type(1.0) is None and imported_data_type(70000.0) is None
+    assert band_names(("blue", "green", "red", "alpha"), [3, 2, 1]) == ("red", "green", "blue")
+    assert band_names(("gray",), [1]) == ("band1",)
+    assert band_names(("red", "red"), [1, 2]) == ("band1", "band2")  # not distinct: numbered
+    assert common_data_type(["uint16", "uint16"]) == "uint16"
+    assert common_data_type(["uint8", "uint16"]) is None
+
+
+# ------------------------------------------------------------------ scenes the card rules out
+
+
+def job_file(folder, checkpoint, scene, run_name="card") -> str:
+    job = {"name": run_name, "inputs": {"paths": [str(scene)]}, "tiling": {"chip_size": 256, "overlap": 0},
+           "model": {"checkpoint": str(checkpoint), "precision": "fp32", "device": "cpu"},
+           "compute": {"actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "max_retries": 0},
+           "output": {"table": str(folder / "table"), "crs": "EPSG:4326"}}
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return str(path)
+
+
+def test_validate_refuses_a_one_band_scene_for_a_three_band_card(imported, tmp_path):
+    checkpoint, card_path = imported
+    scene = real("rgb1_fake_nir_epsg3857.tif")
+    with rasterio.open(scene) as f:
+        assert f.count == 1
+    code, out = cli("validate", job_file(tmp_path, checkpoint, scene))
+    assert code == 2, out
+    assert "rgb1_fake_nir_epsg3857.tif: 1 band" in out
+    assert "3 bands (red, green, blue)" in out and str(card_path) in out
+
+
+def test_validate_refuses_a_uint16_scene_for_a_uint8_card(imported, tmp_path):
+    checkpoint, card_path = imported
+    scene = real("RGBA.uint16.tif")
+    with rasterio.open(scene) as f:
+        assert f.dtypes[0] == "uint16"
+    code, out = cli("validate", job_file(tmp_path, checkpoint, scene))
+    assert code == 2, out
+    assert "RGBA.uint16.tif: uint16 pixels" in out and "allows uint8" in out and str(card_path) in out
+
+
+def test_run_planning_refuses_the_scene_and_names_the_card(imported, tmp_path):
+    """`pipeline run` plans its scenes with plan_scenes (on the driver and in Ray tasks): the
+    refused scene comes back with its reason, the others are planned."""
+    from pipeline.chips.planning import model_facts, plan_scenes
+    from pipeline.config.spec import load_job
+    from pipeline.io.inputs import expand_patterns
+
+    checkpoint, card_path = imported
+    spec = load_job(job_file(tmp_path, checkpoint, real("RGBA.uint16.tif")))
+    scenes = expand_patterns([str(real("RGBA.uint16.tif")), str(real("OSBS_029.tif"))]).scenes
+    refused, planned = plan_scenes(spec, scenes, model_facts(str(checkpoint)))
+    assert refused["path"].endswith("RGBA.uint16.tif")
+    assert "uint16 pixels" in refused["reason"] and str(card_path) in refused["reason"]
+    assert planned.path.endswith("OSBS_029.tif") and planned.windows
+
+
+def test_without_its_card_a_checkpoint_runs_as_before(imported, tmp_path):
+    """Older checkpoints have no card; a card describing another file is not this one's."""
+    checkpoint, card_path = imported
+    bare = tmp_path / "bare.pt"
+    shutil.copy(checkpoint, bare)
+    one_band = real("rgb1_fake_nir_epsg3857.tif")
+    code, out = cli("validate", job_file(tmp_path, bare, one_band))
+    assert code == 0, out  # the single band is replicated, as before cards
+    code, out = cli("validate", job_file(tmp_path, bare, real("RGBA.uint16.tif")))
+    assert code == 0 and "uint16 scene" in out, out  # a warning, as before cards
+    # A card left beside a different checkpoint (copied over it without its card) is ignored.
+    other = tmp_path / "other.pt"
+    shutil.copy(checkpoint, other)
+    shutil.copy(card_path, card_location(other))
+    with open(other, "ab") as f:
+        f.write(b"\0")  # other bytes: the card's checksum no longer names this file
+    assert read_model_card(str(other), sha256_of(other)) is None
+    assert read_model_card(str(checkpoint), sha256_of(checkpoint)).band_names == ("red", "green", "blue")
+
+
+# ------------------------------------------------------------------ the cards `pipeline train` writes
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The smallest real `pipeline train` (1 worker, resnet18 with 32-channel FPN and
+    heads, 2 steps on 128-px chips of 3 synthetic scenes) that publishes its model."""
+    from pipeline.config.spec import load_job
+    from pipeline.tools.synth import synthesize
+    from pipeline.train.driver import train
+
+    folder = tmp_path_factory.mktemp("card_train")
+    synthesize(folder / "data", scenes=3, size=256, seed=3)
+    job = {"name": "carded", "inputs": {"paths": ["data/*.tif"]}, "model": {"checkpoint": "models/model.pt"},
+           "output": {"table": "out"},
+           "train": {"scenes": ["data/*.tif"], "labels": ["data/truth.json"],
+                     "classes": ["vehicle", "building", "tank"], "val_split": {"by": "scene", "fraction": 0.34},
+                     "backbone": "resnet18", "fpn_channels": 32,
+                     "head_width": 32, "head_depth": 1, "chip_size": 128, "overlap": 0, "batch_size": 4, "workers": 1,
+                     "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2, "output_dir": "runs", "seed": 5,
+                     "publish": True}}
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        spec = load_job(folder / "job.yaml")
+        summary = train(spec, log=lambda line: None)
+    finally:
+        os.chdir(cwd)
+    return folder, spec, summary
+
+
+@pytest.mark.slow
+def test_train_writes_a_card_beside_each_checkpoint(trained):
+    folder, spec, summary = trained
+    out = folder / "runs"
+    published = folder / "models" / "model.pt"
+    assert sorted(summary["model_cards"]) == sorted(card_location(p) for p in
+                                                    (out / "best.pt", out / "last.pt", published.resolve()))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    best_row = max(rows, key=lambda r: (float(r["val_AP50"]), float(r["val_AP"])))
+    with rasterio.open(folder / "data" / "synth_000.tif") as f:
+        dtype, colours = f.dtypes[0], [c.name for c in f.colorinterp]
+    for checkpoint in (out / "best.pt", published):
+        item = pystac.Item.from_file(card_location(checkpoint))
+        assert MLM_SCHEMA in validate_card(item)
+        props = item.properties
+        assert props["pipeline:source"]["kind"] == "trained" and props["pipeline:source"]["job"] == spec.source
+        # training's own validation figures for this checkpoint (metrics.csv's best row)
+        assert props["pipeline:validation"]["AP50"] == pytest.approx(float(best_row["val_AP50"]))
+        assert props["pipeline:validation"]["AP"] == pytest.approx(float(best_row["val_AP"]))
+        assert props["mlm:input"][0]["bands"] == colours
+        assert props["mlm:input"][0]["input"]["shape"] == [-1, 3, 128, 128]
+        assert props["mlm:hyperparameters"]["chip_size"] == 128
+        assert [s["mean"] for s in props["mlm:input"][0]["value_scaling"]] == pytest.approx(
+            summary["band_stats"]["mean"])
+        assert [c["name"] for c in props["mlm:output"][0]["classification:classes"]] == ["vehicle", "building",
+                                                                                          "tank"]
+        assert props["mlm:pretrained"] is False and props["mlm:pretrained_source"] is None  # from scratch
+        asset = json.loads(open(card_location(checkpoint)).read())["assets"]["model"]
+        assert asset["href"] == f"./{checkpoint.name}"
+        assert asset["file:checksum"] == "1220" + sha256_of(checkpoint)
+        assert {b["data_type"] for b in asset["raster:bands"]} == {dtype}
+
+
+@pytest.mark.slow
+def test_a_trained_card_refuses_scenes_of_another_data_type(trained, tmp_path):
+    folder, _, _ = trained
+    published = folder / "models" / "model.pt"
+    code, out = cli("validate", job_file(tmp_path, published, real("RGBA.uint16.tif")))
+    assert code == 2, out
+    assert "RGBA.uint16.tif: uint16 pixels" in out and "allows uint8" in out
+    assert card_location(published) in out
