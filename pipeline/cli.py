@@ -1,26 +1,187 @@
-"""Command-line entry point. Parses arguments and calls library functions; no logic here."""
+"""Command-line entry point. Parses arguments and calls library functions; no logic here.
+
+One rule for every command (README.md, "The command line"): a detection table is the first
+argument (TABLE); ``--job`` is always a job file; ``-o`` is ``--out``; ``--set`` reaches any
+depth of a job; the exit code says 0 complete, 1 incomplete, 2 cannot start, 3 internal error.
+"""
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import sys
-from typing import Literal, NoReturn
+import traceback
+from typing import Any, Literal, NoReturn
 
 import click
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, TrainingError
 from retinanet.options import PRECISIONS
 
+EXIT_COMPLETE = 0      # everything asked for was done
+EXIT_INCOMPLETE = 1    # the work ran, part of it failed: scenes partial or failed, training failed
+EXIT_CANNOT_START = 2  # bad job or option, missing input, unreachable table, cluster or source
+EXIT_INTERNAL = 3      # an exception nobody expected: a bug, its traceback kept in a file
 
-@click.group()
-@click.version_option(package_name="retinanet-pipeline", prog_name="pipeline")
-def main() -> None:
-    """Find objects in very large imagery with RetinaNet on Ray."""
+
+def exit_code_of(err: Exception) -> int:
+    """The exit code of an error the pipeline names: training that failed on its way is
+    incomplete work (1); every other named error stopped the command before its work (2)."""
+    return EXIT_INCOMPLETE if isinstance(err, TrainingError) else EXIT_CANNOT_START
 
 
 def fail(err: Exception) -> NoReturn:
-    """Print a PipelineError for a user and exit: 2 for bad configuration, 1 otherwise."""
+    """Print a named error for a user and exit with :func:`exit_code_of`."""
     click.echo(f"error: {err}", err=True)
-    sys.exit(2 if isinstance(err, ConfigError) else 1)
+    sys.exit(exit_code_of(err))
+
+
+def internal_error(err: Exception, ctx: click.Context) -> NoReturn:
+    """An exception nobody expected: exit 3 with its type and message. The traceback goes to a
+    file under the cache folder (for a bug report), and to stderr too with ``pipeline --traceback``
+    or the command's own ``--verbose``."""
+    from pipeline.io.objstore import cache_dir
+
+    trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    command = f"pipeline {ctx.info_name}"
+    where = "not written"
+    try:
+        folder = cache_dir() / "errors"
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        path = folder / f"{stamp}-{ctx.info_name}-{os.getpid()}.txt"
+        params = json.dumps(ctx.params, default=str)
+        path.write_text(f"{command} {params}\n{version_text()}\n\n{trace}", encoding="utf-8")
+        where = str(path)
+    except OSError as io_err:  # a read-only cache must not hide the error itself
+        where = f"not written ({io_err})"
+    show = bool(ctx.find_root().params.get("show_traceback") or ctx.params.get("verbose"))
+    if show or where.startswith("not written"):
+        click.echo(trace.rstrip(), err=True)
+    click.echo(f"internal error in {command}: {type(err).__name__}: {err}\n"
+               f"this is a bug; the traceback is in {where}" + ("" if show else " (pipeline --traceback prints it)"),
+               err=True)
+    sys.exit(EXIT_INTERNAL)
+
+
+class PipelineCommand(click.Command):
+    """A command whose errors end in the documented exit codes: a PipelineError is printed
+    as ``error: ...`` (exit 2, or 1 for training that failed), any other exception is an
+    internal error (exit 3). Click's own exits and usage errors (exit 2) pass through."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except PipelineError as err:
+            fail(err)
+        except Exception as err:  # the one place that turns a bug into exit 3
+            internal_error(err, ctx)
+
+
+class PipelineGroup(click.Group):
+    command_class = PipelineCommand
+
+
+def library_versions() -> list[tuple[str, str]]:
+    """(name, version) of the pipeline and of the libraries whose versions change results or
+    compatibility. Package metadata, not imports (torch, Ray and OpenVINO load in seconds);
+    GDAL's version is the one rasterio was built with, so rasterio is imported here."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    try:
+        import rasterio
+
+        gdal = f"{rasterio.__gdal_version__} (rasterio {rasterio.__version__})"
+    except ImportError:
+        gdal = "not installed (no rasterio)"
+    return [("pipeline", installed("retinanet-pipeline")), ("Python", platform.python_version()),
+            ("torch", installed("torch")), ("Ray", installed("ray")), ("GDAL", gdal),
+            ("OpenVINO", installed("openvino"))]
+
+
+def version_text() -> str:
+    return "\n".join(f"{name} {value}" for name, value in library_versions())
+
+
+def print_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(version_text())
+    ctx.exit()
+
+
+def job_selection(job_file: str | None, job_name: str | None) -> tuple[str | None, str | None]:
+    """``--job FILE`` / ``--job-name NAME`` -> (the job name to select, the job file's output.table).
+
+    ``--job`` is a job file in every command. A value that is no file but reads as a job name
+    (``--job satellite-nightly``, the old meaning in eval and render) is still taken as one,
+    with a note, so that scripts keep working while they move to ``--job-name``."""
+    from pipeline.config.spec import load_job
+
+    if job_file is None:
+        return job_name, None
+    looks_like_name = os.sep not in job_file and "/" not in job_file and not job_file.endswith((".yaml", ".yml"))
+    if looks_like_name and not os.path.isfile(job_file):
+        click.echo(f"note: --job takes a job file; --job {job_file} as a job's name is deprecated: "
+                   f"write --job-name {job_file}", err=True)
+        named, table = job_file, None
+    else:
+        spec = load_job(job_file)
+        named, table = spec.name, spec.output.table
+    if job_name is not None and job_name != named:
+        raise ConfigError(f"--job {job_file} is job {named!r} but --job-name says {job_name!r}; give one of them")
+    return named, table
+
+
+def one_table(argument: str | None, option: str | None, fallback: str | None = None) -> str:
+    """The detection table given as TABLE or as ``--table`` (the same one when both), else
+    ``fallback`` (a job file's output.table)."""
+    if argument is not None and option is not None:
+        same = argument == option or (
+            "://" not in argument + option and os.path.abspath(argument) == os.path.abspath(option))
+        if not same:
+            raise ConfigError(f"the table is given twice and the two differ: TABLE {argument} and --table {option}; "
+                              "give it once")
+    table = argument if argument is not None else option if option is not None else fallback
+    if table is None:
+        raise ConfigError("no detection table: give it as the first argument (TABLE), or --job JOB.yaml to "
+                          "read its output.table")
+    return table
+
+
+@click.group(cls=PipelineGroup)
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=print_versions,
+              help="Show the versions of pipeline, Python, torch, Ray, GDAL and OpenVINO, and exit.")
+@click.option("--traceback", "show_traceback", is_flag=True, envvar="PIPELINE_TRACEBACK",
+              help="On an internal error (exit 3) print the traceback too (it is always written to a file).")
+def main(show_traceback: bool) -> None:
+    """Find objects in very large imagery with RetinaNet on Ray.
+
+    \b
+    Conventions, the same in every command:
+      TABLE        a detection table, always the first argument (eval also takes --table)
+      --job FILE   always a job file; --job-name NAME selects a job by its name
+      -o, --out    what the command writes
+      --set K=V    override a job field at any depth: --set train.augment.hflip=false
+      --address    submit: the Ray dashboard; default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS
+
+    \b
+    Exit codes:
+      0  complete: every scene done (or done before), the command did all it was asked
+      1  incomplete: some scenes partial or failed (run, submit --follow), or training failed
+      2  cannot start: bad job, field or option, missing input, unreachable table or cluster
+      3  internal error: an unexpected exception (a bug); its type is printed and its
+         traceback written under the cache folder (pipeline --traceback prints it)
+    """
 
 
 @main.command()
@@ -118,12 +279,22 @@ def synth(out_dir: str, scenes: int, size: int, seed: int, bands: str, dtype: st
 @click.argument("table", type=click.Path(file_okay=False))
 @click.argument("sql")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "csv", "json"]))
-def query(table: str, sql: str, fmt: Literal["table", "csv", "json"]) -> None:
-    """Run SQL on a table's committed rows, the view `detections` (DuckDB)."""
-    from pipeline.query import query_text
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="write the result to this file instead: .gpkg, .fgb, .geojson, .parquet (GeoParquet) or .csv; "
+                   "geometry and CRS kept")
+@click.option("--aoi", type=click.Path(dir_okay=False), default=None,
+              help="a vector file (GeoJSON, GeoPackage, shapefile...) of polygons, as the table `aoi` in the "
+                   "table's CRS")
+def query(table: str, sql: str, fmt: Literal["table", "csv", "json"], out: str | None, aoi: str | None) -> None:
+    """Run SQL on a table's committed rows, the view `detections` (DuckDB, with its ST_ spatial functions)."""
+    from pipeline.query import query_text, query_to_file
 
     try:
-        text = query_text(table, sql, fmt)
+        if out is not None:
+            rows = query_to_file(table, sql, out, aoi=aoi)
+            text = f"{out}: {rows} row{'s' if rows != 1 else ''}"
+        else:
+            text = query_text(table, sql, fmt, aoi=aoi)
     except PipelineError as err:
         fail(err)
     click.echo(text)
@@ -182,16 +353,20 @@ def compact(table: str, days: tuple[str, ...], min_files: int, max_rows: int, dr
 @main.command()
 @click.argument("table", type=click.Path(file_okay=False))
 @click.argument("scene_path")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write")
 @click.option("--run-id", default=None, help="draw only this run's detections")
-@click.option("--job", "job_name", default=None, help="draw only this job's detections")
+@click.option("--job", "job_file", default=None, type=click.Path(dir_okay=False),
+              help="job file: draw only its detections")
+@click.option("--job-name", default=None, help="draw only the detections of the job of this name")
 @click.option("--max-size", default=1024, show_default=True, type=click.IntRange(min=16),
               help="longer side of the picture, px")
-def render(table: str, scene_path: str, out: str, run_id: str | None, job_name: str | None, max_size: int) -> None:
+def render(table: str, scene_path: str, out: str, run_id: str | None, job_file: str | None, job_name: str | None,
+           max_size: int) -> None:
     """Write a quicklook PNG of a scene with its committed detections, coloured by class."""
     from pipeline.render import render_quicklook
 
     try:
+        job_name, _ = job_selection(job_file, job_name)
         summary = render_quicklook(table, scene_path, out, run_id=run_id, max_size=max_size, job_name=job_name)
     except PipelineError as err:
         fail(err)
@@ -201,13 +376,15 @@ def render(table: str, scene_path: str, out: str, run_id: str | None, job_name: 
 
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False))
-@click.option("--address", required=True, help="Ray dashboard of the cluster, e.g. http://HEAD:8265")
+@click.option("--address", default=None,
+              help="Ray dashboard of the cluster, e.g. http://HEAD:8265 [default, as Ray's job CLI: "
+                   "$RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS]")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a job field")
 @click.option("--run-id", default=None, help="name of the run (default: chosen on the cluster)")
 @click.option("--force", is_flag=True, help="reprocess scenes already committed for this model and job")
 @click.option("--submission-id", default=None, help="Ray job id to use (default: generated by Ray)")
 @click.option("--follow", is_flag=True, help="stream the job's logs until it ends and exit with its status")
-def submit(job: str, address: str, overrides: tuple[str, ...], run_id: str | None, force: bool,
+def submit(job: str, address: str | None, overrides: tuple[str, ...], run_id: str | None, force: bool,
            submission_id: str | None, follow: bool) -> None:
     """Submit a job to a Ray cluster as a Ray Job; print its id (see docs/operations.md)."""
     from pipeline.run.submit import follow_job, submit_job
@@ -242,24 +419,31 @@ def train(job: str, overrides: tuple[str, ...], resume: bool, verbose: bool) -> 
 
 
 @main.command(name="eval")
-@click.option("--table", required=True, type=click.Path(file_okay=False), help="detection table (output.table)")
+@click.argument("table", required=False, type=click.Path(file_okay=False))
+@click.option("--table", "table_option", default=None, type=click.Path(file_okay=False),
+              help="the detection table, as TABLE (kept for older scripts; both must agree)")
 @click.option("--truth", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="ground truth: COCO JSON, VOC XML, CSV or a vector file (repeatable)")
 @click.option("--run-id", default=None, help="evaluate only this run's committed scenes")
-@click.option("--job", "job_name", default=None, help="evaluate only this job's committed scenes")
+@click.option("--job", "job_file", default=None, type=click.Path(dir_okay=False),
+              help="job file: evaluate only its committed scenes; TABLE defaults to its output.table")
+@click.option("--job-name", default=None, help="evaluate only the committed scenes of the job of this name")
 @click.option("--voc", is_flag=True, help="also report PASCAL VOC AP@0.5 (all-point interpolation)")
-@click.option("--out", "out_dir", default="eval", show_default=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", "out_dir", default="eval", show_default=True, type=click.Path(file_okay=False),
               help="folder for eval.json and the precision-recall PNG")
 @click.option("--label-field", default="label", show_default=True, help="vector truth: class attribute")
 @click.option("--scene-field", default=None, help="vector truth: scene id attribute (multi-scene files)")
 @click.option("--label-map", "label_map", multiple=True, metavar="DETECTED=TRUTH",
               help="read a detection label as a truth label, e.g. tree=Tree (repeatable, or comma-separated)")
-def evaluate(table: str, truth: tuple[str, ...], run_id: str | None, job_name: str | None, voc: bool,
-             out_dir: str, label_field: str, scene_field: str | None, label_map: tuple[str, ...]) -> None:
+def evaluate(table: str | None, table_option: str | None, truth: tuple[str, ...], run_id: str | None,
+             job_file: str | None, job_name: str | None, voc: bool, out_dir: str, label_field: str,
+             scene_field: str | None, label_map: tuple[str, ...]) -> None:
     """Scene-level COCO evaluation of a committed run against ground truth."""
     from pipeline.eval.evaluate import evaluate_table, format_table, parse_label_map
 
     try:
+        job_name, job_table = job_selection(job_file, job_name)
+        table = one_table(table, table_option, job_table)
         metrics = evaluate_table(table, list(truth), run_id=run_id, job_name=job_name, voc=voc, out_dir=out_dir,
                                  label_field=label_field, scene_field=scene_field,
                                  label_map=parse_label_map(label_map))
@@ -283,7 +467,7 @@ def evaluate(table: str, truth: tuple[str, ...], run_id: str | None, job_name: s
 @main.command(name="eval-checkpoint")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--job", default=None, type=click.Path(dir_okay=False),
-              help="evaluate on this training job's validation chips (its train: section)")
+              help="job file: evaluate on its training data's validation chips (its train: section)")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a field of --job")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]),
               help="with --job: which split's chips")
@@ -296,7 +480,8 @@ def evaluate(table: str, truth: tuple[str, ...], run_id: str | None, job_name: s
               help="only the held-out band of each scene, e.g. right:0.3 or bottom:0.2")
 @click.option("--untrained", is_flag=True, help="evaluate a fresh model of the checkpoint's config (baseline)")
 @click.option("--voc", is_flag=True, help="also report PASCAL VOC AP@0.5")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="write JSON and PNG here")
+@click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="write JSON and PNG here")
 def eval_checkpoint(checkpoint: str, job: str | None, overrides: tuple[str, ...], split: str,
                     scenes: tuple[str, ...], labels: tuple[str, ...], chip_size: int, overlap: int,
                     bands: str | None, region: str | None, untrained: bool, voc: bool, out_dir: str | None) -> None:
@@ -350,8 +535,9 @@ def anchors(job: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command(name="import")
-@click.argument("source", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint to write (model.checkpoint)")
+@click.argument("source")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="checkpoint to write (model.checkpoint)")
 @click.option("--kind", type=click.Choice(["auto", "torchvision", "deepforest"]), default="auto", show_default=True,
               help="what SOURCE is; auto: a Lightning checkpoint or model.* keys mean DeepForest")
 @click.option("--classes", default=None, metavar="NAME,NAME,...",
@@ -361,17 +547,27 @@ def anchors(job: str, overrides: tuple[str, ...]) -> None:
 @click.option("--pixel-max", default=255.0, show_default=True, type=float,
               help="scene pixel value the source saw as the top of --input-range (255 for 8-bit)")
 @click.option("--no-resize", is_flag=True, help="run chips at native size instead of the source's resize rule")
+@click.option("--offline", is_flag=True, help="named sources: read only the library's cache, never download")
 def import_model(source: str, out: str, kind: str, classes: str | None, input_range: str, pixel_max: float,
-                 no_resize: bool) -> None:
-    """Import a torchvision or DeepForest RetinaNet so that it predicts as at home."""
+                 no_resize: bool, offline: bool) -> None:
+    """Import a torchvision or DeepForest RetinaNet so that it predicts as at home.
+
+    SOURCE is a file, or a name downloaded through its owner's library into its cache:
+    torchvision:retinanet_resnet50_fpn, torchvision:retinanet_resnet50_fpn_v2 (COCO),
+    hf:weecology/deepforest-tree (or another DeepForest release, hf:OWNER/REPO[@REVISION]).
+    """
     from pipeline.io.model_card import write_model_card
     from retinanet.checkpoint import CheckpointError, save_checkpoint
+    from retinanet.hub import import_named, is_named_source
     from retinanet.imports import import_model as read_model
 
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     overrides = {"min_size": None, "max_size": None} if no_resize else {}
     try:
-        imported = read_model(source, kind, names, input_range, pixel_max, **overrides)
+        if is_named_source(source):
+            imported = import_named(source, names, input_range, pixel_max, offline, **overrides)
+        else:
+            imported = read_model(source, kind, names, input_range, pixel_max, **overrides)
         path = save_checkpoint(out, imported.model, imported.class_names, imported.metadata)
         card = write_model_card(path)  # the STAC MLM model card beside it
     except (CheckpointError, ValueError) as err:
@@ -391,7 +587,7 @@ def import_model(source: str, out: str, kind: str, classes: str | None, input_ra
 @main.command(name="export")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False),
               help="output file [default: CHECKPOINT.onnx, which model.backend: onnx picks up]")
 def export(checkpoint: str, fmt: str, out: str | None) -> None:
     """Export a checkpoint's network (dynamic batch and chip size) for other runtimes."""
@@ -403,6 +599,15 @@ def export(checkpoint: str, fmt: str, out: str | None) -> None:
     except (CheckpointError, OnnxUnavailableError) as err:
         fail(err)
     click.echo(f"{path}: {fmt} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="the field reference (docs/job-reference.md) instead of JSON")
+def schema(markdown: bool) -> None:
+    """Print the job file's JSON Schema (from the job model), e.g. for an editor or a linter."""
+    from pipeline.config.reference import job_reference_markdown, job_schema
+
+    click.echo(job_reference_markdown() if markdown else json.dumps(job_schema(), indent=2), nl=not markdown)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ import json
 import multiprocessing as mp
 import os
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyogrio
 import pytest
 import yaml
 from click.testing import CliRunner
+from pyproj import CRS
 from test_table import rows, run_info, run_two_writers
 from workspaces import tiny_checkpoint
 
@@ -150,6 +154,13 @@ def test_pipeline_run_rerun_force_query_vacuum_into_s3(bucket, tmp_path, ray_ses
     scenes = cli.invoke(main, ["query", url, "SELECT status, count(*) AS n FROM scenes GROUP BY ALL", "--format",
                                "json"])
     assert json.loads(scenes.output) == [{"status": "complete", "n": 2}]
+    out = tmp_path / "detections.gpkg"
+    written = cli.invoke(main, ["query", url, "SELECT * EXCLUDE (bbox) FROM detections", "-o", str(out)])
+    assert written.exit_code == 0 and f"{n} rows" in written.output, written.output
+    geo = json.loads(pq.read_schema(pa.BufferReader(open_store(url).read(data_keys(url)[0]))).metadata[b"geo"])
+    info = pyogrio.read_info(out)  # the file's CRS is the one the table's GeoParquet metadata names
+    assert info["features"] == n and CRS.from_user_input(info["crs"]) == CRS.from_json_dict(
+        geo["columns"]["geometry"]["crs"])
     vacuum = cli.invoke(main, ["vacuum", url, "--grace", "0"])
     assert vacuum.exit_code == 0 and "2 superseded" in vacuum.output, vacuum.output  # the first run's manifests
     assert T.read_committed(url).num_rows == n
