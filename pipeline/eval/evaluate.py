@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -68,33 +69,53 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_pr_curves(metrics: dict, path: str | os.PathLike, title: str = "") -> Optional[Path]:
-    """Precision-recall curves at IoU 0.5, one line per class, as a PNG. None when there
-    is no curve to draw (no ground truth)."""
-    curves = metrics.get("pr_curve") or {}
-    if not curves:
-        return None
-    import matplotlib
+def pr_figure(metrics: dict, title: str = "", score_threshold: Optional[float] = None):
+    """The precision-recall curves at IoU 0.5 as a matplotlib Figure, one line per class
+    (the :func:`pipeline.eval.metrics.pr_curve_points`: each ends at the class's final
+    recall). ``score_threshold``: the score the detections were cut at; each class's point
+    where the detections scoring at least it take the curve is marked (one marker line
+    labelled with the threshold); None: no mark."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
-    for name, curve in curves.items():
+    fig = Figure(figsize=(6, 5), dpi=100)
+    ax = fig.subplots()
+    marks = []
+    for name, curve in (metrics.get("pr_curve") or {}).items():
+        if not curve["recall"]:
+            continue
         ap50 = metrics["per_class"][name]["AP50"]
-        ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP50 {ap50:.3f})")
+        # from recall 0 at the first point's precision; "steps-pre": between two points the
+        # interpolated precision is the right-hand one's
+        ax.plot([0.0, *curve["recall"]], [curve["precision"][0], *curve["precision"]], drawstyle="steps-pre",
+                label=f"{name} (AP50 {ap50:.3f})")
+        if score_threshold is not None:
+            kept = [i for i, s in enumerate(curve["score"]) if s >= score_threshold]
+            if kept:
+                marks.append((curve["recall"][kept[-1]], curve["precision"][kept[-1]]))
+    if marks:
+        ax.plot([x for x, _ in marks], [y for _, y in marks], linestyle="none", marker="o", color="black",
+                label=f"score \u2265 {score_threshold:g} (job threshold)")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    ax.set_title(title or f"precision-recall at IoU 0.5 (AP50 {metrics['AP50']:.3f})")
+    ap50 = metrics.get("AP50")
+    ax.set_title(title or "precision-recall at IoU 0.5" + (f" (AP50 {ap50:.3f})" if ap50 is not None else ""))
     fig.tight_layout()
+    return fig
+
+
+def plot_pr_curves(metrics: dict, path: str | os.PathLike, title: str = "",
+                   score_threshold: Optional[float] = None) -> Optional[Path]:
+    """:func:`pr_figure` as a PNG. None when there is no curve to draw (no ground truth)."""
+    if not any(curve["recall"] for curve in (metrics.get("pr_curve") or {}).values()):
+        return None
+    fig = pr_figure(metrics, title, score_threshold)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -107,7 +128,7 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, stem: str = "eval") 
     paths = {"json": out / f"{stem}.json", "pr_json": out / f"{stem}_pr.json"}
     paths["json"].write_text(json.dumps(summary, indent=2, sort_keys=True))
     paths["pr_json"].write_text(json.dumps(metrics.get("pr_curve", {})))
-    png = plot_pr_curves(metrics, out / f"{stem}_pr.png")
+    png = plot_pr_curves(metrics, out / f"{stem}_pr.png", score_threshold=metrics.get("score_threshold"))
     if png is not None:
         paths["png"] = png
     return {k: str(v) for k, v in paths.items()}
@@ -131,14 +152,16 @@ def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: dict[s
     for path in truth_paths:
         path = Path(path)
         if path.suffix.lower() in (".json", ".xml", ".csv"):
+            sizes: dict[str, tuple[int, int]] = {}
             if path.suffix.lower() == ".json":
-                classes += [c for c in _coco_category_names(path) if c not in classes]
+                names, sizes = _coco_header(path)
+                classes += [c for c in names if c not in classes]
             images = by_scene(read_labels(path))
             matched = match_label_images(images, list(scene_paths), str(path))
             for image_id, ann in images.items():
-                size = _coco_image_size(path, ann.image) if path.suffix.lower() == ".json" else (0, 0)
                 # truth of a scene the table lacks keeps its own id: reported as not in the table
-                _add_truth(out, matched.get(image_id, image_id), ann.boxes, ann.labels, size, path)
+                _add_truth(out, matched.get(image_id, image_id), ann.boxes, ann.labels, sizes.get(ann.image, (0, 0)),
+                           path)
         else:
             for scene_id, scene_path in scene_paths.items():
                 if not scene_path:
@@ -160,17 +183,14 @@ def _add_truth(out: dict, scene_id: str, boxes: np.ndarray, labels: list[str], s
         out[scene_id] = (boxes.reshape(-1, 4), list(labels), size[0], size[1])
 
 
-def _coco_category_names(path: Path) -> list[str]:
+def _coco_header(path: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """A COCO file's category names (in id order) and {file_name: (width, height)}, from one
+    parse (the boxes come from :func:`pipeline.io.labels.read_labels`)."""
     data = json.loads(path.read_text())
-    return [c["name"] for c in sorted(data.get("categories", []), key=lambda c: c["id"])]
-
-
-def _coco_image_size(path: Path, file_name: str) -> tuple[int, int]:
-    data = json.loads(path.read_text())
-    for img in data.get("images", []):
-        if img.get("file_name") == file_name:
-            return int(img.get("width", 0) or 0), int(img.get("height", 0) or 0)
-    return (0, 0)
+    names = [c["name"] for c in sorted(data.get("categories", []), key=lambda c: c["id"])]
+    sizes = {img.get("file_name"): (int(img.get("width", 0) or 0), int(img.get("height", 0) or 0))
+             for img in data.get("images", [])}
+    return names, sizes
 
 
 def parse_label_map(pairs: Sequence[str]) -> dict[str, str]:
@@ -189,29 +209,35 @@ def parse_label_map(pairs: Sequence[str]) -> dict[str, str]:
 def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike], run_id: Optional[str] = None,
                    job_name: Optional[str] = None, voc: bool = False, out_dir: Optional[str | os.PathLike] = None,
                    label_field: str = "label", scene_field: Optional[str] = None,
-                   label_map: Optional[Mapping[str, str]] = None) -> dict:
+                   label_map: Optional[Mapping[str, str]] = None, score_threshold: Optional[float] = None) -> dict:
     """Scene-level evaluation of the committed detections of a table.
 
-    Evaluated scenes: those committed in the table (current manifests; filtered by
-    ``run_id`` / ``job_name`` when given) that have ground truth. A committed scene with
-    no detections counts (all its objects missed). Truth scenes that are not committed
-    are listed under ``scenes_not_in_table`` and left out; committed scenes without truth
-    under ``scenes_without_truth``. Detection labels are matched to truth classes by name,
-    after ``label_map`` (detection label -> truth label, e.g. ``{"tree": "Tree"}``).
-    Detection labels that still match no truth class are counted in ``unknown_labels``;
-    truth classes that no detection label reaches are listed in ``truth_labels_unmatched``.
+    ``table``: a local folder or an object-store prefix (``s3://``, ``gs://``), as
+    ``output.table``. Evaluated scenes: those committed in the table (current manifests;
+    filtered by ``run_id`` / ``job_name`` when given) that have ground truth. A committed
+    scene with no detections counts (all its objects missed). Truth scenes that are not
+    committed are listed under ``scenes_not_in_table`` and left out; committed scenes
+    without truth under ``scenes_without_truth``. Detection labels are matched to truth
+    classes by name, after ``label_map`` (detection label -> truth label, e.g.
+    ``{"tree": "Tree"}``). Detection labels that still match no truth class are counted in
+    ``unknown_labels``; truth classes that no detection label reaches are listed in
+    ``truth_labels_unmatched``.
+
+    ``score_threshold``: the score the detections were cut at, marked on the PR plot;
+    default: the one value the evaluated runs' reports record (:func:`runs_score_threshold`),
+    else none.
 
     Returns the :func:`coco_metrics` dict plus ``voc`` (when asked), ``scenes``, the
-    lists above and ``files`` (written reports, when ``out_dir`` is given).
-    Raises InputError when nothing can be evaluated.
+    lists above, ``score_threshold`` and ``files`` (written reports, when ``out_dir`` is
+    given). Raises InputError when nothing can be evaluated.
     """
-    import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
+    from pipeline.table.store import open_store
     from pipeline.table.transactions import committed_scenes, read_committed
 
-    table = Path(table)
-    if not table.is_dir():
+    table = str(table)  # a URL stays a URL (pathlib would fold s3:// into s3:/)
+    if not open_store(table).exists():
         raise InputError(f"{table}: detection table not found")
     entries = [m for (job, _), m in committed_scenes(table).items()
                if (run_id is None or m["run_id"] == run_id) and (job_name is None or job == job_name)]
@@ -224,10 +250,15 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
     shared = sorted(s for s, jobs in jobs_per_scene.items() if len(jobs) > 1)
     if shared:
         raise InputError(f"{table}: scenes {shared[:5]} are committed by several jobs "
-                         f"({sorted(set().union(*jobs_per_scene.values()))}); pass --job or --run-id")
+                         f"({sorted(set().union(*jobs_per_scene.values()))}); "
+                         "pass --job JOB.yaml, --job-name NAME or --run-id")
     scene_paths = {m["scene_id"]: m.get("scene_path") for m in entries}
     gt, classes = truth_by_scene(truth, scene_paths, label_field, scene_field)
 
+    evaluated = sorted(s for s in scene_paths if s in gt)
+    if not evaluated:
+        raise InputError(f"{table}: none of the {len(scene_paths)} committed scenes has ground truth in "
+                         f"{', '.join(map(str, truth))} (scene id = file stem)")
     # read_committed sees only the current manifests' files; narrow to the run / job asked for.
     expr = None
     if run_id is not None:
@@ -235,45 +266,109 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
     if job_name is not None:
         term = pds.field("job_name") == job_name
         expr = term if expr is None else expr & term
-    columns = ["scene_id", "label", "score", "px_xmin", "px_ymin", "px_xmax", "px_ymax"]
-    rows = read_committed(table, columns=columns, filters=expr)
+    rows = read_committed(table, columns=["scene_id", "label", "score", *BOX_COLUMNS], filters=expr)
+    detections = scene_detections(rows, evaluated, classes, label_map or {})
 
-    evaluated = sorted(s for s in scene_paths if s in gt)
-    if not evaluated:
-        raise InputError(f"{table}: none of the {len(scene_paths)} committed scenes has ground truth in "
-                         f"{', '.join(map(str, truth))} (scene id = file stem)")
-    lookup = {name: k for k, name in enumerate(classes)}
     truth_images, det_images = [], []
-    unknown_labels: dict[str, int] = {}
+    lookup = {name: k for k, name in enumerate(classes)}
     for scene_id in evaluated:
         boxes, labels, w, h = gt[scene_id]
         truth_images.append(ImageBoxes(scene_id, boxes, np.array([lookup[name] for name in labels], dtype=np.int64),
                                        None, w, h))
-        part = rows.filter(pc.equal(rows["scene_id"], scene_id)) if rows.num_rows else rows
-        names = [label_map.get(n, n) for n in part["label"].to_pylist()] if label_map else part["label"].to_pylist()
-        known = np.array([n in lookup for n in names], dtype=bool)
-        for n in names:
-            if n not in lookup:
-                unknown_labels[n] = unknown_labels.get(n, 0) + 1
-        det_boxes = np.stack([part[c].to_numpy() for c in columns[3:]], axis=1).reshape(-1, 4) if part.num_rows \
-            else np.zeros((0, 4))
-        det_images.append(ImageBoxes(scene_id, det_boxes[known],
-                                     np.array([lookup[n] for n, k in zip(names, known) if k], dtype=np.int64),
-                                     part["score"].to_numpy()[known] if part.num_rows else np.zeros(0), w, h))
+        det_boxes, det_labels, det_scores = detections.per_scene[scene_id]
+        det_images.append(ImageBoxes(scene_id, det_boxes, det_labels, det_scores, w, h))
     metrics = coco_metrics(truth_images, det_images, classes)
     if voc:
         metrics["voc"] = voc_metrics(truth_images, det_images, classes)
     metrics["scenes"] = evaluated
     metrics["scenes_not_in_table"] = sorted(s for s in gt if s not in scene_paths)
     metrics["scenes_without_truth"] = sorted(s for s in scene_paths if s not in gt)
-    metrics["unknown_labels"] = unknown_labels
-    reached = {label_map.get(n, n) if label_map else n for n in rows["label"].to_pylist()} if rows.num_rows else set()
-    metrics["truth_labels_unmatched"] = sorted(c for c in classes if c not in reached)
-    metrics["table"] = str(table)
+    metrics["unknown_labels"] = detections.unknown_labels
+    metrics["truth_labels_unmatched"] = sorted(c for c in classes if c not in detections.reached)
+    metrics["table"] = table
     metrics["run_id"] = run_id
+    metrics["score_threshold"] = (score_threshold if score_threshold is not None
+                                  else runs_score_threshold(table, sorted({m["run_id"] for m in entries})))
     if out_dir is not None:
         metrics["files"] = write_report(metrics, out_dir, "eval")
     return metrics
+
+
+BOX_COLUMNS = ("px_xmin", "px_ymin", "px_xmax", "px_ymax")
+
+
+@dataclass
+class SceneDetections:
+    """A table's detections split by scene and read as truth classes (:func:`scene_detections`).
+
+    per_scene: scene id -> ((N, 4) float64 XYXY pixel boxes, (N,) class indices, (N,) scores),
+    detections whose label matches no class left out; unknown_labels: {label: count} of those
+    left out (evaluated scenes only); reached: the class names some row's label reaches.
+    """
+
+    per_scene: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    unknown_labels: dict[str, int]
+    reached: set[str]
+
+
+def scene_detections(rows, scenes: Sequence[str], classes: Sequence[str],
+                     label_map: Mapping[str, str]) -> SceneDetections:
+    """Split detection rows (columns scene_id, label, score and the pixel box) by scene and
+    map their labels to class indices, through ``label_map`` (detection label -> class name).
+
+    Columnar: each distinct label and scene id is looked up once, the rows are grouped by
+    one stable sort (a filter per scene would read every row once per scene).
+    """
+    import pyarrow.compute as pc
+
+    labels = pc.dictionary_encode(pc.fill_null(rows["label"], "")).combine_chunks()
+    names = [label_map.get(n, n) for n in labels.dictionary.to_pylist()]
+    lookup = {name: k for k, name in enumerate(classes)}
+    class_of_name = np.array([lookup.get(n, -1) for n in names], dtype=np.int64)
+    label_class = class_of_name[labels.indices.to_numpy()] if len(names) else np.zeros(0, np.int64)
+
+    scene_ids = pc.dictionary_encode(rows["scene_id"]).combine_chunks()
+    wanted = {s: i for i, s in enumerate(scenes)}
+    scene_of_id = np.array([wanted.get(s, -1) for s in scene_ids.dictionary.to_pylist()], dtype=np.int64)
+    row_scene = scene_of_id[scene_ids.indices.to_numpy()] if len(scene_of_id) else np.zeros(0, np.int64)
+
+    boxes = np.stack([rows[c].to_numpy() for c in BOX_COLUMNS], axis=1).astype(np.float64).reshape(-1, 4)
+    scores = rows["score"].to_numpy().astype(np.float64)
+    in_scenes = row_scene >= 0
+    unknown = in_scenes & (label_class < 0)
+    counts = np.bincount(labels.indices.to_numpy()[unknown], minlength=len(names)) if len(names) else []
+    unknown_labels = {names_raw: int(c) for names_raw, c in zip(labels.dictionary.to_pylist(), counts) if c}
+    keep = np.flatnonzero(in_scenes & (label_class >= 0))
+    keep = keep[np.argsort(row_scene[keep], kind="stable")]
+    bounds = np.searchsorted(row_scene[keep], np.arange(len(scenes) + 1))
+    per_scene = {}
+    for i, scene_id in enumerate(scenes):
+        part = keep[bounds[i]:bounds[i + 1]]
+        per_scene[scene_id] = (boxes[part], label_class[part], scores[part])
+    used = np.unique(labels.indices.to_numpy()) if len(names) else []
+    return SceneDetections(per_scene, unknown_labels, {names[i] for i in used})
+
+
+def runs_score_threshold(table: str, run_ids: Sequence[str]) -> Optional[float]:
+    """The score threshold the runs' detections were made at, when their reports
+    (``_reports/<run_id>.json``, key ``score_threshold``) record one and agree; else None."""
+    from pipeline.table.store import open_store
+    from pipeline.table.transactions import REPORTS
+
+    store = open_store(table)
+    found = set()
+    for run in run_ids:
+        key = f"{REPORTS}/{run}.json"
+        if store.stat(key) is None:
+            return None
+        try:
+            value = json.loads(store.read(key)).get("score_threshold")
+        except (OSError, ValueError):
+            return None
+        if value is None:
+            return None
+        found.add(float(value))
+    return found.pop() if len(found) == 1 else None
 
 
 # ------------------------------------------------------------------ chip level
@@ -362,4 +457,4 @@ def evaluate_checkpoint_on_job(checkpoint: str | os.PathLike, spec, split: str =
 
 
 __all__ = ["evaluate_table", "evaluate_checkpoint", "evaluate_checkpoint_on_job", "evaluate_records", "format_table",
-           "plot_pr_curves", "write_report"]
+           "plot_pr_curves", "pr_figure", "runs_score_threshold", "scene_detections", "write_report"]

@@ -1,4 +1,5 @@
-"""Detection metrics on in-memory boxes: COCO through pycocotools, PASCAL VOC AP.
+"""Detection metrics on in-memory boxes: COCO (pycocotools' protocol, run by faster-coco-eval),
+PASCAL VOC AP.
 
 No pipeline imports: the evaluation of runs and checkpoints (:mod:`pipeline.eval.evaluate`),
 training's validation and the INT8 gate all score boxes with these functions.
@@ -11,8 +12,6 @@ no small object) are ``None``. Boxes are pixel EDGE coordinates (no VOC "+1").
 """
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -41,38 +40,48 @@ class ImageBoxes:
 
 
 def _coco_objects(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes], classes: Sequence[str]):
-    """pycocotools COCO objects for ground truth and detections, built in memory."""
-    from pycocotools.coco import COCO
+    """faster-coco-eval COCO objects for ground truth and detections, built in memory, and
+    each detection annotation's (class index, score), indexed by annotation id - 1."""
+    from faster_coco_eval import COCO
 
     ids = {t.image_id: i + 1 for i, t in enumerate(truth)}
     images = [{"id": ids[t.image_id], "file_name": t.image_id, "width": t.width, "height": t.height}
               for t in truth]
     categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]
 
-    def annotations(items: Sequence[ImageBoxes], with_scores: bool) -> list[dict]:
-        out = []
+    def annotations(items: Sequence[ImageBoxes], with_scores: bool) -> tuple[list[dict], np.ndarray, np.ndarray]:
+        out: list[dict] = []
+        all_labels, all_scores = [], []
         for item in items:
             if item.image_id not in ids:
                 continue
             boxes = np.asarray(item.boxes, dtype=np.float64).reshape(-1, 4)
-            for j, (x1, y1, x2, y2) in enumerate(boxes):
-                w, h = x2 - x1, y2 - y1
-                ann = {"id": len(out) + 1, "image_id": ids[item.image_id], "category_id": int(item.labels[j]) + 1,
-                       "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0}
+            labels = np.asarray(item.labels, dtype=np.int64).reshape(-1)
+            xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+            area = xywh[:, 2] * xywh[:, 3]
+            scores = np.asarray(item.scores, dtype=np.float64).reshape(-1) if with_scores else np.zeros(len(boxes))
+            image = ids[item.image_id]
+            # tolist() once per image: the per-annotation loop then touches plain Python numbers only
+            for bbox, a, label, score in zip(xywh.tolist(), area.tolist(), (labels + 1).tolist(), scores.tolist()):
+                ann = {"id": len(out) + 1, "image_id": image, "category_id": label, "bbox": bbox, "area": a,
+                       "iscrowd": 0}
                 if with_scores:
-                    ann["score"] = float(item.scores[j])
+                    ann["score"] = score
                 out.append(ann)
-        return out
+            all_labels.append(labels)
+            all_scores.append(scores)
+        return (out, np.concatenate(all_labels) if all_labels else np.zeros(0, np.int64),
+                np.concatenate(all_scores) if all_scores else np.zeros(0))
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {"images": images, "categories": categories, "annotations": annotations(truth, False)}
-        gt.createIndex()
-        dt = COCO()
-        dt.dataset = {"images": images, "categories": categories,
-                      "annotations": annotations(detections, True)}
-        dt.createIndex()
-    return gt, dt
+    gt_anns, _, _ = annotations(truth, False)
+    dt_anns, dt_labels, dt_scores = annotations(detections, True)
+    gt = COCO({"images": images, "categories": categories, "annotations": gt_anns}, print_function=_quiet)
+    dt = COCO({"images": images, "categories": categories, "annotations": dt_anns}, print_function=_quiet)
+    return gt, dt, dt_labels, dt_scores
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """faster-coco-eval's progress lines are not ours to print."""
 
 
 def _mean_valid(values: np.ndarray) -> Optional[float]:
@@ -80,35 +89,57 @@ def _mean_valid(values: np.ndarray) -> Optional[float]:
     return float(valid.mean()) if valid.size else None
 
 
+def pr_curve_points(matched: np.ndarray, scores: np.ndarray, n_truth: int) -> dict[str, list[float]]:
+    """The precision-recall curve of one class at one IoU threshold, every point.
+
+    matched: (D,) bool, detection is a true positive; scores: (D,) its scores; n_truth: the
+    class's ground-truth boxes (> 0). Detections are ranked by score (stable, as COCO).
+    A point per true positive (where recall steps up): ``recall`` = TP / n_truth,
+    ``precision`` = COCO's interpolated precision there (the best precision at this recall
+    or beyond), ``score`` = the score of that detection (keeping detections scoring at
+    least it gives that point). The curve ends at the class's final recall; it has no
+    point when nothing matched.
+    """
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    tp = np.asarray(matched, dtype=bool)[order]
+    cum_tp = np.cumsum(tp)
+    precision = cum_tp / np.arange(1, len(tp) + 1)
+    envelope = np.maximum.accumulate(precision[::-1])[::-1] if len(tp) else precision
+    steps = np.flatnonzero(tp)
+    return {"recall": (cum_tp[steps] / n_truth).tolist(), "precision": envelope[steps].tolist(),
+            "score": np.asarray(scores, dtype=np.float64)[order][steps].tolist()}
+
+
 def coco_metrics(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes],
                  classes: Sequence[str]) -> dict:
-    """COCO box metrics of ``detections`` against ``truth`` (pycocotools COCOeval).
+    """COCO box metrics of ``detections`` against ``truth``: the COCOeval protocol of
+    pycocotools, run by faster-coco-eval (its C++ matcher; pycocotools' Python matcher
+    grows with the square of the objects in a scene: minutes for one dense scene).
 
     Images are the ``truth`` images (an image with no ground truth still counts its
     false positives); detections of other images are ignored.
 
     Returns a dict: AP, AP50, AP75, AP_small, AP_medium, AP_large, AR (at M detections),
-    per_class {name: {"AP", "AP50"}}, pr_curve {name: {"recall": [...101], "precision":
-    [...]}} at IoU 0.5 (area all), images, ground_truth, detections, max_dets.
+    per_class {name: {"AP", "AP50"}}, pr_curve {name: :func:`pr_curve_points` at IoU 0.5,
+    area all} for classes with ground truth, images, ground_truth, detections, max_dets.
     """
-    from pycocotools.cocoeval import COCOeval
+    from faster_coco_eval import COCOeval_faster
 
-    gt, dt = _coco_objects(truth, detections, classes)
+    gt, dt, dt_labels, dt_scores = _coco_objects(truth, detections, classes)
     most = max([len(d.boxes) for d in detections] + [0])
     max_dets = max(100, most)
     n_gt = sum(len(t.boxes) for t in truth)
-    n_dt = len(dt.dataset["annotations"])
+    n_dt = len(dt_labels)
     result = {"images": len(truth), "ground_truth": n_gt, "detections": n_dt, "max_dets": max_dets}
     keys = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR")
     if n_gt == 0:
         result.update({k: None for k in keys})
         result.update(per_class={name: {"AP": None, "AP50": None} for name in classes}, pr_curve={})
         return result
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(gt, dt, iouType="bbox")
-        ev.params.maxDets = [1, 100, max_dets]
-        ev.evaluate()
-        ev.accumulate()
+    ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=_quiet)
+    ev.params.maxDets = [1, 100, max_dets]
+    ev.evaluate()
+    ev.accumulate()
     precision = ev.eval["precision"]  # (T=10 IoUs, R=101 recalls, K classes, A=4 areas, M=3)
     recall = ev.eval["recall"]        # (T, K, A, M)
     iou50 = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
@@ -123,14 +154,21 @@ def coco_metrics(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes],
         "AP_large": _mean_valid(precision[:, :, :, area["large"], -1]),
         "AR": _mean_valid(recall[:, :, area["all"], -1]),
     })
+    # faster-coco-eval's "matched": {"<dt id>_<gt id>": IoU} at the first IoU threshold (COCO's
+    # 0.5), area all, the largest maxDets: the true positives of the AP50 curve (the tests
+    # check the curve's 101-point area against pycocotools' AP50).
+    true_positive = np.zeros(n_dt, dtype=bool)
+    dt_ids = [int(pair.split("_", 1)[0]) for pair in ev.eval["matched"]]
+    true_positive[np.asarray(dt_ids, dtype=np.int64) - 1] = True
+    gt_labels = np.concatenate([np.asarray(t.labels, dtype=np.int64).reshape(-1) for t in truth])
     per_class, curves = {}, {}
     for k, name in enumerate(classes):
         per_class[name] = {"AP": _mean_valid(precision[:, :, k, area["all"], -1]),
                            "AP50": _mean_valid(precision[iou50, :, k, area["all"], -1])}
-        curve = precision[iou50, :, k, area["all"], -1]
-        if (curve > -1).any():
-            curves[name] = {"recall": [float(r) for r in ev.params.recThrs],
-                            "precision": [float(max(p, 0.0)) for p in curve]}
+        n_truth = int((gt_labels == k).sum())
+        if n_truth:
+            mine = dt_labels == k
+            curves[name] = pr_curve_points(true_positive[mine], dt_scores[mine], n_truth)
     result["per_class"] = per_class
     result["pr_curve"] = curves
     return result
