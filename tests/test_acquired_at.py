@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 from pathlib import Path
 
@@ -15,12 +16,17 @@ import rasterio
 from readers import COLUMNS, duckdb_rows, geopandas_rows, pipeline_rows, pyarrow_rows
 from real_data import real
 from test_table import rows, run_info
+from workspaces import tiny_checkpoint
 
+from pipeline.config.spec import JobSpec
+from pipeline.io.inputs import job_inputs
 from pipeline.io.raster import acquisition_time, read_scene_info
 from pipeline.io.stac import choose
 from pipeline.query import run_query
+from pipeline.run.graph import run_job
 from pipeline.table import schema
 from pipeline.table import transactions as T
+from pipeline.tools.synth import synthesize
 
 UTC = dt.timezone.utc
 
@@ -219,3 +225,62 @@ def tagged_copy(src: Path, dst: Path, **tags) -> Path:
     with rasterio.open(dst) as check:
         assert all(check.tags()[k] == v for k, v in tags.items())
     return dst
+
+
+# ---------------------------------------------------------------- through `pipeline run`
+
+
+@pytest.fixture(scope="module")
+def run_workspace(tmp_path_factory):
+    """Two 256 px synthetic scenes: one tagged with a TIFF date-time, one with a value that
+    is no date-time; the tiny model; a STAC catalog whose one item is the second scene."""
+    root = tmp_path_factory.mktemp("acquired")
+    made = synthesize(root / "made", scenes=2, size=256, seed=5)
+    (root / "scenes").mkdir()
+    tagged_copy(made[0], root / "scenes" / "tagged.tif", TIFFTAG_DATETIME="2026:01:03 09:15:00")
+    tagged_copy(made[1], root / "scenes" / "garbled.tif", TIFFTAG_DATETIME="not a time")
+    tiny_checkpoint(root / "model.pt")
+    item = pystac.Item(id="item-garbled", geometry=None, bbox=None,
+                       datetime=dt.datetime(2026, 1, 2, 23, 0, tzinfo=UTC), properties={})
+    item.add_asset("visual", pystac.Asset(href=str(root / "scenes" / "garbled.tif")))
+    (root / "items.json").write_text(json.dumps(pystac.ItemCollection([item]).to_dict()))
+    return root
+
+
+def run_spec(root: Path, table: str, inputs: dict) -> JobSpec:
+    return JobSpec.model_validate({
+        "name": "acquired", "inputs": {**inputs, "bands": [1, 2, 3]},
+        "tiling": {"chip_size": 256, "overlap": 0, "min_valid_fraction": 0.05},
+        "model": {"checkpoint": str(root / "model.pt"), "score_threshold": 0.3, "batch_size": 4,
+                  "precision": "fp32"},
+        "compute": {"actors": 1, "gpus_per_actor": 1, "cpus_per_actor": 1, "max_retries": 1},
+        "output": {"table": str(root / table), "crs": "EPSG:4326"},
+    })
+
+
+def test_a_run_takes_the_rasters_tag_and_reports_one_that_does_not_parse(run_workspace, ray_session):
+    spec = run_spec(run_workspace, "from-tags", {"paths": [str(run_workspace / "scenes" / "*.tif")]})
+    report = run_job(spec, log=lambda m: None)
+    assert report["exit_code"] == 0 and sorted(report["scenes_ok"]) == ["garbled", "tagged"], report
+    got = T.read_committed(run_workspace / "from-tags")
+    assert got.num_rows == report["detections"] > 0
+    assert set(got["scene_id"].to_pylist()) == {"garbled", "tagged"}  # both scenes have rows to check
+    assert acquired_by_scene(got) == {"tagged": {dt.datetime(2026, 1, 3, 9, 15, tzinfo=UTC)}, "garbled": {None}}
+    [warning] = [w for w in report["warnings"] if "acquired_at" in w]
+    assert "garbled" in warning and "TIFFTAG_DATETIME" in warning and "'not a time'" in warning
+
+
+def test_a_stac_run_takes_the_items_time(run_workspace, ray_session):
+    spec = run_spec(run_workspace, "from-stac", {"stac": {"source": str(run_workspace / "items.json")}})
+    inputs, _ = job_inputs(spec)
+    assert [(s.scene_id, s.acquired_at) for s in inputs.scenes] == \
+        [("item-garbled", dt.datetime(2026, 1, 2, 23, 0, tzinfo=UTC))]
+    report = run_job(spec, log=lambda m: None)
+    assert report["exit_code"] == 0 and report["detections"] > 0, report
+    got = T.read_committed(run_workspace / "from-stac")
+    # The item's time, not the file's tag (which does not parse and is then not even looked at).
+    assert acquired_by_scene(got) == {"item-garbled": {dt.datetime(2026, 1, 2, 23, 0, tzinfo=UTC)}}
+    assert not [w for w in report["warnings"] if "acquired_at" in w]
+    on_the_2nd = run_query(run_workspace / "from-stac", "SELECT count(*) AS n FROM detections "
+                           "WHERE CAST(acquired_at AT TIME ZONE 'UTC' AS DATE) = DATE '2026-01-02'")
+    assert on_the_2nd["n"].to_pylist() == [got.num_rows]

@@ -1,6 +1,9 @@
 """Per-scene finishing on the driver: chip detections -> seam merge -> map polygons -> rows."""
 from __future__ import annotations
 
+import datetime as dt
+from typing import Any, Optional
+
 import numpy as np
 
 from pipeline.chips.tiling import chip_id
@@ -21,13 +24,27 @@ def gather_scene_detections(chip_results: list[tuple[str, bytes]], chip_index_of
     return rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64), chip_index
 
 
+def scene_acquired_at(stac_time: Optional[dt.datetime], info: Any) -> tuple[Optional[dt.datetime], Optional[str]]:
+    """When a scene was imaged -> (acquired_at, warning for the run report).
+
+    Its STAC item's time (``SceneInput.acquired_at``) when it came from STAC; else the
+    raster's acquisition tag as read with its header (``info``, the scene's
+    :class:`pipeline.io.raster.SceneInfo`: ``acquired_at``, with the
+    warning of a tag that did not parse); else unknown (None, None).
+    """
+    if stac_time is not None:
+        return stac_time, None
+    return info.acquired_at, info.acquired_at_warning
+
+
 def finalize_scene(spec, plan, chip_results: list[tuple[str, bytes]], class_names: list[str], run_id: str,
-                   model_id: str, job_hash: str):
+                   model_id: str, job_hash: str, acquired_at: Optional[dt.datetime] = None):
     """Merged, georeferenced detections of one scene as a GeoParquet-ready Arrow table.
 
     Polygons are in output.crs, or in scene pixels when the scene or the job has no CRS.
     Boxes are clipped to the scene first (empty ones dropped); a geometry that is not a
-    valid polygon after reprojection is written as null.
+    valid polygon after reprojection is written as null. acquired_at: the scene's
+    acquisition time (:func:`scene_acquired_at`), None when unknown.
     """
     from pipeline.table.schema import build_detection_table
 
@@ -46,7 +63,7 @@ def finalize_scene(spec, plan, chip_results: list[tuple[str, bytes]], class_name
     corners[~valid_polygons(corners)] = np.nan
     return build_detection_table(corners, boxes, scores, labels, class_names, run_id=run_id,
                                  job_name=spec.name, scene_id=plan.scene_id, scene_path=plan.path,
-                                 model_id=model_id, job_hash=job_hash)
+                                 model_id=model_id, job_hash=job_hash, acquired_at=acquired_at)
 
 
 def empty_scene_rows(job_name: str, scene_id: str, scene_path: str, class_names: list[str], run_id: str,

@@ -34,6 +34,7 @@ new key and is processed again.
 """
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import os
 import re
@@ -44,7 +45,7 @@ from typing import Iterable, Optional, Sequence
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.objstore import head, is_object_url, list_objects
-from pipeline.io.stac import StacSelection, select_stac
+from pipeline.io.stac import StacSelection, last_success_datetime, select_stac
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg", ".img", ".vrt", ".ntf")
 _WILDCARD = re.compile(r"[*?\[]")
@@ -64,11 +65,16 @@ def has_wildcard(pattern: str) -> bool:
 
 @dataclass(frozen=True)
 class SceneInput:
-    """One scene to process: where it is, its id, and the pattern (or STAC source) it came from."""
+    """One scene to process: where it is, its id, and the pattern (or STAC source) it came from.
+
+    acquired_at: when it was imaged, as its STAC item says (aware UTC), else None (the
+    raster's own tags are read when it is planned, :func:`pipeline.io.raster.acquisition_time`).
+    """
 
     location: str
     scene_id: str
     source: str
+    acquired_at: Optional[dt.datetime] = None
 
 
 @dataclass
@@ -220,14 +226,17 @@ def job_inputs(spec, table_root: Optional[str] = None) -> tuple[InputSet, Option
     """The scenes of a job's ``inputs`` section -> (InputSet, StacSelection or None).
 
     STAC scenes take the item id as their scene id; ``table_root`` (default
-    ``output.table``) serves ``since_last_success``.
+    ``output.table``) serves ``since_last_success``: its run reports give the high-water
+    mark that the STAC selection is handed.
     """
     stac = spec.inputs.stac
     if stac is None:
         return expand_patterns(spec.inputs.paths), None
 
-    selection = select_stac(stac, table_root or spec.output.table, spec.name)
-    scenes = [SceneInput(href, item_id, stac.source) for href, item_id in zip(selection.paths, selection.item_ids)]
+    since = last_success_datetime(table_root or spec.output.table, spec.name) if stac.since_last_success else None
+    selection = select_stac(stac, since)
+    scenes = [SceneInput(href, item_id, stac.source, when)
+              for href, item_id, when in zip(selection.paths, selection.item_ids, selection.acquired_at, strict=True)]
     return InputSet(scenes, [] if scenes else [stac.source]), selection
 
 

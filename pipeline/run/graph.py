@@ -421,7 +421,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                        int8=int8["report"] if int8 else None,
                        started_at=dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="milliseconds"))
     run_info = table.RunInfo(run_id, spec.name, jhash, pre.model.model_id, spec.output.crs)
-    book = SceneBook(spec, run_info, start.keys, start.committed, pre.model.class_names, report, log)
+    book = SceneBook(spec, run_info, start.keys, start.committed, pre.model.class_names, report, log,
+                     acquired={s.scene_id: s.acquired_at for s in todo if s.acquired_at is not None})
     for failure in start.failed:
         book.record_failure(failure)
     first_predictions = None

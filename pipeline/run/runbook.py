@@ -7,6 +7,7 @@ its chips have come back, and then forgotten, so the driver holds scenes in flig
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pipeline.chips.stream import SCENE_EMPTY, SCENE_FAILED
 from pipeline.chips.tiling import chip_id
 from pipeline.config.spec import JobSpec
 from pipeline.errors import PipelineError
-from pipeline.infer.finalize import empty_scene_rows, finalize_scene
+from pipeline.infer.finalize import empty_scene_rows, finalize_scene, scene_acquired_at
 from pipeline.table import transactions as table
 
 
@@ -56,12 +57,17 @@ class RunReport:
 
 
 class SceneBook:
-    """Scenes in flight and what came back for them; commits each scene when it is whole."""
+    """Scenes in flight and what came back for them; commits each scene when it is whole.
+
+    acquired: scene id -> acquisition time its STAC item gave (``SceneInput.acquired_at``);
+    other scenes take their raster's tag (:func:`pipeline.infer.finalize.scene_acquired_at`).
+    """
 
     def __init__(self, spec: JobSpec, run: table.RunInfo, keys: dict[str, Any],
                  committed: dict[tuple[str, str], dict], class_names: list[str], report: RunReport,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], acquired: Optional[dict[str, dt.datetime]] = None):
         self.spec, self.run, self.keys, self.committed_before = spec, run, keys, committed
+        self.acquired = acquired or {}
         self.class_names, self.report, self.log = class_names, report, log
         self.plans: dict[str, ScenePlan] = {}  # planned, not yet committed
         self.received: dict[str, int] = defaultdict(int)  # chips back per scene
@@ -109,8 +115,13 @@ class SceneBook:
                                  "reason": f"no chip of {len(missing)} was predicted: " + "; ".join(reasons)[:2000]})
             return
         run = self.run
+        acquired_at, warning = scene_acquired_at(self.acquired.get(scene_id), plan.info)
+        if warning:
+            self.report.warnings.append(warning)
+            self.log(f"warning: {warning}")
         try:
-            rows = finalize_scene(self.spec, plan, chips, self.class_names, run.run_id, run.model_id, run.job_hash)
+            rows = finalize_scene(self.spec, plan, chips, self.class_names, run.run_id, run.model_id, run.job_hash,
+                                  acquired_at=acquired_at)
             table.commit_scene(self.spec.output.table, run, scene_id, self.keys[scene_id], rows,
                                scene_path=plan.path, status="partial" if missing else "complete",
                                missing_chips=missing)
