@@ -202,40 +202,63 @@ def all_point_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((r[steps] - r[steps - 1]) * p[steps]))
 
 
+def match_detections(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray,
+                     iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Match one image's detections of one class to its ground truth (the VOC devkit rule).
+
+    boxes: (N, 4) XYXY pixel edges, scores: (N,), truth: (M, 4). Detections are taken by
+    descending score (ties in input order); each is a true positive when its
+    best-overlapping truth box has IoU >= ``iou_threshold`` and was not taken by a
+    higher-scoring detection (no fall-back to the second-best box).
+    Returns (matched: (N,) bool per detection, found: (M,) bool per truth box); the
+    detections not matched are false alarms, the truth boxes not found are misses.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    truth = np.asarray(truth, np.float64).reshape(-1, 4)
+    matched = np.zeros(len(boxes), dtype=bool)
+    found = np.zeros(len(truth), dtype=bool)
+    if not len(boxes) or not len(truth):
+        return matched, found
+    ious = pairwise_iou_np(boxes, truth)
+    best = ious.argmax(axis=1)
+    for i in np.argsort(-np.asarray(scores, np.float64).reshape(-1), kind="stable"):
+        j = best[i]
+        if ious[i, j] >= iou_threshold and not found[j]:
+            found[j] = matched[i] = True
+    return matched, found
+
+
 def voc_class_ap(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes], label: int,
                  iou_threshold: float = 0.5) -> Optional[float]:
-    """VOC AP of one class: detections sorted by score; each is a true positive when its
-    best-overlapping ground-truth box of the class (same image) has IoU >= threshold and
-    was not taken by a higher-scoring detection, else a false positive (the devkit rule:
-    no fall-back to the second-best box). None when the class has no ground truth."""
+    """VOC AP of one class: detections sorted by score; each is a true positive by
+    :func:`match_detections` within its image (same image), else a false positive.
+    None when the class has no ground truth."""
     gt = {t.image_id: np.asarray(t.boxes)[np.asarray(t.labels) == label] for t in truth}
     n_gt = sum(len(b) for b in gt.values())
     if n_gt == 0:
         return None
-    rows = []  # (score, image_id, box)
+    per_image: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # boxes, scores, row numbers
+    count = 0
     for d in detections:
         if d.image_id not in gt:
             continue
         keep = np.asarray(d.labels) == label
-        for box, score in zip(np.asarray(d.boxes)[keep], np.asarray(d.scores)[keep]):
-            rows.append((float(score), d.image_id, box))
-    rows.sort(key=lambda row: -row[0])  # stable: ties keep input order
-    taken = {image_id: np.zeros(len(b), dtype=bool) for image_id, b in gt.items()}
-    tp = np.zeros(len(rows))
-    for i, (_, image_id, box) in enumerate(rows):
-        boxes = gt[image_id]
-        if len(boxes) == 0:
-            continue
-        ious = pairwise_iou_np(box[None], boxes)[0]
-        j = int(np.argmax(ious))
-        if ious[j] >= iou_threshold and not taken[image_id][j]:
-            taken[image_id][j] = True
-            tp[i] = 1
-    if not rows:
+        boxes, scores = np.asarray(d.boxes).reshape(-1, 4)[keep], np.asarray(d.scores).reshape(-1)[keep]
+        per_image.setdefault(d.image_id, []).append((boxes, scores, np.arange(count, count + len(scores))))
+        count += len(scores)
+    if not count:
         return 0.0
+    all_scores, tp = np.zeros(count), np.zeros(count)
+    for image_id, parts in per_image.items():
+        boxes = np.concatenate([p[0] for p in parts])
+        scores = np.concatenate([p[1] for p in parts])
+        rows = np.concatenate([p[2] for p in parts])
+        matched, _ = match_detections(boxes, scores, gt[image_id], iou_threshold)
+        all_scores[rows], tp[rows] = scores, matched
+    tp = tp[np.argsort(-all_scores, kind="stable")]  # stable: ties keep input order
     cum_tp = np.cumsum(tp)
     recall = cum_tp / n_gt
-    precision = cum_tp / np.arange(1, len(rows) + 1)
+    precision = cum_tp / np.arange(1, count + 1)
     return all_point_ap(recall, precision)
 
 
