@@ -90,7 +90,7 @@ def test_a_run_against_an_address_where_no_head_answers_fails_at_once_and_names_
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr  # cannot start: the cluster is unreachable
     assert f"error: compute.address 127.0.0.1:{port}: no Ray head answers there (Connection refused)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "table").exists() or not list((tmp_path / "table").rglob("*.parquet"))
@@ -131,7 +131,7 @@ def test_a_run_whose_token_the_head_refuses_fails_at_once_and_says_what_to_set(t
     without_token = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
                           capture_output=True, text=True, timeout=120, env=without_token)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr  # cannot start: the cluster refused us
     assert (f"error: compute.address {address}: the Ray head refused this machine's authentication token "
             "(InvalidAuthToken: ") in proc.stderr
     assert "set RAY_AUTH_MODE=token" in proc.stderr

@@ -64,7 +64,7 @@ def test_cli_export_to_an_explicit_path_and_a_bad_checkpoint(workspace, tmp_path
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     result = CliRunner().invoke(main, ["export", str(bad), "--out", str(tmp_path / "x.onnx")])
-    assert result.exit_code == 1 and "bad.pt" in result.output
+    assert result.exit_code == 2 and "bad.pt" in result.output  # cannot start: unreadable input
     assert not (tmp_path / "x.onnx").exists()
 
 

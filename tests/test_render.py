@@ -138,4 +138,4 @@ def test_cli_render(tmp_path, scene):
     assert result.exit_code == 0, result.output
     assert out.is_file() and str(out) in result.output
     missing = CliRunner().invoke(main, ["render", str(tmp_path / "none"), str(scene), "--out", str(out)])
-    assert missing.exit_code == 1 and "no detection table" in missing.output
+    assert missing.exit_code == 2 and "no detection table" in missing.output  # missing input

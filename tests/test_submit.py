@@ -173,7 +173,7 @@ def test_unreachable_address_is_an_error(workspace, tmp_path):
     port = free_ports(1)[0]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     result = cli(["submit", str(workspace / "job.yaml"), "--address", f"127.0.0.1:{port}"], env, tmp_path, 60)
-    assert result.returncode == 1 and f"http://127.0.0.1:{port}" in result.stderr, result.stderr
+    assert result.returncode == 2 and f"http://127.0.0.1:{port}" in result.stderr, result.stderr
 
 
 @pytest.mark.slow

@@ -22,12 +22,14 @@ code is not shipped, only its configuration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import yaml
 
@@ -36,6 +38,9 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io.inputs import expand_patterns, id_collisions, is_remote
 
 JOB_FILE = "job.yaml"
+# Where Ray's job CLI finds the cluster when no address is given, in this order
+# (ray.dashboard.utils.get_address_for_submission_client).
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
 class SubmitError(PipelineError):
@@ -96,19 +101,45 @@ def dashboard_address(address: str) -> str:
     return address if "://" in address else f"http://{address}"
 
 
-def connect(address: str):
-    """A JobSubmissionClient for the dashboard at ``address``; SubmitError if unreachable."""
+@contextlib.contextmanager
+def _without(names: Sequence[str]) -> Iterator[None]:
+    """The environment without ``names`` for the block (restored after)."""
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def connect(address: Optional[str]):
+    """A JobSubmissionClient for the dashboard at ``address``; SubmitError if unreachable.
+
+    ``address`` None: the cluster Ray's job CLI would use, from $RAY_API_SERVER_ADDRESS, else
+    $RAY_ADDRESS (a dashboard URL, or a cluster address Ray looks the dashboard up for); a
+    ConfigError when neither is set. An address given wins over both (Ray's client would let
+    them replace it)."""
     from ray.job_submission import JobSubmissionClient
 
-    url = dashboard_address(address)
+    hide: Sequence[str] = ()
+    if address is None:
+        named = next(((k, os.environ[k]) for k in ADDRESS_ENV if os.environ.get(k, "").strip()), None)
+        if named is None:
+            raise ConfigError("no cluster to submit to: give --address http://HEAD:8265, or set RAY_ADDRESS "
+                              "(as for `ray job submit`)")
+        where, url = f"{named[1]} (${named[0]})", None
+    else:
+        url = dashboard_address(address)
+        where, hide = url, ADDRESS_ENV
     try:
-        return JobSubmissionClient(url)
+        with _without(hide):
+            return JobSubmissionClient(url)
     except Exception as err:  # ConnectionError, HTTP errors, version mismatch: all say "cannot submit"
-        raise SubmitError(f"{url}: cannot reach the Ray job server ({type(err).__name__}: {err})") from None
+        raise SubmitError(f"{where}: cannot reach the Ray job server ({type(err).__name__}: {err})") from None
 
 
-def submit_job(address: str, job_path: str | Path, overrides: Sequence[str] = (), run_id: Optional[str] = None,
-               force: bool = False, submission_id: Optional[str] = None) -> tuple[str, list[str]]:
+def submit_job(address: Optional[str], job_path: str | Path, overrides: Sequence[str] = (),
+               run_id: Optional[str] = None, force: bool = False,
+               submission_id: Optional[str] = None) -> tuple[str, list[str]]:
     """Submit ``job_path`` as a Ray Job; return (submission id, local paths the cluster needs).
 
     The resolved job file is written to a temporary directory used as the job's
@@ -126,7 +157,7 @@ def submit_job(address: str, job_path: str | Path, overrides: Sequence[str] = ()
                 metadata={"job_name": str(data.get("name")), "job_file": str(Path(job_path).resolve())},
             )
         except Exception as err:
-            raise SubmitError(f"{dashboard_address(address)}: job {job_path} was refused: {err}") from None
+            raise SubmitError(f"{client.get_address()}: job {job_path} was refused: {err}") from None
     return job_id, local_paths(data)
 
 
@@ -143,7 +174,7 @@ def exit_code_of(status: str, driver_exit_code: Optional[int]) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def follow_job(address: str, job_id: str, write: Callable[[str], object] = sys.stdout.write,
+def follow_job(address: Optional[str], job_id: str, write: Callable[[str], object] = sys.stdout.write,
                poll_s: float = 1.0) -> int:
     """Stream the job's logs until it ends; return its exit code (:func:`exit_code_of`)."""
     client = connect(address)
@@ -157,7 +188,7 @@ def follow_job(address: str, job_id: str, write: Callable[[str], object] = sys.s
     except PipelineError:
         raise
     except Exception as err:
-        raise SubmitError(f"{dashboard_address(address)}: lost track of job {job_id}: {err}") from None
+        raise SubmitError(f"{client.get_address()}: lost track of job {job_id}: {err}") from None
     if info.message and str(info.status) != "SUCCEEDED":
         write(f"\njob {job_id} {info.status}: {info.message}\n")
     return exit_code_of(str(info.status.value if hasattr(info.status, "value") else info.status),
