@@ -117,7 +117,7 @@ def card_problems(info, chosen_bands: list[int], card: ModelCard | None) -> list
     if card is None:
         return []
     errors = []
-    if len(chosen_bands) != len(card.band_names):
+    if card.band_names and len(chosen_bands) != len(card.band_names):
         plural = "s" if len(chosen_bands) != 1 else ""
         errors.append(f"{info.path}: {len(chosen_bands)} band{plural} {chosen_bands} selected, but the model card "
                       f"{card.path} takes {len(card.band_names)} bands ({', '.join(card.band_names)}); select "

@@ -88,7 +88,7 @@ def read_model_card(checkpoint: str, checkpoint_sha256: str) -> Optional[ModelCa
     if is_object_url(location):
         try:
             local = local_file(location)
-        except InputError:  # no such object: a checkpoint without a card
+        except InputError:  # no such object (the store answered for the checkpoint just now)
             return None
     elif os.path.isfile(location):
         local = location
@@ -301,11 +301,11 @@ def provenance(header: dict, training: Optional[TrainingFacts]) -> tuple[dict, O
     metadata = header.get("metadata") or {}
     imported = metadata.get("imported_from")
     if imported:
-        source = {"kind": "imported", "from": imported.get("kind"), "form": imported.get("form"),
-                  "architecture": imported.get("architecture"), "path": imported.get("path"),
-                  "sha256": imported.get("sha256"), "input_range": imported.get("input_range"),
-                  "pixel_max": imported.get("pixel_max")}
-        return source, f"{imported.get('kind')} {imported.get('architecture')} weights"
+        # what pipeline import recorded: path and sha256 of a file, or the name (and revision)
+        # of a named source; the card's mlm:input already holds the statistics and settings
+        source = {"kind": "imported", "from": imported.get("kind"),
+                  **{k: v for k, v in imported.items() if k not in ("kind", "source_mean", "source_std", "inference")}}
+        return source, imported.get("name") or f"{imported.get('kind')} {imported.get('architecture')} weights"
     if training is not None:
         source = {"kind": "trained", "job": training.job, "ray_run": training.ray_run,
                   "step": metadata.get("step"), "epoch": metadata.get("epoch"),
