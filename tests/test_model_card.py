@@ -294,3 +294,21 @@ def test_a_trained_card_refuses_scenes_of_another_data_type(trained, tmp_path):
     assert code == 2, out
     assert "RGBA.uint16.tif: uint16 pixels" in out and "allows uint8" in out
     assert card_location(published) in out
+
+
+def test_a_card_in_object_storage_is_read_beside_its_checkpoint(imported, s3_server):
+    """model.checkpoint on s3://: the card is fetched from beside it, and its absence is no
+    error (checkpoints from before cards)."""
+    from pipeline.chips.planning import model_facts, scene_problems
+    from pipeline.io.raster import read_scene_info
+
+    checkpoint, card_path = imported
+    s3_server.create_bucket(Bucket="card-tests")
+    s3_server.upload_file(str(checkpoint), "card-tests", "models/retinanet.pt")
+    s3_server.upload_file(str(card_path), "card-tests", "models/retinanet.pt.stac-item.json")
+    s3_server.upload_file(str(checkpoint), "card-tests", "older/retinanet.pt")
+    facts = model_facts("s3://card-tests/models/retinanet.pt")
+    assert facts.card is not None and facts.card.path == "s3://card-tests/models/retinanet.pt.stac-item.json"
+    assert model_facts("s3://card-tests/older/retinanet.pt").card is None
+    errors, _ = scene_problems(read_scene_info(str(real("rgb1_fake_nir_epsg3857.tif"))), None, facts, None)
+    assert any("1 band" in e and facts.card.path in e for e in errors)
