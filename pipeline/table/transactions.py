@@ -87,6 +87,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import CommitError
+from pipeline.io.objstore import arrow_filesystem
 from pipeline.table.schema import SCHEMA_VERSION, current_file_rows, detection_schema, geo_metadata
 from pipeline.table.store import LocalStore, open_store
 from retinanet.files import TMP_PREFIX
@@ -893,7 +894,7 @@ def read_committed(
     columns: names to read (default all); filters: a ``pyarrow.dataset`` expression,
     e.g. ``ds.field("date") == "2024-05-01"`` (the date partition prunes files).
     The result's schema carries the table's ``geo`` metadata (without a bbox).
-    An object-store table is read through the store's client into memory.
+    An object-store table is read in place through pyarrow's S3/GCS filesystem.
     """
     import pyarrow.fs
 
@@ -910,15 +911,12 @@ def read_committed(
         # are not under a date= folder yet), given per file rather than parsed from paths.
         partitions = [ds.field("date") == p.day for p in group]
         if isinstance(store, LocalStore):
-            dataset = ds.FileSystemDataset.from_paths(
-                [str(store.path(p.key)) for p in group], schema=schema, format=ds.ParquetFileFormat(),
-                filesystem=pyarrow.fs.LocalFileSystem(), partitions=partitions)
-        else:
-            read = []
-            for p in group:  # one GET per file
-                rows = current_file_rows(pq.read_table(pa.BufferReader(store.read(p.key))))
-                read.append(rows.append_column(schema.field("date"), pa.array([p.day] * rows.num_rows, pa.string())))
-            dataset = ds.InMemoryDataset(pa.concat_tables(read))
+            filesystem, base = pyarrow.fs.LocalFileSystem(), str(store.root)
+        else:  # ranged reads of the columns and row groups asked for, not whole files
+            filesystem, base = arrow_filesystem(store.url)
+        dataset = ds.FileSystemDataset.from_paths(
+            [f"{base}/{p.key}" for p in group], schema=schema, format=ds.ParquetFileFormat(),
+            filesystem=filesystem, partitions=partitions)
         keep = _hidden_rows(hidden)
         where = filters if keep is None else (~keep if filters is None else filters & ~keep)
         tables.append(dataset.to_table(columns=columns, filter=where))
