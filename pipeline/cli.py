@@ -259,14 +259,27 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool, v
               help="3 = RGB, 4 = RGB + NIR")
 @click.option("--dtype", default="uint8", show_default=True, type=click.Choice(["uint8", "uint16"]))
 @click.option("--nodata-regions", is_flag=True, help="add nodata (0) regions to every scene")
+@click.option("--kind", default="satellite", show_default=True, type=click.Choice(["satellite", "inspection"]),
+              help="satellite: georeferenced GeoTIFFs (UTM), truth.json and truth.geojson; inspection: "
+                   "plain 8-bit RGB PNGs of metal parts with defects (no georeferencing), truth.json")
 def synth(out_dir: str, scenes: int, size: int, seed: int, bands: str, dtype: str,
-          nodata_regions: bool) -> None:
-    """Write synthetic georeferenced scenes plus truth.json (COCO) and truth.geojson."""
-    from pipeline.tools.synth import synthesize
+          nodata_regions: bool, kind: str) -> None:
+    """Write synthetic labelled images: georeferenced scenes plus truth.json (COCO) and
+    truth.geojson, or (--kind inspection) factory images plus truth.json."""
+    from pipeline.tools.synth import synthesize, synthesize_inspection
 
     try:
-        paths = synthesize(out_dir, scenes, size, seed, bands=int(bands), dtype=dtype,
-                           nodata_regions=nodata_regions)
+        if kind == "inspection":
+            ctx = click.get_current_context()
+            given = [f"--{name.replace('_', '-')}" for name in ("bands", "dtype", "nodata_regions")
+                     if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+            if given:
+                raise ConfigError(f"--kind inspection writes 8-bit RGB PNGs without nodata; "
+                                  f"{', '.join(given)} apply to --kind satellite only")
+            paths = synthesize_inspection(out_dir, scenes, size, seed)
+        else:
+            paths = synthesize(out_dir, scenes, size, seed, bands=int(bands), dtype=dtype,
+                               nodata_regions=nodata_regions)
     except PipelineError as err:
         fail(err)
     except ValueError as err:

@@ -162,3 +162,62 @@ def test_cli(tmp_path):
     assert (tmp_path / "s" / "synth_000.tif").exists() and (tmp_path / "s" / "truth.json").exists()
     bad = runner.invoke(main, ["synth", str(tmp_path / "t"), "--size", "10"])
     assert bad.exit_code == 2 and "size >= 64" in bad.output
+
+
+# ------------------------------------------------------------------ inspection images
+
+
+def test_inspection_images_are_plain_pngs_with_coco_truth(tmp_path):
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from pipeline.tools.synth import INSPECTION_CLASSES, INSPECTION_SEAM_STRIDE, synthesize_inspection
+
+    paths = synthesize_inspection(tmp_path, images=2, size=1024, seed=5)
+    assert [p.name for p in paths] == ["part_000.png", "part_001.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part_000.png", "part_001.png", "truth.json"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(paths[0]) as ds:
+            assert (ds.driver, ds.count, ds.dtypes[0], ds.width, ds.height) == ("PNG", 3, "uint8", 1024, 1024)
+            assert ds.crs is None and ds.transform.is_identity  # no map: pixel coordinates only
+            img = ds.read().astype(np.int32)
+    coco = COCO(str(tmp_path / "truth.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(INSPECTION_CLASSES)
+    assert [coco.imgs[i]["file_name"] for i in sorted(coco.imgs)] == [p.name for p in paths]
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert len(anns) > 60  # ~64 per 1024^2 image
+    seams = np.arange(INSPECTION_SEAM_STRIDE, 1024, INSPECTION_SEAM_STRIDE)
+    crossing = 0
+    for ann in anns:
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 1024 and y + h <= 1024
+        crossing += bool(((x < seams) & (seams < x + w)).any() or ((y < seams) & (seams < y + h)).any())
+    assert crossing / len(anns) > 0.2  # the inspection job's chip seams (512 - 96) are exercised
+    # Each defect is visible against the brushed metal around it.
+    background = np.median(img.reshape(3, -1), axis=1)
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[1])):
+        x, y, w, h = ann["bbox"]
+        r, g, b = img[:, y + h // 2, x + w // 2]
+        name = INSPECTION_CLASSES[ann["category_id"] - 1]
+        if name == "scratch":
+            assert min(w, h) <= 6 and max(w, h) >= 40 and max(r, g, b) < background.min() - 50, (ann, r, g, b)
+        elif name == "dent":
+            assert w == h and max(r, g, b) < background.min() - 25, (ann, r, g, b)
+        else:
+            assert r > g + 25 > b + 25, (ann, r, g, b)  # rust-brown stain
+    again = synthesize_inspection(tmp_path / "again", images=2, size=1024, seed=5)
+    assert [digest(p) for p in paths] == [digest(p) for p in again]
+
+
+def test_cli_synth_kind_inspection(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["synth", str(tmp_path / "i"), "--kind", "inspection", "--scenes", "1",
+                                  "--size", "256", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "i" / "part_000.png").is_file() and (tmp_path / "i" / "truth.json").is_file()
+    bad = runner.invoke(main, ["synth", str(tmp_path / "j"), "--kind", "inspection", "--bands", "4"])
+    assert bad.exit_code == 2 and "--bands" in bad.output, bad.output
+    assert not (tmp_path / "j").exists()

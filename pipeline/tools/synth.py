@@ -25,16 +25,34 @@ Ground truth is written next to the scenes:
 
 Generation goes window by window (256 rows x 2048 columns), so memory is bounded by
 one window whatever the scene size, and the same ``seed`` gives the same bytes.
+
+Inspection images (:func:`synthesize_inspection`, ``pipeline synth --kind inspection``) are
+the other kind: plain 8-bit RGB PNGs of brushed metal with three kinds of defect, without
+any georeferencing (a factory camera's frames), and ``truth.json`` (COCO) only:
+
+=========  ==============================  ===========================================
+class      shape, size (pixels)            look
+=========  ==============================  ===========================================
+scratch    line, 40-120 x 3-6              dark grey
+dent       disc, 16-40 diameter            darker than the metal
+stain      rectangle, 20-60 x 20-60        rust brown
+=========  ==============================  ===========================================
+
+About a third of the defects sit on the chip seams of ``jobs/inspection.yaml`` (chips of
+512 pixels overlapping by 96). Each image is drawn whole, in memory (3 bytes a pixel).
 """
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from pipeline.geo.georef import pixel_boxes_to_map
@@ -63,20 +81,40 @@ _CLASS_SIZE = {"vehicle": ((12, 24), (6, 12)), "building": ((40, 90), (40, 90)),
                "tank": ((20, 40), None)}
 _CLASS_P = (0.5, 0.25, 0.25)
 
+# Inspection images: defects on brushed metal, in (R, G, B).
+INSPECTION_CLASSES = ("scratch", "dent", "stain")
+INSPECTION_SEAM_STRIDE = 416   # jobs/inspection.yaml: chip 512 - overlap 96
+_METAL = np.array([150.0, 153.0, 158.0])
+_DEFECT_FILL = {"scratch": np.array([62.0, 60.0, 58.0]), "dent": np.array([95.0, 98.0, 104.0]),
+                "stain": np.array([150.0, 98.0, 52.0])}
+_DEFECT_SIZE = {"scratch": ((40, 120), (3, 6)), "dent": ((16, 40), None), "stain": ((20, 60), (20, 60))}
+_DEFECT_P = (0.4, 0.3, 0.3)
+
+
+@dataclass(frozen=True)
+class ObjectKinds:
+    """A class catalogue: names in label order, each class's size ((longer side min, max),
+    (shorter side min, max), or None for a disc) and how often it is drawn."""
+
+    names: tuple[str, ...]
+    sizes: dict[str, tuple[tuple[int, int], Optional[tuple[int, int]]]]
+    probabilities: tuple[float, ...]
+
+
+SATELLITE_KINDS = ObjectKinds(SYNTH_CLASSES, _CLASS_SIZE, _CLASS_P)
+INSPECTION_KINDS = ObjectKinds(INSPECTION_CLASSES, _DEFECT_SIZE, _DEFECT_P)
+
 
 @dataclass(frozen=True)
 class SynthObject:
-    """One object: class index into SYNTH_CLASSES and its box in pixel edges."""
+    """One object: class index into its catalogue's names, its box in pixel edges, the class name."""
 
     label: int
     x0: int
     y0: int
     x1: int
     y1: int
-
-    @property
-    def name(self) -> str:
-        return SYNTH_CLASSES[self.label]
+    name: str
 
 
 def scene_transform(index: int, size: int) -> tuple[float, float, float, float, float, float]:
@@ -105,21 +143,23 @@ def nodata_mask(cols: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
     return corner | block
 
 
-def place_objects(size: int, rng: np.random.Generator, nodata_regions: bool) -> list[SynthObject]:
-    """Non-overlapping objects for a ``size`` x ``size`` scene, ~1 per OBJECT_SPACING^2 px.
+def place_objects(size: int, rng: np.random.Generator, nodata_regions: bool,
+                  kinds: ObjectKinds = SATELLITE_KINDS, seam_stride: int = SEAM_STRIDE) -> list[SynthObject]:
+    """Non-overlapping objects of ``kinds`` for a ``size`` x ``size`` scene, ~1 per
+    OBJECT_SPACING^2 px, a share of them centred on multiples of ``seam_stride``.
 
     Uses an occupancy grid of 4-px cells (memory size^2 / 16 bytes) to reject overlaps.
     """
     cell = 4
     grid = np.zeros((-(-size // cell),) * 2, dtype=bool)
     target = max(3, (size * size) // (OBJECT_SPACING * OBJECT_SPACING))
-    seams = np.arange(SEAM_STRIDE, size - 8, SEAM_STRIDE)
+    seams = np.arange(seam_stride, size - 8, seam_stride)
     objects: list[SynthObject] = []
     for _ in range(target * 4):
         if len(objects) >= target:
             break
-        label = int(rng.choice(len(SYNTH_CLASSES), p=_CLASS_P))
-        w, h = _object_size(SYNTH_CLASSES[label], rng)
+        label = int(rng.choice(len(kinds.names), p=kinds.probabilities))
+        w, h = _object_size(kinds.sizes[kinds.names[label]], rng)
         if w + 4 >= size or h + 4 >= size:
             continue
         x0 = int(rng.integers(2, size - w - 2))
@@ -139,12 +179,13 @@ def place_objects(size: int, rng: np.random.Generator, nodata_regions: bool) -> 
         if grid[gy0:gy1, gx0:gx1].any():
             continue
         grid[gy0:gy1, gx0:gx1] = True
-        objects.append(SynthObject(label, *box))
+        objects.append(SynthObject(label, *box, kinds.names[label]))
     return objects
 
 
-def _object_size(name: str, rng: np.random.Generator) -> tuple[int, int]:
-    long_range, short_range = _CLASS_SIZE[name]
+def _object_size(ranges: tuple[tuple[int, int], Optional[tuple[int, int]]],
+                 rng: np.random.Generator) -> tuple[int, int]:
+    long_range, short_range = ranges
     side = int(rng.integers(long_range[0], long_range[1] + 1))
     if short_range is None:                           # disc: square bounding box
         return side, side
@@ -202,15 +243,20 @@ def _paint(out: np.ndarray, obj: SynthObject, row0: int, col0: int, bands: int,
     rr = np.arange(r0, r1)[:, None]
     cc = np.arange(c0, c1)[None, :]
     if obj.name == "tank":
-        radius = (obj.x1 - obj.x0) / 2.0
-        cy, cx = (obj.y0 + obj.y1) / 2.0, (obj.x0 + obj.x1) / 2.0
-        inside = (cc + 0.5 - cx) ** 2 + (rr + 0.5 - cy) ** 2 <= radius ** 2  # pixel centres
-        region[:] = np.where(inside[None], fill, region)
+        region[:] = np.where(_disc(obj, rr, cc)[None], fill, region)
         return
     region[:] = fill
     if obj.name == "building":
         edge = (rr < obj.y0 + 2) | (rr >= obj.y1 - 2) | (cc < obj.x0 + 2) | (cc >= obj.x1 - 2)
         region[:] = np.where(edge[None], _BUILDING_OUTLINE[:bands, None, None], region)
+
+
+def _disc(obj: SynthObject, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
+    """Pixels (rows rr (H, 1), cols cc (1, W)) whose centres lie in the disc inscribed in the
+    object's square box -> (H, W) bool."""
+    radius = (obj.x1 - obj.x0) / 2.0
+    cy, cx = (obj.y0 + obj.y1) / 2.0, (obj.x0 + obj.x1) / 2.0
+    return (cc + 0.5 - cx) ** 2 + (rr + 0.5 - cy) ** 2 <= radius ** 2
 
 
 def overview_factors(size: int) -> list[int]:
@@ -284,30 +330,85 @@ def synthesize(out_dir: str | Path, scenes: int, size: int, seed: int, bands: in
     return paths
 
 
+def write_coco_truth(out_dir: Path, truth: list[tuple[Path, list[SynthObject]]], size: int,
+                     classes: tuple[str, ...]) -> None:
+    """Write truth.json (COCO: image ids 1.., category ids 1.. in ``classes`` order, annotation
+    ids 1.. in image then object order, bbox [x, y, w, h] in pixel edges)."""
+    images: list[dict] = []
+    annotations: list[dict] = []
+    for index, (path, objects) in enumerate(truth):
+        images.append({"id": index + 1, "file_name": path.name, "width": size, "height": size})
+        for obj in objects:
+            w, h = obj.x1 - obj.x0, obj.y1 - obj.y0
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": obj.label + 1,
+                                "bbox": [obj.x0, obj.y0, w, h], "area": w * h, "iscrowd": 0})
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(classes)]}
+    (out_dir / "truth.json").write_text(json.dumps(coco))
+
+
 def write_truth(out_dir: Path, truth: list[tuple[Path, list[SynthObject]]], size: int) -> None:
     """Write truth.json (COCO) and truth.geojson (scene CRS) for the scenes."""
-    images, annotations, features = [], [], []
-    ann_id = 1
+    write_coco_truth(out_dir, truth, size, SYNTH_CLASSES)
+    features = []
+    ann_id = 1  # the COCO annotation ids, in the same order
     for index, (path, objects) in enumerate(truth):
-        image_id = index + 1
-        images.append({"id": image_id, "file_name": path.name, "width": size, "height": size})
         boxes = np.array([[o.x0, o.y0, o.x1, o.y1] for o in objects], dtype=np.float64)
         corners = pixel_boxes_to_map(boxes.reshape(-1, 4), scene_transform(index, size))
         for obj, ring in zip(objects, corners):
-            w, h = obj.x1 - obj.x0, obj.y1 - obj.y0
-            annotations.append({"id": ann_id, "image_id": image_id, "category_id": obj.label + 1,
-                                "bbox": [obj.x0, obj.y0, w, h], "area": w * h, "iscrowd": 0})
             closed = ring.tolist() + [ring[0].tolist()]
             features.append({"type": "Feature",
                              "geometry": {"type": "Polygon", "coordinates": [closed]},
                              "properties": {"id": ann_id, "scene_id": path.stem,
                                             "label": obj.name, "image": path.name}})
             ann_id += 1
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": i + 1, "name": n, "supercategory": "object"}
-                           for i, n in enumerate(SYNTH_CLASSES)]}
-    (out_dir / "truth.json").write_text(json.dumps(coco))
     geojson = {"type": "FeatureCollection",
                "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32633"}},
                "features": features}
     (out_dir / "truth.geojson").write_text(json.dumps(geojson))
+
+
+def render_inspection(size: int, objects: list[SynthObject], rng: np.random.Generator) -> np.ndarray:
+    """Pixels of one inspection image as (3, size, size) uint8: brushed metal (each row its
+    own shade, lit brighter in the middle, fine grain) with the defects painted on it, each
+    keeping a little of the grain under it."""
+    rows = np.arange(size, dtype=np.float32)[:, None]
+    cols = np.arange(size, dtype=np.float32)[None, :]
+    streaks = rng.normal(0.0, 5.0, size=(size, 1)).astype(np.float32)
+    light = 12.0 * np.sin(np.pi * (cols + 0.5) / size) - 6.0
+    shade = streaks + light + rng.normal(0.0, 2.0, size=(size, size)).astype(np.float32)
+    out = _METAL[:, None, None].astype(np.float32) + shade[None]
+    for obj in objects:
+        box = (slice(None), slice(obj.y0, obj.y1), slice(obj.x0, obj.x1))
+        fill = _DEFECT_FILL[obj.name][:, None, None].astype(np.float32) + 0.3 * shade[box[1:]][None]
+        if obj.name == "dent":
+            inside = _disc(obj, rows[obj.y0:obj.y1], cols[:, obj.x0:obj.x1])
+            out[box] = np.where(inside[None], fill, out[box])
+        else:
+            out[box] = fill
+    return np.rint(np.clip(out, 0.0, 255.0)).astype(np.uint8)
+
+
+def synthesize_inspection(out_dir: str | Path, images: int, size: int, seed: int) -> list[Path]:
+    """Write ``images`` inspection images ``part_000.png`` ... (8-bit RGB PNG, ``size`` x
+    ``size``, no georeferencing) and their ``truth.json`` (COCO, classes INSPECTION_CLASSES).
+
+    The same ``seed`` gives the same bytes. Returns the image paths, in order.
+    """
+    if images < 1 or size < 64:
+        raise ValueError(f"need scenes >= 1 and size >= 64, got scenes={images} size={size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    truth: list[tuple[Path, list[SynthObject]]] = []
+    for index in range(images):
+        objects = place_objects(size, np.random.default_rng([seed, index, 1 << 20]), nodata_regions=False,
+                                kinds=INSPECTION_KINDS, seam_stride=INSPECTION_SEAM_STRIDE)
+        pixels = render_inspection(size, objects, np.random.default_rng([seed, index]))
+        path = out_dir / f"part_{index:03d}.png"
+        with warnings.catch_warnings():  # a camera frame has no map; saying so is the point
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path, "w", driver="PNG", width=size, height=size, count=3, dtype="uint8") as dst:
+                dst.write(pixels)
+        truth.append((path, objects))
+    write_coco_truth(out_dir, truth, size, INSPECTION_CLASSES)
+    return [path for path, _ in truth]
