@@ -172,3 +172,11 @@ def test_pipeline_run_rerun_force_query_vacuum_into_s3(bucket, tmp_path, ray_ses
     assert plain_rows(url) == n == T.read_committed(url).num_rows
     query = cli.invoke(main, ["query", url, "SELECT count(*) AS n FROM detections", "--format", "json"])
     assert json.loads(query.output) == [{"n": n}], query.output
+    # eval and render read the same committed rows from the store
+    evaluated = cli.invoke(main, ["eval", url, "--truth", str(tmp_path / "scenes" / "truth.json"),
+                                  "-o", str(tmp_path / "eval")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert len(json.loads((tmp_path / "eval" / "eval.json").read_text())["scenes"]) == 2
+    scene = sorted((tmp_path / "scenes").glob("*.tif"))[0]
+    drawn = cli.invoke(main, ["render", url, str(scene), "-o", str(tmp_path / "quicklook.png")])
+    assert drawn.exit_code == 0 and (tmp_path / "quicklook.png").stat().st_size > 0, drawn.output
