@@ -147,22 +147,28 @@ def write_report(table: Path, run_id: str, job: str, code: int, newest) -> None:
 
 
 def test_since_last_success_reads_the_run_reports(catalog, tmp_path):
-    from pipeline.config.spec import StacSpec
+    from pipeline.config.spec import JobSpec, StacSpec
+    from pipeline.io.inputs import job_inputs
 
     table = tmp_path / "table"
     spec = StacSpec(source=str(catalog), since_last_success=True)
     assert last_success_datetime(table, "nightly") is None
-    assert len(select_stac(spec, table, "nightly").paths) == 4  # no successful run yet: everything
+    assert len(select_stac(spec, last_success_datetime(table, "nightly")).paths) == 4  # no successful run yet
     write_report(table, "r1", "nightly", 0, "2026-01-05T00:00:00+00:00")
     write_report(table, "r2", "nightly", 1, "2026-01-20T00:00:00+00:00")  # failed: does not count
     write_report(table, "r3", "other-job", 0, "2026-01-21T00:00:00+00:00")  # another job's
     write_report(table, "r4", "nightly", 0, None)  # a successful run that selected nothing
     assert last_success_datetime(table, "nightly") == dt.datetime(2026, 1, 5, tzinfo=UTC)
-    assert names(select_stac(spec, table, "nightly").paths) == ["synth_001", "synth_002", "synth_003"]
+    assert names(select_stac(spec, last_success_datetime(table, "nightly")).paths) == [
+        "synth_001", "synth_002", "synth_003"]
     write_report(table, "r5", "nightly", 0, "2026-01-10T00:00:00Z")
-    assert names(select_stac(spec, table, "nightly").paths) == ["synth_002", "synth_003"]
-    # Without the flag the reports are not consulted.
-    assert len(select_stac(StacSpec(source=str(catalog)), table, "nightly").paths) == 4
+    assert names(select_stac(spec, last_success_datetime(table, "nightly")).paths) == ["synth_002", "synth_003"]
+    # A job's inputs: the reports are consulted with the flag only.
+    job = JobSpec.model_validate({"name": "nightly", "model": {"checkpoint": "m.pt"}, "output": {"table": str(table)},
+                                  "inputs": {"stac": {"source": str(catalog), "since_last_success": True}}})
+    assert names(job_inputs(job)[0].locations) == ["synth_002", "synth_003"]
+    job.inputs.stac.since_last_success = False
+    assert len(job_inputs(job)[0].locations) == 4
     (table / "_reports" / "broken.json").write_text("{")
     with pytest.raises(InputError, match="broken.json"):
         last_success_datetime(table, "nightly")

@@ -8,6 +8,7 @@ import functools
 import http.server
 import json
 import re
+import shlex
 import threading
 from pathlib import Path
 
@@ -36,6 +37,7 @@ BUCKET = "stac-api-assets"
 COLLECTION = "sentinel-2-l2a"  # the README recipe's collection
 NIGHT_1 = 7  # items published before the first night; one more arrives before the second
 CLOUDY = 5  # this item's eo:cloud_cover (80) fails the recipe's filter (<= 20)
+BLOB = "https://pcstore.blob.core.windows.net/s2/scene.tif"
 
 
 def when(i: int) -> dt.datetime:
@@ -72,14 +74,15 @@ def world(tmp_path_factory, s3_server):
         cog = root / "cogs" / scene.name
         cog.parent.mkdir(exist_ok=True)
         rasterio.shutil.copy(scene, cog, driver="COG", blocksize=128)
-        s3_server.upload_file(str(cog), BUCKET, f"s2/{scene.name}")
+        s3_server.upload_file(str(cog), BUCKET, f"s2/{scene.name}", ExtraArgs={"ACL": "public-read"})  # plain HTTP
         hrefs.append(f"{base}/s2/{scene.name}")
         bounds.append(lonlat_bounds(scene))
     items = [item_dict(f"S2-{i}", COLLECTION, bounds[i], when(i), hrefs[i], 80.0 if i == CLOUDY else 5.0 + i)
              for i in range(NIGHT_1 + 1)]
     far = [b + 1.0 if k % 2 == 0 else b for k, b in enumerate(bounds[0])]  # one degree east
     extra = [item_dict("S2-far", COLLECTION, far, when(2), hrefs[0], 1.0),
-             item_dict("L8-0", "landsat-c2-l2", bounds[0], when(2), hrefs[0], 1.0)]
+             item_dict("L8-0", "landsat-c2-l2", bounds[0], when(2), hrefs[0], 1.0),
+             item_dict("PC-0", "pc-like", bounds[0], when(0), BLOB, 1.0)]  # an asset in Azure blob storage
     server = StacApiServer(root, items[:NIGHT_1] + extra)
     area = [min(b[0] for b in bounds), min(b[1] for b in bounds), max(b[2] for b in bounds),
             max(b[3] for b in bounds)]
@@ -98,11 +101,14 @@ def expected_ids(items: list[dict], collection: str, area: list[float], start: d
     return [i["id"] for i in sorted(chosen, key=lambda i: i["properties"]["datetime"])]
 
 
-def readme_job() -> dict:
-    """The YAML job of README's 'Nightly from a STAC API' recipe."""
+def readme_recipe() -> tuple[dict, list[list[str]]]:
+    """The YAML job and the `pipeline` commands of README's 'Nightly from a STAC API' recipe."""
     text = README.read_text()
     section = text[text.index("### Nightly from a STAC API"):]
-    return yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    job = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    shell = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    commands = [shlex.split(line, comments=True) for line in shell.splitlines() if line.startswith("pipeline ")]
+    return job, commands
 
 
 def tiny_checkpoint(path: Path) -> Path:
@@ -117,38 +123,44 @@ def report_of(table: Path) -> dict:
     return json.loads(reports[-1].read_text())
 
 
+@pytest.mark.slow
 def test_two_nights_through_the_cli_the_readme_recipe(world, tmp_path):
     server, items, area = world["server"], world["items"], world["area"]
-    job = readme_job()
+    job, commands = readme_recipe()
     stac = job["inputs"]["stac"]
     # The recipe as written, pointed at the local API and scenes; page_size 3 makes the API page.
     assert stac["collections"] == [COLLECTION] and stac["since_last_success"] is True
     stac.update(source=server.url, bbox=area, page_size=3)
     job["model"]["checkpoint"] = str(tiny_checkpoint(tmp_path / "model.pt"))
-    job["output"]["table"] = str(tmp_path / "detections")
+    table = tmp_path / "detections"
+    here = {"nightly-s2.yaml": str(tmp_path / "nightly-s2.yaml"), job["output"]["table"]: str(table)}
+    job["output"]["table"] = str(table)
     job["tiling"] = {"chip_size": 256, "overlap": 0}
     job["compute"] = {"actors": 1}
-    path = tmp_path / "nightly-s2.yaml"
-    path.write_text(yaml.safe_dump(job))
+    (tmp_path / "nightly-s2.yaml").write_text(yaml.safe_dump(job))
+    validate, run, query = ([here.get(word, word) for word in command[1:]] for command in commands)
+    assert (validate[0], run[0], query[0]) == ("validate", "run", "query")
     start = dt.datetime.fromisoformat(stac["datetime"].split("/")[0]).replace(tzinfo=UTC)
     max_cloud = stac["filter"]["args"][1]
 
     tonight = expected_ids(items[:NIGHT_1] + world["extra"], COLLECTION, area, start, max_cloud)
     assert f"S2-{CLOUDY}" not in tonight and "S2-far" not in tonight and len(tonight) == NIGHT_1 - 1
+    checked = CliRunner().invoke(main, validate)  # every scene's header over HTTP range reads
+    assert checked.exit_code == 0, checked.output
     before = len(server.searches())
-    first = CliRunner().invoke(main, ["run", str(path)])
+    first = CliRunner().invoke(main, run)
     assert first.exit_code == 0, first.output
-    report = report_of(tmp_path / "detections")
+    report = report_of(table)
     assert sorted(report["scenes_ok"]) == sorted(tonight)  # scene ids are item ids
     assert report[REPORT_KEY] == when(NIGHT_1 - 1).isoformat()
     pages = server.searches()[before:]
-    assert len(pages) >= 2 and all(len(body.get("collections", [])) for _, body in pages)  # paged
+    assert len(pages) >= 2 and all(body["collections"] == [COLLECTION] for _, body in pages)  # paged
 
     server.publish(items + world["extra"])  # a new item arrives during the day
     before = len(server.searches())
-    second = CliRunner().invoke(main, ["run", str(path)])
+    second = CliRunner().invoke(main, run)
     assert second.exit_code == 0, second.output
-    report = report_of(tmp_path / "detections")
+    report = report_of(table)
     assert report["scenes_ok"] == [f"S2-{NIGHT_1}"]  # only the new item is processed
     # The high-water mark reached the API: tonight's search started at last night's newest item.
     _, body = server.searches()[before]
@@ -156,9 +168,8 @@ def test_two_nights_through_the_cli_the_readme_recipe(world, tmp_path):
     assert report["scenes_skipped_done"] == [f"S2-{NIGHT_1 - 1}"]  # the inclusive bound's item, already done
     assert report[REPORT_KEY] == when(NIGHT_1).isoformat()
 
-    query = CliRunner().invoke(main, ["query", job["output"]["table"],
-                                      "SELECT count(DISTINCT scene_id) AS n FROM detections"])
-    assert query.exit_code == 0, query.output
+    answered = CliRunner().invoke(main, query)
+    assert answered.exit_code == 0, answered.output
 
 
 def spec(source: str, **fields) -> StacSpec:
@@ -173,6 +184,7 @@ def test_search_filters_pages_and_caps(world):
     sel = select_stac(spec(server.url, collections=[COLLECTION], bbox=area, page_size=2))
     assert sel.item_ids == everything and len(server.searches()) - before >= 3
     assert sel.paths == [i["assets"]["visual"]["href"] for i in items[:NIGHT_1]]
+    assert sel.acquired_at == [when(i) for i in range(NIGHT_1)]  # each item's datetime, through choose()
     # A geometry instead of a box: scene 0's footprint only.
     geometry = shapely.geometry.mapping(box(*world["bounds"][0]).buffer(-1e-5))
     assert select_stac(spec(server.url, collections=[COLLECTION], intersects=geometry)).item_ids == ["S2-0"]
@@ -209,10 +221,11 @@ def test_intersects_from_a_geojson_file_in_the_job(world, tmp_path):
      "inputs.stac: bbox and intersects exclude each other"),
     ({"intersects": "missing.geojson"}, "inputs.stac.intersects: cannot read"),
     ({"intersects": {"type": "Point", "coordinates": [500000, 4000000]}}, "inputs.stac.intersects: longitudes"),
-    ({"max_items": 0}, "inputs.stac.max_items"),
-    ({"page_size": 0}, "inputs.stac.page_size"),
-    ({"sign": "aws"}, "inputs.stac.sign"),
-    ({"filter": "eo:cloud_cover < 10"}, "inputs.stac.filter"),
+    ({"max_items": 0}, "inputs.stac.max_items: input should be greater than or equal to 1"),
+    ({"page_size": 0}, "inputs.stac.page_size: input should be greater than or equal to 1"),
+    ({"sign": "aws"}, "inputs.stac.sign: input should be 'planetary-computer'"),
+    ({"filter": "eo:cloud_cover < 10"}, "inputs.stac.filter: must be a mapping"),  # CQL2-JSON, not text
+    ({"collections": []}, "inputs.stac.collections: list should have at least 1 item"),
 ])
 def test_bad_api_fields_name_the_field(tmp_path, stac, expected):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({
@@ -311,13 +324,9 @@ def token_service(monkeypatch):
 
 def test_sign_planetary_computer_signs_asset_hrefs_keeps_item_ids(world, token_service):
     server = world["server"]
-    blob = "https://pcstore.blob.core.windows.net/s2/scene.tif"
-    pc_item = item_dict("PC-0", "pc-like", world["bounds"][0], when(0), blob, 1.0)
-    server.publish(world["items"][:NIGHT_1] + world["extra"] + [pc_item])
-    unsigned = select_stac(spec(server.url, collections=["pc-like"]))
-    assert unsigned.paths == [blob]
+    assert select_stac(spec(server.url, collections=["pc-like"])).paths == [BLOB]
     signed = select_stac(spec(server.url, collections=["pc-like"], sign="planetary-computer"))
-    assert signed.item_ids == ["PC-0"] and signed.paths == [blob + "?st=2026&se=2100&sp=rl&sig=abc"]
+    assert signed.item_ids == ["PC-0"] and signed.paths == [BLOB + "?st=2026&se=2100&sp=rl&sig=abc"]
 
 
 def test_sign_without_the_extra_names_it(world, monkeypatch):

@@ -49,7 +49,7 @@ from pydantic import (
 from pipeline.errors import ConfigError
 from pipeline.infer.merge import MergeMethod
 from pipeline.io.inputs import is_remote
-from pipeline.io.stac import check_bbox, parse_interval
+from pipeline.io.stac import check_bbox, parse_interval, read_geometry
 from retinanet.options import BACKBONES, TRAINABLE, Backend, BoxLoss, Precision
 
 # Bump when the meaning of a hashed field changes, so old table rows are not mistaken
@@ -63,18 +63,26 @@ _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
 
 
 class StacSpec(BaseModel):
-    """``inputs.stac``: scenes from a static STAC catalog (see pipeline.io.stac)::
+    """``inputs.stac``: scenes from a static STAC catalog or a STAC API search (see pipeline.io.stac)::
 
         stac: {source: ../catalog/catalog.json, asset: visual,
                datetime: "2026-01-01/..", bbox: [12.0, 41.0, 13.0, 42.0],
                since_last_success: true}
+        stac: {source: "https://earth-search.aws.element84.com/v1", collections: [sentinel-2-l2a],
+               bbox: [12.0, 41.0, 13.0, 42.0], filter: {op: "<=", args: [{property: eo:cloud_cover}, 20]}}
 
     source: local JSON (resolved like other paths) or http(s) URL of a Catalog,
-    Collection, ItemCollection or Item. asset: the asset key of each item to read;
+    Collection, ItemCollection or Item, or of a STAC API landing page (searched).
+    asset: the asset key of each item to read;
     default ``visual``, the STAC best-practice key of the display (RGB) image.
     datetime: ISO 8601 interval, inclusive, ``..`` or empty for an open side.
     bbox: [minx, miny, maxx, maxy] in EPSG:4326. since_last_success: start at the
     newest item time of this job's last successful run in ``output.table``.
+    collections: collection ids (required for an API). intersects: a GeoJSON geometry,
+    or a GeoJSON file (resolved like other paths; read at load time), lon/lat; excludes
+    bbox. filter: CQL2-JSON, API only (where it conforms to Filter). max_items: at most
+    this many items. page_size: items per API page (default: the API's). sign: sign asset
+    hrefs, ``planetary-computer`` (the ``pc`` extra).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -84,6 +92,24 @@ class StacSpec(BaseModel):
     datetime: Optional[str] = None
     bbox: Optional[list[float]] = None
     since_last_success: bool = False
+    collections: Optional[list[str]] = Field(None, min_length=1)
+    intersects: Optional[dict[str, Any]] = None
+    filter: Optional[dict[str, Any]] = None
+    max_items: Optional[int] = Field(None, ge=1)
+    page_size: Optional[int] = Field(None, ge=1)
+    sign: Optional[Literal["planetary-computer"]] = None
+
+    @field_validator("intersects", mode="before")
+    @classmethod
+    def _geometry(cls, v: Any) -> Any:
+        # A file name (already resolved against the job's folder) or a geometry: one lon/lat geometry.
+        return None if v is None else read_geometry(v)
+
+    @model_validator(mode="after")
+    def _one_area(self) -> "StacSpec":
+        if self.bbox is not None and self.intersects is not None:
+            raise ValueError("bbox and intersects exclude each other: give one")
+        return self
 
     @field_validator("datetime", mode="before")
     @classmethod
@@ -489,8 +515,8 @@ def _resolve_path(p: Any, base: Path) -> Any:
 
 
 def _resolve_field(value: Any, base: Path) -> Any:
-    if isinstance(value, dict):  # inputs.stac: resolve its source
-        return {**value, "source": _resolve_path(value["source"], base)} if "source" in value else value
+    if isinstance(value, dict):  # inputs.stac: resolve its source and an intersects file
+        return {**value, **{k: _resolve_path(value[k], base) for k in ("source", "intersects") if k in value}}
     if isinstance(value, list):
         return [_resolve_path(p, base) for p in value]
     return _resolve_path(value, base)
@@ -530,7 +556,7 @@ def _fields_at(path: Sequence[str]) -> Optional[dict[str, Any]]:
 def _override_path_resolves(parts: Sequence[str]) -> bool:
     """The overridden field holds a local path (``inputs.stac.source`` is the STAC section's)."""
     key = tuple(parts)
-    return key in _PATH_FIELDS or (key[-1:] == ("source",) and key[:-1] in _PATH_FIELDS)
+    return key in _PATH_FIELDS or (key[-1] in ("source", "intersects") and key[:-1] in _PATH_FIELDS)
 
 
 def _set_dotted(data: dict, parts: Sequence[str], value: Any, where: str, prefix: str = "") -> dict:

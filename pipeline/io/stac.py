@@ -1,4 +1,4 @@
-"""STAC input: scene paths from a static STAC catalog, collection or ItemCollection.
+"""STAC input: scene paths from a static STAC catalog, collection or ItemCollection, or a STAC API search.
 
 ``inputs.stac`` in a job (see :class:`pipeline.config.spec.StacSpec`) names a source — a local
 JSON file or an http(s) URL holding a Catalog, a Collection (their items are found
@@ -23,6 +23,13 @@ skip of already-committed scenes makes that free, and it never loses an item tha
 the last run's newest timestamp. Items added to a catalog later with an *older* time are
 not picked up by this rule (use a fixed ``datetime`` range or ``--force`` for backfills).
 
+A STAC API (``source`` is an API landing page: a Catalog that lists ``conformsTo``) is
+searched with pystac-client (conformance checks, paging, GET/POST): ``collections`` (required),
+``bbox`` or ``intersects``, ``datetime`` (with the ``since_last_success`` bound), a CQL2-JSON
+``filter`` (where the API conforms to Filter), ``max_items`` and ``page_size`` go to the API,
+and its items pass through the same :func:`choose` as a catalog's. ``sign:
+planetary-computer`` signs asset hrefs through pystac-client's ``modifier`` (the ``pc`` extra).
+
 Hrefs are returned absolute: relative asset hrefs are resolved against the item's own
 location (or the source's, for ItemCollections), ``file://`` URIs become local paths.
 A STAC scene's id is its item id, so items whose assets share a file name (every
@@ -36,7 +43,7 @@ import json
 import os
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.table.store import open_store
@@ -147,6 +154,52 @@ def check_bbox(bbox: Sequence[float]) -> list[float]:
     return [minx, miny, maxx, maxy]
 
 
+def read_geometry(value: Any) -> dict:
+    """``intersects`` of a job: a GeoJSON file name, or a geometry, Feature or FeatureCollection
+    (as a dict) -> one GeoJSON geometry (the union of a collection's features), lon/lat.
+
+    Raises ValueError naming the file and what is wrong (unreadable, not GeoJSON, not lon/lat).
+    """
+    import shapely
+    from shapely.geometry import mapping, shape
+
+    where = ""
+    if isinstance(value, str):
+        where = f"{value}: "
+        try:
+            with open(value, encoding="utf-8") as f:
+                value = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {where}{err}") from None
+    kind = value.get("type") if isinstance(value, dict) else None
+    try:
+        if kind == "FeatureCollection":
+            geometry = shapely.union_all([shape(f["geometry"]) for f in value["features"]])
+        elif kind == "Feature":
+            geometry = shape(value["geometry"])
+        else:
+            geometry = shape(value)
+    except (KeyError, TypeError, ValueError, AttributeError, shapely.errors.GeometryTypeError) as err:
+        raise ValueError(f"{where}not a GeoJSON geometry, Feature or FeatureCollection: {err}") from None
+    if geometry.is_empty:
+        raise ValueError(f"{where}the geometry is empty")
+    minx, miny, maxx, maxy = geometry.bounds
+    try:
+        check_bbox([minx, miny, maxx, maxy])
+    except ValueError as err:
+        raise ValueError(f"{where}{err}") from None
+    return dict(mapping(geometry))
+
+
+def item_in_geometry(item: Any, geometry: dict) -> bool:
+    """True when the item's geometry (else its bbox) intersects the lon/lat GeoJSON ``geometry``."""
+    from shapely.geometry import shape
+
+    if item.geometry is not None:
+        return bool(shape(item.geometry).intersects(shape(geometry)))
+    return item.bbox is not None and any(b.intersects(shape(geometry)) for b in _boxes(item.bbox))
+
+
 def item_intersects(item: Any, bbox: Sequence[float]) -> bool:
     """True when the item's geometry (else its bbox) intersects the lon/lat ``bbox``."""
     import shapely
@@ -176,20 +229,52 @@ def _local(text: str) -> str:
     return text
 
 
+def _api_message(err: Exception) -> str:
+    """The server's own words from a pystac-client APIError (its JSON ``description``/``detail``),
+    after the HTTP status when there was a response."""
+    text = str(err)
+    status = getattr(err, "status_code", None)
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        text = str(body.get("description") or body.get("detail") or body.get("message") or text)
+    return f"HTTP {status}: {text}" if status else text
+
+
+def read_json(source: str) -> tuple[str, Any]:
+    """(absolute location, parsed JSON) of a STAC source: a local path or an http(s) URL.
+
+    Raises InputError naming the source and the cause (not found, unreachable, not JSON).
+    """
+    import pystac
+    from pystac_client.exceptions import APIError
+    from pystac_client.stac_api_io import StacApiIO
+
+    where = source if _is_url(source) else os.path.abspath(_local(source))
+    if not _is_url(where) and not os.path.isfile(where):
+        raise InputError(f"{source}: STAC source not found")
+    try:  # pystac-client's reader: every HTTP failure (refused, timed out, 4xx/5xx) is one APIError
+        return where, (StacApiIO() if _is_url(where) else pystac.StacIO.default()).read_json(where)
+    except APIError as err:
+        raise InputError(f"{source}: cannot read STAC JSON: {_api_message(err)}") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{source}: cannot read STAC JSON: {err}") from None
+
+
 def read_items(source: str) -> list:
     """Every Item of a Catalog, Collection (recursively), ItemCollection or single Item.
 
     ``source``: local JSON path or http(s) URL. Raises InputError naming the source.
     """
+    return items_of(*read_json(source), source)
+
+
+def items_of(where: str, data: Any, source: str) -> list:
+    """The Items of a static source's parsed JSON ``data`` read from ``where`` (see :func:`read_items`)."""
     import pystac
 
-    where = source if _is_url(source) else os.path.abspath(_local(source))
-    if not _is_url(where) and not os.path.isfile(where):
-        raise InputError(f"{source}: STAC source not found")
-    try:
-        data = pystac.StacIO.default().read_json(where)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{source}: cannot read STAC JSON: {err}") from None
     kind = data.get("type") if isinstance(data, dict) else None
     try:
         if kind == "FeatureCollection":
@@ -331,11 +416,97 @@ def last_success_datetime(table_root: os.PathLike | str, job_name: str) -> Optio
     return best
 
 
-def select_stac(stac: Any, table_root: os.PathLike | str, job_name: str) -> StacSelection:
+# ---------------------------------------------------------------- STAC APIs
+
+
+def is_api_landing_page(data: Any) -> bool:
+    """True for a STAC API's landing page: a Catalog that lists ``conformsTo`` classes (a static
+    catalog lists none)."""
+    return isinstance(data, dict) and data.get("type") == "Catalog" and isinstance(data.get("conformsTo"), list)
+
+
+def signer(name: Optional[str]) -> Optional[Callable[[Any], Any]]:
+    """The function that signs an Item, ItemCollection or Collection in place for
+    ``inputs.stac.sign`` (pystac-client's ``modifier``), or None without signing.
+
+    Raises ConfigError when the signer's package is not installed.
+    """
+    if name is None:
+        return None
+    try:
+        import planetary_computer
+    except ImportError:
+        raise ConfigError(f"inputs.stac.sign: {name} needs the planetary-computer package: "
+                          "pip install 'retinanet-pipeline[pc]'") from None
+    return planetary_computer.sign_inplace
+
+
+def search_api(stac: Any, window: Interval, bbox: Optional[Sequence[float]]) -> list:
+    """The Items a STAC API's item search returns for ``stac`` (a StacSpec) in ``window``.
+
+    Through pystac-client: it checks conformance, pages (``page_size`` items a page) and
+    picks GET or POST. Raises ConfigError without ``collections``, InputError naming the
+    API and the cause when it cannot be reached, does not conform to Item Search (or to
+    Filter, for a ``filter``) or refuses the search (the server's message).
+    """
+    import pystac_client
+    from pystac_client import ConformanceClasses
+    from pystac_client.errors import ClientTypeError
+    from pystac_client.exceptions import APIError
+
+    source = stac.source
+    if not stac.collections:
+        raise ConfigError(f"inputs.stac.collections: required for a STAC API source ({source}): "
+                          "name the collections to search, e.g. [sentinel-2-l2a]")
+    try:
+        client = pystac_client.Client.open(source, modifier=signer(stac.sign))
+    except (APIError, ClientTypeError) as err:
+        raise InputError(f"{source}: cannot open the STAC API: {_api_message(err)}") from None
+    if not client.conforms_to(ConformanceClasses.ITEM_SEARCH):
+        listed = ", ".join(client.to_dict().get("conformsTo", [])) or "nothing"
+        raise InputError(f"{source}: does not conform to STAC API - Item Search, so it cannot be searched "
+                         f"(conformsTo lists: {listed})")
+    if stac.filter is not None and not client.conforms_to(ConformanceClasses.FILTER):
+        raise InputError(f"{source}: inputs.stac.filter: the API does not conform to STAC API - Filter")
+    start, end = window
+    search = client.search(collections=stac.collections, bbox=None if bbox is None else list(bbox),
+                           intersects=stac.intersects,
+                           datetime=None if window == (None, None) else [start, end], filter=stac.filter,
+                           max_items=stac.max_items, limit=stac.page_size)
+    try:
+        return list(search.items())
+    except APIError as err:
+        raise InputError(f"{source}: the STAC API refused the search: {_api_message(err)}") from None
+
+
+def select_stac(stac: Any, since: Optional[dt.datetime] = None) -> StacSelection:
     """The scenes of a job's ``inputs.stac`` section (a :class:`pipeline.config.spec.StacSpec`).
 
-    With ``since_last_success`` the start of the range is raised to
-    :func:`last_success_datetime` of this job in ``table_root``.
+    since: the high-water mark of ``since_last_success`` (the caller reads it, e.g. with
+    :func:`last_success_datetime`), an inclusive lower time bound. A STAC API landing page
+    is searched (:func:`search_api`); a static source is read whole and narrowed by
+    ``collections`` and ``intersects`` (``filter``, ``max_items`` and ``page_size`` need an
+    API). Either way the items go through :func:`choose`.
     """
-    since = last_success_datetime(table_root, job_name) if stac.since_last_success else None
-    return select_scenes(stac.source, stac.asset, stac.datetime, stac.bbox, since)
+    try:
+        window = parse_interval(stac.datetime) if stac.datetime else (None, None)
+        box = check_bbox(stac.bbox) if stac.bbox is not None else None
+    except ValueError as err:
+        raise ConfigError(f"STAC filter: {err}") from None
+    window = lower_bound(window, _utc(since) if since is not None else None)
+    where, data = read_json(stac.source)
+    if is_api_landing_page(data):
+        items = search_api(stac, window, box)
+    else:
+        for name in ("filter", "max_items", "page_size"):
+            if getattr(stac, name) is not None:
+                raise ConfigError(f"inputs.stac.{name}: needs a STAC API source; {stac.source} is a static "
+                                  "catalog (its items are read whole)")
+        items = [item for item in items_of(where, data, stac.source)
+                 if (stac.collections is None or item.collection_id in stac.collections)
+                 and (stac.intersects is None or item_in_geometry(item, stac.intersects))]
+        sign = signer(stac.sign)
+        if sign is not None:
+            for item in items:
+                sign(item)
+    return choose(items, stac.source, stac.asset, window, box)
