@@ -366,25 +366,29 @@ def compact(table: str, days: tuple[str, ...], min_files: int, max_rows: int, dr
 @main.command()
 @click.argument("table", type=click.Path(file_okay=False))
 @click.argument("scene_path")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="picture to write: .tif a GeoTIFF, else a PNG (with .pgw world file and CRS beside it)")
 @click.option("--run-id", default=None, help="draw only this run's detections")
 @click.option("--job", "job_file", default=None, type=click.Path(dir_okay=False),
               help="job file: draw only its detections")
 @click.option("--job-name", default=None, help="draw only the detections of the job of this name")
 @click.option("--max-size", default=1024, show_default=True, type=click.IntRange(min=16),
               help="longer side of the picture, px")
+@click.option("--truth", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="ground truth (COCO, VOC, CSV or vector file): draw hits, false alarms and misses apart")
 def render(table: str, scene_path: str, out: str, run_id: str | None, job_file: str | None, job_name: str | None,
-           max_size: int) -> None:
-    """Write a quicklook PNG of a scene with its committed detections, coloured by class."""
-    from pipeline.render import render_quicklook
+           max_size: int, truth: str | None) -> None:
+    """Write a georeferenced quicklook of a scene with its committed detections (TABLE: a folder or
+    s3:// / gs:// prefix), coloured by class, or by hit / false alarm / miss against --truth."""
+    from pipeline.render import render_quicklook, summary_line
 
     try:
         job_name, _ = job_selection(job_file, job_name)
-        summary = render_quicklook(table, scene_path, out, run_id=run_id, max_size=max_size, job_name=job_name)
+        summary = render_quicklook(table, scene_path, out, run_id=run_id, max_size=max_size, job_name=job_name,
+                                   truth=truth)
     except PipelineError as err:
         fail(err)
-    classes = ", ".join(f"{k} {v}" for k, v in summary["classes"].items()) or "none"
-    click.echo(f"{summary['path']}: {summary['detections']} detections ({classes})")
+    click.echo(summary_line(summary))
 
 
 @main.command()

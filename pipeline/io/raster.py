@@ -163,7 +163,9 @@ def is_rotated(transform: tuple[float, ...] | Affine, tolerance: float = 1e-12) 
 def scene_info_from_dataset(dataset: rasterio.io.DatasetReader, path: str | Path,
                             allow_rotated: bool = False, scene_id: str | None = None) -> SceneInfo:
     """Build a SceneInfo from an open dataset; see :func:`read_scene_info`."""
-    transform = tuple(float(v) for v in tuple(dataset.transform)[:6])
+    with warnings.catch_warnings():  # a missing CRS is a supported case (see open_raster)
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        transform = tuple(float(v) for v in tuple(dataset.transform)[:6])
     if is_rotated(transform) and not allow_rotated:
         raise GeoreferenceError(
             f"{path}: rotated/sheared geotransform {transform} is not supported; "
