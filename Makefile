@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: env demo lint test clean
+.PHONY: env demo lint test clean job-reference
 
 $(BIN)/pipeline: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,23 +19,27 @@ data/train/truth.json: | env
 	$(BIN)/pipeline synth data/train --scenes 12 --size 1024 --seed 1
 data/scenes/truth.json: | env
 	$(BIN)/pipeline synth data/scenes --scenes 2 --size 2048 --seed 2 --nodata-regions
+# Plain PNG factory images (no georeferencing) for jobs/inspection.yaml (about a second).
+data/inspection/truth.json: | env
+	$(BIN)/pipeline synth data/inspection --kind inspection --scenes 4 --size 1024 --seed 3
 
 # A small RetinaNet fine-tuned on the training scenes with Ray Train (CPU, a few minutes).
 models/retinanet.pt: data/train/truth.json jobs/train_synth.yaml
 	$(BIN)/pipeline train jobs/train_synth.yaml
 
 # The main job, then evaluation, a query and a quicklook. Re-running skips committed scenes.
-demo: env data/scenes/truth.json models/retinanet.pt
+demo: env data/scenes/truth.json data/inspection/truth.json models/retinanet.pt
 	$(BIN)/pipeline run jobs/satellite.yaml
-	$(BIN)/pipeline eval --table out/detections --truth data/scenes/truth.json --job satellite-nightly --out out/eval
+	$(BIN)/pipeline eval out/detections --truth data/scenes/truth.json --job jobs/satellite.yaml -o out/eval
 	$(BIN)/pipeline query out/detections "SELECT scene_id, label, count(*) AS n, round(avg(score), 3) AS mean_score FROM detections GROUP BY ALL ORDER BY scene_id, label"
-	$(BIN)/pipeline render out/detections data/scenes/synth_000.tif --out out/quicklook_synth_000.png
+	$(BIN)/pipeline render out/detections data/scenes/synth_000.tif -o out/quicklook_synth_000.png
 	@echo
 	@echo "model:       models/retinanet.pt (trained on data/train; metrics in models/train_synth/)"
 	@echo "detections:  out/detections (GeoParquet; query with: $(BIN)/pipeline query out/detections \"SQL\")"
 	@echo "run reports: out/detections/_reports/"
 	@echo "evaluation:  out/eval/"
 	@echo "quicklook:   out/quicklook_synth_000.png"
+	@echo "also ready:  $(BIN)/pipeline validate jobs/inspection.yaml (data/inspection: PNGs, pixel coordinates)"
 
 # Lint and type check first (seconds), then the suite.
 lint: env
@@ -44,6 +48,10 @@ lint: env
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# docs/job-reference.md is generated from the job model; a test fails when it is stale.
+job-reference: env
+	$(BIN)/pipeline schema --markdown > docs/job-reference.md
 
 clean:
 	rm -rf $(VENV) data out models
