@@ -245,7 +245,8 @@ def model_card_item(checkpoint: Path, header: dict, sha256: str,
 
     model_input = ModelInput.create(
         name="image", bands=list(names),
-        input=InputStructure.create(shape=[-1, channels, chip or -1, chip or -1],
+        # height and width: any (the model pads to 32); the training chip size is a hyperparameter
+        input=InputStructure.create(shape=[-1, channels, -1, -1],
                                     dim_order=["batch", "channel", "height", "width"], data_type=DataType.FLOAT32),
         description=("raw pixel values of the bands in order, as float32 (not scaled to [0, 1]); the model "
                      "normalises each band as (x - mean) / stddev and pads to a multiple of 32. "
@@ -333,7 +334,7 @@ def describe(config: dict, class_names: Sequence[str], names: Sequence[str], dat
     scenes = f"{data_type} scenes" if data_type else "scenes of any data type"
     text = (f"RetinaNet ({config['backbone']} FPN) detecting {', '.join(class_names)}; {made}. "
             f"Input: {len(names)} bands ({', '.join(names)}) of {scenes}"
-            + (f", {chip}-px chips" if chip else "") + f". {resize_rule(config)}")
+            + (f", trained on {chip}-px chips" if chip else "") + f". {resize_rule(config)}")
     if validation and validation.get("AP50") is not None:
         text += f" Validation AP50 {validation['AP50']:.3f}, AP {validation['AP']:.3f}."
     return text
