@@ -5,8 +5,10 @@ errors."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import geopandas as gpd
 import pyogrio
@@ -96,6 +98,14 @@ def test_an_http_endpoint_works_without_allow_http(tables, tmp_path):
     done = pipeline_cli("query", url, "SELECT count(*) AS n FROM detections", "--format", "csv", env=cli_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["n", "46"]
+    # writes too: a commit into a new table, then read back
+    fresh = f"s3://{BUCKET}/tables/over-http"
+    commit = ("import pipeline.table.transactions as T; from test_table import rows, run_info; r = run_info(); "
+              f"T.commit_scene({fresh!r}, r, 'a', 'k', rows(r, 'a', 5))")
+    done = subprocess.run([sys.executable, "-c", commit], env=cli_env(PYTHONPATH=os.path.dirname(__file__)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert T.read_committed(fresh).num_rows == 5
 
 
 def test_a_missing_bucket_is_named(s3_server):
@@ -106,6 +116,41 @@ def test_a_missing_bucket_is_named(s3_server):
     compact = CliRunner().invoke(main, ["vacuum", url, "--grace", "0"])
     assert compact.exit_code not in (0, 3) and "no-such-bucket-here" in compact.output, compact.output
     assert "Traceback" not in compact.output
+
+
+@pytest.fixture()
+def strict_s3():
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0); its endpoint."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("moto S3 server did not start")
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_refused_credentials_are_named(strict_s3):
+    env = cli_env(AWS_ENDPOINT_URL=strict_s3, AWS_ACCESS_KEY_ID="nobody", AWS_SECRET_ACCESS_KEY="wrong")
+    url = f"s3://{BUCKET}/tables/t"
+    done = pipeline_cli("query", url, "SELECT count(*) FROM detections", env=env)
+    assert done.returncode not in (0, 3) and "Traceback" not in done.stderr, done.stderr
+    assert f"error: {url}/_table.json: object store request failed" in done.stderr and "403" in done.stderr
+    commit = ("import pipeline.table.transactions as T; from test_table import rows, run_info; r = run_info(); "
+              f"T.commit_scene({url!r}, r, 'a', 'k', rows(r, 'a', 3))")
+    done = subprocess.run([sys.executable, "-c", commit], env={**env, "PYTHONPATH": os.path.dirname(__file__)},
+                          capture_output=True, text=True, timeout=120)
+    assert "ObjectStoreError" in done.stderr and "InvalidAccessKeyId" in done.stderr, done.stderr
 
 
 def test_an_unreachable_endpoint_is_named(tables):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import urllib.parse
 from functools import lru_cache
 from pathlib import Path
@@ -86,8 +87,13 @@ def arrow_filesystem(url: str):
 
 
 def _fail(url: str, err: Exception) -> ObjectStoreError:
-    """The named error of a failed request: the URL and the first line of the store's answer."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    """The named error of a failed request: the URL, the client's first line (without the
+    XML body it quotes) and the store's own error code and message when it sent them."""
+    full = str(err).strip()
+    text = full.splitlines()[0].split("<?xml", 1)[0].rstrip(" :") if full else type(err).__name__
+    code, message = re.search(r"<Code>(.*?)</Code>", full), re.search(r"<Message>(.*?)</Message>", full)
+    if code:
+        text += f" ({code.group(1)}{': ' + message.group(1) if message else ''})"
     return ObjectStoreError(f"{url}: object store request failed: {text}")
 
 
