@@ -254,3 +254,32 @@ def test_the_job_reference_names_every_field_at_every_depth():
     assert "## `inputs.stac`" in text and "| `since_last_success` |" in text
     for key in JobSpec.model_fields:
         assert f"| `{key}` |" in text
+
+
+def test_named_errors_map_to_their_exit_codes():
+    from pipeline.cli import exit_code_of
+    from pipeline.errors import ClusterError, CommitError, ConfigError, InputError, RasterReadError, TrainingError
+    from pipeline.run.submit import SubmitError
+
+    cannot_start = (ConfigError, InputError, RasterReadError, ClusterError, CommitError, SubmitError)
+    assert [exit_code_of(kind("x")) for kind in cannot_start] == [2] * len(cannot_start)
+    assert exit_code_of(TrainingError("worker 0: loss is nan at step 3")) == 1  # it ran, and failed on its way
+
+
+def test_render_selects_a_job_by_file_or_by_name(tmp_path):
+    from pipeline.tools.synth import synthesize
+
+    (scene,) = synthesize(tmp_path / "scenes", 1, 256, seed=1)
+    table = tmp_path / "table"
+    for job, boxes in (("good", [[10, 10, 30, 20]]), ("bad", [[50, 50, 70, 60], [80, 80, 90, 90]])):
+        commit(table, job, scene.stem, boxes, [0] * len(boxes), ["vehicle"])
+    job = {"name": "bad", "inputs": {"paths": ["scenes/*.tif"]}, "model": {"checkpoint": "m.pt"},
+           "output": {"table": "table"}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(job))
+    runner = CliRunner()
+    by_file = runner.invoke(main, ["render", str(table), str(scene), "-o", str(tmp_path / "a.png"),
+                                   "--job", str(tmp_path / "bad.yaml")])
+    assert by_file.exit_code == 0 and ": 2 detections" in by_file.output, by_file.output
+    by_name = runner.invoke(main, ["render", str(table), str(scene), "-o", str(tmp_path / "b.png"),
+                                   "--job-name", "good"])
+    assert by_name.exit_code == 0 and ": 1 detections" in by_name.output, by_name.output
