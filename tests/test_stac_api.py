@@ -226,6 +226,7 @@ def test_intersects_from_a_geojson_file_in_the_job(world, tmp_path):
     ({"sign": "aws"}, "inputs.stac.sign: input should be 'planetary-computer'"),
     ({"filter": "eo:cloud_cover < 10"}, "inputs.stac.filter: must be a mapping"),  # CQL2-JSON, not text
     ({"collections": []}, "inputs.stac.collections: list should have at least 1 item"),
+    ({"max_items": 10, "since_last_success": True}, "inputs.stac: max_items and since_last_success exclude"),
 ])
 def test_bad_api_fields_name_the_field(tmp_path, stac, expected):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({

@@ -81,7 +81,7 @@ class StacSpec(BaseModel):
     collections: collection ids (required for an API). intersects: a GeoJSON geometry,
     or a GeoJSON file (resolved like other paths; read at load time), lon/lat; excludes
     bbox. filter: CQL2-JSON, API only (where it conforms to Filter). max_items: at most
-    this many items. page_size: items per API page (default: the API's). sign: sign asset
+    this many items (not with since_last_success). page_size: items per API page (default: the API's). sign: sign asset
     hrefs, ``planetary-computer`` (the ``pc`` extra).
     """
 
@@ -109,6 +109,11 @@ class StacSpec(BaseModel):
     def _one_area(self) -> "StacSpec":
         if self.bbox is not None and self.intersects is not None:
             raise ValueError("bbox and intersects exclude each other: give one")
+        if self.max_items is not None and self.since_last_success:
+            # APIs return items in their own order: the next night would start after the newest
+            # item taken, and the matching items past the cap would never be offered again.
+            raise ValueError("max_items and since_last_success exclude each other: items past the cap would be "
+                             "skipped for good; bound a night with datetime instead")
         return self
 
     @field_validator("datetime", mode="before")
