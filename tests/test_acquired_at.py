@@ -23,6 +23,7 @@ from pipeline.io.inputs import job_inputs
 from pipeline.io.raster import acquisition_time, read_scene_info
 from pipeline.io.stac import choose
 from pipeline.query import run_query
+from pipeline.render import render_quicklook
 from pipeline.run.graph import run_job
 from pipeline.table import schema
 from pipeline.table import transactions as T
@@ -268,6 +269,11 @@ def test_a_run_takes_the_rasters_tag_and_reports_one_that_does_not_parse(run_wor
     assert acquired_by_scene(got) == {"tagged": {dt.datetime(2026, 1, 3, 9, 15, tzinfo=UTC)}, "garbled": {None}}
     [warning] = [w for w in report["warnings"] if "acquired_at" in w]
     assert "garbled" in warning and "TIFFTAG_DATETIME" in warning and "'not a time'" in warning
+    # The run report records the job's score threshold, so a quicklook's title can name it.
+    assert report["score_threshold"] == 0.3
+    title = render_quicklook(run_workspace / "from-tags", str(run_workspace / "scenes" / "tagged.tif"),
+                             run_workspace / "tagged.png")["title"]
+    assert title.endswith("| score \u2265 0.3") and f"run {report['run_id']}" in title
 
 
 def test_a_stac_run_takes_the_items_time(run_workspace, ray_session):

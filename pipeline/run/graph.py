@@ -418,7 +418,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     stac = pre.stac
     report = RunReport(run_id, spec.name, jhash, pre.model.model_id, stac.newest if stac else None,
                        stac.skipped if stac else [], pre.inputs.unmatched, list(pre.warnings), sorted(start.done),
-                       int8=int8["report"] if int8 else None,
+                       int8=int8["report"] if int8 else None, score_threshold=spec.model.score_threshold,
                        started_at=dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="milliseconds"))
     run_info = table.RunInfo(run_id, spec.name, jhash, pre.model.model_id, spec.output.crs)
     book = SceneBook(spec, run_info, start.keys, start.committed, pre.model.class_names, report, log,

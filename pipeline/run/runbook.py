@@ -36,6 +36,7 @@ class RunReport:
     warnings: list[str]
     scenes_skipped_done: list[str]
     int8: Optional[dict] = None  # the INT8 gate's figures (pipeline.infer.int8), when it ran
+    score_threshold: Optional[float] = None  # model.score_threshold: the rows' lowest possible score
     started_at: str = ""  # when run_job began: ISO 8601, UTC, to the millisecond
     scenes_ok: list[str] = field(default_factory=list)
     scenes_partial: list[dict] = field(default_factory=list)  # scene_id, path, chips_missing, chips_predicted
