@@ -1,6 +1,7 @@
 """`pipeline render`: quicklook from overviews, boxes in class colours where detections are."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,20 @@ def test_render_reads_an_object_store_table(s3_server, tmp_path, scene):
     result = CliRunner().invoke(main, ["render", url, str(scene), "-o", str(tmp_path / "cli.png"),
                                        "--max-size", "256"])
     assert result.exit_code == 0 and "2 detections" in result.output, result.output
+
+
+@pytest.mark.parametrize("truth_name", ["truth.json", "truth.geojson"])
+def test_truth_in_coco_and_vector_files(tmp_path, scene, truth_name):
+    # The synthetic scene's own COCO boxes committed as detections: against its COCO file or
+    # its GeoJSON (map coordinates, placed through the scene's transform) every one is a hit.
+    coco = json.loads((scene.parent / "truth.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    xywh = np.array([a["bbox"] for a in coco["annotations"]], np.float64)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    labels = [CLASSES.index(names[a["category_id"]]) for a in coco["annotations"]]
+    root = tmp_path / "table"
+    commit(root, scene, boxes=boxes, labels=labels)
+    summary = render_quicklook(root, str(scene), tmp_path / "q.png", max_size=256, truth=scene.parent / truth_name)
+    per_class = {name: {"hits": labels.count(CLASSES.index(name)), "false_alarms": 0, "misses": 0}
+                 for name in sorted({names[a["category_id"]] for a in coco["annotations"]})}
+    assert summary["truth"] == per_class and sum(c["hits"] for c in per_class.values()) == len(boxes) > 0
