@@ -79,6 +79,7 @@ def _check_table_root(table_root: os.PathLike | str) -> str:
     if isinstance(store, LocalStore) and not store.exists():
         raise InputError(f"{table_root}: no detection table here (directory not found)")
     if not isinstance(store, LocalStore) and store.stat(TABLE_INFO) is None:
+        store.list(TABLE_INFO)  # S3 answers a HEAD in a missing bucket with a bare 404; a listing names the bucket
         raise InputError(f"{table_root}: no detection table here ({TABLE_INFO} not found)")
     return str(table_root)
 
