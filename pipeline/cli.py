@@ -51,7 +51,11 @@ def internal_error(err: Exception, ctx: click.Context) -> NoReturn:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         path = folder / f"{stamp}-{ctx.info_name}-{os.getpid()}.txt"
         params = json.dumps(ctx.params, default=str)
-        path.write_text(f"{command} {params}\n{version_text()}\n\n{trace}", encoding="utf-8")
+        try:
+            versions = version_text()
+        except Exception as version_err:  # the broken library may be one of those asked
+            versions = f"versions unknown ({type(version_err).__name__}: {version_err})"
+        path.write_text(f"{command} {params}\n{versions}\n\n{trace}", encoding="utf-8")
         where = str(path)
     except OSError as io_err:  # a read-only cache must not hide the error itself
         where = f"not written ({io_err})"

@@ -184,6 +184,108 @@ def _whole_model_facts(model: nn.Module, where: str) -> tuple[dict[str, Tensor],
     return model.state_dict(), settings, tuple(transform.image_mean), tuple(transform.image_std)
 
 
+@dataclass
+class SourceFacts:
+    """What a source says, whatever its format: weights in torchvision's layout, which
+    library made them (``kind``), in what form, its inference settings and input statistics,
+    and its class names when it names them."""
+
+    state: dict[str, Tensor]
+    kind: str
+    form: str
+    settings: dict
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    names: Optional[list[str]] = None
+
+
+def deepforest_facts(weights: Mapping[str, Any], label_dict: Optional[Mapping[str, int]], settings: dict,
+                     form: str, where: str) -> SourceFacts:
+    """A DeepForest RetinaNet from its weights (keys ``model.*`` as its Lightning module
+    saves them, or the network's own) and its ``label_dict``; one reader for its Lightning
+    checkpoints and its Hugging Face releases."""
+    # Lightning saves the module's keys (model.*); the recipe in our refusal message and
+    # DeepForest 2's hub releases save the network's own (no prefix)
+    state = _strip_prefix(weights, "model.") or _strip_prefix(weights, "")
+    if not state:
+        raise CheckpointError(f"{where}: holds no weights")
+    names = None
+    if label_dict:
+        try:
+            num_classes = torchvision_layout(state)[0]
+        except CheckpointError as err:
+            raise CheckpointError(f"{where}: {err}") from None
+        names = _names_from_label_dict(label_dict, num_classes, where)
+    return SourceFacts(state, "deepforest", form, settings, names=names)
+
+
+def read_facts(path: Path, kind: str) -> SourceFacts:
+    """The facts of one torchvision or DeepForest file (see module doc)."""
+    payload = read_source(path)
+    if isinstance(payload, Mapping) and payload.get("format") == FORMAT_NAME:
+        raise CheckpointError(f"{path}: already a {FORMAT_NAME} file: use it as model.checkpoint directly")
+    if isinstance(payload, nn.Module):
+        if kind == "deepforest":
+            raise CheckpointError(f"{path}: a whole pickled model; DeepForest checkpoints are Lightning .ckpt "
+                                  "files or state dicts")
+        state, settings, mean, std = _whole_model_facts(payload, str(path))
+        return SourceFacts(state, "torchvision", "whole model", settings, mean, std)
+    if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):  # Lightning
+        hyper = payload.get("hyper_parameters") or {}
+        label_dict = payload.get("label_dict") or (hyper.get("label_dict") if isinstance(hyper, Mapping) else None)
+        if kind == "torchvision":
+            facts = deepforest_facts(payload["state_dict"], label_dict, dict(TORCHVISION_SETTINGS),
+                                     "lightning checkpoint", str(path))
+            facts.kind = "torchvision"
+            return facts
+        return deepforest_facts(payload["state_dict"], label_dict, _deepforest_settings(payload),
+                                "lightning checkpoint", str(path))
+    if isinstance(payload, Mapping) and payload and all(isinstance(v, Tensor) for v in payload.values()):
+        prefixed = any(k.startswith("model.") for k in payload)
+        state = _strip_prefix(payload, "model.") if prefixed else dict(payload)
+        source = "deepforest" if kind == "deepforest" or (kind == "auto" and prefixed) else "torchvision"
+        settings = dict(DEEPFOREST_SETTINGS if source == "deepforest" else TORCHVISION_SETTINGS)
+        return SourceFacts(state, source, "state dict", settings)
+    raise CheckpointError(f"{path}: not a torchvision or DeepForest RetinaNet (expected a state dict, a "
+                          f"Lightning checkpoint or a whole torchvision model, found {type(payload).__name__})")
+
+
+def build_imported(facts: SourceFacts, where: str, provenance: dict, class_names: Optional[Sequence[str]] = None,
+                   input_range: str = "0-1", pixel_max: float = 255.0, **overrides) -> ImportedModel:
+    """The RetinaNet a source's facts describe, with its provenance (path or name, hash or
+    revision) in the checkpoint's metadata. ``where`` names the source in errors."""
+    input_high = parse_input_range(input_range)
+    try:
+        num_classes, v2 = torchvision_layout(facts.state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    if facts.kind == "deepforest" and v2:
+        raise CheckpointError(f"{where}: v2 weights (P6 from C5, GroupNorm heads), but DeepForest's RetinaNet is v1")
+    names = facts.names
+    if class_names:
+        names = [str(n) for n in class_names]
+    elif names is None and facts.kind == "deepforest" and num_classes == len(DEEPFOREST_LABELS):
+        names = list(DEEPFOREST_LABELS)
+    if names is None:
+        raise CheckpointError(f"{where}: the model has {num_classes} classes but the file names none: "
+                              f"pass their names (--classes name1,name2,...)")
+    if len(names) != num_classes:
+        raise CheckpointError(f"{where}: {len(names)} class names for a model with {num_classes} classes")
+    image_mean, image_std = pixel_statistics(facts.mean, facts.std, input_high, pixel_max)
+    config = {**facts.settings, "image_mean": image_mean, "image_std": image_std, **overrides}
+    try:
+        model = from_torchvision(facts.state, num_classes, v2=v2, **config)
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    inference = {k: getattr(model.config, k) for k in TORCHVISION_SETTINGS}
+    metadata = {"imported_from": {**provenance, "kind": facts.kind, "form": facts.form,
+                                  "architecture": "retinanet_resnet50_fpn" + ("_v2" if v2 else ""),
+                                  "input_range": f"0-{input_high:g}", "pixel_max": pixel_max,
+                                  "source_mean": list(facts.mean), "source_std": list(facts.std),
+                                  "inference": inference}}
+    return ImportedModel(model, names, metadata)
+
+
 def import_model(path: str | os.PathLike, kind: str = "auto", class_names: Optional[Sequence[str]] = None,
                  input_range: str = "0-1", pixel_max: float = 255.0, **overrides) -> ImportedModel:
     """Build the RetinaNet a torchvision or DeepForest file describes (see module doc).
@@ -196,64 +298,7 @@ def import_model(path: str | os.PathLike, kind: str = "auto", class_names: Optio
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
-    input_high = parse_input_range(input_range)
-    payload = read_source(path)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    names: Optional[list[str]] = None
-    if isinstance(payload, Mapping) and payload.get("format") == FORMAT_NAME:
-        raise CheckpointError(f"{path}: already a {FORMAT_NAME} file: use it as model.checkpoint directly")
-    if isinstance(payload, nn.Module):
-        if kind == "deepforest":
-            raise CheckpointError(f"{path}: a whole pickled model; DeepForest checkpoints are Lightning .ckpt "
-                                  "files or state dicts")
-        state, settings, mean, std = _whole_model_facts(payload, str(path))
-        source = "torchvision"
-        form = "whole model"
-    elif isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):  # Lightning
-        # Lightning saves the module's keys (model.*); the recipe in our refusal message saves
-        # the network's own (no prefix)
-        state = _strip_prefix(payload["state_dict"], "model.") or _strip_prefix(payload["state_dict"], "")
-        if not state:
-            raise CheckpointError(f"{path}: a checkpoint whose state_dict holds no weights")
-        source, form = ("torchvision" if kind == "torchvision" else "deepforest"), "lightning checkpoint"
-        hyper = payload.get("hyper_parameters") or {}
-        label_dict = payload.get("label_dict") or (hyper.get("label_dict") if isinstance(hyper, Mapping) else None)
-        settings = _deepforest_settings(payload) if source == "deepforest" else dict(TORCHVISION_SETTINGS)
-        if label_dict:
-            names = _names_from_label_dict(label_dict, torchvision_layout(state)[0], str(path))
-    elif isinstance(payload, Mapping) and payload and all(isinstance(v, Tensor) for v in payload.values()):
-        prefixed = any(k.startswith("model.") for k in payload)
-        state = _strip_prefix(payload, "model.") if prefixed else dict(payload)
-        source = "deepforest" if kind == "deepforest" or (kind == "auto" and prefixed) else "torchvision"
-        settings = dict(DEEPFOREST_SETTINGS if source == "deepforest" else TORCHVISION_SETTINGS)
-        form = "state dict"
-    else:
-        raise CheckpointError(f"{path}: not a torchvision or DeepForest RetinaNet (expected a state dict, a "
-                              f"Lightning checkpoint or a whole torchvision model, found {type(payload).__name__})")
-    try:
-        num_classes, v2 = torchvision_layout(state)
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from None
-    if source == "deepforest" and v2:
-        raise CheckpointError(f"{path}: v2 weights (P6 from C5, GroupNorm heads), but DeepForest's RetinaNet is v1")
-    if class_names:
-        names = [str(n) for n in class_names]
-    elif names is None and source == "deepforest" and num_classes == len(DEEPFOREST_LABELS):
-        names = list(DEEPFOREST_LABELS)
-    if names is None:
-        raise CheckpointError(f"{path}: the model has {num_classes} classes but the file names none: "
-                              f"pass their names (--classes name1,name2,...)")
-    if len(names) != num_classes:
-        raise CheckpointError(f"{path}: {len(names)} class names for a model with {num_classes} classes")
-    image_mean, image_std = pixel_statistics(mean, std, input_high, pixel_max)
-    config = {**settings, "image_mean": image_mean, "image_std": image_std, **overrides}
-    try:
-        model = from_torchvision(state, num_classes, v2=v2, **config)
-    except ValueError as err:
-        raise CheckpointError(f"{path}: {err}") from None
-    inference = {k: getattr(model.config, k) for k in TORCHVISION_SETTINGS}
-    metadata = {"imported_from": {"path": str(path), "sha256": file_sha256(path), "kind": source, "form": form,
-                                  "architecture": "retinanet_resnet50_fpn" + ("_v2" if v2 else ""),
-                                  "input_range": f"0-{input_high:g}", "pixel_max": pixel_max,
-                                  "source_mean": list(mean), "source_std": list(std), "inference": inference}}
-    return ImportedModel(model, names, metadata)
+    parse_input_range(input_range)  # a bad range is refused before the file is read
+    facts = read_facts(path, kind)
+    return build_imported(facts, str(path), {"path": str(path), "sha256": file_sha256(path)}, class_names,
+                          input_range, pixel_max, **overrides)
