@@ -36,6 +36,7 @@ COMMIT_ONLY = {"run_id", "job_name", "processed_at", "date"}
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     synthesize(root / "scenes", scenes=1, size=600, seed=3)
+    synthesize(root / "nodata", scenes=1, size=600, seed=4, nodata_regions=True)  # valid masks matter
     tiny_checkpoint(root / "model.pt")
     return root
 
@@ -64,13 +65,14 @@ def _sorted(frame):
     return frame.iloc[order].reset_index(drop=True)
 
 
-@pytest.mark.parametrize("which", ["synthetic", "real"])
+@pytest.mark.parametrize("which", ["synthetic", "nodata", "real"])
 def test_predict_scene_gives_the_rows_pipeline_run_commits(workspace, tmp_path, ray_session, which):
     import duckdb
     import geopandas
 
-    scene = (workspace / "scenes" / "synth_000.tif" if which == "synthetic"
-             else real("2018_SJER_3_252000_4107000_image_477.tif"))
+    scene = {"synthetic": lambda: workspace / "scenes" / "synth_000.tif",
+             "nodata": lambda: workspace / "nodata" / "synth_000.tif",
+             "real": lambda: real("2018_SJER_3_252000_4107000_image_477.tif")}[which]()
     table = tmp_path / "table"
     _run_cli(workspace, scene, table)
     committed = geopandas.read_parquet(str(table))
