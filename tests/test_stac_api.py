@@ -258,6 +258,17 @@ def test_filter_needs_an_api(tmp_path):
         select_stac(spec(str(tmp_path / "items.json"), filter={"op": "=", "args": [{"property": "x"}, 1]}))
 
 
+def test_a_static_catalog_narrowed_by_collections_and_intersects(world, tmp_path):
+    """The same fields on a static ItemCollection: applied to its items here (no API to ask)."""
+    features = world["items"][:3] + world["extra"][:2]  # S2-0..2, S2-far, L8-0 (over scene 0)
+    (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    source = str(tmp_path / "items.json")
+    assert select_stac(spec(source, collections=[COLLECTION])).item_ids == ["S2-0", "S2-1", "S2-2", "S2-far"]
+    assert select_stac(spec(source, collections=["landsat-c2-l2"])).item_ids == ["L8-0"]
+    over_0 = shapely.geometry.mapping(box(*world["bounds"][0]).buffer(-1e-5))
+    assert select_stac(spec(source, intersects=over_0)).item_ids == ["S2-0", "L8-0"]  # by time, then id
+
+
 class Landing(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
