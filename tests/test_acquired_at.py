@@ -290,3 +290,17 @@ def test_a_stac_run_takes_the_items_time(run_workspace, ray_session):
     on_the_2nd = run_query(run_workspace / "from-stac", "SELECT count(*) AS n FROM detections "
                            "WHERE CAST(acquired_at AT TIME ZONE 'UTC' AS DATE) = DATE '2026-01-02'")
     assert on_the_2nd["n"].to_pylist() == [got.num_rows]
+
+
+def test_predict_scene_carries_the_rasters_acquisition_time(run_workspace):
+    from pipeline.run.predict import predict_scene
+
+    frame = predict_scene(str(run_workspace / "scenes" / "tagged.tif"), str(run_workspace / "model.pt"),
+                          progress=False, **{"tiling.chip_size": 256, "tiling.overlap": 0,
+                                             "model.score_threshold": 0.3})
+    assert len(frame) > 0
+    assert set(frame["acquired_at"]) == {pd.Timestamp(dt.datetime(2026, 1, 3, 9, 15, tzinfo=UTC))}
+    with pytest.warns(UserWarning, match="garbled.*TIFFTAG_DATETIME.*'not a time'"):
+        garbled = predict_scene(str(run_workspace / "scenes" / "garbled.tif"), str(run_workspace / "model.pt"),
+                                progress=False, **{"tiling.chip_size": 256, "tiling.overlap": 0})
+    assert garbled["acquired_at"].isna().all()

@@ -30,7 +30,7 @@ from pipeline.chips.stream import READ_TASK_CACHE_MB
 from pipeline.chips.tiling import chip_id, read_chips
 from pipeline.config.spec import JobSpec, apply_values, job_hash, parse_job
 from pipeline.errors import ConfigError, InputError
-from pipeline.infer.finalize import finalize_scene
+from pipeline.infer.finalize import finalize_scene, scene_acquired_at
 from pipeline.infer.predictor import ChipEngine, local_batch_size, local_device, resolve_backend
 from pipeline.io.inputs import SceneInput, has_wildcard, job_inputs, require_scenes
 from pipeline.io.raster import bounded_block_cache
@@ -110,8 +110,11 @@ def predict_plans(spec: JobSpec, plans: list[ScenePlan], model: ModelFacts, prog
         for plan in plans:
             results, lost = predict_chips(spec, plan, engine, model, bar)
             missing += lost
+            acquired_at, problem = scene_acquired_at(None, plan.info)  # a path has no STAC item: the raster's tag
+            if problem:
+                warnings.warn(f"{caller}: {problem}", stacklevel=3)
             tables.append(finalize_scene(spec, plan, results, model.class_names, run_id="", model_id=model.model_id,
-                                         job_hash=jhash))
+                                         job_hash=jhash, acquired_at=acquired_at))
     if missing:
         warnings.warn(f"{caller}: {len(missing)} chips could not be read and have no detections: "
                       + "; ".join(f"{m['chip_id']}: {m['reason']}" for m in missing[:5]), stacklevel=3)
