@@ -450,6 +450,9 @@ def query_text(table_root: os.PathLike | str, sql: str, fmt: Format = "table",
 OUT_DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf", ".geojson": "GeoJSON", ".parquet": None, ".csv": "CSV"}
 OUT_SUFFIXES = tuple(OUT_DRIVERS)
 GEOARROW_WKB = b"geoarrow.wkb"
+# shapely's geometry type ids -> the names GDAL and GeoParquet use
+OGC_TYPES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString", 6: "MultiPolygon",
+             7: "GeometryCollection"}
 
 
 def check_out_path(path: os.PathLike | str) -> str:
@@ -467,39 +470,32 @@ def _geometry_columns(result: pa.Table) -> list[str]:
     return [f.name for f in result.schema if (f.metadata or {}).get(b"ARROW:extension:name") == GEOARROW_WKB]
 
 
-def _column_crs(field: pa.Field, fallback: str | None) -> Any:
-    """The CRS DuckDB's GEOMETRY type carries (PROJJSON or a string), else ``fallback``."""
-    meta = json.loads((field.metadata or {}).get(b"ARROW:extension:metadata") or b"{}")
-    return meta.get("crs") or fallback
+def _column_crs(field: pa.Field, fallback: str | None) -> dict | None:
+    """The CRS DuckDB's GEOMETRY type carries, else ``fallback`` (the table's), as PROJJSON; None if neither."""
+    from pipeline.geo.georef import crs_to_projjson
+
+    crs = json.loads((field.metadata or {}).get(b"ARROW:extension:metadata") or b"{}").get("crs") or fallback
+    return crs if crs is None or isinstance(crs, dict) else crs_to_projjson(str(crs))
 
 
 def _geometry_type(shapes: np.ndarray) -> str:
-    """One GeoJSON type name for the layer ('Unknown' for a mix or none)."""
+    """One OGC type name for the layer ('Unknown' for a mix or none)."""
     import shapely
 
-    names = {shapely.get_type_id(g) for g in shapes if g is not None}
-    types = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString", 6: "MultiPolygon",
-             7: "GeometryCollection"}
-    return types.get(names.pop(), "Unknown") if len(names) == 1 else "Unknown"
+    kinds = {shapely.get_type_id(g) for g in shapes if g is not None}
+    return OGC_TYPES.get(kinds.pop(), "Unknown") if len(kinds) == 1 else "Unknown"
 
 
-def _write_geoparquet(result: pa.Table, tmp: Path, geometry: str | None, crs: Any, kind: str) -> None:
-    """GeoParquet 1.1: the WKB column plus the ``geo`` metadata naming its CRS and types."""
+def _write_geoparquet(result: pa.Table, tmp: Path, geometry: str | None, crs: dict | None, kind: str) -> None:
+    """GeoParquet 1.1: the WKB column plus the ``geo`` metadata naming its CRS and type."""
     meta = dict(result.schema.metadata or {})
     if geometry is not None:
-        column = {"encoding": "WKB", "geometry_types": [] if kind == "Unknown" else [kind],
-                  "crs": crs if crs is None or isinstance(crs, dict) else _projjson(crs)}
+        column = {"encoding": "WKB", "geometry_types": [] if kind == "Unknown" else [kind], "crs": crs}
         meta[b"geo"] = json.dumps({"version": "1.1.0", "primary_column": geometry,
                                    "columns": {geometry: column}}).encode()
         plain = [pa.field(f.name, f.type) if f.name == geometry else f for f in result.schema]
-        result = result.cast(pa.schema(plain))
+        result = result.cast(pa.schema(plain))  # GeoParquet's metadata speaks for the column
     pq.write_table(result.replace_schema_metadata(meta), tmp, compression="zstd")
-
-
-def _projjson(crs: str) -> dict:
-    from pipeline.geo.georef import crs_to_projjson
-
-    return crs_to_projjson(crs)
 
 
 def write_result(result: pa.Table, path: os.PathLike | str, crs: str | None) -> int:
@@ -517,14 +513,12 @@ def write_result(result: pa.Table, path: os.PathLike | str, crs: str | None) -> 
     if len(geometries) > 1:
         raise QueryError(f"{path}: the result has {len(geometries)} geometry columns ({', '.join(geometries)}); "
                          "a file keeps one: select one, or turn the others into text with ST_AsText")
+    if driver == "FlatGeobuf" and not geometries:
+        raise QueryError(f"{path}: a FlatGeobuf file needs a geometry column; select one, or write .csv/.gpkg")
     geometry = geometries[0] if geometries else None
-    crs_of = _column_crs(result.schema.field(geometry), crs) if geometry else None
+    crs_json = _column_crs(result.schema.field(geometry), crs) if geometry else None
     shapes = shapely.from_wkb(result[geometry].to_numpy(zero_copy_only=False)) if geometry else np.array([])
     kind = _geometry_type(shapes)
-    if driver == "FlatGeobuf" and geometry is None:
-        raise QueryError(f"{path}: a FlatGeobuf file needs a geometry column; select one, or write .csv/.gpkg")
-    if geometry is not None and crs_of is not None and not isinstance(crs_of, str):
-        crs_of = json.dumps(crs_of)  # GDAL takes PROJJSON text
     options: dict[str, str] = {}
     if driver == "CSV" and geometry is not None:
         options = {"GEOMETRY": "AS_WKT", "GEOMETRY_NAME": geometry}
@@ -533,10 +527,11 @@ def write_result(result: pa.Table, path: os.PathLike | str, crs: str | None) -> 
 
     def write(tmp: Path) -> None:
         if not driver:
-            _write_geoparquet(result, tmp, geometry, crs_of, kind)
+            _write_geoparquet(result, tmp, geometry, crs_json, kind)
             return
         pyogrio.write_arrow(result, tmp, driver=driver, layer=Path(path).stem, geometry_name=geometry,
-                            geometry_type=kind if geometry else None, crs=crs_of if geometry else None,
+                            geometry_type=kind if geometry else None,
+                            crs=json.dumps(crs_json) if crs_json else None,  # GDAL takes PROJJSON text
                             layer_options=options or None)
 
     try:
