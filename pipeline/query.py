@@ -4,12 +4,17 @@ The rows are the view ``detections``, defined over exactly
 :func:`pipeline.table.transactions.committed_parts`: the files of the current manifests (read from
 ``_staging`` where a crash interrupted a published commit before its move); files of
 runs that crashed before publishing and of superseded manifests are not part of it.
-``date`` is each file's partition, a DATE (the files hold no date column). A table in an
-object store is read into memory through the store's client;
-``geometry`` is the WKB box (DuckDB 1.4+ reads it as GEOMETRY from the GeoParquet
-metadata); ``bbox`` is the GeoParquet covering struct, so ``bbox.xmin`` ... filter
-boxes without any spatial extension. An empty table gives an empty view with the same
-columns and types.
+``date`` is each file's partition, a DATE (the files hold no date column). Local files
+are read by DuckDB's Parquet reader; the files of a table in an object store through a
+pyarrow dataset on pyarrow's S3/GCS filesystem, into which DuckDB pushes the query's
+columns and filters (only the footers, columns and row groups needed are fetched).
+``geometry`` is the WKB box as a GEOMETRY with the table's CRS (DuckDB reads the
+GeoParquet metadata, or the GeoArrow type we give the dataset), and DuckDB's spatial
+extension is loaded from the ``duckdb-extension-spatial`` package (:func:`connect`), so
+``ST_*`` functions take it as it is; ``bbox`` is the GeoParquet covering struct, so
+``bbox.xmin`` ... filter boxes too. An empty table gives an empty view with the same
+columns and types. With an AOI file, the table ``aoi`` holds its polygons in the
+table's CRS (:func:`read_aoi`).
 
 The view ``scenes`` has one row per current scene manifest
 (:func:`pipeline.table.transactions.committed_scenes`), so SQL can count scene outcomes or join them
@@ -22,7 +27,8 @@ run_id, model_id and ``committed_at`` (TIMESTAMPTZ). Failed scenes have no rows,
 they appear only here. A table without manifests gives an empty view of these columns.
 
 Output (:func:`format_result`): an aligned text table for people, CSV or JSON (an
-array of row objects) for programs.
+array of row objects) for programs; or a file (:func:`write_result`): GeoPackage,
+FlatGeobuf, GeoJSON, GeoParquet or CSV, geometry and CRS kept.
 """
 from __future__ import annotations
 
@@ -202,7 +208,8 @@ def read_aoi(path: os.PathLike | str, crs: str | None) -> pa.Table:
         raise InputError(f"{path}: the AOI file has no CRS; set one (e.g. a .prj beside a shapefile, or "
                          "ogr2ogr -a_srs EPSG:4326) so its polygons can be placed on the table's")
     if crs is None:
-        raise InputError(f"{path}: the table's detections are in pixel coordinates (no CRS): an AOI cannot be placed")
+        raise InputError(f"{path}: the table has no CRS (pixel coordinates, or nothing committed yet): "
+                         "an AOI cannot be placed")
     geometry_name = meta.get("geometry_name") or "wkb_geometry"
     shapes = shapely.from_wkb(table[geometry_name].to_numpy(zero_copy_only=False))
     moved = shapely.transform(shapes, lambda xy: reproject_points(xy, meta["crs"], crs))
