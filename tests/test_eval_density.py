@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.eval.evaluate import evaluate_table, pr_figure, scene_detections
-from pipeline.eval.metrics import ImageBoxes, coco_metrics, pr_curve_points
+from pipeline.eval.metrics import ImageBoxes, coco_metrics, pr_curve_points, split_for_matching
 from pipeline.table.schema import build_detection_table
 from pipeline.table.transactions import RunInfo, commit_scene, committed_files, read_committed, write_run_report
 
@@ -118,6 +118,8 @@ def test_dense_multiclass_scenes_equal_pycocotools():
     ours, ev = assert_same_as_pycocotools(truth, detections, classes)
     assert ours["max_dets"] == max(len(d.boxes) for d in detections) > 100
     assert 0.2 < ours["AP"] < ours["AP50"] < 1  # neither perfect nor empty
+    parts = split_for_matching(truth[0], detections[0])  # each scene is matched in parts
+    assert len(parts) > 3 and sum(len(d.boxes) for _, d in parts) == len(detections[0].boxes)
     # Each class's curve: every point, ending at pycocotools' final recall with a non-zero
     # precision; its 101-point area is pycocotools' AP50 of the class.
     for k, name in enumerate(classes):
@@ -164,6 +166,16 @@ def edge_case(name):
         found = boxes + np.array([3, 0, 3, 0])  # IoU 17/23 = 0.74: a TP at 0.5 and 0.7, not 0.75
         return ([one("A", boxes, np.zeros(12, int), None, 400, 100)],
                 [one("A", np.concatenate([found, boxes + 200]), np.zeros(24, int), np.full(24, 0.5), 400, 100)])
+    if name == "score_ties_across_parts":
+        # 100 separate objects (the scene is matched in parts of ~64 boxes). Two detections
+        # score 0.5: a true one on the last object, listed first, and a poor one (IoU 1/7)
+        # on the first object. Ranked in the scene's order the true one comes first.
+        xy = np.stack(np.meshgrid(np.arange(10) * 40.0, np.arange(10) * 40.0), -1).reshape(-1, 2)
+        boxes = np.concatenate([xy, xy + 20], axis=1)
+        found = np.concatenate([boxes[99:], boxes[:99], [[15.0, 0.0, 35.0, 20.0]]])
+        scores = np.concatenate([[0.5], np.linspace(0.99, 0.6, 99), [0.5]])
+        return ([one("A", boxes, np.zeros(100, int), None, 400, 400)],
+                [one("A", found, np.zeros(101, int), scores, 400, 400)])
     rng = np.random.default_rng(3)  # maxDets: exactly 100, 101 and 250 detections in a scene
     n = {"max_dets_100": 100, "max_dets_101": 101, "max_dets_250": 250}[name]
     xy = np.stack(np.meshgrid(np.arange(16) * 30.0, np.arange(16) * 30.0), -1).reshape(-1, 2)[:n]
@@ -175,7 +187,8 @@ def edge_case(name):
 
 @pytest.mark.parametrize("name", ["empty_scene", "scene_without_detections", "class_without_detections",
                                   "class_without_truth", "no_detections_at_all", "detections_of_other_images",
-                                  "score_ties", "max_dets_100", "max_dets_101", "max_dets_250"])
+                                  "score_ties", "score_ties_across_parts", "max_dets_100", "max_dets_101",
+                                  "max_dets_250"])
 def test_edge_cases_equal_pycocotools(name):
     truth, detections = edge_case(name)
     ours, ev = assert_same_as_pycocotools(truth, detections, ["a", "b", "c"])
@@ -318,3 +331,41 @@ def test_evaluate_table_reads_the_score_threshold_from_the_run_report(tmp_path):
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["score_threshold"] == 0.3
     # Given explicitly, it wins over the report.
     assert evaluate_table(table, [tmp_path / "truth.json"], score_threshold=0.5)["score_threshold"] == 0.5
+
+
+def test_overlap_components_equal_shapely_intersections():
+    # Components of boxes overlapping with a positive area: shapely's intersection areas and
+    # a breadth-first search are the oracle; boxes that only touch stay apart. Small chunks
+    # make the sweep take several rounds.
+    import shapely
+
+    from pipeline.eval import metrics
+
+    rng = np.random.default_rng(9)
+    xy = rng.uniform(0, 1000, (300, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 60, (300, 2))], axis=1)
+    boxes = np.concatenate([boxes, [[2000, 0, 2010, 10], [2010, 0, 2020, 10], [2000, 10, 2010, 20]]])  # touching
+    polys = shapely.box(*boxes.T)
+    area = shapely.area(shapely.intersection(polys[:, None], polys[None, :]))
+    n = len(boxes)
+    expected = np.full(n, -1)
+    for start in range(n):
+        if expected[start] >= 0:
+            continue
+        todo, expected[start] = [start], start
+        while todo:
+            i = todo.pop()
+            for j in np.flatnonzero(area[i] > 0):
+                if expected[j] < 0:
+                    expected[j] = start
+                    todo.append(j)
+    chunk = metrics.PAIR_CHUNK
+    try:
+        metrics.PAIR_CHUNK = 50
+        got = metrics.overlap_components(boxes)
+    finally:
+        metrics.PAIR_CHUNK = chunk
+    assert np.array_equal(got, expected)  # both name a component by its smallest index
+    assert len(set(got[-3:])) == 3 and 30 < len(set(got)) < n - 3
+    # Joined members behave as overlapping: the three touching boxes become one component.
+    assert set(metrics.overlap_components(boxes, [np.array([n - 3, n - 2, n - 1])])[-3:]) == {n - 3}

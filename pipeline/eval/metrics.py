@@ -110,6 +110,100 @@ def pr_curve_points(matched: np.ndarray, scores: np.ndarray, n_truth: int) -> di
             "score": np.asarray(scores, dtype=np.float64)[order][steps].tolist()}
 
 
+# Boxes per matching part: COCO's matcher compares every detection with every truth box of
+# its image, so a scene of N objects costs ~N^2; parts of about this many boxes cost ~N.
+PART_BOXES = 64
+# Candidate box pairs examined at once by overlap_components (bounds its memory).
+PAIR_CHUNK = 2_000_000
+
+
+def overlap_components(boxes: np.ndarray, tied: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """Connected components of boxes that overlap with a positive area.
+
+    boxes: (N, 4) float XYXY; tied: index arrays whose members are joined as if they
+    overlapped. Returns (N,) int64: for each box the smallest index of its component.
+    Pairs come from a sweep along x (sorted x1; a box meets the boxes starting before its
+    x2), checked on y; components by hooking each pair's larger root under the smaller
+    one, then path compression, until no pair joins two roots.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    n = len(boxes)
+    parent = np.arange(n)
+    order = np.argsort(boxes[:, 0], kind="stable")
+    x1, y1, x2, y2 = (boxes[order, c] for c in range(4))
+    ends = np.searchsorted(x1, x2, side="left")  # sorted boxes j < ends[i] start before box i ends
+    counts = np.maximum(ends - np.arange(1, n + 1), 0)
+    firsts, seconds = [], []
+    start = 0
+    while start < n:
+        stop = start + max(1, int(np.searchsorted(np.cumsum(counts[start:]), PAIR_CHUNK, side="right")))
+        c = counts[start:stop]
+        i = np.repeat(np.arange(start, stop), c)
+        j = i + 1 + np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c)
+        meet = (x1[i] < x2[j]) & (y1[j] < y2[i]) & (y1[i] < y2[j])
+        firsts.append(order[i[meet]])
+        seconds.append(order[j[meet]])
+        start = stop
+    for members in tied:
+        members = np.asarray(members, dtype=np.int64)
+        firsts.append(members[:-1])
+        seconds.append(members[1:])
+    a = np.concatenate(firsts) if firsts else np.zeros(0, np.int64)
+    b = np.concatenate(seconds) if seconds else np.zeros(0, np.int64)
+    while a.size:
+        ra, rb = parent[a], parent[b]
+        apart = ra != rb
+        if not apart.any():
+            break
+        np.minimum.at(parent, np.maximum(ra, rb)[apart], np.minimum(ra, rb)[apart])
+        while True:  # every box points at its root again
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+        a, b = a[apart], b[apart]
+    return parent
+
+
+def split_for_matching(truth: ImageBoxes, detections: ImageBoxes, part_boxes: int = PART_BOXES
+                       ) -> list[tuple[ImageBoxes, ImageBoxes]]:
+    """One scene as independent parts whose COCO evaluation equals the scene's.
+
+    COCO matches each detection to a truth box of its image with IoU >= a threshold (> 0),
+    and only then ranks all images' detections together by score. A part is a union of
+    whole components of overlapping boxes (:func:`overlap_components`), so no match can
+    cross two parts; parts keep the scene's order of boxes, and every detection whose score
+    equals another's in the scene is joined into one component, so equal scores rank in
+    the scene's order as they do when the scene is one image. Components are packed, in
+    the order of their first box, into parts of about ``part_boxes`` boxes.
+    Returns [(truth part, detections part)], sharing the scene's width and height.
+    """
+    gt_boxes = np.asarray(truth.boxes, dtype=np.float64).reshape(-1, 4)
+    dt_boxes = np.asarray(detections.boxes, dtype=np.float64).reshape(-1, 4)
+    n_gt = len(gt_boxes)
+    scores = np.asarray(detections.scores, dtype=np.float64).reshape(-1)
+    by_score = np.argsort(scores, kind="stable")
+    _, first, size = np.unique(scores[by_score], return_index=True, return_counts=True)
+    tied = [n_gt + by_score[f:f + s] for f, s in zip(first[size > 1], size[size > 1])]
+    root = overlap_components(np.concatenate([gt_boxes, dt_boxes]), tied)
+    roots, root_of_box, sizes = np.unique(root, return_inverse=True, return_counts=True)
+    part_of_root = (np.cumsum(sizes) - sizes) // part_boxes  # roots ascend: components in order of first box
+    part = part_of_root[root_of_box]
+    gt_labels = np.asarray(truth.labels).reshape(-1)
+    dt_labels = np.asarray(detections.labels).reshape(-1)
+    gt_order, dt_order = np.argsort(part[:n_gt], kind="stable"), np.argsort(part[n_gt:], kind="stable")
+    parts = np.arange(int(part.max()) + 2 if part.size else 1)
+    gt_cut = np.searchsorted(part[:n_gt][gt_order], parts)
+    dt_cut = np.searchsorted(part[n_gt:][dt_order], parts)
+    out = []
+    for k in parts[:-1]:
+        g, d = gt_order[gt_cut[k]:gt_cut[k + 1]], dt_order[dt_cut[k]:dt_cut[k + 1]]
+        out.append((ImageBoxes(f"{truth.image_id}#{k}", gt_boxes[g], gt_labels[g], None, truth.width, truth.height),
+                    ImageBoxes(f"{truth.image_id}#{k}", dt_boxes[d], dt_labels[d], scores[d], truth.width,
+                               truth.height)))
+    return out
+
+
 def coco_metrics(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes],
                  classes: Sequence[str]) -> dict:
     """COCO box metrics of ``detections`` against ``truth``: the COCOeval protocol of
@@ -125,7 +219,22 @@ def coco_metrics(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes],
     """
     from faster_coco_eval import COCOeval_faster
 
-    gt, dt, dt_labels, dt_scores = _coco_objects(truth, detections, classes)
+    scene_dets: dict[str, list[ImageBoxes]] = {}
+    for d in detections:
+        scene_dets.setdefault(d.image_id, []).append(d)
+    parts_truth, parts_dets = [], []
+    for t in truth:  # each scene as independent parts: the same figures, at a cost linear in its boxes
+        found = scene_dets.get(t.image_id, [])
+        merged = ImageBoxes(t.image_id, np.concatenate([np.asarray(d.boxes, np.float64).reshape(-1, 4) for d in found]
+                                                       + [np.zeros((0, 4))]),
+                            np.concatenate([np.asarray(d.labels, np.int64).reshape(-1) for d in found]
+                                           + [np.zeros(0, np.int64)]),
+                            np.concatenate([np.asarray(d.scores, np.float64).reshape(-1) for d in found]
+                                           + [np.zeros(0)]), t.width, t.height)
+        for part_truth, part_dets in split_for_matching(t, merged):
+            parts_truth.append(part_truth)
+            parts_dets.append(part_dets)
+    gt, dt, dt_labels, dt_scores = _coco_objects(parts_truth, parts_dets, classes)
     most = max([len(d.boxes) for d in detections] + [0])
     max_dets = max(100, most)
     n_gt = sum(len(t.boxes) for t in truth)
