@@ -24,6 +24,7 @@ from pipeline.io.raster import acquisition_time, read_scene_info
 from pipeline.io.stac import choose
 from pipeline.query import run_query
 from pipeline.render import render_quicklook
+from pipeline.render import scene_detections as render_scene_detections
 from pipeline.run.graph import run_job
 from pipeline.table import schema
 from pipeline.table import transactions as T
@@ -304,3 +305,30 @@ def test_predict_scene_carries_the_rasters_acquisition_time(run_workspace):
         garbled = predict_scene(str(run_workspace / "scenes" / "garbled.tif"), str(run_workspace / "model.pt"),
                                 progress=False, **{"tiling.chip_size": 256, "tiling.overlap": 0})
     assert garbled["acquired_at"].isna().all()
+
+
+def test_eval_and_render_read_a_mixed_table(mixed_table, tmp_path):
+    """Our other readers on a table of old and new files: eval scores every row (truth = the
+    committed boxes: every detection a hit), render draws both scenes' rows."""
+    from pipeline.eval.evaluate import evaluate_table
+
+    rows_ = T.read_committed(mixed_table)
+    lines = ["image_path,xmin,ymin,xmax,ymax,label"]
+    for scene, label, *box in zip(*(rows_[c].to_pylist() for c in ["scene_id", "label", "px_xmin", "px_ymin",
+                                                                     "px_xmax", "px_ymax"])):
+        lines.append(f"{scene}.tif,{','.join(f'{v:.6f}' for v in box)},{label}")
+    (tmp_path / "truth.csv").write_text("\n".join(lines) + "\n")
+    metrics = evaluate_table(mixed_table, [tmp_path / "truth.csv"])
+    assert sorted(metrics["scenes"]) == ["new", "old"] and metrics["AP50"] == pytest.approx(1.0)
+    # render reads a scene's rows through this (the rows' scene files are not on this machine).
+    assert [len(render_scene_detections(mixed_table, scene).boxes) for scene in ("old", "new")] == [4, 3]
+
+
+def test_an_object_store_table_of_old_and_new_files(s3_server, monkeypatch):
+    s3_server.create_bucket(Bucket="acquired-bucket")
+    url = "s3://acquired-bucket/tables/mixed"
+    commit_old_style(url, monkeypatch, "r0", "old", 4, seed=1)
+    commit_new_style(url, "r1", "new", 3, seed=2)
+    assert acquired_by_scene(T.read_committed(url)) == {"old": {None}, "new": {ACQUIRED}}
+    got = run_query(url, "SELECT scene_id, acquired_at FROM detections")
+    assert acquired_by_scene(got) == {"old": {None}, "new": {ACQUIRED}}
