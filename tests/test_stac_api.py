@@ -28,6 +28,7 @@ from pipeline.cli import main
 from pipeline.config.spec import StacSpec, load_job
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.stac import REPORT_KEY, select_stac
+from pipeline.table.transactions import committed_scenes
 from pipeline.tools.synth import synthesize
 from retinanet import build_model, save_checkpoint
 
@@ -170,6 +171,11 @@ def test_two_nights_through_the_cli_the_readme_recipe(world, tmp_path):
 
     answered = CliRunner().invoke(main, query)
     assert answered.exit_code == 0, answered.output
+    # The table holds the two nights' scenes, each once, under its item id and its asset's URL.
+    committed = committed_scenes(table)
+    assert sorted(scene for _, scene in committed) == sorted(tonight + [f"S2-{NIGHT_1}"])
+    hrefs = {i["id"]: i["assets"]["visual"]["href"] for i in items}
+    assert all(m["scene_path"] == hrefs[scene] for (_, scene), m in committed.items())
 
 
 def spec(source: str, **fields) -> StacSpec:
