@@ -13,17 +13,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 import torch
+from click.testing import CliRunner
+from real_data import real
 from safetensors.torch import save as safetensors_bytes
 from test_import import assert_same_boxes, cli, detecting, osbs_pixels, ours_says, torchvision_says
 from torchvision.models import get_weight, resnet50
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 
+from pipeline.cli import main
 from retinanet import load_checkpoint
 from retinanet.hub import KNOWN_NAMES, NamedSourceError, NotCachedError, import_named
 
@@ -243,3 +249,39 @@ def test_hub_environment_is_honoured_by_the_cli(tmp_path, deepforest_tv):
     assert done.returncode == 2
     assert "models--weecology--deepforest-bird" in done.stderr
     assert "hf download weecology/deepforest-bird" in done.stderr
+
+
+# ------------------------------------------------------------------ the README's recipe
+
+
+def readme_recipe() -> tuple[list[list[str]], str]:
+    """The `pipeline` commands and the job file of README's "Models by name" recipe."""
+    section = (ROOT / "README.md").read_text().split("### Models by name", 1)[1].split("\n### ", 1)[0]
+    bash = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    job = re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1)
+    commands = [shlex.split(line, comments=True) for line in bash.splitlines() if line.startswith("pipeline ")]
+    return commands, job
+
+
+def test_readme_neon_recipe_runs_as_written(tmp_path, monkeypatch, deepforest_tv, ray_session):
+    """`pipeline import hf:weecology/deepforest-tree` on a hub cache in the release's layout
+    (offline), then `pipeline run` of the README's job on the NEON tile OSBS_029."""
+    commands, job = readme_recipe()
+    assert [c[:2] for c in commands] == [["pipeline", "import"], ["pipeline", "run"]]
+    assert commands[0][2] == "hf:weecology/deepforest-tree"
+    write_hub_release(tmp_path / "hub", "weecology/deepforest-tree", deepforest_release(deepforest_tv, "v2"))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "OSBS_029.tif").symlink_to(real("OSBS_029.tif"))
+    (work / "neon_trees.yaml").write_text(job)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = pipeline_cli(commands[0][1:], env, work)
+    assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(main, commands[1][1:], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = duckdb.sql(f"SELECT label, score, scene_id FROM read_parquet('{work}/out/trees/date=*/*.parquet', "
+                      "hive_partitioning = true)").fetchall()
+    assert len(rows) >= 20
+    assert {label for label, _, _ in rows} == {"Tree"} and {scene for _, _, scene in rows} == {"OSBS_029"}
+    assert min(score for _, score, _ in rows) > 0.1  # DeepForest's score threshold, from the import
