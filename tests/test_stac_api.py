@@ -209,7 +209,7 @@ def test_search_filters_pages_and_caps(world):
     assert since.item_ids == ["S2-4", "S2-5", "S2-6"]
 
 
-def test_intersects_from_a_geojson_file_in_the_job(world, tmp_path):
+def test_intersects_from_a_geojson_file_in_the_job(world, tmp_path, monkeypatch):
     feature = {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(
         box(*world["bounds"][1]).buffer(-1e-5))}
     (tmp_path / "aoi.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
@@ -220,6 +220,12 @@ def test_intersects_from_a_geojson_file_in_the_job(world, tmp_path):
     job = load_job(tmp_path / "job.yaml")  # the file is read against the job's folder, at load time
     assert shape(job.inputs.stac.intersects).equals(shape(feature["geometry"]))
     assert select_stac(job.inputs.stac).item_ids == ["S2-1"]
+    # --set takes the file against the current directory, as other paths.
+    (tmp_path / "here").mkdir()
+    (tmp_path / "aoi.geojson").rename(tmp_path / "here" / "aoi.geojson")
+    monkeypatch.chdir(tmp_path / "here")
+    job = load_job(tmp_path / "job.yaml", ["inputs.stac.intersects=aoi.geojson"])
+    assert shape(job.inputs.stac.intersects).equals(shape(feature["geometry"]))
 
 
 @pytest.mark.parametrize("stac, expected", [
