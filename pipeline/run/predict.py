@@ -159,10 +159,7 @@ def predict_scene(path: str, checkpoint: str, *, progress: bool = True, **job_ov
 def detections_frame(table: pa.Table, crs: Optional[str]):
     """Detection rows (WKB geometry) -> a GeoDataFrame in `crs` (None: pixel coordinates),
     with the columns in the table's order."""
-    try:
-        import geopandas  # not a dependency of runs: imported here, and only here
-    except ImportError:
-        raise InputError("predict_scene returns a geopandas.GeoDataFrame: pip install geopandas") from None
+    import geopandas  # a dependency, imported here only: runs and the CLI never need it
     # bbox is GeoParquet's covering column, for readers that filter files by it; GeoPandas
     # reads the table without it (geometry.bounds is the same box), so predicting leaves it out.
     frame = table.drop_columns(["geometry", "bbox"]).to_pandas()
