@@ -598,7 +598,7 @@ def apply_overrides(data: dict, overrides: Iterable[str], cwd: os.PathLike | str
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"{where}: value is not valid YAML: {err}") from None
-        out = _override(out, dotted.strip(), value, where, base)
+        out = _apply(out, dotted.strip(), value, where, base)
     return out
 
 
@@ -610,14 +610,19 @@ def apply_values(data: dict, values: Mapping[str, Any], where: str, cwd: os.Path
     :func:`apply_overrides`; ``where`` names the caller in errors."""
     base = Path(cwd) if cwd is not None else Path.cwd()
     out = dict(data)
-    pending = list(values.items())
-    while pending:
-        dotted, value = pending.pop(0)
-        if isinstance(value, Mapping) and _fields_at(dotted.split(".")) is not None:  # a section's keys
-            pending[:0] = [(f"{dotted}.{key}", item) for key, item in value.items()]
-            continue
-        out = _override(out, dotted, value, where, base)
+    for dotted, value in values.items():
+        out = _apply(out, dotted, value, where, base)
     return out
+
+
+def _apply(data: dict, dotted: str, value: Any, where: str, base: Path) -> dict:
+    """:func:`_override`, with a mapping given for a whole section (``inputs.stac={source:
+    ..., datetime: ...}``) applied key by key, merged over the section."""
+    if isinstance(value, Mapping) and _fields_at(dotted.split(".")) is not None:
+        for key, item in value.items():
+            data = _apply(data, f"{dotted}.{key}", item, where, base)
+        return data
+    return _override(data, dotted, value, where, base)
 
 
 def _override(data: dict, dotted: str, value: Any, where: str, base: Path) -> dict:
