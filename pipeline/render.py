@@ -269,9 +269,10 @@ def scene_truth(truth: os.PathLike | str, scene_id: str, scene_path: str) -> tup
 def title_text(scene_id: str, dets: SceneDetections, run_id: Optional[str], threshold: Optional[float]) -> str:
     """``scene S | run R | model M | score >= T``: what the picture shows, from its rows."""
     runs = dets.run_ids or ((run_id,) if run_id else ())
-    run = ", ".join(runs) if runs else "no run"
-    model = ", ".join(dets.model_ids) if dets.model_ids else "no model"
-    score = f"score \u2265 {threshold:g}" if threshold is not None else "score threshold not recorded"
+    run = ", ".join(runs) if runs else "none committed"
+    model = ", ".join(dets.model_ids) if dets.model_ids else "none"
+    # ">=" in ASCII: PIL's default font has no glyph for the sign.
+    score = f"score >= {threshold:g}" if threshold is not None else "score threshold not recorded"
     return f"{scene_id} | run {run} | model {model} | {score}"
 
 
@@ -403,7 +404,7 @@ def render_quicklook(table_root: os.PathLike | str, scene_path: str, out: os.Pat
         total = {k: sum(c[k] for c in counts.values()) for k in ("hits", "false_alarms", "misses")}
         legend = [(HIT, f"hit ({total['hits']})"), (FALSE_ALARM, f"false alarm ({total['false_alarms']})"),
                   (MISS, f"miss ({total['misses']})")]
-        image = compose(look.picture, boxes, colours, scores, legend, f"{title} | truth IoU \u2265 {MATCH_IOU:g}")
+        image = compose(look.picture, boxes, colours, scores, legend, f"{title} | truth IoU >= {MATCH_IOU:g}")
         summary["truth"] = counts
     files = write_quicklook(image, out, look, title)
     reports = link_in_run_reports(table_root, scene_id, files[0], job_name)

@@ -274,7 +274,7 @@ def test_a_run_takes_the_rasters_tag_and_reports_one_that_does_not_parse(run_wor
     assert report["score_threshold"] == 0.3
     title = render_quicklook(run_workspace / "from-tags", str(run_workspace / "scenes" / "tagged.tif"),
                              run_workspace / "tagged.png")["title"]
-    assert title.endswith("| score \u2265 0.3") and f"run {report['run_id']}" in title
+    assert title.endswith("| score >= 0.3") and f"run {report['run_id']}" in title
 
 
 def test_a_stac_run_takes_the_items_time(run_workspace, ray_session):

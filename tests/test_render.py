@@ -213,7 +213,7 @@ def test_title_names_scene_run_model_and_threshold(tmp_path, scene):
         f"{scene.stem} | run night-7 | model m | score threshold not recorded"
     T.write_run_report(root, "night-7", {"run_id": "night-7", "score_threshold": 0.3})
     title = render_quicklook(root, str(scene), tmp_path / "b.png", max_size=256)["title"]
-    assert title == f"{scene.stem} | run night-7 | model m | score \u2265 0.3"
+    assert title == f"{scene.stem} | run night-7 | model m | score >= 0.3"
     # The title strip: the picture darkened (SHADE) under light text, the same in either format.
     png = np.asarray(Image.open(tmp_path / "b.png").convert("RGB")).astype(int)
     tif = np.asarray(Image.open(render_quicklook(root, str(scene), tmp_path / "c.tif", max_size=256)["path"])
