@@ -369,3 +369,43 @@ def test_overlap_components_equal_shapely_intersections():
     assert len(set(got[-3:])) == 3 and 30 < len(set(got)) < n - 3
     # Joined members behave as overlapping: the three touching boxes become one component.
     assert set(metrics.overlap_components(boxes, [np.array([n - 3, n - 2, n - 1])])[-3:]) == {n - 3}
+
+
+def devkit_voc_ap(truth, detections, label, iou_threshold=0.5):
+    """The VOC devkit's loop, plainly: detections one by one in score order, each checks its
+    best-overlapping truth box of the class in its image (shapely areas), claims it if free."""
+    import shapely
+
+    gt = {t.image_id: [shapely.box(*b) for b, k in zip(t.boxes, t.labels) if k == label] for t in truth}
+    n_gt = sum(len(v) for v in gt.values())
+    rows = sorted(((float(s), d.image_id, shapely.box(*b)) for d in detections if d.image_id in gt
+                   for b, k, s in zip(d.boxes, d.labels, d.scores) if k == label), key=lambda r: -r[0])
+    taken = {k: [False] * len(v) for k, v in gt.items()}
+    tp = []
+    for _, image_id, det in rows:
+        ious = [det.intersection(g).area / det.union(g).area for g in gt[image_id]]
+        j = int(np.argmax(ious)) if ious else -1
+        hit = j >= 0 and ious[j] >= iou_threshold and not taken[image_id][j]
+        if hit:
+            taken[image_id][j] = True
+        tp.append(hit)
+    cum = np.cumsum(tp)
+    recall, precision = cum / n_gt, cum / np.arange(1, len(tp) + 1)
+    # all-point interpolation: sum over recall steps of the best precision from there on
+    ap, last = 0.0, 0.0
+    for i in np.flatnonzero(np.diff(np.concatenate([[0], cum])) > 0):
+        ap += (recall[i] - last) * precision[i:].max()
+        last = recall[i]
+    return ap
+
+
+def test_voc_ap_equals_the_devkit_loop_on_dense_scenes():
+    from pipeline.eval.metrics import voc_class_ap
+
+    rng = np.random.default_rng(12)
+    pairs = [scene(rng, f"s{i}", 150, 2, size=800) for i in range(2)]  # crowded: boxes overlap a lot
+    truth, detections = [t for t, _ in pairs], [d for _, d in pairs]
+    for label in (0, 1):
+        for thr in (0.5, 0.75):
+            assert voc_class_ap(truth, detections, label, thr) == pytest.approx(
+                devkit_voc_ap(truth, detections, label, thr), abs=1e-12)

@@ -32,6 +32,7 @@ from pipeline.eval.metrics import ImageBoxes, coco_metrics, voc_metrics
 from pipeline.io.inputs import match_label_images
 from pipeline.io.labels import by_scene, read_labels
 from pipeline.io.raster import read_scene_info
+from pipeline.table.store import open_store
 from pipeline.train.data import (
     Region,
     build_records,
@@ -233,7 +234,6 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
     """
     import pyarrow.dataset as pds
 
-    from pipeline.table.store import open_store
     from pipeline.table.transactions import committed_scenes, read_committed
 
     table = str(table)  # a URL stays a URL (pathlib would fold s3:// into s3:/)
@@ -352,7 +352,6 @@ def scene_detections(rows, scenes: Sequence[str], classes: Sequence[str],
 def runs_score_threshold(table: str, run_ids: Sequence[str]) -> Optional[float]:
     """The score threshold the runs' detections were made at, when their reports
     (``_reports/<run_id>.json``, key ``score_threshold``) record one and agree; else None."""
-    from pipeline.table.store import open_store
     from pipeline.table.transactions import REPORTS
 
     store = open_store(table)

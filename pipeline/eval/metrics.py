@@ -337,37 +337,59 @@ def match_detections(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray,
     return matched, found
 
 
+def best_overlaps(boxes: np.ndarray, others: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``boxes`` (N, 4) XYXY: the index of its best-overlapping box among
+    ``others`` (M >= 1, the first on equal IoU, as np.argmax) and that IoU; (N,) int64 and
+    (N,) float64. Rows are done ``chunk`` at a time so memory stays O(chunk * M)."""
+    index, iou = np.zeros(len(boxes), dtype=np.int64), np.zeros(len(boxes))
+    for start in range(0, len(boxes), chunk):
+        ious = pairwise_iou_np(boxes[start:start + chunk], others)
+        index[start:start + chunk] = np.argmax(ious, axis=1)
+        iou[start:start + chunk] = ious[np.arange(len(ious)), index[start:start + chunk]]
+    return index, iou
+
+
 def voc_class_ap(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes], label: int,
                  iou_threshold: float = 0.5) -> Optional[float]:
-    """VOC AP of one class: detections sorted by score; each is a true positive by
-    :func:`match_detections` within its image (same image), else a false positive.
-    None when the class has no ground truth."""
-    gt = {t.image_id: np.asarray(t.boxes)[np.asarray(t.labels) == label] for t in truth}
+    """VOC AP of one class: detections sorted by score; each is a true positive when its
+    best-overlapping ground-truth box of the class (same image) has IoU >= threshold and
+    was not taken by a higher-scoring detection, else a false positive (the devkit rule:
+    no fall-back to the second-best box). None when the class has no ground truth.
+
+    The best box of a detection does not depend on the others, so it is found for all at
+    once; a detection is then a true positive when it is the first, in score order, to
+    claim its box above the threshold."""
+    gt = {t.image_id: np.asarray(t.boxes, dtype=np.float64).reshape(-1, 4)[np.asarray(t.labels) == label]
+          for t in truth}
+    image_index = {image_id: i for i, image_id in enumerate(gt)}
     n_gt = sum(len(b) for b in gt.values())
     if n_gt == 0:
         return None
-    per_image: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # boxes, scores, row numbers
-    count = 0
+    scores, claims = [], []  # per detection of the class, in input order: score, (image, box) claimed or -1
     for d in detections:
         if d.image_id not in gt:
             continue
         keep = np.asarray(d.labels) == label
-        boxes, scores = np.asarray(d.boxes).reshape(-1, 4)[keep], np.asarray(d.scores).reshape(-1)[keep]
-        per_image.setdefault(d.image_id, []).append((boxes, scores, np.arange(count, count + len(scores))))
-        count += len(scores)
-    if not count:
+        boxes = np.asarray(d.boxes, dtype=np.float64).reshape(-1, 4)[keep]
+        scores.append(np.asarray(d.scores, dtype=np.float64)[keep])
+        claim = np.full((len(boxes), 2), -1, dtype=np.int64)
+        if len(gt[d.image_id]) and len(boxes):
+            index, iou = best_overlaps(boxes, gt[d.image_id])
+            hit = iou >= iou_threshold
+            claim[hit] = np.stack([np.full(hit.sum(), image_index[d.image_id]), index[hit]], axis=1)
+        claims.append(claim)
+    if not scores or not sum(len(s) for s in scores):
         return 0.0
-    all_scores, tp = np.zeros(count), np.zeros(count)
-    for image_id, parts in per_image.items():
-        boxes = np.concatenate([p[0] for p in parts])
-        scores = np.concatenate([p[1] for p in parts])
-        rows = np.concatenate([p[2] for p in parts])
-        matched, _ = match_detections(boxes, scores, gt[image_id], iou_threshold)
-        all_scores[rows], tp[rows] = scores, matched
-    tp = tp[np.argsort(-all_scores, kind="stable")]  # stable: ties keep input order
+    score = np.concatenate(scores)
+    order = np.argsort(-score, kind="stable")  # ties keep input order
+    claim = np.concatenate(claims)[order]
+    tp = np.zeros(len(order))
+    claimed = np.flatnonzero(claim[:, 0] >= 0)
+    _, first = np.unique(claim[claimed], axis=0, return_index=True)  # the first claim of each box wins
+    tp[claimed[first]] = 1
     cum_tp = np.cumsum(tp)
     recall = cum_tp / n_gt
-    precision = cum_tp / np.arange(1, count + 1)
+    precision = cum_tp / np.arange(1, len(order) + 1)
     return all_point_ap(recall, precision)
 
 
