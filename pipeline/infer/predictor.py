@@ -361,6 +361,7 @@ class ChipEngine:
         self.backend = backend
         self.numpy_detector = backend == "openvino"  # numpy in and out (OpenVinoDetector.detect)
         self.in_channels = config.in_channels
+        self.staging = None  # torch: the StagedCopies of this engine's device, made on its first batch
         # Chips per forward pass; callers hand over larger batches (fewer, cheaper transfers)
         # and they are cut to this size here. None: the whole batch at once.
         self.forward_batch = forward_batch
@@ -401,42 +402,77 @@ class ChipEngine:
         """What runs, for reports: device, precision and backend."""
         return f"device={self.detector.device} {self.detector.precision} {self.backend}"
 
-    def chip_detections(self, pixels: np.ndarray, valid_bits: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    def chip_detections(self, pixels: np.ndarray, valid_bits: np.ndarray, offsets: np.ndarray,
+                        seconds: dict[str, float] | None = None) -> list[bytes]:
         """Detections of a batch of chips, each encoded (:func:`encode_detections`) in scene pixels.
 
         pixels: (B, C, S, S) in the file's dtype (cast on the device). valid_bits: (B, S,
         ceil(S / 8)) each chip's valid-pixel mask bit-packed along x (detections centred on
         nodata are dropped, see :func:`centres_on_valid_pixels`). offsets: (B, 2) each chip's
         (col_off, row_off) in the scene. Raises ValueError when C is not the model's channels.
+        seconds: where given, the call's wall seconds are added to it under ``transfer`` (chips
+        onto the device, in their dtype), ``forward`` (the model: network, decoding, NMS) and
+        ``postprocess`` (the copy back, the valid-pixel check, encoding), see :func:`add_seconds`.
         """
         if pixels.shape[1] != self.in_channels:
             raise ValueError(f"chips have {pixels.shape[1]} bands, the model expects {self.in_channels}")
+        seconds = {} if seconds is None else seconds
         chip_size = pixels.shape[-1]
         found = []
-        for r, valid, (col_off, row_off) in zip(self.detect(pixels, self.forward_batch or len(pixels)), valid_bits,
-                                                offsets):
+        detected = self.detect(pixels, self.forward_batch or len(pixels), seconds)
+        started = time.perf_counter()
+        for r, valid, (col_off, row_off) in zip(detected, valid_bits, offsets):
             boxes, scores, labels = r["boxes"], r["scores"], r["labels"]
             keep = centres_on_valid_pixels(boxes, valid, chip_size)
             offset = np.array([col_off, row_off] * 2, dtype=np.float32)
             found.append(encode_detections(boxes[keep] + offset, scores[keep], labels[keep]))
+        add_seconds(seconds, "postprocess", started)
         return found
 
-    def detect(self, pixels: np.ndarray, step: int) -> list[dict[str, np.ndarray]]:
-        """Forward passes of `step` chips (in their file dtype) -> numpy detections per chip."""
+    def detect(self, pixels: np.ndarray, step: int, seconds: dict[str, float] | None = None
+               ) -> list[dict[str, np.ndarray]]:
+        """Forward passes of `step` chips (in their file dtype) -> numpy detections per chip.
+
+        Torch: the chips go to the device in their own dtype (the model normalises them
+        there), each pass's copy queued while the pass before runs (StagedCopies: pinned
+        buffers, non-blocking copies, one side stream on CUDA), and each pass's detections
+        come back in one copy (detections_to_host). `seconds`: as in :meth:`chip_detections`.
+        On CUDA a copy the forward has to wait for counts as forward (the host sees its end only)."""
+        seconds = {} if seconds is None else seconds
         if self.numpy_detector:  # OpenVINO runs the passes on its parallel streams
-            return self.detector.detect(pixels.astype(np.float32, copy=False), chips_per_request=step)
+            started = time.perf_counter()
+            images = pixels.astype(np.float32, copy=False)
+            started = add_seconds(seconds, "transfer", started)
+            found = self.detector.detect(images, chips_per_request=step)
+            add_seconds(seconds, "forward", started)
+            return found
         import torch
 
-        from retinanet.runtime import to_device
+        from retinanet.runtime import StagedCopies, detections_to_host
 
-        found = []
-        for start in range(0, len(pixels), step):
-            images = torch.from_numpy(pixels[start:start + step])
-            if not images.is_floating_point():  # integer chips travel small and become float on the device
-                # through pinned memory: a non-blocking copy from pageable memory would block
-                images = to_device(images, self.detector.device).float()
-            found += [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(images)]
-        return found
+        staging = self.staging or StagedCopies(self.detector.device)
+        self.staging = staging  # its pinned buffers are reused by the next call
+        batches = staging.each(torch.from_numpy(pixels[start:start + step]) for start in range(0, len(pixels), step))
+        found: list[dict[str, np.ndarray]] = []
+        while True:
+            started = time.perf_counter()
+            images = next(batches, None)
+            if images is None:
+                add_seconds(seconds, "transfer", started)
+                return found
+            images = images.float()  # on the device: integer chips travelled small
+            started = add_seconds(seconds, "transfer", started)
+            detections = self.detector(images)
+            started = add_seconds(seconds, "forward", started)
+            found += detections_to_host(detections)
+            add_seconds(seconds, "postprocess", started)
+
+
+def add_seconds(seconds: dict[str, float], stage: str, started: float) -> float:
+    """Add the wall seconds since `started` (time.perf_counter) to ``seconds[stage]`` -> now."""
+    now = time.perf_counter()
+    seconds[stage] = seconds.get(stage, 0.0) + now - started
+    return now
 
 
 class ChipPredictor:
