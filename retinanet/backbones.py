@@ -9,9 +9,23 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from retinanet.hub_cache import NamedSourceError, torchvision_weights_state
 from retinanet.options import BACKBONES
 
 TAP_STRIDES = (8, 16, 32)
+# backbone_weights="imagenet": torchvision's ImageNet weights for each backbone (named, not
+# DEFAULT, so that a torchvision upgrade does not change what a job trains from).
+IMAGENET = "imagenet"
+IMAGENET_WEIGHTS = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
+    "resnet101": "ResNet101_Weights.IMAGENET1K_V2",
+    "mobilenet_v3_large": "MobileNet_V3_Large_Weights.IMAGENET1K_V2",
+    "efficientnet_b0": "EfficientNet_B0_Weights.IMAGENET1K_V1",
+    "efficientnet_b3": "EfficientNet_B3_Weights.IMAGENET1K_V1",
+    "vgg16": "VGG16_Weights.IMAGENET1K_V1",
+}
 
 
 class TappedBackbone(nn.Module):
@@ -94,8 +108,23 @@ def adapt_first_conv(module: nn.Module, in_channels: int) -> None:
     conv.weight = nn.Parameter(new.contiguous())
 
 
-def _load_weights(net: nn.Module, path: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def imagenet_weights_state(name: str, offline: bool = False) -> dict:
+    """torchvision's ImageNet state dict for backbone ``name`` (IMAGENET_WEIGHTS), from torch's
+    hub cache or downloaded into it; NamedSourceError for a backbone without ImageNet weights,
+    NotCachedError (where the cache is, how to fill it) when it cannot be had."""
+    what = f"backbone_weights: {IMAGENET} for {name}"
+    if name not in IMAGENET_WEIGHTS:
+        raise NamedSourceError(f"{what}: torchvision has no ImageNet weights for it here; backbones with them: "
+                               f"{', '.join(IMAGENET_WEIGHTS)}")
+    return torchvision_weights_state(models.get_weight(IMAGENET_WEIGHTS[name]), what, offline)
+
+
+def _load_weights(net: nn.Module, path: str, name: str) -> None:
+    """A local state dict, or ``"imagenet"``: torchvision's for backbone ``name`` (IMAGENET_WEIGHTS)."""
+    if path == IMAGENET:
+        state = imagenet_weights_state(name)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -122,7 +151,9 @@ def build_backbone(name: str, in_channels: int = 3, weights_path: str | None = N
                    frozen_bn: bool = True, trainable_stages: int | None = None) -> TappedBackbone:
     """A torchvision classification network turned into a C3-C5 feature extractor.
 
-    weights_path: a local ImageNet state dict for the torchvision model (never downloaded).
+    weights_path: a local ImageNet state dict for the torchvision model, or ``"imagenet"``:
+    torchvision's ImageNet weights (IMAGENET_WEIGHTS) from torch's hub cache, downloaded into
+    it when missing. Weights are for RGB; other band counts get adapt_first_conv's rule.
     frozen_bn: ResNets use FrozenBatchNorm2d (detection batches are too small for BN stats).
     trainable_stages: freeze all but the last N top-level stages (None: all trainable).
     """
@@ -134,7 +165,7 @@ def build_backbone(name: str, in_channels: int = 3, weights_path: str | None = N
         kwargs["norm_layer"] = FrozenBatchNorm2d
     net = factory(**kwargs)
     if weights_path:
-        _load_weights(net, weights_path)
+        _load_weights(net, weights_path, name)
     stages = stages_of(net)
     adapt_first_conv(stages, in_channels)
     taps, channels = _find_taps(stages)

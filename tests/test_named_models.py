@@ -22,16 +22,19 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from real_data import real
 from safetensors.torch import save as safetensors_bytes
 from test_import import assert_same_boxes, cli, detecting, osbs_pixels, ours_says, torchvision_says
-from torchvision.models import get_weight, resnet50
+from torchvision.models import get_model_weights, get_weight, resnet18, resnet50
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 
 from pipeline.cli import main
-from retinanet import load_checkpoint
+from retinanet import build_model, load_checkpoint
+from retinanet.backbones import IMAGENET_WEIGHTS, imagenet_weights_state
 from retinanet.hub import KNOWN_NAMES, NamedSourceError, NotCachedError, import_named
+from retinanet.options import BACKBONES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "4b6ac0a1c0ffee0ddba11f00dfeedc0de5ca1ab1"  # a snapshot's commit (40 hex digits)
@@ -285,3 +288,71 @@ def test_readme_neon_recipe_runs_as_written(tmp_path, monkeypatch, deepforest_tv
     assert len(rows) >= 20
     assert {label for label, _, _ in rows} == {"Tree"} and {scene for _, _, scene in rows} == {"OSBS_029"}
     assert min(score for _, score, _ in rows) > 0.1  # DeepForest's score threshold, from the import
+
+
+# ------------------------------------------------------------------ ImageNet backbones for training
+
+
+def test_every_backbone_names_its_imagenet_weights():
+    assert set(IMAGENET_WEIGHTS) == set(BACKBONES)
+    for name in BACKBONES:
+        weights = get_weight(IMAGENET_WEIGHTS[name])
+        assert type(weights) is get_model_weights(name) and len(weights.meta["categories"]) == 1000
+    with pytest.raises(NamedSourceError, match=r"lenet: torchvision has no ImageNet weights for it here; "
+                                               r"backbones with them: resnet18, "):
+        imagenet_weights_state("lenet")
+
+
+def test_imagenet_backbone_from_torchs_cache_with_a_fourth_band(tmp_path, monkeypatch):
+    """backbone_weights="imagenet" loads torchvision's file from torch's cache (a random ResNet-18
+    stands in for the download); a fourth band starts from the mean RGB filter, all bands scaled
+    by 3/4 (adapt_first_conv's rule)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(3)
+    reference = resnet18(weights=None).state_dict()
+    cached = torch_cache_file(tmp_path / "torch", "ResNet18_Weights.IMAGENET1K_V1")
+    cached.parent.mkdir(parents=True)
+    torch.save(reference, cached)
+    model = build_model(num_classes=1, backbone="resnet18", backbone_weights="imagenet", in_channels=4,
+                        image_mean=(0.0,) * 4, image_std=(1.0,) * 4, head_width=16, head_depth=1)
+    body = model.backbone.body
+    assert torch.equal(body.layer4[1].conv2.weight, reference["layer4.1.conv2.weight"])
+    assert torch.equal(body.bn1.running_mean, reference["bn1.running_mean"])
+    rgb = reference["conv1.weight"]
+    torch.testing.assert_close(body.conv1.weight[:, :3], rgb * 3 / 4)
+    torch.testing.assert_close(body.conv1.weight[:, 3:], rgb.mean(dim=1, keepdim=True) * 3 / 4)
+    assert "backbone_weights" not in model.config.to_dict()  # a checkpoint does not refer to the cache
+
+
+def test_imagenet_weights_not_cached_offline_say_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(NotCachedError) as err:
+        imagenet_weights_state("resnet50", offline=True)
+    message = str(err.value)
+    assert message.startswith("backbone_weights: imagenet for resnet50: not in torch's cache (")
+    assert str(torch_cache_file(tmp_path / "torch", "ResNet50_Weights.IMAGENET1K_V2")) in message
+    assert "get_weight('ResNet50_Weights.IMAGENET1K_V2').get_state_dict()" in message
+
+
+def test_train_job_backbone_weights_imagenet(tmp_path, monkeypatch):
+    """train.backbone_weights: imagenet is a name, not a path next to the job file, and the
+    training checks find the weights in torch's cache."""
+    from pipeline.config.spec import load_job
+    from pipeline.train.driver import check_trainable
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = torch_cache_file(tmp_path / "torch", "ResNet18_Weights.IMAGENET1K_V1")
+    cached.parent.mkdir(parents=True)
+    torch.save(resnet18(weights=None).state_dict(), cached)
+    job = {"name": "trees", "inputs": {"paths": [str(real("OSBS_029.tif"))]},
+           "model": {"checkpoint": str(tmp_path / "trees.pt")}, "output": {"table": str(tmp_path / "table")},
+           "train": {"scenes": [str(real("OSBS_029.tif"))], "labels": [str(real("OSBS_029.csv"))],
+                     "classes": ["Tree"], "backbone": "resnet18", "backbone_weights": "imagenet",
+                     "output_dir": str(tmp_path / "run")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    spec = load_job(tmp_path / "job.yaml")
+    assert spec.train.backbone_weights == "imagenet"
+    check_trainable(spec)  # raises ConfigError listing problems; none here
+    job["train"]["backbone_weights"] = "w.pth"  # any other value stays a file beside the job
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert load_job(tmp_path / "job.yaml").train.backbone_weights == str(tmp_path / "w.pth")

@@ -386,7 +386,9 @@ class TrainSpec(BaseModel):
     classes: list[str] = Field(min_length=1)
     val_split: ValSplitSpec = Field(default_factory=ValSplitSpec)
     backbone: str = TRAINABLE.backbone
-    backbone_weights: Optional[str] = None      # local ImageNet state dict
+    # null: from scratch; "imagenet": torchvision's ImageNet weights for train.backbone, through
+    # torch's hub cache (retinanet.backbones.IMAGENET_WEIGHTS); else a local state dict file
+    backbone_weights: Optional[str] = None
     init_checkpoint: Optional[str] = None       # start from these weights (fine-tuning)
     fpn_channels: int = Field(TRAINABLE.fpn_channels, ge=8)
     head_width: int = Field(TRAINABLE.head_width, ge=8)
@@ -536,9 +538,13 @@ def resolve_paths(data: dict, base_dir: os.PathLike | str) -> dict:
     out = dict(data)
     for section, key in _PATH_FIELDS:
         sec = out.get(section)
-        if isinstance(sec, dict) and key in sec:
+        if isinstance(sec, dict) and key in sec and (section, key, sec[key]) not in _NAMED_NOT_PATHS:
             out[section] = {**sec, key: _resolve_field(sec[key], base)}
     return out
+
+
+# Values of path fields that name something instead of a file (kept as written).
+_NAMED_NOT_PATHS = (("train", "backbone_weights", "imagenet"),)
 
 
 def _field_model(annotation: Any) -> Optional[type[BaseModel]]:

@@ -50,7 +50,8 @@ def check_trainable(spec: JobSpec) -> None:
 
     Unlike :func:`pipeline.config.spec.check_runnable`, ``model.checkpoint`` need not exist
     (training writes it). Checked: a ``train`` section; every ``train.scenes`` glob
-    matches a file; label files, ``backbone_weights`` and ``init_checkpoint`` exist;
+    matches a file; label files, ``backbone_weights`` (``imagenet``: fetched into torch's
+    cache) and ``init_checkpoint`` exist;
     ``train.output_dir`` can be created or written.
     """
     source = spec.source or "job"
@@ -68,7 +69,15 @@ def check_trainable(spec: JobSpec) -> None:
             problems.append(f"{source}: train.labels[{i}]: file not found: {path}")
     for key in ("backbone_weights", "init_checkpoint"):
         value = getattr(t, key)
-        if value is not None and not os.path.isfile(value):
+        if key == "backbone_weights" and value == "imagenet":
+            from retinanet.backbones import imagenet_weights_state
+            from retinanet.checkpoint import CheckpointError
+
+            try:  # into torch's cache now (workers on this machine read it there), or why not
+                imagenet_weights_state(t.backbone)
+            except CheckpointError as err:
+                problems.append(f"{source}: train.{key}: {err}")
+        elif value is not None and not os.path.isfile(value):
             problems.append(f"{source}: train.{key}: file not found: {value}")
     why = writable_dir_problem(t.output_dir)
     if why:
