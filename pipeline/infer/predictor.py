@@ -27,6 +27,8 @@ from pipeline.io.objstore import local_file
 from retinanet.options import CPU_BATCH_SIZE
 
 DETECTION_FIELDS = 6  # x1, y1, x2, y2 (scene pixels), score, label id
+# The predictor's stages, timed per call and returned as <stage>_seconds columns (the run report's figures).
+ACTOR_STAGES = ("transfer", "forward", "postprocess")
 
 
 LEDGER_NAMESPACE = "pipeline"  # the GCS key-value namespace of every run's ChipLedger
@@ -505,6 +507,7 @@ class ChipPredictor:
         gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
         self.worker = f"pid={os.getpid()} gpus=[{gpu_ids}] {self.engine.name}"
         self.node = ray.get_runtime_context().get_node_id()
+        self.seconds: dict[str, float] = {}  # the current call's stage seconds (ACTOR_STAGES)
 
     def __call__(self, table) -> dict[str, np.ndarray]:
         batch = chip_batch_columns(table)
@@ -514,6 +517,7 @@ class ChipPredictor:
         error = np.array([str(e) for e in batch["error"]], dtype=object)
         detections = np.array([b""] * n, dtype=object)
         runnable = np.flatnonzero(status == "ok")
+        self.seconds = dict.fromkeys(ACTOR_STAGES, 0.0)  # this call's, see ChipEngine.chip_detections
 
         runnable_ids = [chip_ids[i] for i in runnable]
         ledger = self.ledger if runnable_ids else None
@@ -535,9 +539,11 @@ class ChipPredictor:
         out = {"chip_id": np.array(chip_ids, dtype=object), "scene_id": batch["scene_id"], "status": status,
                "error": error, "detections": detections, "worker": np.array([self.worker] * n, dtype=object),
                "predicted_on": np.array([self.node] * n, dtype=object)}
-        for passed in ("plan", "planned_on", "read_on"):  # for the driver: the scene's plan, where work ran
-            if passed in batch:
+        for passed in ("plan", "planned_on", "read_on", "read_seconds"):  # for the driver: the scene's plan,
+            if passed in batch:                                           # where work ran, the read's seconds
                 out[passed] = batch[passed]
+        for stage, spent in self.seconds.items():  # each row its share (the driver sums rows)
+            out[f"{stage}_seconds"] = np.full(n, spent / max(n, 1))
         return out
 
     def _predict_into(self, batch, indices, chip_ids, status, error, detections) -> None:
@@ -556,9 +562,12 @@ class ChipPredictor:
     def _predict(self, batch, indices, chip_ids, detections) -> None:
         if self.faults:
             self.faults.apply([chip_ids[i] for i in indices])
+        started = time.perf_counter()
         chip_size = batch["valid"].shape[1]
         pixels = stack_chip_pixels([batch["pixels"][i] for i in indices], [batch["pixel_dtype"][i] for i in indices],
                                    chip_size)  # file dtypes; the engine casts on device
         offsets = np.stack([batch["col_off"][indices], batch["row_off"][indices]], axis=1)
-        for i, found in zip(indices, self.engine.chip_detections(pixels, batch["valid"][indices], offsets)):
+        add_seconds(self.seconds, "transfer", started)  # the host's stack is part of getting chips there
+        for i, found in zip(indices, self.engine.chip_detections(pixels, batch["valid"][indices], offsets,
+                                                                 self.seconds)):
             detections[i] = found

@@ -54,7 +54,7 @@ from pipeline.io.stac import StacSelection
 from pipeline.run.cluster import connect_ray
 from pipeline.run.console import console_line, eta_text, native_log_lines_hidden
 from pipeline.run.local_data import use_local_answers
-from pipeline.run.runbook import RunReport, SceneBook
+from pipeline.run.runbook import RunReport, SceneBook, stage_figures
 from pipeline.table import transactions as table
 from pipeline.table.store import open_store
 
@@ -275,7 +275,8 @@ def int8_gate(spec: JobSpec, start: RunStart, log) -> dict:
 def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], ledger: ChipLedger, faults, log):
     """The Ray Data graph of a run: the first scenes' chip rows (planned on the driver) and
     the other scenes planned by Ray tasks -> read tasks -> the predictor actor pool.
-    Returns the stream of predicted batches (nothing runs until it is iterated)."""
+    Returns the stream of predicted batches (nothing runs until it is iterated) and the
+    read tasks in flight (the run report's read workers)."""
     import ray
     import ray.data
     from ray.util.annotations import RayDeprecationWarning
@@ -352,7 +353,7 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], ledger: Chip
                             compute=ray.data.ActorPoolStrategy(size=spec.compute.actors), num_gpus=gpus,
                             num_cpus=spec.compute.cpus_per_actor, max_restarts=restarts,
                             max_task_retries=restarts)
-    return blocks_as_done(ds)
+    return blocks_as_done(ds), read_tasks
 
 
 def blocks_as_done(ds):
@@ -426,11 +427,14 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     for failure in start.failed:
         book.record_failure(failure)
     first_predictions = None
+    read_tasks, streamed = 0, 0.0
     if todo:
         ledger = ChipLedger(run_id)
         try:
-            first_predictions = drain(job_graph(spec, start, int8, ledger, faults, log), book, len(todo), started,
-                                      verbose, log)
+            stream, read_tasks = job_graph(spec, start, int8, ledger, faults, log)
+            streaming = time.perf_counter()
+            first_predictions = drain(stream, book, len(todo), started, verbose, log)
+            streamed = time.perf_counter() - streaming
         finally:
             with contextlib.suppress(Exception):  # a failed run's error, not its leftover keys
                 ledger.clear()
@@ -441,6 +445,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     report.wall_seconds = round(wall, 3)
     report.startup_seconds = round(first_predictions, 3) if first_predictions is not None else None
     report.chips_per_second = round(book.done_chips / wall, 3) if wall else 0.0
+    # How busy each stage's workers were while the stream ran (start-up excluded), and the bottleneck.
+    report.stages, report.bottleneck = stage_figures(
+        book.stage_seconds, {"read": read_tasks, "predict": spec.compute.actors, "driver": 1}, streamed)
     report.exit_code = 1 if report.scenes_failed or report.scenes_partial or report.chips_quarantined else 0
     report.report_path = str(table.write_run_report(spec.output.table, run_id, report.as_dict()))
     return report.as_dict()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import pickle
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -50,11 +51,48 @@ class RunReport:
     wall_seconds: float = 0.0
     startup_seconds: Optional[float] = None  # until the first predictions reached the driver
     chips_per_second: float = 0.0
+    # Seconds spent per stage (read, transfer, forward, postprocess, merge_commit), the
+    # workers doing it and how busy their pool was; the bottleneck stage (see stage_figures).
+    stages: dict[str, dict] = field(default_factory=dict)
+    bottleneck: Optional[str] = None
     exit_code: int = 0  # 1 while any scene is not complete
     report_path: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Each stage of a run and the pool of workers that does it: read tasks, predictor actors
+# (copy to the device, the model, copy back and encoding), the driver (seam merge, commit).
+STAGE_POOLS = {"read": "read", "transfer": "predict", "forward": "predict", "postprocess": "predict",
+               "merge_commit": "driver"}
+
+
+def stage_figures(seconds: dict[str, float], workers: dict[str, int], wall: float
+                  ) -> tuple[dict[str, dict], Optional[str]]:
+    """Per stage: its seconds, its pool's workers and how busy that pool was over `wall`
+    (the pool's seconds / (workers x wall)) -> (figures, bottleneck).
+
+    The bottleneck is the largest stage of the busiest pool: the others waited on it. A
+    pool's own stages share its workers, so they are compared within it, and pools are
+    compared by how busy they were, not by raw seconds (14 read tasks spend more seconds
+    than one actor that is never idle). None when nothing was timed. Example: read 36 s on
+    4 tasks, forward 3 s + transfer 1 s + postprocess 1 s on 1 actor, merge/commit 1 s, over
+    10 s: read 0.9 busy, predictor 0.5, driver 0.1 -> bottleneck read.
+    """
+    pool_seconds: dict[str, float] = {}
+    for stage, spent in seconds.items():
+        pool_seconds[STAGE_POOLS[stage]] = pool_seconds.get(STAGE_POOLS[stage], 0.0) + spent
+
+    def busy(pool: str) -> float:
+        return pool_seconds[pool] / (max(workers[pool], 1) * wall) if wall > 0 else 0.0
+
+    figures = {stage: {"seconds": round(spent, 3), "workers": workers[STAGE_POOLS[stage]],
+                       "pool_busy": round(busy(STAGE_POOLS[stage]), 3)} for stage, spent in seconds.items()}
+    if not any(spent > 0 for spent in seconds.values()):
+        return figures, None
+    busiest = max(pool_seconds, key=busy)
+    return figures, max((s for s in seconds if STAGE_POOLS[s] == busiest), key=lambda s: seconds[s])
 
 
 class SceneBook:
@@ -78,6 +116,7 @@ class SceneBook:
         self.workers: dict[str, int] = defaultdict(int)
         self.done_chips = 0
         self.chips_planned = 0
+        self.stage_seconds = dict.fromkeys(STAGE_POOLS, 0.0)  # summed from the rows (see stage_figures)
 
     def count(self, stage: str, node: str) -> None:
         counts = self.report.nodes.setdefault(stage, {})
@@ -105,6 +144,13 @@ class SceneBook:
 
     def commit(self, scene_id: str) -> None:
         """Merge, georeference and commit one scene whose chips have all come back."""
+        started = time.perf_counter()
+        try:
+            self._commit(scene_id)
+        finally:
+            self.stage_seconds["merge_commit"] += time.perf_counter() - started
+
+    def _commit(self, scene_id: str) -> None:
         plan = self.plans.pop(scene_id)
         self.received.pop(scene_id, None)
         self.settled.add(scene_id)
@@ -159,6 +205,9 @@ class SceneBook:
     def take(self, batch: dict, i: int) -> None:
         """One row of the stream: a scene's plan (on its first row), a chip's outcome."""
         scene_id, status = str(batch["scene_id"][i]), str(batch["status"][i])
+        for stage in ("read", "transfer", "forward", "postprocess"):  # each row its share of its batch
+            if f"{stage}_seconds" in batch:
+                self.stage_seconds[stage] += float(batch[f"{stage}_seconds"][i])
         if batch["plan"][i]:
             self.arrived(pickle.loads(batch["plan"][i]), str(batch["planned_on"][i]))
         if status == SCENE_FAILED:
