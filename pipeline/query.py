@@ -199,9 +199,12 @@ def read_aoi(path: os.PathLike | str, crs: str | None) -> pa.Table:
     import shapely
 
     from pipeline.geo.georef import reproject_points
+    from pipeline.io.objstore import local_file
 
     try:
-        meta, table = pyogrio.read_arrow(path)
+        meta, table = pyogrio.read_arrow(local_file(str(path)))  # s3:// / gs:// (one-file formats): fetched once
+    except InputError:
+        raise
     except Exception as err:  # pyogrio's DataSourceError, GDAL errors: name the file
         raise InputError(f"{path}: cannot read the AOI file: {err}") from None
     if not meta.get("crs"):
@@ -270,11 +273,21 @@ def _detections_view(con: Any, store: Any, visible: list, crs: str | None) -> No
                            f"JOIN {FILES_VIEW}_{i} f USING (filename){_not_hidden(hidden)}")
         else:
             schema = detection_schema()
-            schema = schema.set(schema.get_field_index("geometry"), _geoarrow_field("geometry", crs))
             schema = schema.set(schema.get_field_index("date"), pa.field("date", pa.date32()))
             con.register(f"_parts_{i}", _committed_dataset(store, group, schema))
-            selects.append(f"SELECT {', '.join(names)}, date FROM _parts_{i}{_not_hidden(hidden)}")
+            # The WKB is made GEOMETRY above the scan, not in it: DuckDB would push a spatial
+            # join's filter on a GEOMETRY column into the pyarrow scan, which cannot take it.
+            columns = ", ".join(f"CAST(ST_GeomFromWKB({n}) AS {_geometry_sql_type(con, crs)}) AS {n}"
+                                if n == "geometry" else n for n in names)
+            selects.append(f"SELECT {columns}, date FROM _parts_{i}{_not_hidden(hidden)}")
     con.execute(f"CREATE VIEW {VIEW} AS " + " UNION ALL ".join(selects))
+
+
+def _geometry_sql_type(con: Any, crs: str | None) -> str:
+    """DuckDB's GEOMETRY type with this CRS, as DuckDB itself names it from GeoArrow metadata
+    (so an object-store table's view has the type a local table's has)."""
+    probe = pa.table([pa.array([], pa.binary())], schema=pa.schema([_geoarrow_field("geometry", crs)]))
+    return str(con.from_arrow(probe).types[0])
 
 
 @contextlib.contextmanager
@@ -299,8 +312,8 @@ def open_detections(table_root: os.PathLike | str, aoi: os.PathLike | str | None
     try:
         # A registered Arrow table reads as a view and keeps its schema with no rows.
         con.register(SCENES_VIEW, scenes)
-        if aoi_rows is not None:
-            con.register(AOI_VIEW, aoi_rows)
+        if aoi_rows is not None:  # a DuckDB table, not an Arrow scan: a spatial join may push filters into it
+            con.from_arrow(aoi_rows).create(AOI_VIEW)
         with tempfile.TemporaryDirectory(prefix="pipeline-query-") as tmp:
             if visible:
                 _detections_view(con, store, visible, crs)

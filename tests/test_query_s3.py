@@ -20,6 +20,7 @@ from test_table import rows, run_info
 
 import pipeline.table.transactions as T
 from pipeline.cli import main
+from pipeline.errors import InputError
 from pipeline.io.objstore import ObjectStoreError
 from pipeline.query import query_to_file, run_query
 from pipeline.table.store import open_store
@@ -79,6 +80,20 @@ def test_query_out_from_an_s3_table(tables, tmp_path):
     cli = CliRunner().invoke(main, ["query", url, sql, "-o", str(tmp_path / "b.fgb")])
     assert cli.exit_code == 0 and "9 rows" in cli.output, cli.output
     assert len(gpd.read_file(tmp_path / "b.fgb")) == 9
+
+
+def test_an_aoi_file_in_the_store(tables, s3_server, tmp_path):
+    url, local = tables
+    aoi = gpd.GeoDataFrame({"name": ["box"]}, geometry=[shapely.box(500100, 3999700, 500400, 3999900)],
+                           crs="EPSG:32633").to_crs("EPSG:4326")
+    aoi.to_file(tmp_path / "aoi.geojson")
+    s3_server.upload_file(str(tmp_path / "aoi.geojson"), BUCKET, "aois/aoi.geojson")
+    sql = ("SELECT a.name, count(*) AS n FROM detections d JOIN aoi a ON ST_Intersects(d.geometry, a.geometry) "
+           "GROUP BY ALL")
+    got = run_query(url, sql, aoi=f"s3://{BUCKET}/aois/aoi.geojson").to_pylist()
+    assert got == run_query(local, sql, aoi=tmp_path / "aoi.geojson").to_pylist() and got[0]["n"] > 0
+    with pytest.raises(InputError, match="aois/missing.geojson"):
+        run_query(url, sql, aoi=f"s3://{BUCKET}/aois/missing.geojson")
 
 
 def cli_env(**changes) -> dict:
