@@ -11,11 +11,11 @@ from urllib.parse import urlparse
 
 import torch
 
-from retinanet.checkpoint import CheckpointError
 
-
-class NamedSourceError(CheckpointError):
-    """A named model cannot be had: unknown name, a release that holds no RetinaNet, ..."""
+class NamedSourceError(ValueError):
+    """A named model cannot be had: unknown name, a release that holds no RetinaNet, ...
+    (a ValueError as retinanet.checkpoint.CheckpointError is; not one, since checkpoint
+    imports the model, which imports this module)."""
 
 
 class NotCachedError(NamedSourceError):

@@ -71,11 +71,11 @@ def check_trainable(spec: JobSpec) -> None:
         value = getattr(t, key)
         if key == "backbone_weights" and value == "imagenet":
             from retinanet.backbones import imagenet_weights_state
-            from retinanet.checkpoint import CheckpointError
+            from retinanet.hub_cache import NamedSourceError
 
             try:  # into torch's cache now (workers on this machine read it there), or why not
                 imagenet_weights_state(t.backbone)
-            except CheckpointError as err:
+            except NamedSourceError as err:
                 problems.append(f"{source}: train.{key}: {err}")
         elif value is not None and not os.path.isfile(value):
             problems.append(f"{source}: train.{key}: file not found: {value}")
