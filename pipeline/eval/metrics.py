@@ -8,7 +8,9 @@ COCO protocol notes: images are scenes (or chips); area ranges small < 32^2 <= m
 96^2 <= large, in pixels; ``maxDets`` is (1, 100, M) where M is at least the largest
 number of detections of any image, so big scenes are not cut at COCO's 100 detections
 (every AP below uses M). Metrics that have no ground truth (e.g. AP_small when there is
-no small object) are ``None``. Boxes are pixel EDGE coordinates (no VOC "+1").
+no small object) are ``None``. Boxes are pixel EDGE coordinates (no VOC "+1"). Each
+scene is matched in independent parts (:func:`split_for_matching`), which gives the
+figures of the scene matched as one image at a cost linear in its boxes.
 """
 from __future__ import annotations
 
