@@ -17,7 +17,7 @@ directories reported with ``ray.train.report(metrics, checkpoint=...)``:
     step.json        {"step": ..., "epoch": ...} (cheap to read when choosing a resume point)
 
 Validation runs on rank 0 at every epoch end (and when training stops early) on the
-validation chips: COCO AP and AP50 through pycocotools (:mod:`pipeline.eval.metrics`).
+validation chips: COCO AP and AP50 (:mod:`pipeline.eval.metrics`).
 """
 from __future__ import annotations
 
