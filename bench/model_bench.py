@@ -16,6 +16,14 @@ References, measured in the same run on the same weights and chips:
 Ours runs the chips as they are: fp32 (channels_last) and `Detector(precision="auto")`
 (bf16 autocast where the CPU has bf16 matrix units, or on CUDA).
 
+The GPU path (issue 33), printed last, each against the raw forward (the network alone:
+backbone, FPN, heads) of the same batch at the Detector's precision and layout:
+  network only; postprocess only (the model's decoding, NMS and top-k on head outputs
+  recorded once from that very batch); model only (Detector: network + postprocess);
+  training (one SGD step of ours, images/s).
+
+    python bench/model_bench.py --device cpu --smoke   # seconds on a CPU: 2 chips of 128², ours only
+
 Eval: chips/s of one batched forward. Train: chips/s of one SGD step (forward with targets,
 backward, optimizer step). Every variant is timed round-robin (one run of each per
 repetition) so a noisy neighbour slows all of them alike; the figure is the median.
@@ -34,6 +42,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from retinanet import Detector, from_torchvision
+from retinanet.config import SIZE_DIVISOR
 from retinanet.export import DenseRetinaNet
 
 NUM_CLASSES = 2
@@ -95,7 +104,13 @@ def main(argv=None) -> None:
     parser.add_argument("--head-std", type=float, default=0.013,
                         help="std of the head conv weights (0.013 gives scores spread over ~0.05-0.5)")
     parser.add_argument("--skip", default="", help="comma-separated: eval,train to skip a phase")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="time ours only (no torchvision references): the GPU path's figures")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a check that the script runs: 2 chips of 128², one repetition, ours only")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.chip, args.reps, args.warmup, args.ours_only = 2, 128, 1, 1, True
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -121,6 +136,9 @@ def main(argv=None) -> None:
     detector_nchw = Detector(ours_nchw, device=str(device), precision="fp32", channels_last=False)
     detector_auto_model = from_torchvision(state, NUM_CLASSES, trainable_stages=3, **same_settings)
     detector_auto = Detector(detector_auto_model, device=str(device), precision="auto")
+    label_network = f"ours network only ({detector_auto.precision}), no postprocess"
+    label_post = f"ours postprocess only ({detector_auto.precision})"
+    label_model = f"ours Detector(auto={detector_auto.precision})"
     tv_a.to(device).eval()
     tv_b.to(device).eval()
     image_list = list(images)
@@ -156,13 +174,13 @@ def main(argv=None) -> None:
 
     summary = {}
     if "eval" not in skip:
-        variants = {
+        variants = {} if args.ours_only else {
             label_a: lambda: tv_a(image_list),
             label_b: lambda: tv_b(image_list),
             "ours fp32 (NCHW, no channels_last)": lambda: detector_nchw(images),
             "ours fp32 channels_last": lambda: detector_fp32(images),
-            f"ours Detector(auto={detector_auto.precision})": lambda: detector_auto(images),
         }
+        variants[label_model] = lambda: detector_auto(images)
         # The network alone (backbone, FPN, heads; no decoding or NMS) at the Detector's precision
         # and layout: the difference to the line above is what postprocessing costs.
         network = DenseRetinaNet(detector_auto.model)
@@ -172,13 +190,28 @@ def main(argv=None) -> None:
             with torch.autocast(device.type, dtype=detector_auto.autocast_dtype or torch.float32,
                                 enabled=detector_auto.autocast_dtype is not None):
                 return network(images_cl)
-        variants[f"ours network only ({detector_auto.precision}), no postprocess"] = network_only
-        if detector_auto.autocast_dtype is not None:  # the same precision for torchvision, for reference
+        variants[label_network] = network_only
+        # Postprocessing alone: the model's own decoding, NMS and top-k on head outputs recorded
+        # once from this very batch (so the candidates are the model-only variant's).
+        with torch.inference_mode():
+            recorded = network_only()
+            feature_hws = [tuple(p.shape[-2:]) for p in network.pyramid(images_cl)]
+        padded_hw = tuple(-(-side // SIZE_DIVISOR) * SIZE_DIVISOR for side in images.shape[-2:])
+        model = detector_auto.model
+        anchors = model.anchor_generator(padded_hw, feature_hws, device)
+        level_counts = [h * w * model.anchor_generator.num_anchors_per_location for h, w in feature_hws]
+
+        def postprocess_only():
+            with torch.autocast(device.type, dtype=detector_auto.autocast_dtype or torch.float32,
+                                enabled=detector_auto.autocast_dtype is not None):
+                return model.postprocess(*recorded, anchors, level_counts, padded_hw)
+        variants[label_post] = postprocess_only
+        if detector_auto.autocast_dtype is not None and not args.ours_only:  # torchvision at the same precision
             def tv_b_autocast():
                 with torch.autocast(device.type, dtype=detector_auto.autocast_dtype):
                     return tv_b(image_list)
             variants[f"{label_b} + autocast {detector_auto.precision}"] = tv_b_autocast
-        times: dict[str, list[float]] = {}
+        times: dict[str, list[tuple[float, float]]] = {}
         with torch.inference_mode():
             for rep in range(args.warmup + args.reps):
                 for label, fn in variants.items():
@@ -189,8 +222,8 @@ def main(argv=None) -> None:
         ours_train = from_torchvision(state, NUM_CLASSES, trainable_stages=3, **same_settings)
         ours_train.to(device).to(memory_format=torch.channels_last).train()
         images_cl = images.contiguous(memory_format=torch.channels_last)
-        models = {label_a: tv_a, label_b: tv_b,
-                  "ours fp32 channels_last": ours_train}
+        models = {} if args.ours_only else {label_a: tv_a, label_b: tv_b}
+        models["ours fp32 channels_last"] = ours_train
         optimizers = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
                       for k, m in models.items()}
         autocast_dtype = detector_auto.autocast_dtype
@@ -221,6 +254,8 @@ def main(argv=None) -> None:
         summary["train"] = {k: medians(v) for k, v in times.items()}
 
     for phase, rows in summary.items():
+        if args.ours_only:
+            continue
         a, a_cpu = rows[label_a]
         b, b_cpu = rows[label_b]
         print(f"\n{phase}: median of {args.reps} after {args.warmup} warm-up (wall clock; CPU seconds of this "
@@ -230,6 +265,35 @@ def main(argv=None) -> None:
         for label, (t, c) in rows.items():
             print(f"  {label:40s} {t:8.3f} {args.batch / t:8.2f} {a / t:6.2f}x {b / t:6.2f}x "
                   f"{c:7.2f} {a_cpu / c:9.2f}x {b_cpu / c:9.2f}x")
+
+    print_gpu_path(summary, args.batch, label_network, label_post, label_model, label_train(detector_auto))
+
+
+def label_train(detector: Detector) -> str:
+    """The training variant the GPU path reports: autocast where the Detector has it (what
+    `pipeline train` runs), else fp32."""
+    return f"ours autocast {detector.precision}" if detector.autocast_dtype is not None else "ours fp32 channels_last"
+
+
+def gpu_path_rows(summary: dict, network: str, post: str, model: str, train: str) -> list[tuple[str, float]]:
+    """(what, median seconds per batch) of the GPU path's figures that were timed: network
+    only, postprocess only, model only (eval) and a training step (train)."""
+    wanted = [("network only (the raw forward)", "eval", network), ("postprocess only", "eval", post),
+              ("model only (network + postprocess)", "eval", model), ("training step (images/s)", "train", train)]
+    return [(what, summary[phase][label][0]) for what, phase, label in wanted
+            if phase in summary and label in summary[phase]]
+
+
+def print_gpu_path(summary: dict, batch: int, network: str, post: str, model: str, train: str) -> None:
+    rows = gpu_path_rows(summary, network, post, model, train)
+    if not rows or "eval" not in summary:
+        return
+    raw = summary["eval"][network][0]
+    print(f"\nGPU path (issue 33): each against the raw forward of the same batch of {batch} "
+          f"(network only, {raw:.3f} s); ratio = chips/s / raw forward's chips/s")
+    print(f"  {'stage':40s} {'s/batch':>8s} {'chips/s':>8s} {'vs raw':>7s}")
+    for what, seconds in rows:
+        print(f"  {what:40s} {seconds:8.3f} {batch / seconds:8.2f} {raw / seconds:6.2f}x")
 
 
 if __name__ == "__main__":

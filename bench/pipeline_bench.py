@@ -6,7 +6,8 @@
    on a synthetic scene, against the model's own forward over the same number of chips of
    the same size and batch in this process (same checkpoint, precision and threads; the
    reference is timed after a warm-up forward). Target >= 0.9 on a 2-core machine.
-   Also printed: the start-up (time until the first predictions reach the driver: actor
+   Also printed: the last run's stage seconds and bottleneck (the run report's), the
+   start-up (time until the first predictions reach the driver: actor
    process, imports, model load, first batch), which is paid once per run whatever its
    size, and the steady ratio after it.
 2. Memory: peak RSS of the whole process tree (driver + Ray workers) for a 4096^2 and a
@@ -113,7 +114,9 @@ def throughput(args) -> dict:
     p, s, m = statistics.median(pipe), statistics.median(steady), statistics.median(raw)
     return {"chips": chips, "pipeline_chips_per_s": round(p, 3), "raw_forward_chips_per_s": round(m, 3),
             "ratio": round(p / m, 3), "startup_seconds": round(statistics.median(startup), 2),
-            "steady_chips_per_s": round(s, 3), "steady_ratio": round(s / m, 3)}
+            "steady_chips_per_s": round(s, 3), "steady_ratio": round(s / m, 3),
+            # the last run's report: seconds per stage, how busy each pool was, which stage the others waited on
+            "last_run_stages": report["stages"], "last_run_bottleneck": report["bottleneck"]}
 
 
 def process_role(proc, root_pid: int) -> str:

@@ -445,7 +445,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     report.wall_seconds = round(wall, 3)
     report.startup_seconds = round(first_predictions, 3) if first_predictions is not None else None
     report.chips_per_second = round(book.done_chips / wall, 3) if wall else 0.0
-    # How busy each stage's workers were while the stream ran (start-up excluded), and the bottleneck.
+    # How busy each stage's workers were while the stream ran (Ray's start excluded, the actors' included).
     report.stages, report.bottleneck = stage_figures(
         book.stage_seconds, {"read": read_tasks, "predict": spec.compute.actors, "driver": 1}, streamed)
     report.exit_code = 1 if report.scenes_failed or report.scenes_partial or report.chips_quarantined else 0
