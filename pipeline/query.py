@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, PipelineError
-from pipeline.table.store import LocalStore, open_store
+from pipeline.table.store import LocalStore
 
 VIEW = "detections"
 SCENES_VIEW = "scenes"
@@ -74,20 +74,6 @@ MAX_CELL = 60
 
 class QueryError(PipelineError):
     """The SQL could not be run against the table (syntax, unknown column, ...)."""
-
-
-def _check_table_root(table_root: os.PathLike | str) -> str:
-    """A table root must exist: a typo must not read as 'no rows'. An object-store table
-    must hold its ``_table.json``."""
-    from pipeline.table.transactions import TABLE_INFO
-
-    store = open_store(table_root)
-    if isinstance(store, LocalStore) and not store.exists():
-        raise InputError(f"{table_root}: no detection table here (directory not found)")
-    if not isinstance(store, LocalStore) and store.stat(TABLE_INFO) is None:
-        store.list(TABLE_INFO)  # S3 answers a HEAD in a missing bucket with a bare 404; a listing names the bucket
-        raise InputError(f"{table_root}: no detection table here ({TABLE_INFO} not found)")
-    return str(table_root)
 
 
 def _sql_string(text: str) -> str:
@@ -300,11 +286,11 @@ def open_detections(table_root: os.PathLike | str, aoi: os.PathLike | str | None
     and ``geo`` metadata is written to a temporary directory for the life of the
     connection, so the view has the right columns and types.
     """
-    from pipeline.table.transactions import committed_scenes, read_committed, table_crs, visible_parts
+    from pipeline.table.transactions import committed_scenes, read_committed, require_table, table_crs, visible_parts
 
-    root = _check_table_root(table_root)
+    store = require_table(table_root)
+    root = str(table_root)
     scenes = scenes_table(committed_scenes(root))
-    store = open_store(root)
     visible = visible_parts(root)
     crs = table_crs(root)
     aoi_rows = read_aoi(aoi, crs) if aoi is not None else None
@@ -571,7 +557,7 @@ def query_to_file(table_root: os.PathLike | str, sql: str, path: os.PathLike | s
 
     check_out_path(path)
     result = run_query(table_root, sql, aoi)
-    return write_result(result, path, table_crs(_check_table_root(table_root)))
+    return write_result(result, path, table_crs(str(table_root)))  # run_query checked the table
 
 
 def table_columns(table_root: os.PathLike | str, view: str = VIEW) -> list[tuple[str, str]]:

@@ -165,20 +165,15 @@ class SceneDetections:
     model_ids: tuple[str, ...] = ()
 
 
-def _check_table(table_root: os.PathLike | str) -> None:
-    if not open_store(table_root).exists():
-        raise InputError(f"{table_root}: no detection table here (directory not found)")
-
-
 def scene_detections(table_root: os.PathLike | str, scene_id: str, run_id: Optional[str] = None,
                      job_name: Optional[str] = None) -> SceneDetections:
     """Committed detections of ``scene_id`` (optionally only ``run_id`` / ``job_name``), from a
     local or object-store table."""
     import pyarrow.dataset as ds
 
-    from pipeline.table.transactions import read_committed
+    from pipeline.table.transactions import read_committed, require_table
 
-    _check_table(table_root)
+    require_table(table_root)
     where = ds.field("scene_id") == scene_id
     if run_id is not None:
         where = where & (ds.field("run_id") == run_id)
@@ -433,9 +428,9 @@ def summary_line(summary: dict) -> str:
 def committed_scene_id(table_root: os.PathLike | str, scene_path: str, job_name: Optional[str] = None) -> str:
     """The scene id under which the table holds ``scene_path`` (ids depend on the job's input
     patterns, so the manifests are asked); the file stem when no committed scene has that path."""
-    from pipeline.table.transactions import committed_scenes
+    from pipeline.table.transactions import committed_scenes, require_table
 
-    _check_table(table_root)
+    require_table(table_root)
     wanted = scene_path if is_remote(scene_path) else os.path.abspath(scene_path)
     ids = sorted({sid for (job, sid), entry in committed_scenes(table_root).items()
                   if entry.get("scene_path") == wanted and (job_name is None or job == job_name)})

@@ -45,5 +45,5 @@ def test_evaluate_a_table_in_s3_equals_the_local_table(bucket, tmp_path):
 
 def test_an_empty_prefix_is_named_whole(bucket, tmp_path):
     write_truth(tmp_path / "truth.json", [scene(np.random.default_rng(0), "s0", 5, 1)], ["tree"])
-    with pytest.raises(InputError, match=f"s3://{BUCKET}/tables/none: no committed scene"):
+    with pytest.raises(InputError, match=f"s3://{BUCKET}/tables/none: no detection table here"):
         evaluate_table(f"s3://{BUCKET}/tables/none", [tmp_path / "truth.json"])

@@ -302,6 +302,9 @@ def test_render_reads_an_object_store_table(s3_server, tmp_path, scene):
     result = CliRunner().invoke(main, ["render", url, str(scene), "-o", str(tmp_path / "cli.png"),
                                        "--max-size", "256"])
     assert result.exit_code == 0 and "2 detections" in result.output, result.output
+    # a mistyped prefix is no table, not a picture with no detections
+    typo = CliRunner().invoke(main, ["render", f"s3://{BUCKET}/tables/t2", str(scene), "-o", str(tmp_path / "t.png")])
+    assert typo.exit_code == 2 and "tables/t2: no detection table here" in typo.output, typo.output
 
 
 @pytest.mark.parametrize("truth_name", ["truth.json", "truth.geojson"])

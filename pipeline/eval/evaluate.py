@@ -234,11 +234,10 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
     """
     import pyarrow.dataset as pds
 
-    from pipeline.table.transactions import committed_scenes, read_committed
+    from pipeline.table.transactions import committed_scenes, read_committed, require_table
 
     table = str(table)  # a URL stays a URL (pathlib would fold s3:// into s3:/)
-    if not open_store(table).exists():
-        raise InputError(f"{table}: detection table not found")
+    require_table(table)
     entries = [m for (job, _), m in committed_scenes(table).items()
                if (run_id is None or m["run_id"] == run_id) and (job_name is None or job == job_name)]
     if not entries:

@@ -86,7 +86,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.errors import CommitError
+from pipeline.errors import CommitError, InputError
 from pipeline.io.objstore import arrow_filesystem
 from pipeline.table.schema import SCHEMA_VERSION, current_file_rows, detection_schema, geo_metadata
 from pipeline.table.store import LocalStore, open_store
@@ -161,6 +161,21 @@ def _ensure_table_info(store, crs: Optional[str]) -> None:
     existing = _read_table_info(store)
     if existing.get("crs") != crs:
         raise CommitError(f"{store.url}: table holds crs {existing.get('crs')!r}; this run writes crs {crs!r}")
+
+
+def require_table(table_root: os.PathLike | str) -> Any:
+    """The store of the detection table at ``table_root``, or InputError when none is there:
+    a typo must not read as "no rows". A local table is its folder (an empty one is a
+    table with no commit yet); an object-store prefix exists only through its objects, so
+    it must hold ``_table.json``. The one check behind query, eval, render, vacuum and compact."""
+    store = open_store(table_root)
+    if isinstance(store, LocalStore):
+        if not store.exists():
+            raise InputError(f"{table_root}: no detection table here (directory not found)")
+    elif store.stat(TABLE_INFO) is None:
+        store.list(TABLE_INFO)  # S3 answers a HEAD in a missing bucket with a bare 404; a listing names the bucket
+        raise InputError(f"{table_root}: no detection table here ({TABLE_INFO} not found)")
+    return store
 
 
 def _read_table_info(store) -> dict:
@@ -649,9 +664,7 @@ def compact(table_root: os.PathLike | str, days: Optional[Sequence[str]] = None,
     Returns one summary per partition looked at: ``{date, files_before, files_after,
     rows, needed, compacted}``; ``dry_run`` plans without writing.
     """
-    store = open_store(table_root)
-    if not store.exists():
-        raise CommitError(f"{table_root}: no detection table here (directory not found)")
+    store = require_table(table_root)
     if not dry_run:
         recover(table_root)
     current, groups = _current(all_manifests(table_root)), _current_groups(store)
@@ -955,9 +968,7 @@ def vacuum(table_root: os.PathLike | str, grace_s: float = 3600, dry_run: bool =
 
     ``dry_run``: list, delete nothing.
     """
-    store = open_store(table_root)
-    if not store.exists():
-        raise CommitError(f"{table_root}: no detection table here (directory not found)")
+    store = require_table(table_root)
     if not dry_run:
         recover(table_root)
     cutoff = time.time() - grace_s
