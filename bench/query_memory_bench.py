@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,30 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.table import schema  # noqa: E402
 from pipeline.table import transactions as T  # noqa: E402
+from tests.moto_server import free_port, start_moto, stop  # noqa: E402
 
 CLASSES = ["vehicle", "building", "tank"]
 BUCKET = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise SystemExit("moto S3 server did not start")
-            time.sleep(0.2)
 
 
 def scene_rows(run: T.RunInfo, scene: str, n: int, rng: np.random.Generator):
@@ -139,8 +118,7 @@ def main() -> None:
         print(f"ratio {large:,} / {small:,} rows: " + ", ".join(
             f"{q} {results[large][q][0] / results[small][q][0]:.2f}x RSS" for q in queries))
     finally:
-        moto.terminate()
-        moto.wait(timeout=10)
+        stop(moto)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 
 import pytest
+from moto_server import free_port, start_moto, stop
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -43,15 +44,7 @@ def pytest_unconfigure(config):
 # Object storage: a local S3-compatible server (moto's server mode) on 127.0.0.1. The
 # endpoint is fixed when this file is imported, before Ray starts, so Ray's worker
 # processes inherit it (GDAL's /vsis3/ reads and obstore both read AWS_ENDPOINT_URL).
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-S3_PORT = _free_port()
+S3_PORT = free_port()
 os.environ.update({
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
     "AWS_ACCESS_KEY_ID": "testing",
@@ -67,25 +60,11 @@ def s3_server():
 
     Only the process started here is stopped at the end.
     """
-    import socket
-    import subprocess
-    import sys
-    import time
-
     import boto3
 
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("moto S3 server did not start")
-            time.sleep(0.2)
+    try:
+        proc = start_moto(S3_PORT)
+    except RuntimeError as err:
+        pytest.fail(str(err))
     yield boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop(proc)

@@ -5,17 +5,15 @@ errors."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import geopandas as gpd
 import pyogrio
 import pytest
 import shapely
 from click.testing import CliRunner
-from conftest import _free_port
+from moto_server import free_port, start_moto, stop
 from test_table import rows, run_info
 
 import pipeline.table.transactions as T
@@ -138,23 +136,10 @@ def test_a_missing_bucket_is_named(s3_server):
 @pytest.fixture()
 def strict_s3():
     """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0); its endpoint."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("moto S3 server did not start")
-            time.sleep(0.2)
+    port = free_port()
+    proc = start_moto(port, env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop(proc)
 
 
 def test_refused_credentials_are_named(strict_s3):
@@ -172,7 +157,7 @@ def test_refused_credentials_are_named(strict_s3):
 
 def test_an_unreachable_endpoint_is_named(tables):
     url, _ = tables
-    env = cli_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    env = cli_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")  # nothing listens there
     done = pipeline_cli("query", url, "SELECT count(*) FROM detections", env=env)
     assert done.returncode not in (0, 3) and "Traceback" not in done.stderr, done.stderr
     assert f"error: {url}/_table.json: object store request failed" in done.stderr
