@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from pipeline.config.spec import load_job
-from pipeline.errors import ConfigError, TrainingError
+from pipeline.errors import ConfigError, InputError, TrainingError
 from pipeline.tools.synth import synthesize
 from pipeline.train.anchors import anchor_shapes, centred_iou, fit_anchors, match_share
 from pipeline.train.data import (
@@ -358,7 +358,7 @@ def test_time_budget_stops_at_a_validated_checkpoint_and_the_console_says_so(ray
 
 def test_resume_without_an_earlier_run_is_a_clear_error(job_folder, ray_session):
     spec = load_job(write_job(job_folder, output_dir="runs/never"))
-    with pytest.raises(TrainingError, match="nothing to resume"):
+    with pytest.raises(InputError, match="nothing to resume"):
         train(spec, resume=True)
 
 

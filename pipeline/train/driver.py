@@ -181,7 +181,8 @@ def _run_name(spec: JobSpec, output_dir: Path, resume: bool) -> str:
         try:
             return json.loads(record.read_text())["ray_run"]
         except (OSError, ValueError, KeyError):
-            raise TrainingError(f"{output_dir}: nothing to resume (no run.json from an earlier pipeline train)") \
+            # nothing ran: the run cannot start (exit 2), not a training that failed (exit 1)
+            raise InputError(f"{output_dir}: nothing to resume (no run.json from an earlier pipeline train)") \
                 from None
     name = f"{spec.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}"
     output_dir.mkdir(parents=True, exist_ok=True)
