@@ -261,14 +261,14 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool, v
 @click.option("--scenes", default=4, show_default=True, help="number of scenes")
 @click.option("--size", default=2048, show_default=True, help="scene side in pixels")
 @click.option("--seed", default=0, show_default=True, help="random seed (same seed, same files)")
-@click.option("--bands", default=3, show_default=True, type=click.Choice(["3", "4"]),
-              help="3 = RGB, 4 = RGB + NIR")
+@click.option("--band-count", default=3, show_default=True, type=click.Choice(["3", "4"]),
+              help="3 = RGB, 4 = RGB + NIR (--bands elsewhere is a list of band numbers)")
 @click.option("--dtype", default="uint8", show_default=True, type=click.Choice(["uint8", "uint16"]))
 @click.option("--nodata-regions", is_flag=True, help="add nodata (0) regions to every scene")
 @click.option("--kind", default="satellite", show_default=True, type=click.Choice(["satellite", "inspection"]),
               help="satellite: georeferenced GeoTIFFs (UTM), truth.json and truth.geojson; inspection: "
                    "plain 8-bit RGB PNGs of metal parts with defects (no georeferencing), truth.json")
-def synth(out_dir: str, scenes: int, size: int, seed: int, bands: str, dtype: str,
+def synth(out_dir: str, scenes: int, size: int, seed: int, band_count: str, dtype: str,
           nodata_regions: bool, kind: str) -> None:
     """Write synthetic labelled images: georeferenced scenes plus truth.json (COCO) and
     truth.geojson, or (--kind inspection) factory images plus truth.json."""
@@ -277,14 +277,14 @@ def synth(out_dir: str, scenes: int, size: int, seed: int, bands: str, dtype: st
     try:
         if kind == "inspection":
             ctx = click.get_current_context()
-            given = [f"--{name.replace('_', '-')}" for name in ("bands", "dtype", "nodata_regions")
+            given = [f"--{name.replace('_', '-')}" for name in ("band_count", "dtype", "nodata_regions")
                      if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
             if given:
                 raise ConfigError(f"--kind inspection writes 8-bit RGB PNGs without nodata; "
                                   f"{', '.join(given)} apply to --kind satellite only")
             paths = synthesize_inspection(out_dir, scenes, size, seed)
         else:
-            paths = synthesize(out_dir, scenes, size, seed, bands=int(bands), dtype=dtype,
+            paths = synthesize(out_dir, scenes, size, seed, bands=int(band_count), dtype=dtype,
                                nodata_regions=nodata_regions)
     except PipelineError as err:
         fail(err)
@@ -497,8 +497,8 @@ def evaluate(table: str | None, table_option: str | None, truth: tuple[str, ...]
               help="override a field of --job, at any depth (repeatable)")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]),
               help="with --job: which split's chips")
-@click.option("--scenes", multiple=True, help="labelled scenes (globs), instead of --job")
-@click.option("--labels", multiple=True, help="label files for --scenes (COCO, VOC, CSV, vector)")
+@click.option("--images", multiple=True, help="labelled scenes (files or globs), instead of --job")
+@click.option("--labels", multiple=True, help="label files for --images (COCO, VOC, CSV, vector)")
 @click.option("--chip-size", default=512, show_default=True, type=click.IntRange(min=32))
 @click.option("--overlap", default=64, show_default=True, type=click.IntRange(min=0))
 @click.option("--bands", default=None, help="1-based bands, e.g. 1,2,3 (default: all non-alpha)")
@@ -509,7 +509,7 @@ def evaluate(table: str | None, table_option: str | None, truth: tuple[str, ...]
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="write JSON and PNG here")
 def eval_checkpoint(checkpoint: str, job: str | None, overrides: tuple[str, ...], split: str,
-                    scenes: tuple[str, ...], labels: tuple[str, ...], chip_size: int, overlap: int,
+                    images: tuple[str, ...], labels: tuple[str, ...], chip_size: int, overlap: int,
                     bands: str | None, region: str | None, untrained: bool, voc: bool, out_dir: str | None) -> None:
     """Chip-level COCO evaluation of a checkpoint on labelled data, without running the pipeline."""
     from pipeline.eval.evaluate import evaluate_checkpoint, evaluate_checkpoint_on_job, format_table
@@ -521,8 +521,8 @@ def eval_checkpoint(checkpoint: str, job: str | None, overrides: tuple[str, ...]
             metrics = evaluate_checkpoint_on_job(checkpoint, load_job(job, list(overrides)), split=split, voc=voc,
                                                  out_dir=out_dir, untrained=untrained)
         else:
-            if not scenes or not labels:
-                raise ConfigError("eval-checkpoint: give --job JOB.yaml, or --scenes and --labels")
+            if not images or not labels:
+                raise ConfigError("eval-checkpoint: give --job JOB.yaml, or --images and --labels")
             band_list = [int(b) for b in bands.split(",")] if bands else None
             side_fraction = None
             if region:
@@ -530,7 +530,7 @@ def eval_checkpoint(checkpoint: str, job: str | None, overrides: tuple[str, ...]
                 if side not in ("right", "bottom") or not fraction:
                     raise ConfigError(f"--region: expected right:FRACTION or bottom:FRACTION, got {region!r}")
                 side_fraction = (side, float(fraction))
-            metrics = evaluate_checkpoint(checkpoint, list(scenes), list(labels), chip_size, overlap, band_list,
+            metrics = evaluate_checkpoint(checkpoint, list(images), list(labels), chip_size, overlap, band_list,
                                           side_fraction, voc=voc, out_dir=out_dir, untrained=untrained)
     except PipelineError as err:
         fail(err)

@@ -44,6 +44,16 @@ def test_out_has_the_short_form_o_wherever_it_exists():
     assert {name for name, p in with_out.items() if "-o" not in p.opts} == set()
 
 
+def test_scenes_is_a_count_and_bands_a_band_list_in_every_command():
+    """`--scenes N` counts (synth); labelled images to read are `--images`. `--bands 1,2,3`
+    lists band numbers, as inputs.bands does; synth's count of bands is `--band-count`."""
+    options = [(name, p) for name, cmd in commands().items() for p in cmd.params if isinstance(p, click.Option)]
+    scenes = [(name, p) for name, p in options if "--scenes" in p.opts]
+    bands = [(name, p) for name, p in options if "--bands" in p.opts]
+    assert scenes and all(isinstance(p.type, click.types.IntParamType) and not p.multiple for _, p in scenes)
+    assert bands and all(p.type is click.STRING and "e.g. 1,2,3" in (p.help or "") for _, p in bands)
+
+
 def test_job_means_a_job_file_in_every_command():
     with_job = {name: p for name, cmd in commands().items() for p in cmd.params if "--job" in p.opts}
     assert {"eval", "eval-checkpoint", "render"} <= set(with_job)

@@ -156,7 +156,7 @@ def test_memory_is_bounded_for_large_scenes(tmp_path):
 def test_cli(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["synth", str(tmp_path / "s"), "--scenes", "1", "--size", "512",
-                                  "--seed", "3", "--bands", "4", "--dtype", "uint16",
+                                  "--seed", "3", "--band-count", "4", "--dtype", "uint16",
                                   "--nodata-regions"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s" / "synth_000.tif").exists() and (tmp_path / "s" / "truth.json").exists()
@@ -218,6 +218,6 @@ def test_cli_synth_kind_inspection(tmp_path):
                                   "--size", "256", "--seed", "1"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "i" / "part_000.png").is_file() and (tmp_path / "i" / "truth.json").is_file()
-    bad = runner.invoke(main, ["synth", str(tmp_path / "j"), "--kind", "inspection", "--bands", "4"])
-    assert bad.exit_code == 2 and "--bands" in bad.output, bad.output
+    bad = runner.invoke(main, ["synth", str(tmp_path / "j"), "--kind", "inspection", "--band-count", "4"])
+    assert bad.exit_code == 2 and "--band-count" in bad.output, bad.output
     assert not (tmp_path / "j").exists()
