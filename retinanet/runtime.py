@@ -116,24 +116,27 @@ class StagedCopies:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._buffers: list[Tensor | None] = [None, None]  # pinned, reused while shape and dtype stay
+        self._buffers: list[Tensor | None] = [None, None]  # pinned, reused while chip shape and dtype stay
         self._copied: list[torch.cuda.Event | None] = [None, None]  # when each buffer's last copy ended
         self._turn = 0
 
-    def _pinned(self, batch: Tensor) -> Tensor:
+    def _pinned(self, batch: Tensor) -> tuple[Tensor, int]:
+        """The batch copied into the next pinned staging buffer -> (that copy, the buffer's index)."""
         turn, self._turn = self._turn, 1 - self._turn
         if self._copied[turn] is not None:
             self._copied[turn].synchronize()  # that buffer's previous copy has read it
         buffer = self._buffers[turn]
-        if buffer is None or buffer.shape != batch.shape or buffer.dtype != batch.dtype:
+        if (buffer is None or buffer.shape[1:] != batch.shape[1:] or buffer.dtype != batch.dtype
+                or len(buffer) < len(batch)):  # pinning is slow: a call's shorter last pass uses the front rows
             buffer = self._buffers[turn] = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=True)
-        buffer.copy_(batch)
-        return buffer
+        staged = buffer[:len(batch)]
+        staged.copy_(batch)
+        return staged, turn
 
     def _start(self, batch: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
         if not self.cuda:
             return batch.to(self.device), None
-        buffer, turn = self._pinned(batch), 1 - self._turn
+        buffer, turn = self._pinned(batch)
         with torch.cuda.stream(self.stream):
             on_device = buffer.to(self.device, non_blocking=True)
             done = torch.cuda.Event()
