@@ -243,7 +243,7 @@ def run(job: str, overrides: tuple[str, ...], run_id: str | None, force: bool, v
     except PipelineError as err:
         fail(err)
     summary = {k: report[k] for k in ("run_id", "detections", "chips_read", "chips_skipped_empty",
-                                      "chips_per_second", "wall_seconds", "startup_seconds",
+                                      "chips_per_second", "wall_seconds", "startup_seconds", "bottleneck",
                                       "report_path")}
     summary["scenes_ok"] = len(report["scenes_ok"])
     summary["scenes_skipped_done"] = len(report["scenes_skipped_done"])

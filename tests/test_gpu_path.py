@@ -6,9 +6,12 @@ machine has no GPU. What is tested is that the same code path, run on the CPU, g
 detections of the plain Detector byte for byte, and that a real run reports its stages."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from workspaces import tiny_checkpoint
 
 from pipeline.config.spec import JobSpec
@@ -127,8 +130,8 @@ def test_bottleneck_is_the_largest_stage_of_the_busiest_pool(seconds, workers, w
         assert figures["read"]["pool_busy"] == 0.9
 
 
-def small_spec(root, table: str) -> JobSpec:
-    return JobSpec.model_validate({
+def small_job(root, table: str) -> dict:
+    return {
         "name": "gpu-path",
         "inputs": {"paths": [str(root / "scenes" / "*.tif")], "bands": [1, 2, 3]},
         "tiling": {"chip_size": 256, "overlap": 32, "min_valid_fraction": 0.05},
@@ -136,25 +139,34 @@ def small_spec(root, table: str) -> JobSpec:
                   "precision": "fp32", "backend": "torch"},
         "compute": {"actors": 1, "gpus_per_actor": 1, "cpus_per_actor": 1, "max_retries": 1},
         "output": {"table": str(root / table), "crs": "EPSG:4326"},
-    })
+    }
 
 
 def test_a_run_reports_each_stage_and_names_the_bottleneck(tmp_path, ray_session):
-    """A real run on the local Ray (one actor on a logical GPU, torch on the CPU): the report
-    carries read, transfer, forward, postprocess and merge/commit seconds, each plausible."""
-    from pipeline.run.graph import run_job
+    """`pipeline run` on the local Ray (one actor on a logical GPU, torch on the CPU): its
+    summary names the bottleneck, and the report carries read, transfer, forward,
+    postprocess and merge/commit seconds, each plausible."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
 
     synthesize(tmp_path / "scenes", scenes=2, size=600, seed=3)
     tiny_checkpoint(tmp_path / "model.pt")
-    report = run_job(small_spec(tmp_path, "t"), log=lambda m: None)
-    assert report["exit_code"] == 0, report
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(small_job(tmp_path, "t")))
+    JobSpec.model_validate(yaml.safe_load(job.read_text()))  # the file is a valid job
+    result = CliRunner().invoke(main, ["run", str(job)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):result.output.rindex("}") + 1])
+    report = json.loads(open(summary["report_path"]).read())
     stages, wall = report["stages"], report["wall_seconds"]
     assert set(stages) == {"read", "transfer", "forward", "postprocess", "merge_commit"}
     for name, figures in stages.items():
         assert figures["seconds"] >= 0, (name, figures)
         assert figures["seconds"] <= wall * figures["workers"], (name, figures, wall)
+        assert 0 <= figures["pool_busy"]
     assert stages["read"]["seconds"] > 0 and stages["forward"]["seconds"] > 0
     assert stages["merge_commit"]["seconds"] > 0
     actor_seconds = sum(stages[s]["seconds"] for s in ("transfer", "forward", "postprocess"))
     assert actor_seconds <= wall * stages["forward"]["workers"]
-    assert report["bottleneck"] in stages
+    assert summary["bottleneck"] == report["bottleneck"] in stages
