@@ -32,7 +32,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -271,6 +271,19 @@ def title_text(scene_id: str, dets: SceneDetections, run_id: Optional[str], thre
     return f"{scene_id} | run {run} | model {model} | {score}"
 
 
+def title_lines(title: str, width: float, measure: Callable[[str], float]) -> list[str]:
+    """The title's `` | ``-separated parts packed in order into lines at most ``width`` wide
+    (by ``measure``, the font's text length); a part wider than a line gets one of its own."""
+    lines: list[str] = []
+    for part in title.split(" | ") if title else []:
+        joined = f"{lines[-1]} | {part}" if lines else part
+        if lines and measure(joined) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(part)
+    return lines
+
+
 def _shade(picture: np.ndarray, top: int, left: int, bottom: int, right: int) -> None:
     """Darken a region of ``picture`` (H, W, 3) in place, so text over it reads on any scene."""
     region = picture[max(0, top):max(0, bottom), max(0, left):max(0, right)]
@@ -302,12 +315,14 @@ def compose(picture: np.ndarray, boxes: np.ndarray, colours: Sequence[tuple[int,
     texts = [text for _, text in legend] or ["no committed detections"]
     legend_width = LEGEND_PAD * 2 + 18 + max(int(draw.textlength(t, font=font)) for t in texts)
     _shade(shaded, legend_top, 0, height, legend_width)
-    if title:
-        _shade(shaded, 0, 0, TITLE_HEIGHT, width)
+    # A picture narrower than the title (a small scene) takes it on several lines.
+    lines = title_lines(title, width - 2 * LEGEND_PAD, lambda text: draw.textlength(text, font=font))
+    if lines:
+        _shade(shaded, 0, 0, TITLE_HEIGHT * len(lines), width)
     canvas = Image.fromarray(shaded, "RGB")
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((LEGEND_PAD, 3), title, fill=(240, 240, 240), font=font)
+    for row, line in enumerate(lines):
+        draw.text((LEGEND_PAD, 3 + row * TITLE_HEIGHT), line, fill=(240, 240, 240), font=font)
     top = legend_top + LEGEND_PAD
     if not legend:
         draw.text((LEGEND_PAD, top), texts[0], fill=(220, 220, 220), font=font)

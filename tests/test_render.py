@@ -30,6 +30,7 @@ from pipeline.render import (
     read_quicklook,
     render_quicklook,
     stretch,
+    title_lines,
 )
 from pipeline.table import schema
 from pipeline.table import transactions as T
@@ -224,14 +225,43 @@ def test_title_names_scene_run_model_and_threshold(tmp_path, scene):
     assert np.abs(png[far_right] - (picture[far_right] * (1 - SHADE)).astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("width, expected", [
+    (39, ["scene | run r1 | model m | score >= 0.3"]),
+    (38, ["scene | run r1 | model m", "score >= 0.3"]),
+    (24, ["scene | run r1 | model m", "score >= 0.3"]),
+    (14, ["scene | run r1", "model m", "score >= 0.3"]),
+    (10, ["scene", "run r1", "model m", "score >= 0.3"]),  # a part wider than a line keeps its own
+])
+def test_title_lines_pack_parts_in_order(width, expected):
+    # measured in characters: "scene | run r1" is 14, "scene | run r1 | model m" 24, the whole title 39
+    assert title_lines("scene | run r1 | model m | score >= 0.3", width, len) == expected
+
+
+def test_a_title_wider_than_the_picture_wraps_inside_it(tmp_path, scene):
+    from PIL import ImageDraw, ImageFont
+
+    root = tmp_path / "table"
+    commit(root, scene, run_id="a-rather-long-run-id-of-the-night-20261207T010203Z")
+    summary = render_quicklook(root, str(scene), tmp_path / "n.png", max_size=128)
+    font, draw = ImageFont.load_default(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = title_lines(summary["title"], 128 - 2 * LEGEND_PAD, lambda t: draw.textlength(t, font=font))
+    assert len(lines) >= 3 and " | ".join(lines) == summary["title"]
+    png = np.asarray(Image.open(tmp_path / "n.png").convert("RGB")).astype(int)
+    picture = read_quicklook(str(scene), 128).picture.astype(int)
+    strip = slice(0, TITLE_HEIGHT * len(lines))
+    shaded = (picture[strip] * (1 - SHADE)).astype(int)
+    assert (np.abs(png[strip] - shaded) > 1).any(axis=2).any(axis=1).reshape(len(lines), -1).any(axis=1).all()
+
+
 # ---------------------------------------------------------------- against ground truth
 
 # Truth in scene pixels (512 px scene, drawn at 256):
 #  vehicle (104, 120, 200, 180): IoU with detection 0 (100, 120, 200, 180) = 96*60 / (100*60) = 0.96 -> hit;
-#  tank (300, 40, 420, 100): no tank detection overlaps it -> miss, drawn at (150, 20, 210, 50);
+#  tank (300, 80, 420, 140): no tank detection overlaps it -> miss, drawn at (150, 40, 210, 70) (below
+#  the title, which takes two lines at 256 px with the truth part);
 #  vehicle (300, 260, 420, 400): the tank detection 1 lies exactly on it, but classes differ ->
 #  a miss, and detection 1 a false alarm.
-TRUTH = [("vehicle", (104, 120, 200, 180)), ("tank", (300, 40, 420, 100)), ("vehicle", (300, 260, 420, 400))]
+TRUTH = [("vehicle", (104, 120, 200, 180)), ("tank", (300, 80, 420, 140)), ("vehicle", (300, 260, 420, 400))]
 
 
 def truth_csv(path: Path, scene: Path, truth=TRUTH) -> Path:
@@ -257,7 +287,7 @@ def test_truth_draws_hits_false_alarms_and_misses_apart(tmp_path, scene):
     png = np.asarray(Image.open(tmp_path / "q.png").convert("RGB"))
     # The hit: drawn at (50, 60, 100, 90); its left side is the detection's alone (truth starts at x 52).
     assert all(tuple(png[y, 50]) == HIT for y in range(62, 89))
-    for x, y in edge_pixels((150, 20, 210, 50)):
+    for x, y in edge_pixels((150, 40, 210, 70)):
         assert tuple(png[y, x]) == MISS, (x, y)
     # The vehicle miss and the tank false alarm share their outline: misses are drawn on top.
     for x, y in edge_pixels(DISPLAY[1]):
