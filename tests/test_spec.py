@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -226,6 +227,19 @@ def test_check_runnable_names_every_problem(tmp_path):
     assert lines[0].startswith(f"{job}: model.checkpoint: file not found")
     assert lines[1].startswith(f"{job}: output.table: cannot be created")
     assert expand_patterns(spec.inputs.paths).unmatched == [str(tmp_path / "data" / "*.tif")]  # preflight's job
+
+
+def test_int8_without_nncf_is_refused_by_name(tmp_path, monkeypatch):
+    """NNCF is the `int8` extra: a job asking for int8 without it is told what to install."""
+    job = runnable_tree(tmp_path)
+    (tmp_path / "truth.json").write_text("{}")
+    int8 = ["model.precision=int8", f"model.int8_labels=[{tmp_path / 'truth.json'}]"]
+    check_runnable(load_job(job, int8))  # installed here (the test extra)
+    monkeypatch.setitem(sys.modules, "nncf", None)  # Python's own "not importable" marker
+    with pytest.raises(ConfigError, match=r"model\.precision: int8 quantises with NNCF, which is not installed: "
+                                          r"pip install 'retinanet-pipeline\[int8\]'"):
+        check_runnable(load_job(job, int8))
+    check_runnable(load_job(job))  # the default precision does not need it
 
 
 def test_check_runnable_table_path_is_a_file(tmp_path):

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, get_args
 
@@ -785,7 +786,8 @@ def check_runnable(spec: JobSpec) -> None:
 
     - a local ``inputs.stac.source`` is an existing file;
     - ``model.checkpoint`` is a file (local, or an ``s3://``/``gs://`` object);
-    - under ``model.precision: int8``, each of ``model.int8_labels`` is a file;
+    - under ``model.precision: int8``, NNCF is installed (the ``int8`` extra) and each of
+      ``model.int8_labels`` is a file;
     - ``output.table`` is a writable directory or can be created (the nearest existing
       parent is checked with ``os.access``; nothing is written).
     """
@@ -800,6 +802,9 @@ def check_runnable(spec: JobSpec) -> None:
     elif not is_remote(ckpt) and not os.path.isfile(ckpt):
         problems.append(f"{source}: model.checkpoint: file not found: {ckpt}")
     if spec.model.precision == "int8":  # the INT8 gate reads them before anything runs
+        if find_spec("nncf") is None:  # an extra: quantisation is the only use of OpenVINO's NNCF
+            problems.append(f"{source}: model.precision: int8 quantises with NNCF, which is not installed: "
+                            "pip install 'retinanet-pipeline[int8]' (or choose precision auto, bf16 or f32)")
         problems += [f"{source}: model.int8_labels[{i}]: file not found: {path}"
                      for i, path in enumerate(spec.model.int8_labels) if not os.path.isfile(path)]
     # An object-store table needs no folder: its first commit creates the keys.
