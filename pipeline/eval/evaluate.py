@@ -30,7 +30,7 @@ import numpy as np
 from pipeline.errors import ConfigError, InputError
 from pipeline.eval.metrics import ImageBoxes, coco_metrics, voc_metrics
 from pipeline.io.inputs import match_label_images
-from pipeline.io.labels import by_scene, read_labels
+from pipeline.io.labels import by_scene, load_coco, read_coco, read_labels
 from pipeline.io.raster import read_scene_info
 from pipeline.table.store import open_store
 from pipeline.train.data import (
@@ -154,10 +154,13 @@ def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: dict[s
         path = Path(path)
         if path.suffix.lower() in (".json", ".xml", ".csv"):
             sizes: dict[str, tuple[int, int]] = {}
-            if path.suffix.lower() == ".json":
-                names, sizes = _coco_header(path)
+            if path.suffix.lower() == ".json":  # COCO: parsed once for its header and its boxes
+                document = load_coco(path)
+                names, sizes = _coco_header(document)
                 classes += [c for c in names if c not in classes]
-            images = by_scene(read_labels(path))
+                images = by_scene(read_coco(path, document))
+            else:
+                images = by_scene(read_labels(path))
             matched = match_label_images(images, list(scene_paths), str(path))
             for image_id, ann in images.items():
                 # truth of a scene the table lacks keeps its own id: reported as not in the table
@@ -184,10 +187,8 @@ def _add_truth(out: dict, scene_id: str, boxes: np.ndarray, labels: list[str], s
         out[scene_id] = (boxes.reshape(-1, 4), list(labels), size[0], size[1])
 
 
-def _coco_header(path: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
-    """A COCO file's category names (in id order) and {file_name: (width, height)}, from one
-    parse (the boxes come from :func:`pipeline.io.labels.read_labels`)."""
-    data = json.loads(path.read_text())
+def _coco_header(data: dict) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """A parsed COCO file's category names (in id order) and {file_name: (width, height)}."""
     names = [c["name"] for c in sorted(data.get("categories", []), key=lambda c: c["id"])]
     sizes = {img.get("file_name"): (int(img.get("width", 0) or 0), int(img.get("height", 0) or 0))
              for img in data.get("images", [])}

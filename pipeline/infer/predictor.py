@@ -217,15 +217,12 @@ def decode_detections(blob: bytes) -> np.ndarray:
 
 def probe_batch_size(checkpoint: str, chip_size: int, precision: str, device: str, fraction: float) -> int:
     """Batch size for this process's device from its free memory (see retinanet.runtime.auto_batch_size)."""
-    import torch
 
     from retinanet import load_checkpoint
     from retinanet.runtime import auto_batch_size
 
     model, _ = load_checkpoint(local_file(checkpoint))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return auto_batch_size(model, chip_size, device, precision, fraction=fraction)
+    return auto_batch_size(model, chip_size, local_device(device), precision, fraction=fraction)
 
 
 def resolve_batch_size(model_spec, chip_size: int, gpus_per_actor: float) -> int:
@@ -268,9 +265,9 @@ def local_device(device: str) -> str:
     """model.device in this process: ``auto`` is cuda where torch sees a GPU, else cpu."""
     if device != "auto":
         return device
-    import torch
+    from retinanet.runtime import resolve_device  # the one answer to "auto" (imports torch)
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device).type
 
 
 def actor_device(device: str) -> str:

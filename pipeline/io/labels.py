@@ -27,7 +27,7 @@ import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import shapely
@@ -99,13 +99,15 @@ def _number(text: str | None, source: Path | str, where: str, name: str) -> floa
 # --------------------------------------------------------------------------- COCO
 
 
-def read_coco(path: str | Path) -> list[Annotations]:
+def read_coco(path: str | Path, document: Optional[dict] = None) -> list[Annotations]:
     """COCO detection JSON -> one Annotations per image (images without boxes included).
 
     Labels are category names. ``iscrowd`` annotations are kept as ordinary boxes.
+    ``document``: the file already parsed (:func:`load_coco`), so a caller that also reads
+    its categories or image sizes parses a large truth file once.
     """
     path = Path(path)
-    data = _load_json(path)
+    data = load_coco(path) if document is None else document
     try:
         categories = {c["id"]: str(c["name"]) for c in data.get("categories", [])}
         images = {img["id"]: str(img["file_name"]) for img in data["images"]}
@@ -130,7 +132,8 @@ def read_coco(path: str | Path) -> list[Annotations]:
     return [_annotations(images[k], per_image[k][0], per_image[k][1], per_image[k][2], path) for k in images]
 
 
-def _load_json(path: Path) -> dict:
+def load_coco(path: str | Path) -> dict:
+    """A COCO JSON file parsed; InputError naming the file when it is missing or not JSON."""
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
