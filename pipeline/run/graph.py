@@ -37,6 +37,8 @@ from pipeline.chips.planning import (
     scene_problems,
 )
 from pipeline.chips.stream import plan_scene_batch, read_chip_batch, scene_rows
+from pipeline.compute.cluster import connect_ray
+from pipeline.compute.console import console_line, eta_text, native_log_lines_hidden
 from pipeline.config.spec import JobSpec, check_runnable, job_hash
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.infer.int8 import graph_for_actors, int8_allowed, measure_int8
@@ -51,8 +53,6 @@ from pipeline.io.inputs import InputSet, SceneInput, job_inputs, require_scenes,
 from pipeline.io.objstore import cache_dir
 from pipeline.io.raster import read_scene_info
 from pipeline.io.stac import StacSelection
-from pipeline.run.cluster import connect_ray
-from pipeline.run.console import console_line, eta_text, native_log_lines_hidden
 from pipeline.run.local_data import use_local_answers
 from pipeline.run.runbook import RunReport, SceneBook, stage_figures
 from pipeline.table import transactions as table

@@ -31,7 +31,7 @@ import functools
 import inspect
 from typing import Callable
 
-from pipeline.run.cluster import ray_attribute
+from pipeline.compute.cluster import ray_attribute
 
 # What Ray Data's executor budgets with (Ray's STANDARD_RESOURCE_TYPES), per node.
 BUDGETED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
