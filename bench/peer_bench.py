@@ -279,7 +279,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     skip = set(filter(None, args.skip.split(",")))
 
-    from pipeline.run.cluster import connect_ray
+    from pipeline.compute.cluster import connect_ray
     from pipeline.tools.synth import SYNTH_CLASSES, synthesize
     from retinanet.runtime import resolve_device, resolve_precision
 

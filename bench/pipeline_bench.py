@@ -89,7 +89,7 @@ def raw_forward_chips_per_s(root: Path, n_chips: int, batch: int, threads: int, 
 
 
 def throughput(args) -> dict:
-    from pipeline.run.cluster import connect_ray
+    from pipeline.compute.cluster import connect_ray
     from pipeline.run.graph import run_job, transport_batch
     from pipeline.tools.synth import synthesize
 
@@ -220,7 +220,7 @@ def peak_memory_of_run(size: int, backbone: str) -> PeakMemory:
 import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from pathlib import Path
 from pipeline.tools.synth import synthesize
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 from pipeline.run.graph import run_job
 import bench.pipeline_bench as b
 root = Path(sys.argv[1])

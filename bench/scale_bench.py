@@ -36,7 +36,7 @@ CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
 from pipeline.config.spec import JobSpec
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 from pipeline.run.graph import run_job
 root = sys.argv[1]
 spec = JobSpec.model_validate(json.loads(sys.argv[2]))

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.pipeline_bench import peak_memory_until_exit  # noqa: E402
 from bench.scratch import scratch_dir  # noqa: E402
-from pipeline.run.cluster import head_unreachable  # noqa: E402
+from pipeline.compute.cluster import head_unreachable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

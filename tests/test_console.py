@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline.run.console import is_native_log_line, native_log_lines_hidden
+from pipeline.compute.console import is_native_log_line, native_log_lines_hidden
 
 RAY_LINE = (b"[2026-11-30 18:07:05,078 E 20242 20242] core_worker.cc:2465: Actor with class name: "
             b"'MapWorker(MapBatches(ChipPredictor))' has constructor arguments in the object store\n")
@@ -27,7 +27,7 @@ def test_the_filter_drops_native_lines_written_to_fd_2_and_keeps_ours(capfd):
 
 JOINING_DRIVER = """
 import json, sys, time
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 ray = connect_ray(sys.argv[1], quiet=sys.argv[2] == "quiet")
 
 @ray.remote(num_cpus=0)
@@ -56,7 +56,7 @@ def test_a_driver_joining_a_cluster_keeps_the_workers_lines_off_the_console_unle
 def test_head_unreachable_says_why():
     import socket
 
-    from pipeline.run.cluster import head_unreachable
+    from pipeline.compute.cluster import head_unreachable
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -97,7 +97,7 @@ def test_a_run_against_an_address_where_no_head_answers_fails_at_once_and_names_
 
 
 def test_token_refused_asks_only_what_it_can(ray_session):
-    from pipeline.run.cluster import token_refused
+    from pipeline.compute.cluster import token_refused
 
     # This process holds the token of the Ray it started (Ray 2.60 starts one with token
     # authentication and sets RAY_AUTH_MODE here).

@@ -265,7 +265,7 @@ import json, time
 import numpy as np
 import ray
 import ray.data
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 from pipeline.run.graph import blocks_as_done
 
 connect_ray(None)

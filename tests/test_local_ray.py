@@ -1,4 +1,4 @@
-"""A local Ray as `pipeline run` and `pipeline train` start it (pipeline.run.cluster)."""
+"""A local Ray as `pipeline run` and `pipeline train` start it (pipeline.compute.cluster)."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ from tests.children import run_child
 
 
 def test_node_registered_sees_a_live_node_and_gives_up_on_an_unknown_one(ray_session):
-    from pipeline.run.cluster import node_registered
+    from pipeline.compute.cluster import node_registered
 
     context = ray_session.get_runtime_context()
     started = time.monotonic()
@@ -19,7 +19,7 @@ def test_node_registered_sees_a_live_node_and_gives_up_on_an_unknown_one(ray_ses
 WAITING_DRIVER = """
 import json
 import ray._private.services as services
-import pipeline.run.cluster as cluster
+import pipeline.compute.cluster as cluster
 
 ray_lookup, waits = services.get_node, []
 ours = cluster.node_registered
@@ -41,7 +41,7 @@ STATE_API_DRIVER = """
 import json, os, sys
 import ray
 from ray._private.node import Node
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 from ray.util.state import get_actor
 
 starters = (Node.start_monitor, Node.start_api_server)
@@ -107,7 +107,7 @@ AGENT_PORT_DRIVER = """
 import contextlib, json, os, re, socket
 import ray
 from ray._private.node import Node
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 """ + AGENT_COMMAND_OF_THIS_RAY + """
 start_raylet = Node.start_raylet
 taken = socket.socket()  # Ray's fixed agent port held, as another Ray on the machine holds it
@@ -132,7 +132,7 @@ def test_a_runs_local_ray_does_not_wait_for_a_port_another_ray_holds():
 
 
 def test_a_run_keeps_the_log_monitor_only_when_its_workers_lines_are_shown():
-    from pipeline.run.cluster import unused_head_processes
+    from pipeline.compute.cluster import unused_head_processes
 
     assert unused_head_processes(dashboard=False, quiet=True) == ("start_monitor", "start_api_server",
                                                                   "start_log_monitor")
@@ -142,7 +142,7 @@ def test_a_run_keeps_the_log_monitor_only_when_its_workers_lines_are_shown():
 
 VERBOSE_DRIVER = """
 import json, sys, time
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 
 ray = connect_ray(None, quiet=False)
 
@@ -165,7 +165,7 @@ def test_a_verbose_run_still_shows_its_workers_lines():
 IDLE_WORKER_DRIVER = """
 import json, os, time
 import ray
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 
 connect_ray(None)
 
@@ -200,7 +200,7 @@ import json, time
 import ray
 from ray.data._internal.cluster_autoscaler.base_autoscaling_coordinator import STANDARD_RESOURCE_TYPES
 from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import DefaultAutoscalingCoordinator
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 from pipeline.run.local_data import node_budgets, ray_started_here, use_local_answers
 
 connect_ray(None, num_cpus=2)
@@ -305,7 +305,7 @@ import json, os, sys
 if len(sys.argv) > 1:
     sys.modules[sys.argv[1]] = None  # installed, but does not import
 import ray
-from pipeline.run.cluster import connect_ray
+from pipeline.compute.cluster import connect_ray
 """ + AGENT_COMMAND_OF_THIS_RAY + """
 imported_before = "aiohttp" in sys.modules
 connect_ray(None)
@@ -353,7 +353,7 @@ def run_child_env(code: str, env: dict, *args) -> dict:
 def test_the_environment_key_changes_with_the_installed_packages(tmp_path, monkeypatch):
     import sys
 
-    from pipeline.run.cluster import environment_key
+    from pipeline.compute.cluster import environment_key
 
     before = environment_key()
     assert environment_key() == before

@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pipeline.compute.console import console_line, native_log_lines_hidden
 from pipeline.config.spec import JobSpec, TrainSpec, writable_dir_problem
 from pipeline.errors import ConfigError, InputError, TrainingError
 from pipeline.io.inputs import expand_patterns, is_remote
 from pipeline.io.model_card import TrainingFacts, band_names, common_data_type, write_model_card
-from pipeline.run.console import console_line, native_log_lines_hidden
 from pipeline.train.anchors import fit_anchors
 from pipeline.train.loop import MODEL_FILE, STATE_FILE, STEP_FILE, Prepared, checkpoint_step, train_loop
 from pipeline.train.progress import budget_stop_line, progress_from_metrics
@@ -230,7 +230,7 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose
 
     # Ray Train's print patch would bypass contextlib.redirect_stdout (pycocotools' chatter).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    from pipeline.run.cluster import connect_ray
+    from pipeline.compute.cluster import connect_ray
 
     started_ray = not ray.is_initialized()
     # null: a Ray of our own, with the dashboard (Ray Train polls its State API)

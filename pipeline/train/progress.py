@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.run.console import eta_text
+from pipeline.compute.console import eta_text
 
 POLL_S = 2.0
 
