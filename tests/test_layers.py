@@ -1,5 +1,6 @@
-"""The import graph of pipeline/ and retinanet/: no circles, no private name taken from
-another module. Imports inside functions count too: they hide the graph, they do not cut it."""
+"""The import graph of pipeline/ and retinanet/: imports point down the layers, no circles,
+no private name taken from another module. Imports inside functions count too: they hide
+the graph, they do not cut it."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +10,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "retinanet")
+
+# The layers, lowest first: a module imports only from its own layer's folder (or file) or
+# from a lower layer. A tuple is one layer of peers, which never import each other. A layer
+# is named by its folder or file under pipeline/ (pipeline/io/, pipeline/query.py);
+# "retinanet" is the model library under all of them and "pipeline" the package's root
+# (pipeline/__init__.py) above all. docs/architecture.md says what each layer holds.
+LAYERS = ("retinanet", "errors", "geo", "config", "io", "chips", "table", "compute", "infer", "eval", "train", "run",
+          ("query", "render", "tools"), "cli", "pipeline")
 
 
 def module_name(path: Path) -> str:
@@ -65,15 +74,69 @@ def circles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layer_of(module: str) -> str:
+    """pipeline.io.stac -> io; pipeline.query -> query; pipeline -> pipeline; retinanet.model -> retinanet."""
+    parts = module.split(".")
+    return parts[0] if parts[0] == "retinanet" or len(parts) == 1 else parts[1]
+
+
+def layer_rank(layer: str) -> int:
+    for rank, entry in enumerate(LAYERS):
+        if layer == entry or (isinstance(entry, tuple) and layer in entry):
+            return rank
+    raise KeyError(f"{layer!r} has no place in LAYERS (tests/test_layers.py): give it one")
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    """Each import that does not point down: to a higher layer, or to a peer of the same
+    rank. One line per import, ``module (layer) -> target (layer)``, sorted."""
+    found = []
+    for module, targets in edges.items():
+        for target in targets:
+            here, there = layer_of(module), layer_of(target)
+            if here != there and layer_rank(there) >= layer_rank(here):
+                found.append(f"{module} ({here}) -> {target} ({there})")
+    return sorted(found)
+
+
+def project_edges() -> dict[str, set[str]]:
+    """{module: the project modules it imports}, itself left out."""
+    graph = project_imports()
+    return {m: {target for target, _ in deps if target in graph and target != m} for m, deps in graph.items()}
+
+
+def test_the_direction_check_finds_an_upward_import():
+    edges = {"pipeline.io.stac": {"pipeline.table.store", "pipeline.errors"},
+             "pipeline.table.store": {"pipeline.io.objstore"},
+             "pipeline.render": {"pipeline.query"},  # peers
+             "retinanet.model": {"pipeline.errors"},  # the library under the pipeline
+             "pipeline.io.inputs": {"pipeline.io.stac"},  # within a layer
+             "pipeline": {"pipeline.run.predict"}}  # the root above all
+    assert upward_imports(edges) == ["pipeline.io.stac (io) -> pipeline.table.store (table)",
+                                     "pipeline.render (render) -> pipeline.query (query)",
+                                     "retinanet.model (retinanet) -> pipeline.errors (errors)"]
+    with pytest.raises(KeyError, match="'gui' has no place in LAYERS"):
+        upward_imports({"pipeline.gui.app": {"pipeline.errors"}})
+
+
+def test_every_module_has_a_layer():
+    assert sorted({layer_of(m) for m in project_imports()} - {
+        name for entry in LAYERS for name in (entry if isinstance(entry, tuple) else (entry,))}) == []
+
+
+def test_imports_point_down_the_layers():
+    upward = upward_imports(project_edges())
+    assert not upward, (f"{len(upward)} imports point up or sideways (layers, lowest first: {LAYERS}):\n  "
+                        + "\n  ".join(upward))
+
+
 def test_the_circle_finder_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": set()}) == []
 
 
 def test_no_import_circles():
-    graph = project_imports()
-    edges = {m: {target for target, _ in deps if target in graph and target != m} for m, deps in graph.items()}
-    assert circles(edges) == []
+    assert circles(project_edges()) == []
 
 
 @pytest.mark.parametrize("package", PACKAGES)
