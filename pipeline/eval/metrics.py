@@ -15,7 +15,7 @@ figures of the scene matched as one image at a cost linear in its boxes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -241,7 +241,8 @@ def coco_metrics(truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes],
     max_dets = max(100, most)
     n_gt = sum(len(t.boxes) for t in truth)
     n_dt = len(dt_labels)
-    result = {"images": len(truth), "ground_truth": n_gt, "detections": n_dt, "max_dets": max_dets}
+    # counts, then the metrics (None when there is no ground truth), per_class and pr_curve
+    result: dict[str, Any] = {"images": len(truth), "ground_truth": n_gt, "detections": n_dt, "max_dets": max_dets}
     keys = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR")
     if n_gt == 0:
         result.update({k: None for k in keys})

@@ -40,8 +40,9 @@ from affine import Affine
 from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
+from pipeline.config.locations import is_remote
 from pipeline.errors import GeoreferenceError, InputError
-from pipeline.io.inputs import is_remote, scene_id_for
+from pipeline.io.inputs import scene_id_for
 from pipeline.io.objstore import gdal_options, gdal_path
 
 IDENTITY: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -110,9 +111,9 @@ def open_raster(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
     Rasterio's NotGeoreferencedWarning is silenced: a missing CRS is a supported case,
     recorded as ``crs_wkt=None`` in :class:`SceneInfo`.
     """
-    if not is_remote(path) and not Path(path).exists():
+    if not is_remote(str(path)) and not Path(path).exists():
         raise InputError(f"{path}: file not found")
-    if not is_remote(path) and Path(path).is_dir():
+    if not is_remote(str(path)) and Path(path).is_dir():
         raise InputError(f"{path}: is a directory, expected a raster file")
     try:
         with warnings.catch_warnings(), rasterio.Env(**gdal_options(str(path))):
@@ -165,7 +166,8 @@ def scene_info_from_dataset(dataset: rasterio.io.DatasetReader, path: str | Path
     """Build a SceneInfo from an open dataset; see :func:`read_scene_info`."""
     with warnings.catch_warnings():  # a missing CRS is a supported case (see open_raster)
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        transform = tuple(float(v) for v in tuple(dataset.transform)[:6])
+        a, b, c, d, e, f = (float(v) for v in tuple(dataset.transform)[:6])
+    transform = (a, b, c, d, e, f)
     if is_rotated(transform) and not allow_rotated:
         raise GeoreferenceError(
             f"{path}: rotated/sheared geotransform {transform} is not supported; "
@@ -180,7 +182,8 @@ def scene_info_from_dataset(dataset: rasterio.io.DatasetReader, path: str | Path
     if dataset.count < 1:
         raise InputError(f"{path}: raster has no bands")
     nodata = dataset.nodata
-    scene_id = scene_id if scene_id is not None else scene_id_for(path)
+    rows, cols = dataset.block_shapes[0]
+    scene_id = scene_id if scene_id is not None else scene_id_for(str(path))
     acquired_at, acquired_at_warning = acquisition_time(dataset.tags(), f"scene {scene_id} ({path})")
     return SceneInfo(
         scene_id=scene_id,
@@ -192,7 +195,7 @@ def scene_info_from_dataset(dataset: rasterio.io.DatasetReader, path: str | Path
         crs_wkt=crs_wkt,
         transform=transform,
         nodata=None if nodata is None else float(nodata),
-        block_shape=tuple(int(v) for v in dataset.block_shapes[0]),
+        block_shape=(int(rows), int(cols)),
         colorinterp=tuple(ci.name for ci in dataset.colorinterp),
         overviews=tuple(int(v) for v in dataset.overviews(1)),
         acquired_at=acquired_at,

@@ -134,9 +134,9 @@ def fit_anchors(boxes_wh: np.ndarray, current_sizes: Sequence[Sequence[float]],
                 share, mean_iou = match_share(boxes_wh, sizes, ratios)
                 if (share, mean_iou) > best_key:
                     best_key, best = (share, mean_iou), (sizes, ratios)
-    sizes, ratios = best
-    after = match_share(boxes_wh, sizes, ratios)
-    return AnchorFit(tuple(tuple(round(s, 2) for s in level) for level in sizes), tuple(ratios),
+    best_sizes, best_ratios = best
+    after = match_share(boxes_wh, best_sizes, best_ratios)
+    return AnchorFit(tuple(tuple(round(s, 2) for s in level) for level in best_sizes), tuple(best_ratios),
                      before[0], after[0], before[1], after[1], len(boxes_wh))
 
 

@@ -126,8 +126,8 @@ def labelled_scenes(scenes: Sequence[SceneInput | str], label_paths: Sequence[st
     InputError: an unlabelled training scene would teach the model that its objects are
     background. Plain paths get their file stem as id.
     """
-    scenes = [s if isinstance(s, SceneInput) else SceneInput(s, scene_id_for(s), s) for s in scenes]
-    infos = [read_scene_info(s.location, scene_id=s.scene_id) for s in scenes]
+    scene_inputs = [s if isinstance(s, SceneInput) else SceneInput(s, scene_id_for(s), s) for s in scenes]
+    infos = [read_scene_info(s.location, scene_id=s.scene_id) for s in scene_inputs]
     indexed: dict[str, Annotations] = {}
     vector_files = []
     for path in label_paths:
