@@ -36,8 +36,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from pipeline.config.locations import is_remote
 from pipeline.errors import InputError
-from pipeline.io.inputs import is_remote, scene_id_for
+from pipeline.io.inputs import scene_id_for
 from pipeline.table.store import open_store
 
 # Distinct, saturated colours (RGB) for class ids 0, 1, 2, ...; repeats after 10 classes.

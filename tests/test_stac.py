@@ -17,15 +17,10 @@ import rasterio
 from rasterio.warp import transform_bounds
 
 from pipeline.config.spec import check_runnable, load_job
+from pipeline.config.stac_filters import parse_interval
 from pipeline.errors import ConfigError, InputError
-from pipeline.io.stac import (
-    REPORT_KEY,
-    last_success_datetime,
-    parse_interval,
-    select_scenes,
-    select_stac,
-    stac_scene_paths,
-)
+from pipeline.io.stac import select_scenes, select_stac, stac_scene_paths
+from pipeline.run.runbook import REPORT_KEY, last_success_datetime, stac_since
 from pipeline.tools.synth import synthesize
 
 UTC = dt.timezone.utc
@@ -166,9 +161,9 @@ def test_since_last_success_reads_the_run_reports(catalog, tmp_path):
     # A job's inputs: the reports are consulted with the flag only.
     job = JobSpec.model_validate({"name": "nightly", "model": {"checkpoint": "m.pt"}, "output": {"table": str(table)},
                                   "inputs": {"stac": {"source": str(catalog), "since_last_success": True}}})
-    assert names(job_inputs(job)[0].locations) == ["synth_002", "synth_003"]
+    assert names(job_inputs(job, stac_since(job))[0].locations) == ["synth_002", "synth_003"]
     job.inputs.stac.since_last_success = False
-    assert len(job_inputs(job)[0].locations) == 4
+    assert len(job_inputs(job, stac_since(job))[0].locations) == 4
     (table / "_reports" / "broken.json").write_text("{")
     with pytest.raises(InputError, match="broken.json"):
         last_success_datetime(table, "nightly")
@@ -304,7 +299,6 @@ def test_check_runnable_wants_a_local_source_file(tmp_path):
 
 
 def test_the_run_report_carries_the_field_the_next_stac_run_reads():
-    from pipeline.io.stac import REPORT_KEY
     from pipeline.run.runbook import RunReport
 
     assert REPORT_KEY in {f.name for f in dataclasses.fields(RunReport)}

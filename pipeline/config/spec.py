@@ -47,10 +47,10 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.config.locations import is_remote
+from pipeline.config.options import MergeMethod
+from pipeline.config.stac_filters import check_bbox, parse_interval, read_geometry
 from pipeline.errors import ConfigError
-from pipeline.infer.merge import MergeMethod
-from pipeline.io.inputs import is_remote
-from pipeline.io.stac import check_bbox, parse_interval, read_geometry
 from retinanet.options import BACKBONES, TRAINABLE, Backend, BoxLoss, Precision
 
 # Bump when the meaning of a hashed field changes, so old table rows are not mistaken

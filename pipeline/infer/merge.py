@@ -60,17 +60,15 @@ as the union of their views when each view is detected; a view the model misses
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional, get_args
+from typing import NamedTuple, Optional
 
 import numpy as np
+
+from pipeline.config.options import MERGE_METHODS, MergeMethod
 
 # Side indices in (N, 4) XYXY arrays and (M, 4) zone-depth arrays.
 LEFT, TOP, RIGHT, BOTTOM = 0, 1, 2, 3
 KEPT = -1  # parent value of a detection that heads its own cluster
-
-# Seam merge methods: greedy NMS, or weighted box fusion of each cluster.
-MergeMethod = Literal["nms", "wbf"]
-MERGE_METHODS: tuple[str, ...] = get_args(MergeMethod)
 
 
 class MergeResult(NamedTuple):

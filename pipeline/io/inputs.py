@@ -43,20 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Iterable, Optional, Sequence
 
+from pipeline.config.locations import has_url_scheme, is_remote
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.objstore import head, is_object_url, list_objects
-from pipeline.io.stac import StacSelection, last_success_datetime, select_stac
+from pipeline.io.stac import StacSelection, select_stac
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg", ".img", ".vrt", ".ntf")
 _WILDCARD = re.compile(r"[*?\[]")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_remote(location: str) -> bool:
-    """True for URLs (``s3://``, ``https://``...) and GDAL virtual paths (``/vsi...``):
-    anything that is not a plain local path."""
-    text = str(location)
-    return bool(_SCHEME.match(text)) or text.startswith("/vsi")
 
 
 def has_wildcard(pattern: str) -> bool:
@@ -107,7 +100,7 @@ def scene_id_for(location: str, root: Optional[str] = None) -> str:
     Examples: (``data/a/x.tif``, ``data``) -> ``a/x``; (``s3://b/k/t.tif?sig=1``) -> ``t``.
     """
     text = str(location)
-    if _SCHEME.match(text):
+    if has_url_scheme(text):
         text = text.split("?", 1)[0]  # signed URLs, tokens
     text = text.rstrip("/")
     prefix = None if root is None else (root if root.endswith("/") or not root else root + "/")
@@ -222,18 +215,17 @@ def require_scenes(inputs: InputSet, field_name: str, source: str = "job") -> No
         raise ConfigError("\n".join(problems))
 
 
-def job_inputs(spec, table_root: Optional[str] = None) -> tuple[InputSet, Optional[StacSelection]]:
+def job_inputs(spec, since: Optional[dt.datetime] = None) -> tuple[InputSet, Optional[StacSelection]]:
     """The scenes of a job's ``inputs`` section -> (InputSet, StacSelection or None).
 
-    STAC scenes take the item id as their scene id; ``table_root`` (default
-    ``output.table``) serves ``since_last_success``: its run reports give the high-water
-    mark that the STAC selection is handed.
+    STAC scenes take the item id as their scene id; ``since`` is the STAC selection's
+    inclusive lower time bound, the high-water mark of ``since_last_success`` that the run
+    reads from its table (:func:`pipeline.run.runbook.stac_since`).
     """
     stac = spec.inputs.stac
     if stac is None:
         return expand_patterns(spec.inputs.paths), None
 
-    since = last_success_datetime(table_root or spec.output.table, spec.name) if stac.since_last_success else None
     selection = select_stac(stac, since)
     scenes = [SceneInput(href, item_id, stac.source, when)
               for href, item_id, when in zip(selection.paths, selection.item_ids, selection.acquired_at, strict=True)]

@@ -16,12 +16,13 @@ Filters, both optional, both inclusive:
   antimeridian. An item matches when its geometry (else its bbox) intersects it.
 
 ``since_last_success``: the lower time bound becomes the newest item time of the last
-successful run (the largest :data:`REPORT_KEY` among this job's run reports
-``_reports/*.json`` with ``exit_code == 0``), if later than the configured start. The
-bound is inclusive, so items at exactly that time are offered again; the incremental
-skip of already-committed scenes makes that free, and it never loses an item that shares
-the last run's newest timestamp. Items added to a catalog later with an *older* time are
-not picked up by this rule (use a fixed ``datetime`` range or ``--force`` for backfills).
+successful run (the run reads it from the table's run reports,
+:func:`pipeline.run.runbook.last_success_datetime`, and hands it to :func:`select_stac`
+as ``since``), if later than the configured start. The bound is inclusive, so items at
+exactly that time are offered again; the incremental skip of already-committed scenes
+makes that free, and it never loses an item that shares the last run's newest timestamp.
+Items added to a catalog later with an *older* time are not picked up by this rule (use a
+fixed ``datetime`` range or ``--force`` for backfills).
 
 A STAC API (``source`` is an API landing page: a Catalog that lists ``conformsTo``) is
 searched with pystac-client (conformance checks, paging, GET/POST): ``collections`` (required),
@@ -45,51 +46,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from pipeline.config.stac_filters import Interval, check_bbox, parse_instant, parse_interval
 from pipeline.errors import ConfigError, InputError
-from pipeline.table.store import open_store
 
-# Run-report key holding the newest item time (ISO 8601, UTC) a run selected from STAC.
-REPORT_KEY = "stac_newest_datetime"
-_OPEN = ("", "..")
-
-Interval = tuple[Optional[dt.datetime], Optional[dt.datetime]]  # a filter: None ends are open
 ItemInterval = tuple[dt.datetime, dt.datetime]  # an item's time: both ends known
 
 
 # ---------------------------------------------------------------- time
-
-
-def parse_instant(text: str) -> dt.datetime:
-    """ISO 8601 date or date-time -> aware UTC datetime (date-only: 00:00 UTC; naive: UTC).
-
-    Raises ValueError with the offending text.
-    """
-    value = text.strip()
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("z", "Z"))
-    except ValueError:
-        raise ValueError(f"not an ISO 8601 date or date-time: {text!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc)
-
-
-def parse_interval(text: str) -> Interval:
-    """``"A/B"``, ``"A/.."``, ``"../B"``, ``"A/"``, ``"/B"`` or ``"A"`` -> (start, end),
-    None for an open side; a single instant gives (A, A). Raises ValueError."""
-    if "/" not in text:
-        instant = parse_instant(text)
-        return instant, instant
-    if text.count("/") != 1:
-        raise ValueError(f"expected START/END, got {text!r}")
-    left, right = (part.strip() for part in text.split("/"))
-    start = None if left in _OPEN else parse_instant(left)
-    end = None if right in _OPEN else parse_instant(right)
-    if start is None and end is None:
-        raise ValueError(f"both ends are open in {text!r}; leave datetime out to take every time")
-    if start is not None and end is not None and start > end:
-        raise ValueError(f"start {left} is after end {right}")
-    return start, end
 
 
 def item_interval(item: Any) -> Optional[ItemInterval]:
@@ -138,57 +101,6 @@ def _boxes(bbox: Sequence[float]) -> list:
     if minx <= maxx:
         return [shapely.box(minx, miny, maxx, maxy)]
     return [shapely.box(minx, miny, 180.0, maxy), shapely.box(-180.0, miny, maxx, maxy)]
-
-
-def check_bbox(bbox: Sequence[float]) -> list[float]:
-    """Validate a lon/lat filter box; return it as floats. Raises ValueError."""
-    if len(bbox) != 4:
-        raise ValueError(f"must be [minx, miny, maxx, maxy], got {len(bbox)} numbers")
-    minx, miny, maxx, maxy = (float(v) for v in bbox)
-    if not all(-180.0 <= x <= 180.0 for x in (minx, maxx)):
-        raise ValueError(f"longitudes must lie in -180..180 (EPSG:4326), got {minx}, {maxx}")
-    if not all(-90.0 <= y <= 90.0 for y in (miny, maxy)):
-        raise ValueError(f"latitudes must lie in -90..90 (EPSG:4326), got {miny}, {maxy}")
-    if miny > maxy:
-        raise ValueError(f"miny ({miny}) is above maxy ({maxy})")
-    return [minx, miny, maxx, maxy]
-
-
-def read_geometry(value: Any) -> dict:
-    """``intersects`` of a job: a GeoJSON file name, or a geometry, Feature or FeatureCollection
-    (as a dict) -> one GeoJSON geometry (the union of a collection's features), lon/lat.
-
-    Raises ValueError naming the file and what is wrong (unreadable, not GeoJSON, not lon/lat).
-    """
-    import shapely
-    from shapely.geometry import mapping, shape
-
-    where = ""
-    if isinstance(value, str):
-        where = f"{value}: "
-        try:
-            with open(value, encoding="utf-8") as f:
-                value = json.load(f)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read {where}{err}") from None
-    kind = value.get("type") if isinstance(value, dict) else None
-    try:
-        if kind == "FeatureCollection":
-            geometry = shapely.union_all([shape(f["geometry"]) for f in value["features"]])
-        elif kind == "Feature":
-            geometry = shape(value["geometry"])
-        else:
-            geometry = shape(value)
-    except (KeyError, TypeError, ValueError, AttributeError, shapely.errors.GeometryTypeError) as err:
-        raise ValueError(f"{where}not a GeoJSON geometry, Feature or FeatureCollection: {err}") from None
-    if geometry.is_empty:
-        raise ValueError(f"{where}the geometry is empty")
-    minx, miny, maxx, maxy = geometry.bounds
-    try:
-        check_bbox([minx, miny, maxx, maxy])
-    except ValueError as err:
-        raise ValueError(f"{where}{err}") from None
-    return dict(mapping(geometry))
 
 
 def item_in_geometry(item: Any, geometry: dict) -> bool:
@@ -319,7 +231,7 @@ class StacSelection:
     acquired_at: each path's acquisition time (the item's ``datetime``, else its
     ``start_datetime``, else its ``end_datetime``; aware UTC), None for an item without time;
     newest: ISO 8601 UTC of the latest item time selected (None if nothing was), to be
-    stored in the run report under :data:`REPORT_KEY`; skipped: ``{"item", "reason"}``
+    stored in the run report (:data:`pipeline.run.runbook.REPORT_KEY`); skipped: ``{"item", "reason"}``
     for items that matched the filters but could not be used (no such asset).
     """
 
@@ -389,33 +301,6 @@ def select_scenes(source: str, asset: str, datetime_range: Optional[str] = None,
     return choose(read_items(source), source, asset, lower_bound(window, lower), box)
 
 
-def last_success_datetime(table_root: os.PathLike | str, job_name: str) -> Optional[dt.datetime]:
-    """Newest item time recorded by a successful run of ``job_name`` into this table.
-
-    Reads ``_reports/*.json``; a report counts when ``exit_code == 0``, its ``job_name``
-    matches and :data:`REPORT_KEY` is set. None when there is no such report (then the
-    whole configured range is taken). Raises InputError for an unreadable report.
-    """
-    store = open_store(table_root)
-    best: Optional[dt.datetime] = None
-    for entry in store.list("_reports"):
-        path = f"{store.url}/{entry.key}"
-        if not entry.key.endswith(".json") or entry.key.rsplit("/", 1)[-1].startswith("."):
-            continue
-        try:
-            report = json.loads(store.read(entry.key))
-        except (OSError, ValueError) as err:
-            raise InputError(f"{path}: unreadable run report: {err}") from None
-        if report.get("exit_code") != 0 or report.get("job_name") != job_name or not report.get(REPORT_KEY):
-            continue
-        try:
-            when = parse_instant(str(report[REPORT_KEY]))
-        except ValueError as err:
-            raise InputError(f"{path}: {REPORT_KEY}: {err}") from None
-        best = when if best is None or when > best else best
-    return best
-
-
 # ---------------------------------------------------------------- STAC APIs
 
 
@@ -482,8 +367,8 @@ def search_api(stac: Any, window: Interval, bbox: Optional[Sequence[float]]) -> 
 def select_stac(stac: Any, since: Optional[dt.datetime] = None) -> StacSelection:
     """The scenes of a job's ``inputs.stac`` section (a :class:`pipeline.config.spec.StacSpec`).
 
-    since: the high-water mark of ``since_last_success`` (the caller reads it, e.g. with
-    :func:`last_success_datetime`), an inclusive lower time bound. A STAC API landing page
+    since: the high-water mark of ``since_last_success`` (the run reads it from the table,
+    :func:`pipeline.run.runbook.last_success_datetime`), an inclusive lower time bound. A STAC API landing page
     is searched (:func:`search_api`); a static source is read whole and narrowed by
     ``collections`` and ``intersects`` (``filter``, ``max_items`` and ``page_size`` need an
     API). Either way the items go through :func:`choose`.

@@ -42,8 +42,8 @@ from pipeline.compute.console import console_line, eta_text, native_log_lines_hi
 from pipeline.config.spec import JobSpec, check_runnable, job_hash
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.infer.int8 import graph_for_actors, int8_allowed, measure_int8
+from pipeline.infer.ledger import ChipLedger
 from pipeline.infer.predictor import (
-    ChipLedger,
     ChipPredictor,
     convert_ahead,
     local_cpu_openvino,
@@ -53,8 +53,7 @@ from pipeline.io.inputs import InputSet, SceneInput, job_inputs, require_scenes,
 from pipeline.io.objstore import cache_dir
 from pipeline.io.raster import read_scene_info
 from pipeline.io.stac import StacSelection
-from pipeline.run.local_data import use_local_answers
-from pipeline.run.runbook import RunReport, SceneBook, stage_figures
+from pipeline.run.runbook import RunReport, SceneBook, stac_since, stage_figures
 from pipeline.table import transactions as table
 from pipeline.table.store import open_store
 
@@ -88,7 +87,7 @@ def preflight(spec: JobSpec, check_scenes: bool = True) -> Preflight:
     source = spec.source or "job"
     check_runnable(spec)
     model = model_facts(spec.model.checkpoint)
-    inputs, stac = job_inputs(spec)
+    inputs, stac = job_inputs(spec, stac_since(spec))
     field_name = "inputs.stac" if spec.inputs.stac else "inputs.paths"
     require_scenes(inputs, field_name, source)
     warnings_ = [f"{source}: {field_name}: {p!r} matched nothing" for p in inputs.unmatched]
@@ -257,7 +256,7 @@ def start_run(spec: JobSpec, jhash: str, force: bool, verbose: bool, log) -> Run
                          name="openvino-convert-ahead").start()
     with ThreadPoolExecutor(max_workers=1) as pool:
         opening = pool.submit(open_run, spec, jhash, force, log)
-        connect_ray(spec.compute.address, quiet=not verbose)
+        connect_ray(spec.compute.address, quiet=not verbose, log=log)
         return opening.result()
 
 
@@ -294,7 +293,6 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], ledger: Chip
     batch_size = resolve_batch_size(spec.model, spec.tiling.chip_size, gpus)  # null: from free GPU memory
     read_tasks = spec.compute.read_concurrency or default_read_tasks(
         spec.compute.actors, spec.compute.cpus_per_actor, cluster.get("CPU", 0))
-    use_local_answers()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.max_errored_blocks = 0  # never drop a block silently
@@ -429,14 +427,14 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     first_predictions = None
     read_tasks, streamed = 0, 0.0
     if todo:
-        ledger = ChipLedger(run_id)
+        ledger = ChipLedger.start(run_id)  # its process starts while the graph is built
         try:
             stream, read_tasks = job_graph(spec, start, int8, ledger, faults, log)
             streaming = time.perf_counter()
             first_predictions = drain(stream, book, len(todo), started, verbose, log)
             streamed = time.perf_counter() - streaming
         finally:
-            with contextlib.suppress(Exception):  # a failed run's error, not its leftover keys
+            with contextlib.suppress(Exception):  # a failed run's error, not its ledger's end
                 ledger.clear()
         book.close(todo)
 

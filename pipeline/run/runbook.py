@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
+import os
 import pickle
 import time
 from collections import defaultdict
@@ -18,9 +20,14 @@ from pipeline.chips.planning import ScenePlan
 from pipeline.chips.stream import SCENE_EMPTY, SCENE_FAILED
 from pipeline.chips.tiling import chip_id
 from pipeline.config.spec import JobSpec
-from pipeline.errors import PipelineError
+from pipeline.config.stac_filters import parse_instant
+from pipeline.errors import InputError, PipelineError
 from pipeline.infer.finalize import empty_scene_rows, finalize_scene, scene_acquired_at
 from pipeline.table import transactions as table
+from pipeline.table.store import open_store
+
+# The run report's key holding the newest item time (ISO 8601, UTC) a run selected from STAC.
+REPORT_KEY = "stac_newest_datetime"
 
 
 @dataclass
@@ -31,12 +38,12 @@ class RunReport:
     job_name: str
     job_hash: str
     model_id: str
-    stac_newest_datetime: Optional[str]  # pipeline.io.stac.REPORT_KEY: where the next STAC run starts
+    stac_newest_datetime: Optional[str]  # REPORT_KEY: where the next STAC run starts (stac_since)
     stac_skipped: list[dict]
     inputs_unmatched: list[str]
     warnings: list[str]
     scenes_skipped_done: list[str]
-    int8: Optional[dict] = None  # the INT8 gate's figures (pipeline.infer.int8), when it ran
+    int8: Optional[dict] = None  # the INT8 gate's figures (pipeline.eval.int8_gate), when it ran
     score_threshold: Optional[float] = None  # model.score_threshold: the rows' lowest possible score
     started_at: str = ""  # when run_job began: ISO 8601, UTC, to the millisecond
     scenes_ok: list[str] = field(default_factory=list)
@@ -60,6 +67,41 @@ class RunReport:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def last_success_datetime(table_root: os.PathLike | str, job_name: str) -> Optional[dt.datetime]:
+    """Newest item time recorded by a successful run of ``job_name`` into this table.
+
+    Reads ``_reports/*.json``; a report counts when ``exit_code == 0``, its ``job_name``
+    matches and :data:`REPORT_KEY` is set. None when there is no such report (then the
+    whole configured range is taken). Raises InputError for an unreadable report.
+    """
+    store = open_store(table_root)
+    best: Optional[dt.datetime] = None
+    for entry in store.list("_reports"):
+        path = f"{store.url}/{entry.key}"
+        if not entry.key.endswith(".json") or entry.key.rsplit("/", 1)[-1].startswith("."):
+            continue
+        try:
+            report = json.loads(store.read(entry.key))
+        except (OSError, ValueError) as err:
+            raise InputError(f"{path}: unreadable run report: {err}") from None
+        if report.get("exit_code") != 0 or report.get("job_name") != job_name or not report.get(REPORT_KEY):
+            continue
+        try:
+            when = parse_instant(str(report[REPORT_KEY]))
+        except ValueError as err:
+            raise InputError(f"{path}: {REPORT_KEY}: {err}") from None
+        best = when if best is None or when > best else best
+    return best
+
+
+def stac_since(spec: JobSpec) -> Optional[dt.datetime]:
+    """Where a job's STAC selection starts (pipeline.io.inputs.job_inputs' ``since``): with
+    ``inputs.stac.since_last_success``, the newest item time of its last successful run
+    into ``output.table``; otherwise None (the whole configured range)."""
+    stac = spec.inputs.stac
+    return last_success_datetime(spec.output.table, spec.name) if stac is not None and stac.since_last_success else None
 
 
 # Each stage of a run and the pool of workers that does it: read tasks, predictor actors

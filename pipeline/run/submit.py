@@ -33,9 +33,10 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import yaml
 
+from pipeline.config.locations import is_remote
 from pipeline.config.spec import apply_overrides, parse_job, read_job_file, resolve_paths
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.io.inputs import expand_patterns, id_collisions, is_remote
+from pipeline.io.inputs import expand_patterns, id_collisions
 
 JOB_FILE = "job.yaml"
 # Where Ray's job CLI finds the cluster when no address is given, in this order

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.compute.console import console_line, native_log_lines_hidden
+from pipeline.config.locations import is_remote
 from pipeline.config.spec import JobSpec, TrainSpec, writable_dir_problem
 from pipeline.errors import ConfigError, InputError, TrainingError
-from pipeline.io.inputs import expand_patterns, is_remote
+from pipeline.io.inputs import expand_patterns
 from pipeline.io.model_card import TrainingFacts, band_names, common_data_type, write_model_card
 from pipeline.train.anchors import fit_anchors
 from pipeline.train.loop import MODEL_FILE, STATE_FILE, STEP_FILE, Prepared, checkpoint_step, train_loop
