@@ -138,7 +138,7 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, stem: str = "eval") 
 # ----------------------------------------------------------------- scene level
 
 
-def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: dict[str, str],
+def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: Mapping[str, Optional[str]],
                    label_field: str = "label", scene_field: Optional[str] = None
                    ) -> tuple[dict[str, tuple[np.ndarray, list[str], int, int]], list[str]]:
     """Ground truth per scene id -> ((N, 4) boxes, N label names, width, height) and the
@@ -146,7 +146,8 @@ def truth_by_scene(truth_paths: Sequence[str | os.PathLike], scene_paths: dict[s
 
     Image-indexed formats are matched to the table's scene ids by
     :func:`pipeline.io.inputs.match_label_images`; vector files are read per scene on
-    the raster at ``scene_paths[scene_id]`` (the table's scene_path).
+    the raster at ``scene_paths[scene_id]`` (the table's scene_path; a scene without one
+    gets no vector truth).
     """
     out: dict[str, tuple[np.ndarray, list[str], int, int]] = {}
     classes: list[str] = []
@@ -336,7 +337,8 @@ def scene_detections(rows, scenes: Sequence[str], classes: Sequence[str],
     scores = rows["score"].to_numpy().astype(np.float64)
     in_scenes = row_scene >= 0
     unknown = in_scenes & (label_class < 0)
-    counts = np.bincount(labels.indices.to_numpy()[unknown], minlength=len(names)) if len(names) else []
+    counts = (np.bincount(labels.indices.to_numpy()[unknown], minlength=len(names)) if len(names)
+              else np.zeros(0, np.int64))
     unknown_labels = {names_raw: int(c) for names_raw, c in zip(labels.dictionary.to_pylist(), counts) if c}
     keep = np.flatnonzero(in_scenes & (label_class >= 0))
     keep = keep[np.argsort(row_scene[keep], kind="stable")]
@@ -345,7 +347,7 @@ def scene_detections(rows, scenes: Sequence[str], classes: Sequence[str],
     for i, scene_id in enumerate(scenes):
         part = keep[bounds[i]:bounds[i + 1]]
         per_scene[scene_id] = (boxes[part], label_class[part], scores[part])
-    used = np.unique(labels.indices.to_numpy()) if len(names) else []
+    used = np.unique(labels.indices.to_numpy()) if len(names) else np.zeros(0, np.int64)
     return SceneDetections(per_scene, unknown_labels, {names[i] for i in used})
 
 
