@@ -326,7 +326,7 @@ def query(table: str, sql: str, fmt: Literal["table", "csv", "json"], out: str |
               help="seconds: anything younger is kept (commits and reads in flight)")
 def vacuum(table: str, dry_run: bool, grace: float) -> None:
     """Finish interrupted commits, then remove superseded files, orphans and stale staging."""
-    from pipeline.table.transactions import vacuum as vacuum_table
+    from pipeline.table.maintenance import vacuum as vacuum_table
 
     try:
         found = vacuum_table(table, grace_s=grace, dry_run=dry_run)
@@ -350,7 +350,7 @@ def vacuum(table: str, dry_run: bool, grace: float) -> None:
 @click.option("--dry-run", is_flag=True, help="say what would be rewritten, write nothing")
 def compact(table: str, days: tuple[str, ...], min_files: int, max_rows: int, dry_run: bool) -> None:
     """Rewrite each date partition's small files into few large ones, one atomic commit per partition."""
-    from pipeline.table.transactions import compact as compact_table
+    from pipeline.table.maintenance import compact as compact_table
 
     try:
         summaries = compact_table(table, days=list(days) or None, min_files=min_files, max_rows=max_rows,
@@ -512,7 +512,8 @@ def eval_checkpoint(checkpoint: str, job: str | None, overrides: tuple[str, ...]
                     images: tuple[str, ...], labels: tuple[str, ...], chip_size: int, overlap: int,
                     bands: str | None, region: str | None, untrained: bool, voc: bool, out_dir: str | None) -> None:
     """Chip-level COCO evaluation of a checkpoint on labelled data, without running the pipeline."""
-    from pipeline.eval.evaluate import evaluate_checkpoint, evaluate_checkpoint_on_job, format_table
+    from pipeline.eval.evaluate import evaluate_checkpoint, format_table
+    from pipeline.train.driver import evaluate_checkpoint_on_job
 
     try:
         if job is not None:
@@ -635,6 +636,50 @@ def schema(markdown: bool) -> None:
     from pipeline.config.reference import job_reference_markdown, job_schema
 
     click.echo(job_reference_markdown() if markdown else json.dumps(job_schema(), indent=2), nl=not markdown)
+
+
+@main.group(name="ray")
+def ray_head() -> None:
+    """A long-lived local Ray head that runs with compute.address null join (start-up without
+    starting Ray): up, status, down. Only the head started by `up` is stopped; never `ray stop`."""
+
+
+@ray_head.command(name="up")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of the head [default: the machine's]")
+@click.option("--num-gpus", type=int, default=None, help="GPUs of the head [default: the machine's]")
+def ray_up(num_cpus: int | None, num_gpus: int | None) -> None:
+    """Start the local head (ray start --head --block, in a session of its own)."""
+    from pipeline.compute.cluster import head_file, start_head
+
+    try:
+        head = start_head(num_cpus, num_gpus)
+    except PipelineError as err:
+        fail(err)
+    click.echo(f"local Ray head up at {head['address']} (pid {head['pid']}; recorded in {head_file()}); "
+               "runs with compute.address null join it until `pipeline ray down`")
+
+
+@ray_head.command(name="status")
+def ray_status() -> None:
+    """Say whether the local head lives, and where (exit 1 when none is up)."""
+    from pipeline.compute.cluster import live_head
+
+    head = live_head()
+    if head is None:
+        click.echo("no local Ray head is up (pipeline ray up starts one)")
+        sys.exit(EXIT_INCOMPLETE)
+    click.echo(json.dumps(head, indent=2))
+
+
+@ray_head.command(name="down")
+@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait before killing what is left")
+def ray_down(timeout: float) -> None:
+    """Stop the local head that `pipeline ray up` started (no other Ray process is touched)."""
+    from pipeline.compute.cluster import stop_head
+
+    head = stop_head(timeout)
+    click.echo("no local Ray head was recorded" if head is None
+               else f"local Ray head at {head['address']} (pid {head['pid']}) stopped")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from workspaces import tiny_checkpoint
 
 from pipeline.config.spec import JobSpec
 from pipeline.errors import ConfigError
-from pipeline.infer.int8 import Int8Measurement, ap50_drop_points, evenly_spaced, int8_allowed
+from pipeline.eval.int8_gate import Int8Measurement, ap50_drop_points, int8_allowed
+from pipeline.infer.int8 import evenly_spaced
 from pipeline.tools.synth import SYNTH_CLASSES, synthesize
 from retinanet import Detector, load_checkpoint
 

@@ -15,9 +15,7 @@ import yaml
 
 from pipeline.config.spec import load_job
 from pipeline.errors import ConfigError, InputError, TrainingError
-from pipeline.tools.synth import synthesize
-from pipeline.train.anchors import anchor_shapes, centred_iou, fit_anchors, match_share
-from pipeline.train.data import (
+from pipeline.eval.labelled import (
     box_sizes,
     build_records,
     expand_scene_paths,
@@ -25,6 +23,8 @@ from pipeline.train.data import (
     read_records,
     split_regions,
 )
+from pipeline.tools.synth import synthesize
+from pipeline.train.anchors import anchor_shapes, centred_iou, fit_anchors, match_share
 from pipeline.train.driver import check_trainable, train
 from pipeline.train.loop import plot_metrics, write_metrics_csv
 from pipeline.train.schedule import epoch_order, lr_factor, plan_steps, shard_indices
@@ -364,7 +364,7 @@ def test_resume_without_an_earlier_run_is_a_clear_error(job_folder, ray_session)
 
 def test_a_batch_of_chips_without_objects_trains(synth_dir):
     # Negative-only batches happen (empty chips, scale jitter cropping every box away).
-    from pipeline.train.data import ChipRecord
+    from pipeline.eval.labelled import ChipRecord
     from pipeline.train.loop import ChipCache, make_batch
     from retinanet.model import build_model
 

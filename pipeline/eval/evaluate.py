@@ -11,6 +11,10 @@ Three entry points:
   during training.
 - the metric functions on in-memory boxes live in :mod:`pipeline.eval.metrics`.
 
+Evaluation on a training job's own split (``pipeline eval-checkpoint --job``) needs that
+job's split rules, so it sits with training, above this module
+(:func:`pipeline.train.driver.evaluate_checkpoint_on_job`).
+
 COCO protocol notes: images are scenes (or chips); area ranges small < 32^2 <= medium <
 96^2 <= large, in pixels; ``maxDets`` is (1, 100, M) where M is at least the largest
 number of detections of any image, so big scenes are not cut at COCO's 100 detections
@@ -28,12 +32,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.eval.metrics import ImageBoxes, coco_metrics, voc_metrics
-from pipeline.io.inputs import match_label_images
-from pipeline.io.labels import by_scene, load_coco, read_coco, read_labels
-from pipeline.io.raster import read_scene_info
-from pipeline.table.store import open_store
-from pipeline.train.data import (
+from pipeline.eval.labelled import (
     Region,
     build_records,
     expand_scene_paths,
@@ -42,7 +41,11 @@ from pipeline.train.data import (
     records_truth,
     split_regions,
 )
-from pipeline.train.driver import check_trainable, training_data
+from pipeline.eval.metrics import ImageBoxes, coco_metrics, voc_metrics
+from pipeline.io.inputs import match_label_images
+from pipeline.io.labels import by_scene, load_coco, read_coco, read_labels
+from pipeline.io.raster import read_scene_info
+from pipeline.table.store import open_store
 
 # ---------------------------------------------------------------------- reporting
 
@@ -236,7 +239,7 @@ def evaluate_table(table: str | os.PathLike, truth: Sequence[str | os.PathLike],
     """
     import pyarrow.dataset as pds
 
-    from pipeline.table.transactions import committed_scenes, read_committed, require_table
+    from pipeline.table.state import committed_scenes, read_committed, require_table
 
     table = str(table)  # a URL stays a URL (pathlib would fold s3:// into s3:/)
     require_table(table)
@@ -354,7 +357,7 @@ def scene_detections(rows, scenes: Sequence[str], classes: Sequence[str],
 def runs_score_threshold(table: str, run_ids: Sequence[str]) -> Optional[float]:
     """The score threshold the runs' detections were made at, when their reports
     (``_reports/<run_id>.json``, key ``score_threshold``) record one and agree; else None."""
-    from pipeline.table.transactions import REPORTS
+    from pipeline.table.state import REPORTS
 
     store = open_store(table)
     found = set()
@@ -388,7 +391,7 @@ def evaluate_records(model, records, classes: Sequence[str], bands, chip_size: i
     return metrics
 
 
-def _model_for_eval(checkpoint: str | os.PathLike, untrained: bool, seed: int):
+def model_for_eval(checkpoint: str | os.PathLike, untrained: bool, seed: int):
     """(model in eval mode, class names) of a checkpoint; ``untrained``: same config, fresh
     weights (seeded), the "before training" reference."""
     import torch
@@ -406,7 +409,9 @@ def _model_for_eval(checkpoint: str | os.PathLike, untrained: bool, seed: int):
     return model, list(info["class_names"])
 
 
-def _finish(metrics: dict, extra: dict, out_dir, stem: str) -> dict:
+def finish_report(metrics: dict, extra: dict, out_dir, stem: str) -> dict:
+    """``metrics`` with ``extra`` (what was evaluated) added; with ``out_dir``, the report
+    written there (:func:`write_report`) and its files listed under ``files``."""
     metrics.update(extra)
     if out_dir is not None:
         metrics["files"] = write_report(metrics, out_dir, stem)
@@ -426,7 +431,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, scenes: Sequence[str], la
     ``untrained``: evaluate a freshly initialised model of the checkpoint's config
     instead of its weights (``seed`` fixes the init).
     """
-    model, classes = _model_for_eval(checkpoint, untrained, seed)
+    model, classes = model_for_eval(checkpoint, untrained, seed)
     labelled = labelled_scenes(expand_scene_paths(scenes, "--scenes"), [str(p) for p in labels], classes)
     if region is None:
         regions = [Region(s.scene_id, 0, 0, s.info.width, s.info.height) for s in labelled]
@@ -435,27 +440,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, scenes: Sequence[str], la
         _, regions = split_regions(labelled, "region", fraction, 0, side)
     records = build_records(labelled, regions, chip_size, overlap, min_box_inside, 0.0)
     metrics = evaluate_records(model, records, classes, bands, chip_size, batch_size, "cpu", precision, voc)
-    return _finish(metrics, {"checkpoint": str(checkpoint), "chips": len(records), "untrained": untrained,
-                             "region": list(region) if region else None}, out_dir, "eval_checkpoint")
+    return finish_report(metrics, {"checkpoint": str(checkpoint), "chips": len(records), "untrained": untrained,
+                                   "region": list(region) if region else None}, out_dir, "eval_checkpoint")
 
 
-def evaluate_checkpoint_on_job(checkpoint: str | os.PathLike, spec, split: str = "val", batch_size: int = 8,
-                               voc: bool = False, out_dir: Optional[str | os.PathLike] = None,
-                               precision: str = "fp32", untrained: bool = False) -> dict:
-    """Chip-level evaluation on the chips of a training job: its validation split (the
-    chips `pipeline train` validates on) or its training split (``split="train"``)."""
-    check_trainable(spec)
-    model, classes = _model_for_eval(checkpoint, untrained, spec.train.seed)
-    if classes != list(spec.train.classes):
-        raise InputError(f"{checkpoint}: classes {classes} differ from {spec.source}: train.classes "
-                         f"{list(spec.train.classes)}")
-    _, train_records, val_records, _ = training_data(spec)
-    records = val_records if split == "val" else train_records
-    metrics = evaluate_records(model, records, classes, spec.inputs.bands, spec.train.chip_size, batch_size,
-                               "cpu", precision, voc)
-    return _finish(metrics, {"checkpoint": str(checkpoint), "chips": len(records), "untrained": untrained,
-                             "job": spec.source, "split": split}, out_dir, "eval_checkpoint")
-
-
-__all__ = ["evaluate_table", "evaluate_checkpoint", "evaluate_checkpoint_on_job", "evaluate_records", "format_table",
-           "plot_pr_curves", "pr_figure", "runs_score_threshold", "scene_detections", "write_report"]
+__all__ = ["evaluate_table", "evaluate_checkpoint", "evaluate_records", "finish_report", "format_table",
+           "model_for_eval", "plot_pr_curves", "pr_figure", "runs_score_threshold", "scene_detections", "write_report"]

@@ -41,7 +41,8 @@ from pipeline.compute.cluster import connect_ray
 from pipeline.compute.console import console_line, eta_text, native_log_lines_hidden
 from pipeline.config.spec import JobSpec, check_runnable, job_hash
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.infer.int8 import graph_for_actors, int8_allowed, measure_int8
+from pipeline.eval.int8_gate import int8_allowed, measure_int8
+from pipeline.infer.int8 import graph_for_actors
 from pipeline.infer.ledger import ChipLedger
 from pipeline.infer.predictor import (
     ChipPredictor,
@@ -54,7 +55,9 @@ from pipeline.io.objstore import cache_dir
 from pipeline.io.raster import read_scene_info
 from pipeline.io.stac import StacSelection
 from pipeline.run.runbook import RunReport, SceneBook, stac_since, stage_figures
-from pipeline.table import transactions as table
+from pipeline.table.commit import RunInfo, new_run_id
+from pipeline.table.maintenance import recover, write_run_report
+from pipeline.table.state import committed_scenes, is_current
 from pipeline.table.store import open_store
 
 # Chips per read task and predictor call when the model takes fewer (see transport_batch).
@@ -229,13 +232,13 @@ def open_run(spec: JobSpec, jhash: str, force: bool, log) -> RunStart:
         log(f"warning: {warning}")
     keys, failed = scene_keys(pre.inputs.scenes)
     if open_store(spec.output.table).exists():
-        recovered = table.recover(spec.output.table)
+        recovered = recover(spec.output.table)
         if recovered["moved"] or recovered["removed"]:
             log(f"recovered interrupted commits: {len(recovered['moved'])} files moved into place, "
                 f"{len(recovered['removed'])} superseded files removed")
-    committed = table.committed_scenes(spec.output.table)
+    committed = committed_scenes(spec.output.table)
     current = {} if force else committed
-    done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and table.is_current(
+    done = {s.scene_id for s in pre.inputs.scenes if s.scene_id in keys and is_current(
         current.get((spec.name, s.scene_id)), keys[s.scene_id], pre.model.model_id, jhash)}
     todo = [s for s in pre.inputs.scenes if s.scene_id in keys and s.scene_id not in done]
     head = plan_scenes(spec, todo[:PLAN_BATCH], pre.model) if todo else []
@@ -261,8 +264,9 @@ def start_run(spec: JobSpec, jhash: str, force: bool, verbose: bool, log) -> Run
 
 
 def int8_gate(spec: JobSpec, start: RunStart, log) -> dict:
-    """Quantise, measure AP50 against f32 and refuse or warn, before any chip is read (a
-    refusal stops the run here) -> {"report": for the run report, "graph": for the actors}."""
+    """Quantise, measure AP50 against f32 and refuse or warn (pipeline.eval.int8_gate), before
+    any chip is read (a refusal stops the run here) -> {"report": for the run report, "graph":
+    the verdict's graph, handed down to the actors}."""
     measured, graph, geometry = measure_int8(spec, start.pre.model, start.pre.inputs.scenes, cache_dir() / "openvino",
                                              log)
     running, message = int8_allowed(measured, spec.model.int8_max_ap50_drop, spec.model.int8_on_drop)
@@ -409,7 +413,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     jhash = job_hash(spec)
     start = start_run(spec, jhash, force, verbose, log)
     pre, todo = start.pre, start.todo
-    run_id = run_id or table.new_run_id()
+    run_id = run_id or new_run_id()
     int8 = int8_gate(spec, start, log) if todo and spec.model.precision == "int8" else None
     log(f"run {run_id}: {len(todo)} scenes to run ({len(start.done)} already committed, skipped), "
         f"{len(start.failed)} scenes failed to open")
@@ -419,7 +423,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
                        stac.skipped if stac else [], pre.inputs.unmatched, list(pre.warnings), sorted(start.done),
                        int8=int8["report"] if int8 else None, score_threshold=spec.model.score_threshold,
                        started_at=dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="milliseconds"))
-    run_info = table.RunInfo(run_id, spec.name, jhash, pre.model.model_id, spec.output.crs)
+    run_info = RunInfo(run_id, spec.name, jhash, pre.model.model_id, spec.output.crs)
     book = SceneBook(spec, run_info, start.keys, start.committed, pre.model.class_names, report, log,
                      acquired={s.scene_id: s.acquired_at for s in todo if s.acquired_at is not None})
     for failure in start.failed:
@@ -447,5 +451,5 @@ def run_job(spec: JobSpec, run_id: str | None = None, force: bool = False, log=N
     report.stages, report.bottleneck = stage_figures(
         book.stage_seconds, {"read": read_tasks, "predict": spec.compute.actors, "driver": 1}, streamed)
     report.exit_code = 1 if report.scenes_failed or report.scenes_partial or report.chips_quarantined else 0
-    report.report_path = str(table.write_run_report(spec.output.table, run_id, report.as_dict()))
+    report.report_path = str(write_run_report(spec.output.table, run_id, report.as_dict()))
     return report.as_dict()

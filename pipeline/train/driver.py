@@ -1,7 +1,7 @@
 """`pipeline train`: fine-tune RetinaNet on labelled scenes with Ray Train (the driver).
 
 1. check the job (:func:`check_trainable`), pair scenes with labels, split train /
-   validation by scene or by region, cut both into chip records (pipeline.train.data);
+   validation by scene or by region, cut both into chip records (pipeline.eval.labelled);
 2. compute the per-band statistics once for the dataset (pipeline.chips.normalize) and put
    them in the model config (image_mean / image_std travel inside the checkpoint);
    optionally fit the anchors to the training boxes (pipeline.train.anchors);
@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from pipeline.compute.console import console_line, native_log_lines_hidden
 from pipeline.config.locations import is_remote
@@ -56,9 +56,7 @@ def check_trainable(spec: JobSpec) -> None:
     ``train.output_dir`` can be created or written.
     """
     source = spec.source or "job"
-    if spec.train is None:
-        raise ConfigError(f"{source}: train: required key is missing (pipeline train needs a train: section)")
-    t = spec.train
+    t = train_section(spec)
     problems = []
     for i, pattern in enumerate(t.scenes):
         if is_remote(pattern):
@@ -87,6 +85,14 @@ def check_trainable(spec: JobSpec) -> None:
         raise ConfigError("\n".join(problems))
 
 
+def train_section(spec: JobSpec) -> TrainSpec:
+    """The job's train: section; ConfigError when the job has none."""
+    if spec.train is None:
+        raise ConfigError(f"{spec.source or 'job'}: train: required key is missing "
+                          "(pipeline train needs a train: section)")
+    return spec.train
+
+
 def scene_bands(spec: JobSpec, first_scene: str) -> tuple[Optional[list[int]], int]:
     """(bands to read, model in_channels): ``inputs.bands``, or every non-alpha band."""
     from pipeline.io.raster import read_scene_info
@@ -98,9 +104,9 @@ def scene_bands(spec: JobSpec, first_scene: str) -> tuple[Optional[list[int]], i
 
 def training_data(spec: JobSpec):
     """(labelled scenes, train records, val records, scene paths) of the job's train section."""
-    from pipeline.train.data import build_records, expand_scene_paths, labelled_scenes, split_regions
+    from pipeline.eval.labelled import build_records, expand_scene_paths, labelled_scenes, split_regions
 
-    t = spec.train
+    t = train_section(spec)
     inputs = expand_scene_paths(t.scenes)
     scenes = labelled_scenes(inputs, t.labels, t.classes, t.label_field, t.scene_field)
     gap = t.val_split.gap if t.val_split.gap is not None else t.chip_size
@@ -113,30 +119,53 @@ def training_data(spec: JobSpec):
 
 def fit_job_anchors(spec: JobSpec):
     """Anchor fit on the job's training chips (``pipeline anchors``) -> AnchorFit."""
-    from pipeline.train.data import box_sizes
+    from pipeline.eval.labelled import box_sizes
 
     check_trainable(spec)
     _, train_records, _, _ = training_data(spec)
     sizes = box_sizes(train_records)
     if len(sizes) == 0:
         raise InputError(f"{spec.source}: the training chips hold no box to fit anchors to")
-    return fit_anchors(sizes, DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS, seed=spec.train.seed)
+    return fit_anchors(sizes, DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS, seed=train_section(spec).seed)
+
+
+def evaluate_checkpoint_on_job(checkpoint: str | os.PathLike, spec: JobSpec, split: str = "val",
+                               batch_size: int = 8, voc: bool = False, out_dir: Optional[str | os.PathLike] = None,
+                               precision: str = "fp32", untrained: bool = False) -> dict:
+    """Chip-level evaluation on the chips of a training job (``pipeline eval-checkpoint
+    --job``): its validation split (the chips `pipeline train` validates on) or its training
+    split (``split="train"``). Here, not in pipeline.eval: the split is training's rule."""
+    from pipeline.eval.evaluate import evaluate_records, finish_report, model_for_eval
+
+    check_trainable(spec)
+    model, classes = model_for_eval(checkpoint, untrained, spec.train.seed)
+    if classes != list(spec.train.classes):
+        raise InputError(f"{checkpoint}: classes {classes} differ from {spec.source}: train.classes "
+                         f"{list(spec.train.classes)}")
+    _, train_records, val_records, _ = training_data(spec)
+    records = val_records if split == "val" else train_records
+    metrics = evaluate_records(model, records, classes, spec.inputs.bands, spec.train.chip_size, batch_size,
+                               "cpu", precision, voc)
+    return finish_report(metrics, {"checkpoint": str(checkpoint), "chips": len(records), "untrained": untrained,
+                                   "job": spec.source, "split": split}, out_dir, "eval_checkpoint")
 
 
 def prepare(spec: JobSpec) -> Prepared:
     """Chips, statistics, anchors and the model config of a training job (driver side)."""
     from pipeline.chips.normalize import compute_band_stats
-    from pipeline.train.data import box_sizes
+    from pipeline.eval.labelled import box_sizes
     from retinanet.backbones import build_backbone
 
-    t = spec.train
+    t = train_section(spec)
     _, train_records, val_records, paths = training_data(spec)
     if not train_records:
         raise InputError(f"{spec.source}: no training chip (check train.scenes, val_split and min_valid_fraction)")
     per_epoch, total = plan_steps(t, len(train_records))
     bands, in_channels = scene_bands(spec, paths[0])
     stats = compute_band_stats(paths, bands, out_channels=in_channels)
-    anchor_sizes, ratios, fit = DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS, None
+    anchor_sizes: Sequence[Sequence[float]] = DEFAULT_SIZES
+    ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS
+    fit: Optional[dict] = None
     if t.fit_anchors:
         result = fit_anchors(box_sizes(train_records), DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS, seed=t.seed)
         anchor_sizes, ratios, fit = result.anchor_sizes, result.aspect_ratios, result.to_dict()
@@ -222,7 +251,7 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose
     from ray.train.torch import TorchTrainer
 
     check_trainable(spec)
-    t = spec.train
+    t = train_section(spec)
     output_dir = Path(t.output_dir).resolve()
     prepared = prepare(spec)
     run_name = _run_name(spec, output_dir, resume)
@@ -277,6 +306,7 @@ def train(spec: JobSpec, resume: bool = False, *, max_failures: int = 2, verbose
         shutil.copyfile(Path(d) / MODEL_FILE, output_dir / "last.pt")
         final = json.loads((Path(d) / STEP_FILE).read_text())
     if final.get("stopped_early"):
+        assert t.time_budget_minutes is not None  # only a time budget stops a run early (TrainLoop.over_budget)
         say(budget_stop_line(final["step"], prepared.total_steps, t.time_budget_minutes))
     summary = {
         "job": spec.source, "ray_run": run_name, "output_dir": str(output_dir),
@@ -304,10 +334,10 @@ def training_facts(spec: JobSpec, prepared: Prepared, run_name: Optional[str]) -
     """What the model cards of a training job's checkpoints say beyond the checkpoint: the
     bands read (named by the first scene's colour interpretation), the training scenes'
     data type, the chip size, what the weights started from."""
+    from pipeline.eval.labelled import expand_scene_paths
     from pipeline.io.raster import read_scene_info
-    from pipeline.train.data import expand_scene_paths
 
-    t = spec.train
+    t = train_section(spec)
     infos = [read_scene_info(scene.location) for scene in expand_scene_paths(t.scenes)]
     bands = prepared.bands if prepared.bands is not None else list(infos[0].data_bands)
     started = (f"fine-tuned from {t.init_checkpoint}" if t.init_checkpoint else

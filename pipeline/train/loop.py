@@ -80,7 +80,7 @@ class ChipCache:
 
     def get(self, indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(pixels (C, S, S) float32, valid (S, S) bool)] of the given record indices."""
-        from pipeline.train.data import read_records
+        from pipeline.eval.labelled import read_records
 
         missing = [i for i in indices if i not in self._store]
         fresh = {}
@@ -145,7 +145,7 @@ def _load_init_weights(model, path: str) -> int:
 
 
 def _validate(model, prepared: Prepared, val_pixels, chip_size: int, device, precision: str) -> dict:
-    from pipeline.train.data import predict_records, records_truth
+    from pipeline.eval.labelled import predict_records, records_truth
 
     was_training = model.training
     detections = predict_records(model, prepared.val_records, prepared.bands, chip_size, batch_size=8,
@@ -461,7 +461,7 @@ class WorkerRun:
     def validate_and_record(self, lr: float) -> dict:
         """The epoch's mean losses (all workers) and, on rank 0, validation AP, best.pt and
         the metrics files -> the metrics row."""
-        from pipeline.train.data import read_records
+        from pipeline.eval.labelled import read_records
         from retinanet.checkpoint import save_checkpoint
 
         sums = self.all_reduce(list(self.state["sums"]))

@@ -1,4 +1,9 @@
-"""Labelled scenes -> training and validation chips (plain functions, no Ray).
+"""Labelled scenes -> chip records, and detections on them (plain functions, no Ray).
+
+What a model is measured and trained on: evaluation of a checkpoint
+(:mod:`pipeline.eval.evaluate`), the INT8 gate (:mod:`pipeline.eval.int8_gate`) and
+training (:mod:`pipeline.train`, which sits above and takes its chips from here) read the
+same records, cut by the same rules.
 
 Steps, all on the driver and cheap (headers, masks and label files only):
 
@@ -267,7 +272,7 @@ def box_sizes(records: Sequence[ChipRecord]) -> np.ndarray:
 def predict_records(model, records, bands, chip_size: int, batch_size: int = 8, device: str = "cpu",
                     precision: str = "fp32", pixels: Optional[np.ndarray] = None,
                     channels_last: bool = True) -> list[ImageBoxes]:
-    """Run a RetinaNet on chip records (pipeline.train.data.ChipRecord) -> detections per chip.
+    """Run a RetinaNet on chip records (:class:`ChipRecord`) -> detections per chip.
 
     Chips are read in batches (bounded memory) unless ``pixels`` (N, C, S, S) holds them
     already; ``precision`` as retinanet.runtime. Leaves the model in eval mode.
