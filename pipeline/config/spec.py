@@ -664,8 +664,8 @@ def _dotted(loc: Sequence[Any]) -> str:
     return text or "(top level)"
 
 
-def _describe(err: dict) -> str:
-    """One pydantic error -> a short human message."""
+def _describe(err: Mapping[str, Any]) -> str:
+    """One pydantic error (an item of ValidationError.errors()) -> a short human message."""
     kind = err["type"]
     if kind == "extra_forbidden":
         return "unknown key"
