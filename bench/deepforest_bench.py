@@ -247,7 +247,7 @@ def run_ours(job: Path, table: Path, precision: str = "auto", scene: Path | None
 def our_boxes(table: Path):
     import numpy as np
 
-    from pipeline.table.transactions import read_committed
+    from pipeline.table.state import read_committed
 
     t = read_committed(table, columns=["px_xmin", "px_ymin", "px_xmax", "px_ymax"])
     return np.stack([t[c].to_numpy() for c in t.column_names], axis=1).astype(float)

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.eval.evaluate import evaluate_table  # noqa: E402
 from pipeline.eval.metrics import ImageBoxes, coco_metrics  # noqa: E402
+from pipeline.table.commit import RunInfo, commit_scene  # noqa: E402
 from pipeline.table.schema import build_detection_table  # noqa: E402
-from pipeline.table.transactions import RunInfo, commit_scene  # noqa: E402
 
 CLASSES = ["tree", "vehicle"]
 SIZE = 8192

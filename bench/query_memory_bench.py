@@ -6,7 +6,7 @@
 
 A moto S3 server is started on 127.0.0.1 by the bench (and stopped at the end); each table
 is ``rows / --scene-rows`` scenes committed with the real commit path
-(``pipeline.table.transactions.commit_scene``) into ``s3://bench/<rows>``. Each query runs
+(``pipeline.table.commit.commit_scene``) into ``s3://bench/<rows>``. Each query runs
 ``--reps`` times as its own ``pipeline query`` process (``python -m pipeline.cli``), and
 the process's peak RSS is read from the kernel when it exits (``os.wait4``: ru_maxrss):
 
@@ -35,14 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.table import schema  # noqa: E402
-from pipeline.table import transactions as T  # noqa: E402
+from pipeline.table.commit import RunInfo, commit_scene  # noqa: E402
 from tests.moto_server import free_port, start_moto, stop  # noqa: E402
 
 CLASSES = ["vehicle", "building", "tank"]
 BUCKET = "bench"
 
 
-def scene_rows(run: T.RunInfo, scene: str, n: int, rng: np.random.Generator):
+def scene_rows(run: RunInfo, scene: str, n: int, rng: np.random.Generator):
     xy = rng.uniform(0, 10000, size=(n, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(5, 50, size=(n, 2))], axis=1)
     corners = np.stack([boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [2, 3]], boxes[:, [0, 3]]], axis=1) + 500000.0
@@ -53,11 +53,11 @@ def scene_rows(run: T.RunInfo, scene: str, n: int, rng: np.random.Generator):
 
 
 def build(url: str, rows: int, scene_rows_n: int) -> int:
-    run = T.RunInfo("r1", "bench", "h", "m", "EPSG:32633")
+    run = RunInfo("r1", "bench", "h", "m", "EPSG:32633")
     rng = np.random.default_rng(0)
     scenes = rows // scene_rows_n
     for i in range(scenes):
-        T.commit_scene(url, run, f"s{i:05d}", {"k": i}, scene_rows(run, f"s{i:05d}", scene_rows_n, rng))
+        commit_scene(url, run, f"s{i:05d}", {"k": i}, scene_rows(run, f"s{i:05d}", scene_rows_n, rng))
     return scenes
 
 

@@ -8,7 +8,7 @@ A nightly table: ``--scenes`` scenes (default 500) re-run every night, so N comm
 N / scenes nights of history while the current state stays one version per scene. Rows
 per scene follow a log-normal distribution (median 150, a long tail to a few thousand),
 as detection counts over mixed scenes do. Each table is built with the real commit path
-(``pipeline.table.transactions.commit_scene``: Parquet, manifest, move, settle, snapshots).
+(``pipeline.table.commit.commit_scene``: Parquet, manifest, move, settle, snapshots).
 
 Measured on each table once all are built, ``--reps`` rounds interleaved, medians:
 
@@ -35,12 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.query import run_query  # noqa: E402
 from pipeline.table import schema  # noqa: E402
-from pipeline.table import transactions as T  # noqa: E402
+from pipeline.table import state as table_state  # noqa: E402
+from pipeline.table.commit import RunInfo, commit_scene  # noqa: E402
+from pipeline.table.maintenance import compact  # noqa: E402
+from pipeline.table.state import MANIFESTS, committed_scenes  # noqa: E402
 
 CLASSES = ["vehicle", "building", "tank"]
 
 
-def scene_rows(run: T.RunInfo, scene: str, n: int, rng: np.random.Generator):
+def scene_rows(run: RunInfo, scene: str, n: int, rng: np.random.Generator):
     xy = rng.uniform(0, 10000, size=(n, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(5, 50, size=(n, 2))], axis=1)
     corners = np.stack([boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [2, 3]], boxes[:, [0, 3]]], axis=1) + 500000.0
@@ -52,26 +55,26 @@ def scene_rows(run: T.RunInfo, scene: str, n: int, rng: np.random.Generator):
 def build(root: Path, commits: int, scenes: int, seed: int = 0) -> None:
     # History built in seconds stands for months of nights: the grace that protects readers
     # in flight from a folded manifest's removal (10 min) would otherwise keep every manifest.
-    T.SNAPSHOT_GRACE_S = 0.0
+    table_state.SNAPSHOT_GRACE_S = 0.0
     rng = np.random.default_rng(seed)
     done = 0
     night = 0
     while done < commits:
-        run = T.RunInfo(f"night{night:05d}", "nightly", "h", "m", "EPSG:32633")
+        run = RunInfo(f"night{night:05d}", "nightly", "h", "m", "EPSG:32633")
         for s in range(min(scenes, commits - done)):
             n = int(min(5000, max(1, rng.lognormal(np.log(150), 1.0))))
-            T.commit_scene(root, run, f"scene_{s:05d}", night, scene_rows(run, f"scene_{s:05d}", n, rng))
+            commit_scene(root, run, f"scene_{s:05d}", night, scene_rows(run, f"scene_{s:05d}", n, rng))
             done += 1
         night += 1
 
 
 def measure_once(root: Path, rep: int, rng: np.random.Generator) -> dict[str, float]:
-    run = T.RunInfo(f"bench{rep:03d}", "nightly", "h", "m", "EPSG:32633")
+    run = RunInfo(f"bench{rep:03d}", "nightly", "h", "m", "EPSG:32633")
     rows = scene_rows(run, "scene_00000", 150, rng)
     t0 = time.perf_counter()
-    T.commit_scene(root, run, "scene_00000", f"b{rep}", rows)
+    commit_scene(root, run, "scene_00000", f"b{rep}", rows)
     t1 = time.perf_counter()
-    T.committed_scenes(root)
+    committed_scenes(root)
     t2 = time.perf_counter()
     run_query(root, "SELECT count(*) FROM detections")
     t3 = time.perf_counter()
@@ -102,14 +105,14 @@ def main() -> None:
                 samples[n].append(measure_once(root, rep, rng))
         results = {n: {k: statistics.median(s[k] for s in samples[n]) for k in samples[n][0]} for n in roots}
         for n, root in roots.items():
-            manifests = len(list((root / T.MANIFESTS).glob("*.json")))
+            manifests = len(list((root / MANIFESTS).glob("*.json")))
             files = len(list(root.glob("date=*/*.parquet")))
             print(f"N={n:>7}: {manifests} manifests and {files} data files on disk; "
                   + "; ".join(f"{k} {v * 1000:.1f} ms" for k, v in results[n].items()), flush=True)
         if args.compact:  # the same tables after `pipeline compact`: one file per date partition
             for n, root in roots.items():
                 t0 = time.perf_counter()
-                T.compact(root)
+                compact(root)
                 took = time.perf_counter() - t0
                 after = [measure_once(root, args.reps + rep, rng) for rep in range(args.reps)]
                 files = len(list(root.glob("date=*/*.parquet")))

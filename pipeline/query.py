@@ -113,7 +113,7 @@ def _scene_reason(manifest: dict, status: str, missing: list) -> str | None:
 
 def scenes_table(scenes: dict[tuple[str, str], dict]) -> pa.Table:
     """The rows of the ``scenes`` view from :func:`pipeline.table.transactions.committed_scenes`."""
-    from pipeline.table.transactions import scene_status
+    from pipeline.table.state import scene_status
 
     rows = []
     for (job_name, scene_id), m in sorted(scenes.items()):
@@ -286,7 +286,7 @@ def open_detections(table_root: os.PathLike | str, aoi: os.PathLike | str | None
     and ``geo`` metadata is written to a temporary directory for the life of the
     connection, so the view has the right columns and types.
     """
-    from pipeline.table.transactions import committed_scenes, read_committed, require_table, table_crs, visible_parts
+    from pipeline.table.state import committed_scenes, read_committed, require_table, table_crs, visible_parts
 
     store = require_table(table_root)
     root = str(table_root)
@@ -553,7 +553,7 @@ def query_to_file(table_root: os.PathLike | str, sql: str, path: os.PathLike | s
                   aoi: os.PathLike | str | None = None) -> int:
     """Run ``sql`` and write the result to ``path`` (:func:`write_result`); the suffix is
     checked before anything runs. Returns the rows written."""
-    from pipeline.table.transactions import table_crs
+    from pipeline.table.state import table_crs
 
     check_out_path(path)
     result = run_query(table_root, sql, aoi)

@@ -172,7 +172,7 @@ def scene_detections(table_root: os.PathLike | str, scene_id: str, run_id: Optio
     local or object-store table."""
     import pyarrow.dataset as ds
 
-    from pipeline.table.transactions import read_committed, require_table
+    from pipeline.table.state import read_committed, require_table
 
     require_table(table_root)
     where = ds.field("scene_id") == scene_id
@@ -444,7 +444,7 @@ def summary_line(summary: dict) -> str:
 def committed_scene_id(table_root: os.PathLike | str, scene_path: str, job_name: Optional[str] = None) -> str:
     """The scene id under which the table holds ``scene_path`` (ids depend on the job's input
     patterns, so the manifests are asked); the file stem when no committed scene has that path."""
-    from pipeline.table.transactions import committed_scenes, require_table
+    from pipeline.table.state import committed_scenes, require_table
 
     require_table(table_root)
     wanted = scene_path if is_remote(scene_path) else os.path.abspath(scene_path)
@@ -459,7 +459,8 @@ def link_in_run_reports(table_root: os.PathLike | str, scene_id: str, picture: o
                         job_name: Optional[str] = None) -> list[str]:
     """Record the quicklook under ``quicklooks[scene_id]`` in the run report of every run
     whose committed rows of this scene are current; returns the reports updated."""
-    from pipeline.table.transactions import REPORTS, committed_scenes, write_run_report
+    from pipeline.table.maintenance import write_run_report
+    from pipeline.table.state import REPORTS, committed_scenes
 
     store = open_store(table_root)
     updated = []

@@ -26,8 +26,11 @@ from pipeline.query import run_query
 from pipeline.render import render_quicklook
 from pipeline.render import scene_detections as render_scene_detections
 from pipeline.run.graph import run_job
+from pipeline.table import commit as table_commit
 from pipeline.table import schema
-from pipeline.table import transactions as T
+from pipeline.table.commit import commit_scene
+from pipeline.table.maintenance import compact
+from pipeline.table.state import committed_files, read_committed
 from pipeline.tools.synth import synthesize
 
 UTC = dt.timezone.utc
@@ -79,8 +82,8 @@ def commit_old_style(root, monkeypatch, run_id: str, scene: str, n: int, seed: i
     old = rows(run, scene, n, seed=seed, date="2026-01-04").select(OLD_FILE_COLUMNS + ["date"])
     assert old.schema.equals(old_schema())
     with monkeypatch.context() as patch:
-        patch.setattr(T, "detection_schema", old_schema)
-        T.commit_scene(root, run, scene, {"k": scene}, old)
+        patch.setattr(table_commit, "detection_schema", old_schema)
+        commit_scene(root, run, scene, {"k": scene}, old)
 
 
 def commit_new_style(root, run_id: str, scene: str, n: int, seed: int, acquired_at=ACQUIRED) -> None:
@@ -88,7 +91,7 @@ def commit_new_style(root, run_id: str, scene: str, n: int, seed: int, acquired_
     base = rows(run, scene, n, seed=seed, date="2026-01-04")
     new = base.set_column(base.schema.get_field_index("acquired_at"), "acquired_at",
                           pa.array([acquired_at] * n, pa.timestamp("us", tz="UTC")))
-    T.commit_scene(root, run, scene, {"k": scene}, new)
+    commit_scene(root, run, scene, {"k": scene}, new)
 
 
 @pytest.fixture(params=["old_file_first", "new_file_first"])
@@ -100,7 +103,7 @@ def mixed_table(request, tmp_path, monkeypatch):
     old_run, new_run = ("r0", "r1") if request.param == "old_file_first" else ("r1", "r0")
     commit_old_style(root, monkeypatch, old_run, "old", 4, seed=1)
     commit_new_style(root, new_run, "new", 3, seed=2)
-    files = sorted(T.committed_files(root))
+    files = sorted(committed_files(root))
     first = pq.read_schema(files[0]).names
     assert ("acquired_at" in first) == (request.param == "new_file_first")  # the files really differ
     return root
@@ -114,7 +117,7 @@ def acquired_by_scene(table: pa.Table) -> dict[str, set]:
 
 
 def test_our_reader_reads_old_files_as_null(mixed_table):
-    got = T.read_committed(mixed_table)
+    got = read_committed(mixed_table)
     assert got.schema.remove_metadata().equals(schema.detection_schema())
     assert acquired_by_scene(got) == {"old": {None}, "new": {ACQUIRED}}
 
@@ -175,8 +178,8 @@ def test_plain_readers_see_acquired_at_as_the_docs_say(mixed_table):
 
 
 def test_compaction_rewrites_old_files_with_the_column(mixed_table):
-    T.compact(mixed_table, min_files=2)
-    [path] = T.committed_files(mixed_table)
+    compact(mixed_table, min_files=2)
+    [path] = committed_files(mixed_table)
     assert pq.read_schema(path).names == schema.file_schema().names
     assert acquired_by_scene(pq.read_table(path)) == {"old": {None}, "new": {ACQUIRED}}
 
@@ -264,7 +267,7 @@ def test_a_run_takes_the_rasters_tag_and_reports_one_that_does_not_parse(run_wor
     spec = run_spec(run_workspace, "from-tags", {"paths": [str(run_workspace / "scenes" / "*.tif")]})
     report = run_job(spec, log=lambda m: None)
     assert report["exit_code"] == 0 and sorted(report["scenes_ok"]) == ["garbled", "tagged"], report
-    got = T.read_committed(run_workspace / "from-tags")
+    got = read_committed(run_workspace / "from-tags")
     assert got.num_rows == report["detections"] > 0
     assert set(got["scene_id"].to_pylist()) == {"garbled", "tagged"}  # both scenes have rows to check
     assert acquired_by_scene(got) == {"tagged": {dt.datetime(2026, 1, 3, 9, 15, tzinfo=UTC)}, "garbled": {None}}
@@ -284,7 +287,7 @@ def test_a_stac_run_takes_the_items_time(run_workspace, ray_session):
         [("item-garbled", dt.datetime(2026, 1, 2, 23, 0, tzinfo=UTC))]
     report = run_job(spec, log=lambda m: None)
     assert report["exit_code"] == 0 and report["detections"] > 0, report
-    got = T.read_committed(run_workspace / "from-stac")
+    got = read_committed(run_workspace / "from-stac")
     # The item's time, not the file's tag (which does not parse and is then not even looked at).
     assert acquired_by_scene(got) == {"item-garbled": {dt.datetime(2026, 1, 2, 23, 0, tzinfo=UTC)}}
     assert not [w for w in report["warnings"] if "acquired_at" in w]
@@ -312,7 +315,7 @@ def test_eval_and_render_read_a_mixed_table(mixed_table, tmp_path):
     committed boxes: every detection a hit), render draws both scenes' rows."""
     from pipeline.eval.evaluate import evaluate_table
 
-    rows_ = T.read_committed(mixed_table)
+    rows_ = read_committed(mixed_table)
     lines = ["image_path,xmin,ymin,xmax,ymax,label"]
     for scene, label, *box in zip(*(rows_[c].to_pylist() for c in ["scene_id", "label", "px_xmin", "px_ymin",
                                                                      "px_xmax", "px_ymax"])):
@@ -329,6 +332,6 @@ def test_an_object_store_table_of_old_and_new_files(s3_server, monkeypatch):
     url = "s3://acquired-bucket/tables/mixed"
     commit_old_style(url, monkeypatch, "r0", "old", 4, seed=1)
     commit_new_style(url, "r1", "new", 3, seed=2)
-    assert acquired_by_scene(T.read_committed(url)) == {"old": {None}, "new": {ACQUIRED}}
+    assert acquired_by_scene(read_committed(url)) == {"old": {None}, "new": {ACQUIRED}}
     got = run_query(url, "SELECT scene_id, acquired_at FROM detections")
     assert acquired_by_scene(got) == {"old": {None}, "new": {ACQUIRED}}

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config.spec import JobSpec
+from pipeline.table.commit import RunInfo, commit_scene
 from pipeline.table.schema import build_detection_table
-from pipeline.table.transactions import RunInfo, commit_scene
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,10 @@ import pytest
 
 from pipeline.eval.evaluate import evaluate_table, pr_figure, scene_detections
 from pipeline.eval.metrics import ImageBoxes, coco_metrics, pr_curve_points, split_for_matching
+from pipeline.table.commit import RunInfo, commit_scene
+from pipeline.table.maintenance import write_run_report
 from pipeline.table.schema import build_detection_table
-from pipeline.table.transactions import RunInfo, commit_scene, committed_files, read_committed, write_run_report
+from pipeline.table.state import committed_files, read_committed
 
 KEYS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR")
 

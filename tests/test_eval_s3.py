@@ -10,7 +10,8 @@ from test_eval_density import commit, scene, write_truth
 
 from pipeline.errors import InputError
 from pipeline.eval.evaluate import evaluate_table
-from pipeline.table.transactions import RunInfo, write_run_report
+from pipeline.table.commit import RunInfo
+from pipeline.table.maintenance import write_run_report
 
 BUCKET = "eval-bucket"
 

@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.eval.evaluate import evaluate_table, format_table, write_report
 from pipeline.eval.metrics import ImageBoxes, all_point_ap, coco_metrics, voc_class_ap, voc_metrics
+from pipeline.table.commit import RunInfo, commit_scene
 from pipeline.table.schema import build_detection_table
-from pipeline.table.transactions import RunInfo, commit_scene
 
 
 def truth(image_id, boxes, labels, size=100):

@@ -215,7 +215,7 @@ def test_spec_rejects_onnx_backend_with_reduced_precision(workspace):
 
 def committed_detections(table_root) -> dict[str, dict]:
     """Committed rows per scene as detection dicts (scene pixels, label ids)."""
-    from pipeline.table.transactions import read_committed
+    from pipeline.table.state import read_committed
 
     t = read_committed(table_root).to_pydict()
     scenes = np.array(t["scene_id"])

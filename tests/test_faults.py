@@ -54,7 +54,7 @@ def start_run(job: Path) -> subprocess.Popen:
 
 
 def rows(table_root) -> list[tuple]:
-    from pipeline.table.transactions import read_committed
+    from pipeline.table.state import read_committed
 
     t = read_committed(table_root).to_pydict()
     return sorted(zip(t["scene_id"], t["label"], [round(v, 3) for v in t["px_xmin"]],
@@ -116,7 +116,7 @@ def test_two_runs_commit_into_one_table_at_once(scenes, address, clean_rows):
     for proc in (first, second):
         out, _ = proc.communicate(timeout=280)
         assert proc.returncode == 0, out
-    from pipeline.table.transactions import read_committed
+    from pipeline.table.state import read_committed
 
     t = read_committed(scenes / "shared").to_pydict()
     for name in ("night-a", "night-b"):

@@ -160,6 +160,7 @@ def test_a_read_worker_imports_no_driver_code():
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
                                            text=True).stdout))
     assert "pipeline.chips.stream" in loaded
-    heavy = {"pipeline.run.graph", "pipeline.run.runbook", "pipeline.table.transactions", "pipeline.infer.predictor",
-             "pipeline.chips.planning", "pipeline.config.spec", "torch", "openvino", "pydantic"}
+    heavy = {"pipeline.run.graph", "pipeline.run.runbook", "pipeline.table.commit", "pipeline.table.state",
+             "pipeline.infer.predictor", "pipeline.chips.planning", "pipeline.config.spec", "torch", "openvino",
+             "pydantic"}
     assert loaded & heavy == set()

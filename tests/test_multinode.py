@@ -23,7 +23,7 @@ CHILD = textwrap.dedent('''
     from pipeline.chips.planning import PLAN_BATCH
     from pipeline.config.spec import JobSpec
     from pipeline.tools.synth import SYNTH_CLASSES, synthesize
-    from pipeline.table.transactions import read_committed
+    from pipeline.table.state import read_committed
     from retinanet import build_model, save_checkpoint
 
     root = Path(sys.argv[1])

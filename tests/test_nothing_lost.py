@@ -85,7 +85,7 @@ def glob_rows(table: Path) -> list[tuple]:
 
 def committed_rows(table: Path) -> list[tuple]:
     """The same, over the files the current manifests list (a rerun leaves superseded files)."""
-    from pipeline.table.transactions import committed_files
+    from pipeline.table.state import committed_files
 
     return duckdb.sql(ROW_SQL.format(committed_files(table)) + " ORDER BY ALL").fetchall()
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -17,12 +18,13 @@ from pipeline.errors import InputError
 from pipeline.geo.georef import box_corners
 from pipeline.query import QueryError, query_text, run_query, table_columns
 from pipeline.table import schema
-from pipeline.table import transactions as T
+from pipeline.table.commit import RunInfo, commit_scene
+from pipeline.table.state import MANIFESTS, STAGING, committed_scenes
 
 CLASSES = ["vehicle", "building", "tank"]
 
 
-def scene_rows(run: T.RunInfo, scene: str, px: list, labels: list, scores: list, date: str) -> "T.pa.Table":
+def scene_rows(run: RunInfo, scene: str, px: list, labels: list, scores: list, date: str) -> "pa.Table":
     """Rows with map box = pixel box x (1, -1) + (1000, 5000): a 1 m grid, y up."""
     boxes = np.asarray(px, np.float64).reshape(-1, 4)
     corners = box_corners(boxes) * [1.0, -1.0] + [1000.0, 5000.0]
@@ -36,12 +38,12 @@ def scene_rows(run: T.RunInfo, scene: str, px: list, labels: list, scores: list,
 def table(tmp_path) -> Path:
     """Two nights, two scenes, three classes (counts worked out in the tests below)."""
     root = tmp_path / "table"
-    run = T.RunInfo("r1", "sat", "h", "m", "EPSG:32633")
+    run = RunInfo("r1", "sat", "h", "m", "EPSG:32633")
     # night 1, scene a: vehicle x2, building x1
-    T.commit_scene(root, run, "a", {"k": 1}, scene_rows(
+    commit_scene(root, run, "a", {"k": 1}, scene_rows(
         run, "a", [[0, 0, 10, 10], [20, 20, 30, 30], [100, 100, 200, 200]], [0, 0, 1], [0.9, 0.5, 0.7], "2026-01-01"))
     # night 2, scene b: vehicle x1, tank x1
-    T.commit_scene(root, run, "b", {"k": 2}, scene_rows(
+    commit_scene(root, run, "b", {"k": 2}, scene_rows(
         run, "b", [[500, 500, 520, 520], [600, 600, 640, 640]], [0, 2], [0.8, 0.95], "2026-01-02"))
     return root
 
@@ -65,15 +67,15 @@ def test_only_committed_files_are_visible(table):
     before = run_query(table, "SELECT count(*) AS n FROM detections").to_pylist()[0]["n"]
     assert before == 5
     # A crashed commit: rows staged and even moved into a partition, but no manifest.
-    run = T.RunInfo("crashed", "sat", "h", "m", "EPSG:32633")
+    run = RunInfo("crashed", "sat", "h", "m", "EPSG:32633")
     orphan = scene_rows(run, "c", [[0, 0, 5, 5]] * 7, [0] * 7, [0.9] * 7, "2026-01-01")
-    (table / T.STAGING / "crashed-x").mkdir(parents=True)
-    pq.write_table(orphan, table / T.STAGING / "crashed-x" / "c.parquet")
+    (table / STAGING / "crashed-x").mkdir(parents=True)
+    pq.write_table(orphan, table / STAGING / "crashed-x" / "c.parquet")
     pq.write_table(orphan, table / "date=2026-01-01" / "crashed-c-orphan.parquet")
     assert run_query(table, "SELECT count(*) AS n FROM detections").to_pylist()[0]["n"] == 5
     # A new commit of scene a supersedes its old rows: 3 old rows out, 1 new row in.
-    run2 = T.RunInfo("r2", "sat", "h", "m", "EPSG:32633")
-    T.commit_scene(table, run2, "a", {"k": 3}, scene_rows(run2, "a", [[1, 1, 2, 2]], [2], [0.6], "2026-01-03"))
+    run2 = RunInfo("r2", "sat", "h", "m", "EPSG:32633")
+    commit_scene(table, run2, "a", {"k": 3}, scene_rows(run2, "a", [[1, 1, 2, 2]], [2], [0.6], "2026-01-03"))
     result = run_query(table, "SELECT scene_id, run_id, count(*) AS n FROM detections GROUP BY ALL ORDER BY scene_id")
     assert result.to_pylist() == [{"scene_id": "a", "run_id": "r2", "n": 1}, {"scene_id": "b", "run_id": "r1", "n": 2}]
 
@@ -160,7 +162,7 @@ def test_examples_in_the_operations_doc_run(table):
 def set_manifest_fields(root: Path, manifest: dict, drop=(), **fields) -> None:
     """Change fields of a published manifest file (plain JSON): ``drop`` removes them, as a
     writer older than scene statuses would have written it."""
-    path = root / T.MANIFESTS / manifest["manifest"]
+    path = root / MANIFESTS / manifest["manifest"]
     raw = {k: v for k, v in {**json.loads(path.read_text()), **fields}.items() if k not in drop}
     path.write_text(json.dumps(raw, indent=2, sort_keys=True))
 
@@ -169,19 +171,19 @@ def set_manifest_fields(root: Path, manifest: dict, drop=(), **fields) -> None:
 def outcomes(table) -> Path:
     """The two complete scenes of ``table`` plus a partial
     scene c (1 row, 3 missing chips) and a failed scene d (no rows, no files)."""
-    run = T.RunInfo("r3", "sat", "h", "m2", "EPSG:32633")
-    T.commit_scene(table, run, "c", {"k": 4}, scene_rows(run, "c", [[0, 0, 4, 4]], [1], [0.4], "2026-01-03"),
+    run = RunInfo("r3", "sat", "h", "m2", "EPSG:32633")
+    commit_scene(table, run, "c", {"k": 4}, scene_rows(run, "c", [[0, 0, 4, 4]], [1], [0.4], "2026-01-03"),
                    scene_path="/scenes/c.tif", status="partial", missing_chips=[
                        {"chip_id": "c-0-512", "status": "error", "reason": "read error"},
                        {"chip_id": "c-512-0", "status": "error", "reason": "timeout"},
                        {"chip_id": "c-512-512", "status": "error", "reason": "read error"}])
-    T.commit_scene(table, run, "d", {"k": 5}, scene_rows(run, "d", [], [], [], "2026-01-03"),
+    commit_scene(table, run, "d", {"k": 5}, scene_rows(run, "d", [], [], [], "2026-01-03"),
                    scene_path="/scenes/d.tif", status="failed", reason="unreadable scene: bad TIFF header")
     return table
 
 
 def committed_at(root: Path, scene_id: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(T.committed_scenes(root)[("sat", scene_id)]["committed_at"])
+    return dt.datetime.fromisoformat(committed_scenes(root)[("sat", scene_id)]["committed_at"])
 
 
 SCENE_COLUMNS = [("job_name", "VARCHAR"), ("scene_id", "VARCHAR"), ("scene_path", "VARCHAR"), ("status", "VARCHAR"),
@@ -210,9 +212,9 @@ def test_scenes_view_one_row_per_current_manifest(outcomes):
 
 
 def test_old_manifests_without_status_are_complete(table):
-    for m in T.committed_scenes(table).values():  # as written before scene statuses existed
+    for m in committed_scenes(table).values():  # as written before scene statuses existed
         set_manifest_fields(table, m, drop=("status", "missing_chips", "reason"))
-        raw = json.loads((table / T.MANIFESTS / m["manifest"]).read_text())
+        raw = json.loads((table / MANIFESTS / m["manifest"]).read_text())
         assert not {"status", "missing_chips", "reason"} & raw.keys()
     result = run_query(table, "SELECT scene_id, status, missing_chips, reason FROM scenes ORDER BY scene_id")
     assert result.to_pylist() == [{"scene_id": "a", "status": "complete", "missing_chips": 0, "reason": None},
@@ -221,8 +223,8 @@ def test_old_manifests_without_status_are_complete(table):
 
 def test_scenes_view_follows_the_supersede_rule(outcomes):
     # Scene d is rerun and succeeds: its failed manifest is superseded.
-    run = T.RunInfo("r4", "sat", "h", "m2", "EPSG:32633")
-    T.commit_scene(outcomes, run, "d", {"k": 5}, scene_rows(run, "d", [[0, 0, 4, 4]], [0], [0.7], "2026-01-04"))
+    run = RunInfo("r4", "sat", "h", "m2", "EPSG:32633")
+    commit_scene(outcomes, run, "d", {"k": 5}, scene_rows(run, "d", [[0, 0, 4, 4]], [0], [0.7], "2026-01-04"))
     result = run_query(outcomes, "SELECT run_id, status, rows, reason FROM scenes WHERE scene_id = 'd'")
     assert result.to_pylist() == [{"run_id": "r4", "status": "complete", "rows": 1, "reason": None}]
     assert run_query(outcomes, "SELECT count(*) AS n FROM scenes").to_pylist() == [{"n": 4}]
@@ -271,7 +273,7 @@ def test_scenes_as_json_and_from_the_cli(outcomes):
 
 
 def test_damaged_committed_at_is_named(table):
-    manifest = T.committed_scenes(table)[("sat", "a")]
+    manifest = committed_scenes(table)[("sat", "a")]
     set_manifest_fields(table, manifest, committed_at="yesterday")
     with pytest.raises(QueryError, match=f"{manifest['manifest']}: bad committed_at 'yesterday'"):
         run_query(table, "SELECT count(*) FROM scenes")

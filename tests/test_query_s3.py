@@ -16,11 +16,13 @@ from click.testing import CliRunner
 from moto_server import free_port, start_moto, stop
 from test_table import rows, run_info
 
-import pipeline.table.transactions as T
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.io.objstore import ObjectStoreError
 from pipeline.query import query_to_file, run_query
+from pipeline.table.commit import commit_scene
+from pipeline.table.maintenance import compact
+from pipeline.table.state import committed_files, read_committed
 from pipeline.table.store import open_store
 
 BUCKET = "query-bucket"
@@ -40,11 +42,11 @@ def commit_nights(root: str) -> None:
     then compacted, then scene b committed again over the compacted file."""
     run = run_info()
     for scene, n, day in (("a", 40, "2024-05-01"), ("b", 30, "2024-05-01"), ("c", 25, "2024-05-02")):
-        T.commit_scene(root, run, scene, "k", rows(run, scene, n, seed=n, date=day))
+        commit_scene(root, run, scene, "k", rows(run, scene, n, seed=n, date=day))
     again = run_info(run_id="r2")
-    T.commit_scene(root, again, "a", "k2", rows(again, "a", 12, seed=7, date="2024-05-02"))
-    T.compact(root)
-    T.commit_scene(root, again, "b", "k2", rows(again, "b", 9, seed=8, date="2024-05-01"))
+    commit_scene(root, again, "a", "k2", rows(again, "a", 12, seed=7, date="2024-05-02"))
+    compact(root)
+    commit_scene(root, again, "b", "k2", rows(again, "b", 9, seed=8, date="2024-05-01"))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def tables(s3_server, tmp_path_factory) -> tuple[str, str]:
 
 def test_s3_table_answers_as_the_same_table_in_a_folder(tables):
     url, local = tables
-    assert T.read_committed(url).num_rows == 25 + 12 + 9 == T.read_committed(local).num_rows
+    assert read_committed(url).num_rows == 25 + 12 + 9 == read_committed(local).num_rows
     for sql in QUESTIONS:
         got, expected = run_query(url, sql), run_query(local, sql)
         assert got.num_rows > 0 and got.to_pylist() == expected.to_pylist(), sql
@@ -72,7 +74,7 @@ def test_query_out_from_an_s3_table(tables, tmp_path):
     out = tmp_path / "b.gpkg"
     sql = "SELECT * EXCLUDE (bbox) FROM detections WHERE scene_id = 'b'"
     assert query_to_file(url, sql, out) == 9
-    frame, oracle = gpd.read_file(out), gpd.read_parquet(T.committed_files(local)[0])
+    frame, oracle = gpd.read_file(out), gpd.read_parquet(committed_files(local)[0])
     assert len(frame) == 9 and frame.crs == oracle.crs and frame.crs.to_epsg() == 32633
     assert set(frame["run_id"]) == {"r2"} and pyogrio.read_info(out)["geometry_type"] == "Polygon"
     cli = CliRunner().invoke(main, ["query", url, sql, "-o", str(tmp_path / "b.fgb")])
@@ -113,19 +115,19 @@ def test_an_http_endpoint_works_without_allow_http(tables, tmp_path):
     assert done.stdout.split() == ["n", "46"]
     # writes too: a commit into a new table, then read back
     fresh = f"s3://{BUCKET}/tables/over-http"
-    commit = ("import pipeline.table.transactions as T; from test_table import rows, run_info; r = run_info(); "
-              f"T.commit_scene({fresh!r}, r, 'a', 'k', rows(r, 'a', 5))")
+    commit = ("from pipeline.table.commit import commit_scene; from test_table import rows, run_info; r = run_info(); "
+              f"commit_scene({fresh!r}, r, 'a', 'k', rows(r, 'a', 5))")
     done = subprocess.run([sys.executable, "-c", commit], env=cli_env(PYTHONPATH=os.path.dirname(__file__)),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert T.read_committed(fresh).num_rows == 5
+    assert read_committed(fresh).num_rows == 5
 
 
 def test_a_missing_bucket_is_named(s3_server):
     url = "s3://no-such-bucket-here/tables/t"
     run = run_info()
     with pytest.raises(ObjectStoreError, match="bucket s3://no-such-bucket-here does not exist"):
-        T.commit_scene(url, run, "a", "k", rows(run, "a", 3))
+        commit_scene(url, run, "a", "k", rows(run, "a", 3))
     with pytest.raises(ObjectStoreError, match="bucket s3://no-such-bucket-here does not exist"):
         run_query(url, "SELECT count(*) FROM detections")
     compact = CliRunner().invoke(main, ["vacuum", url, "--grace", "0"])
@@ -148,8 +150,8 @@ def test_refused_credentials_are_named(strict_s3):
     done = pipeline_cli("query", url, "SELECT count(*) FROM detections", env=env)
     assert done.returncode not in (0, 3) and "Traceback" not in done.stderr, done.stderr
     assert f"error: {url}/_table.json: object store request failed" in done.stderr and "403" in done.stderr
-    commit = ("import pipeline.table.transactions as T; from test_table import rows, run_info; r = run_info(); "
-              f"T.commit_scene({url!r}, r, 'a', 'k', rows(r, 'a', 3))")
+    commit = ("from pipeline.table.commit import commit_scene; from test_table import rows, run_info; r = run_info(); "
+              f"commit_scene({url!r}, r, 'a', 'k', rows(r, 'a', 3))")
     done = subprocess.run([sys.executable, "-c", commit], env={**env, "PYTHONPATH": os.path.dirname(__file__)},
                           capture_output=True, text=True, timeout=120)
     assert "ObjectStoreError" in done.stderr and "InvalidAccessKeyId" in done.stderr, done.stderr
@@ -176,7 +178,7 @@ def test_an_unreachable_endpoint_is_named(tables):
 def test_geometry_filters_agree_with_shapely(tables):
     url, _ = tables
     window = shapely.box(500100, 3999700, 500400, 3999900)
-    frame = gpd.GeoDataFrame(T.read_committed(url).to_pandas().assign(
+    frame = gpd.GeoDataFrame(read_committed(url).to_pandas().assign(
         geometry=lambda f: gpd.GeoSeries.from_wkb(f["geometry"])), geometry="geometry")
     sql = f"SELECT count(*) AS n FROM detections WHERE ST_Intersects(geometry, ST_GeomFromText('{window.wkt}'))"
     assert run_query(url, sql).to_pylist() == [{"n": int(frame.intersects(window).sum())}]

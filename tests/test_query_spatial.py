@@ -23,7 +23,8 @@ from pipeline.errors import InputError
 from pipeline.geo.georef import box_corners
 from pipeline.query import OUT_SUFFIXES, QueryError, query_to_file, run_query, table_columns
 from pipeline.table import schema
-from pipeline.table import transactions as T
+from pipeline.table.commit import RunInfo, commit_scene
+from pipeline.table.state import committed_files
 
 CLASSES = ["vehicle", "building"]
 CRS_TABLE = "EPSG:32633"
@@ -31,7 +32,7 @@ ORIGIN = (500_000.0, 4_500_000.0)  # UTM 33N, near 40.65 N 15 E
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def scene_rows(run: T.RunInfo, scene: str, rng: np.random.Generator, n: int, date: str):
+def scene_rows(run: RunInfo, scene: str, rng: np.random.Generator, n: int, date: str):
     """n random boxes 2..30 m wide in a 2 km square at ORIGIN (1 m pixels, y up)."""
     xy = rng.uniform(0, 2000, (n, 2))
     wh = rng.uniform(2, 30, (n, 2))
@@ -46,22 +47,22 @@ def scene_rows(run: T.RunInfo, scene: str, rng: np.random.Generator, n: int, dat
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("spatial") / "table"
-    run = T.RunInfo("r1", "sat", "h", "m", CRS_TABLE)
+    run = RunInfo("r1", "sat", "h", "m", CRS_TABLE)
     rng = np.random.default_rng(31)
     for scene, date in (("a", "2026-01-01"), ("b", "2026-01-02"), ("c", "2026-01-02")):
-        T.commit_scene(root, run, scene, {"k": scene}, scene_rows(run, scene, rng, 150, date))
+        commit_scene(root, run, scene, {"k": scene}, scene_rows(run, scene, rng, 150, date))
     return root
 
 
 def table_frame(root: Path) -> gpd.GeoDataFrame:
     """The oracle's copy: every committed file read by GeoPandas (its CRS from the GeoParquet metadata)."""
-    frames = [gpd.read_parquet(path) for path in T.committed_files(root)]
+    frames = [gpd.read_parquet(path) for path in committed_files(root)]
     return gpd.GeoDataFrame(gpd.pd.concat(frames, ignore_index=True), crs=frames[0].crs)
 
 
 def table_crs(root: Path) -> CRS:
     """The table's CRS as its GeoParquet metadata says (not our own reader)."""
-    meta = pq.read_schema(T.committed_files(root)[0]).metadata[b"geo"]
+    meta = pq.read_schema(committed_files(root)[0]).metadata[b"geo"]
     return CRS.from_json_dict(json.loads(meta)["columns"]["geometry"]["crs"])
 
 

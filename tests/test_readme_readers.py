@@ -8,7 +8,7 @@ from pathlib import Path
 from readers import pipeline_rows
 from test_table import rows, run_info
 
-import pipeline.table.transactions as T
+from pipeline.table.commit import commit_scene
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -16,7 +16,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_reader_snippets_run_and_agree(tmp_path):
     run = run_info()
     for scene, n, day in (("a", 10, "2024-05-01"), ("b", 7, "2024-05-02"), ("a", 4, "2024-05-02")):
-        T.commit_scene(tmp_path, run, scene, "k", rows(run, scene, n, seed=n, date=day))
+        commit_scene(tmp_path, run, scene, "k", rows(run, scene, n, seed=n, date=day))
     section = README.read_text().split("### Reading the table with your own tools", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     assert code.startswith('TABLE = "out/detections"\n')

@@ -33,7 +33,8 @@ from pipeline.render import (
     title_lines,
 )
 from pipeline.table import schema
-from pipeline.table import transactions as T
+from pipeline.table.commit import RunInfo, commit_scene
+from pipeline.table.maintenance import write_run_report
 from pipeline.tools.synth import synthesize
 
 CLASSES = ["vehicle", "building", "tank"]
@@ -50,11 +51,11 @@ def scene(tmp_path_factory):
 
 
 def commit(root, scene, run_id="r1", boxes=BOXES, labels=LABELS):
-    run = T.RunInfo(run_id, "sat", "h", "m", None)
+    run = RunInfo(run_id, "sat", "h", "m", None)
     rows = schema.build_detection_table(box_corners(boxes), boxes, [0.9] * len(boxes), labels, CLASSES,
                                    run_id=run_id, job_name="sat", scene_id=scene.stem, scene_path=str(scene),
                                    model_id="m", job_hash="h")
-    T.commit_scene(root, run, scene.stem, {"k": run_id}, rows)
+    commit_scene(root, run, scene.stem, {"k": run_id}, rows)
 
 
 def edge_pixels(box: tuple[int, int, int, int]) -> list[tuple[int, int]]:
@@ -100,11 +101,11 @@ def test_boxes_drawn_in_class_colour_where_detections_are(tmp_path, scene):
 def test_detections_of_other_scenes_and_runs_are_not_drawn(tmp_path, scene):
     root = tmp_path / "table"
     commit(root, scene, run_id="r1")
-    other = T.RunInfo("r1", "sat", "h", "m", None)
+    other = RunInfo("r1", "sat", "h", "m", None)
     rows = schema.build_detection_table(box_corners(BOXES), BOXES, [0.9, 0.9], [1, 1], CLASSES, run_id="r1",
                                    job_name="sat", scene_id="another", scene_path="/x/another.tif",
                                    model_id="m", job_hash="h")
-    T.commit_scene(root, other, "another", {"k": 0}, rows)
+    commit_scene(root, other, "another", {"k": 0}, rows)
     png = np.asarray(Image.open(render_quicklook(root, str(scene), tmp_path / "q.png", max_size=256)["path"]))
     assert not (png == PALETTE[1]).all(axis=2).any()  # class 1 only exists in the other scene
     summary = render_quicklook(root, str(scene), tmp_path / "r9.png", run_id="r9", max_size=256)
@@ -212,7 +213,7 @@ def test_title_names_scene_run_model_and_threshold(tmp_path, scene):
     commit(root, scene, run_id="night-7")
     assert render_quicklook(root, str(scene), tmp_path / "a.png", max_size=256)["title"] == \
         f"{scene.stem} | run night-7 | model m | score threshold not recorded"
-    T.write_run_report(root, "night-7", {"run_id": "night-7", "score_threshold": 0.3})
+    write_run_report(root, "night-7", {"run_id": "night-7", "score_threshold": 0.3})
     title = render_quicklook(root, str(scene), tmp_path / "b.png", max_size=256)["title"]
     assert title == f"{scene.stem} | run night-7 | model m | score >= 0.3"
     # The title strip: the picture darkened (SHADE) under light text, the same in either format.

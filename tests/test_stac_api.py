@@ -29,7 +29,7 @@ from pipeline.config.spec import StacSpec, load_job
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.stac import select_stac
 from pipeline.run.runbook import REPORT_KEY
-from pipeline.table.transactions import committed_scenes
+from pipeline.table.state import committed_scenes
 from pipeline.tools.synth import synthesize
 from retinanet import build_model, save_checkpoint
 

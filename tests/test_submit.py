@@ -189,7 +189,7 @@ def test_submit_follow_runs_the_job_on_the_cluster(head, workspace, tmp_path):
     summary = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
     assert summary["run_id"] == "night-1" and summary["scenes_ok"] == 1 and summary["scenes_failed"] == []
 
-    from pipeline.table.transactions import committed_scenes, read_committed
+    from pipeline.table.state import committed_scenes, read_committed
 
     # Committed into the table the job file names (relative to the job file, not to cwd).
     table = workspace / "out" / "table"

@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import multiprocessing as mp
 import os
+import time
 from pathlib import Path
 
 import duckdb
@@ -18,18 +19,31 @@ import shapely
 
 from pipeline.errors import CommitError
 from pipeline.geo.georef import box_corners
+from pipeline.table import commit as table_commit
 from pipeline.table import schema
-from pipeline.table import transactions as T
+from pipeline.table.commit import RunInfo, commit_scene, new_run_id
+from pipeline.table.maintenance import vacuum, write_run_report
+from pipeline.table.state import (
+    MANIFESTS,
+    STAGED_SUFFIX,
+    STAGING,
+    all_manifests,
+    committed_files,
+    committed_scenes,
+    is_current,
+    read_committed,
+)
+from retinanet.files import TMP_PREFIX
 
 CLASSES = ["car", "ship", "plane"]
 WHEN = dt.datetime(2024, 5, 1, 2, 30, tzinfo=dt.timezone.utc)
 
 
-def run_info(run_id="r1", job="sat", crs="EPSG:32633", model="m1", jhash="h1") -> T.RunInfo:
-    return T.RunInfo(run_id=run_id, job_name=job, job_hash=jhash, model_id=model, crs=crs)
+def run_info(run_id="r1", job="sat", crs="EPSG:32633", model="m1", jhash="h1") -> RunInfo:
+    return RunInfo(run_id=run_id, job_name=job, job_hash=jhash, model_id=model, crs=crs)
 
 
-def rows(run: T.RunInfo, scene: str, n: int, seed: int = 0, date: str | None = None, offset=(500000.0, 4000000.0)):
+def rows(run: RunInfo, scene: str, n: int, seed: int = 0, date: str | None = None, offset=(500000.0, 4000000.0)):
     """n random detections of one scene; map boxes are pixel boxes x 0.5 m + offset."""
     rng = np.random.default_rng(seed)
     xy = rng.uniform(0, 1000, (n, 2))
@@ -45,7 +59,7 @@ def rows(run: T.RunInfo, scene: str, n: int, seed: int = 0, date: str | None = N
 
 def visible(root) -> list[tuple]:
     """Committed rows as sorted tuples (content comparison, order-free)."""
-    t = T.read_committed(root, columns=["scene_id", "run_id", "label", "score",
+    t = read_committed(root, columns=["scene_id", "run_id", "label", "score",
                                         "px_xmin", "px_ymin", "px_xmax", "px_ymax"])
     return sorted(zip(*[c.to_pylist() for c in t.columns]))
 
@@ -119,8 +133,8 @@ def test_build_rejects_inconsistent_inputs():
 def test_committed_file_is_geoparquet_1_1(tmp_path):
     run = run_info(crs="EPSG:32633")
     t = rows(run, "s1", 50)
-    T.commit_scene(tmp_path, run, "s1", {"sha256": "x"}, t)
-    (path,) = T.committed_files(tmp_path)
+    commit_scene(tmp_path, run, "s1", {"sha256": "x"}, t)
+    (path,) = committed_files(tmp_path)
     assert Path(path).parent.name == "date=2024-05-01"
     back = pq.read_table(path)
     assert back.num_rows == 50
@@ -142,16 +156,16 @@ def test_committed_file_is_geoparquet_1_1(tmp_path):
 
 def test_pixel_outputs_have_null_crs(tmp_path):
     run = run_info(crs=None)
-    T.commit_scene(tmp_path, run, "img", "k", rows(run, "img", 3, offset=(0, 0)))
-    geo = json.loads(pq.read_metadata(T.committed_files(tmp_path)[0]).metadata[b"geo"])
+    commit_scene(tmp_path, run, "img", "k", rows(run, "img", 3, offset=(0, 0)))
+    geo = json.loads(pq.read_metadata(committed_files(tmp_path)[0]).metadata[b"geo"])
     assert "crs" in geo["columns"]["geometry"] and geo["columns"]["geometry"]["crs"] is None
 
 
 def test_duckdb_reads_the_committed_files(tmp_path):
     run = run_info()
-    T.commit_scene(tmp_path, run, "s1", "k1", rows(run, "s1", 40, seed=1))
-    T.commit_scene(tmp_path, run, "s2", "k2", rows(run, "s2", 25, seed=2, date="2024-05-02"))
-    files = T.committed_files(tmp_path)
+    commit_scene(tmp_path, run, "s1", "k1", rows(run, "s1", 40, seed=1))
+    commit_scene(tmp_path, run, "s2", "k2", rows(run, "s2", 25, seed=2, date="2024-05-02"))
+    files = committed_files(tmp_path)
     got = duckdb.sql(
         "select scene_id, count(*), strftime(min(date), '%Y-%m-%d') "
         f"from read_parquet({files!r}, hive_partitioning=true) "
@@ -159,19 +173,19 @@ def test_duckdb_reads_the_committed_files(tmp_path):
     ).fetchall()
     assert got == [("s1", 40, "2024-05-01"), ("s2", 25, "2024-05-02")]
     total = duckdb.sql(f"select sum(score)::double from read_parquet({files!r})").fetchall()[0][0]
-    scores = T.read_committed(tmp_path, columns=["score"])["score"].to_numpy()
+    scores = read_committed(tmp_path, columns=["score"])["score"].to_numpy()
     assert total == pytest.approx(float(np.sum(scores)), rel=1e-6)
 
 
 def test_read_committed_columns_filters_and_empty(tmp_path):
-    assert T.read_committed(tmp_path / "none").num_rows == 0
-    assert T.read_committed(tmp_path / "none").schema.names == schema.detection_schema().names
+    assert read_committed(tmp_path / "none").num_rows == 0
+    assert read_committed(tmp_path / "none").schema.names == schema.detection_schema().names
     run = run_info()
-    T.commit_scene(tmp_path, run, "s1", "k", rows(run, "s1", 30, date="2024-05-01"))
-    T.commit_scene(tmp_path, run, "s2", "k", rows(run, "s2", 20, date="2024-05-02"))
-    t = T.read_committed(tmp_path, columns=["scene_id", "date"], filters=ds.field("date") == "2024-05-02")
+    commit_scene(tmp_path, run, "s1", "k", rows(run, "s1", 30, date="2024-05-01"))
+    commit_scene(tmp_path, run, "s2", "k", rows(run, "s2", 20, date="2024-05-02"))
+    t = read_committed(tmp_path, columns=["scene_id", "date"], filters=ds.field("date") == "2024-05-02")
     assert t.num_rows == 20 and set(t["scene_id"].to_pylist()) == {"s2"} and t.column_names == ["scene_id", "date"]
-    full = T.read_committed(tmp_path)
+    full = read_committed(tmp_path)
     geo_crs = json.loads(full.schema.metadata[b"geo"])["columns"]["geometry"]["crs"]
     assert pyproj.CRS.from_json_dict(geo_crs) == pyproj.CRS("EPSG:32633")
 
@@ -179,18 +193,18 @@ def test_read_committed_columns_filters_and_empty(tmp_path):
 def test_scene_spanning_two_dates_writes_two_partitions(tmp_path):
     run = run_info()
     t = pa.concat_tables([rows(run, "s1", 4, date="2024-05-01"), rows(run, "s1", 6, date="2024-05-02")])
-    m = T.commit_scene(tmp_path, run, "s1", "k", t)
+    m = commit_scene(tmp_path, run, "s1", "k", t)
     assert sorted((f["path"].split("/")[0], f["rows"]) for f in m["files"]) == [
         ("date=2024-05-01", 4), ("date=2024-05-02", 6)]
-    assert m["rows"] == 10 and T.read_committed(tmp_path).num_rows == 10
+    assert m["rows"] == 10 and read_committed(tmp_path).num_rows == 10
 
 
 def test_empty_scene_is_recorded_without_files(tmp_path):
     run = run_info()
-    m = T.commit_scene(tmp_path, run, "blank", {"sha256": "e"}, rows(run, "blank", 0))
+    m = commit_scene(tmp_path, run, "blank", {"sha256": "e"}, rows(run, "blank", 0))
     assert m["files"] == [] and m["rows"] == 0
-    assert T.committed_scenes(tmp_path)[("sat", "blank")]["scene_key"] == {"sha256": "e"}
-    assert T.committed_files(tmp_path) == []
+    assert committed_scenes(tmp_path)[("sat", "blank")]["scene_key"] == {"sha256": "e"}
+    assert committed_files(tmp_path) == []
 
 
 # ---------------------------------------------------------------- commit protocol
@@ -198,73 +212,73 @@ def test_empty_scene_is_recorded_without_files(tmp_path):
 
 def test_rerun_replaces_its_rows_exactly(tmp_path):
     r1 = run_info("r1")
-    T.commit_scene(tmp_path, r1, "a", "ka", rows(r1, "a", 30, seed=1))
-    T.commit_scene(tmp_path, r1, "b", "kb", rows(r1, "b", 20, seed=2))
+    commit_scene(tmp_path, r1, "a", "ka", rows(r1, "a", 30, seed=1))
+    commit_scene(tmp_path, r1, "b", "kb", rows(r1, "b", 20, seed=2))
     other_job = run_info("o1", job="other")
-    T.commit_scene(tmp_path, other_job, "a", "ka", rows(other_job, "a", 7, seed=3))
+    commit_scene(tmp_path, other_job, "a", "ka", rows(other_job, "a", 7, seed=3))
     before_b = [r for r in visible(tmp_path) if r[0] == "b"]
 
     # Same run again for scene a with different output: exactly the new rows remain.
     new_a = rows(r1, "a", 12, seed=9)
-    T.commit_scene(tmp_path, r1, "a", "ka", new_a)
+    commit_scene(tmp_path, r1, "a", "ka", new_a)
     now = visible(tmp_path)
     assert len(now) == 12 + 20 + 7
     assert [r for r in now if r[0] == "b"] == before_b
     assert sum(1 for r in now if r[1] == "o1") == 7  # the other job's scene a is untouched
     # A new run with identical content: no duplicates.
     r2 = run_info("r2")
-    T.commit_scene(tmp_path, r2, "a", "ka", rows(r2, "a", 12, seed=9))
+    commit_scene(tmp_path, r2, "a", "ka", rows(r2, "a", 12, seed=9))
     assert len(visible(tmp_path)) == 39
-    entry = T.committed_scenes(tmp_path)[("sat", "a")]
+    entry = committed_scenes(tmp_path)[("sat", "a")]
     assert entry["run_id"] == "r2" and entry["rows"] == 12
-    assert T.is_current(entry, "ka", "m1", "h1") and not T.is_current(entry, "ka", "m2", "h1")
-    assert not T.is_current(None, "ka", "m1", "h1")
-    assert len(T.all_manifests(tmp_path)) == 5  # superseded manifests stay, unseen
+    assert is_current(entry, "ka", "m1", "h1") and not is_current(entry, "ka", "m2", "h1")
+    assert not is_current(None, "ka", "m1", "h1")
+    assert len(all_manifests(tmp_path)) == 5  # superseded manifests stay, unseen
 
 
 def test_failure_before_manifest_leaves_previous_state(tmp_path, monkeypatch):
     run = run_info()
-    T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1))
-    before, files_before = visible(tmp_path), T.committed_files(tmp_path)
+    commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1))
+    before, files_before = visible(tmp_path), committed_files(tmp_path)
 
     def boom(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(T, "_publish_manifest", boom)
+    monkeypatch.setattr(table_commit, "publish_manifest", boom)
     with pytest.raises(CommitError, match="nothing published"):
-        T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 99, seed=2))
-    assert visible(tmp_path) == before and T.committed_files(tmp_path) == files_before
+        commit_scene(tmp_path, run, "a", "k", rows(run, "a", 99, seed=2))
+    assert visible(tmp_path) == before and committed_files(tmp_path) == files_before
     assert sorted(str(p) for p in tmp_path.glob("date=*/*.parquet")) == files_before  # moved files taken back
-    assert list((tmp_path / T.STAGING).iterdir()) == []
+    assert list((tmp_path / STAGING).iterdir()) == []
 
 
 def _commit_then_die(root: str) -> None:
     """Child process: stage a scene's files, then die before the manifest."""
-    T._publish_manifest = lambda *a, **k: os._exit(17)
+    table_commit.publish_manifest = lambda *a, **k: os._exit(17)
     run = run_info()
-    T.commit_scene(root, run, "a", "k2", rows(run, "a", 99, seed=2))
+    commit_scene(root, run, "a", "k2", rows(run, "a", 99, seed=2))
 
 
 def test_hard_crash_between_staging_and_manifest_is_invisible(tmp_path):
     run = run_info()
-    T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1))
+    commit_scene(tmp_path, run, "a", "k", rows(run, "a", 10, seed=1))
     before = visible(tmp_path)
     child = mp.get_context("spawn").Process(target=_commit_then_die, args=(str(tmp_path),))
     child.start()
     child.join(60)
     assert child.exitcode == 17
     assert len(list(tmp_path.glob("**/*.parquet"))) == 1  # the staged file is on disk, but no glob reaches it
-    assert len(list((tmp_path / T.STAGING).glob(f"*/*{T.STAGED_SUFFIX}"))) == 1
+    assert len(list((tmp_path / STAGING).glob(f"*/*{STAGED_SUFFIX}"))) == 1
     assert visible(tmp_path) == before
-    assert T.committed_scenes(tmp_path)[("sat", "a")]["scene_key"] == "k"
+    assert committed_scenes(tmp_path)[("sat", "a")]["scene_key"] == "k"
 
-    assert T.vacuum(tmp_path, grace_s=3600) == {"superseded": [], "orphans": [], "staging": []}  # too fresh
-    assert T.vacuum(tmp_path, grace_s=0, dry_run=True)["staging"]  # listed, not removed
-    assert len(list((tmp_path / T.STAGING).iterdir())) == 1
-    removed = T.vacuum(tmp_path, grace_s=0)
-    assert [r.split("/")[0] for r in removed["staging"]] == [T.STAGING] and not removed["orphans"]
-    assert list((tmp_path / T.STAGING).iterdir()) == [] and visible(tmp_path) == before
-    T.commit_scene(tmp_path, run, "a", "k2", rows(run, "a", 99, seed=2))  # the rerun completes
+    assert vacuum(tmp_path, grace_s=3600) == {"superseded": [], "orphans": [], "staging": []}  # too fresh
+    assert vacuum(tmp_path, grace_s=0, dry_run=True)["staging"]  # listed, not removed
+    assert len(list((tmp_path / STAGING).iterdir())) == 1
+    removed = vacuum(tmp_path, grace_s=0)
+    assert [r.split("/")[0] for r in removed["staging"]] == [STAGING] and not removed["orphans"]
+    assert list((tmp_path / STAGING).iterdir()) == [] and visible(tmp_path) == before
+    commit_scene(tmp_path, run, "a", "k2", rows(run, "a", 99, seed=2))  # the rerun completes
     assert len(visible(tmp_path)) == 99
 
 
@@ -272,9 +286,9 @@ def _writer(root: str, name: str, barrier) -> None:
     run = run_info(run_id=name)
     barrier.wait()
     for k in range(8):
-        T.commit_scene(root, run, f"{name}-{k}", k, rows(run, f"{name}-{k}", 20 + k, seed=k))
+        commit_scene(root, run, f"{name}-{k}", k, rows(run, f"{name}-{k}", 20 + k, seed=k))
         # Both writers also commit the same scene, interleaved with their own.
-        T.commit_scene(root, run, "shared", name, rows(run, "shared", 5, seed=k))
+        commit_scene(root, run, "shared", name, rows(run, "shared", 5, seed=k))
 
 
 def run_two_writers(root: str) -> None:
@@ -296,27 +310,27 @@ def test_two_concurrent_writers_both_commit(tmp_path):
     assert len(assert_every_reader_agrees(tmp_path)) == 2 * sum(20 + k for k in range(8)) + 5
     assert len(list(tmp_path.glob("date=*/*.parquet"))) == 17  # the shared scene's loser is gone
 
-    scenes = T.committed_scenes(tmp_path)
+    scenes = committed_scenes(tmp_path)
     assert len(scenes) == 17  # 8 per writer + the shared one
-    assert len(T.all_manifests(tmp_path)) == 32  # every manifest parses
-    t = T.read_committed(tmp_path)
+    assert len(all_manifests(tmp_path)) == 32  # every manifest parses
+    t = read_committed(tmp_path)
     per_writer = sum(20 + k for k in range(8))
     assert t.num_rows == 2 * per_writer + 5
     shared = t.filter(pa.compute.equal(t["scene_id"], "shared"))
     assert shared.num_rows == 5 and len(set(shared["run_id"].to_pylist())) == 1  # one version, never a mix
-    for path in T.committed_files(tmp_path):
+    for path in committed_files(tmp_path):
         assert pq.read_metadata(path).num_rows > 0  # every listed file is a whole Parquet file
-    assert list((tmp_path / T.STAGING).iterdir()) == []
-    assert not [n for n in os.listdir(tmp_path / T.MANIFESTS) if n.startswith(T.TMP_PREFIX)]
+    assert list((tmp_path / STAGING).iterdir()) == []
+    assert not [n for n in os.listdir(tmp_path / MANIFESTS) if n.startswith(TMP_PREFIX)]
 
 
 def test_later_commit_wins_even_if_the_clock_steps_back(tmp_path, monkeypatch):
     run = run_info()
-    T.commit_scene(tmp_path, run, "a", "old", rows(run, "a", 3))
-    monkeypatch.setattr(T.time, "time_ns", lambda: 1)  # clock jumped to 1970
-    T.commit_scene(tmp_path, run, "a", "new", rows(run, "a", 4, seed=5))
-    assert T.committed_scenes(tmp_path)[("sat", "a")]["scene_key"] == "new"
-    assert T.read_committed(tmp_path).num_rows == 4
+    commit_scene(tmp_path, run, "a", "old", rows(run, "a", 3))
+    monkeypatch.setattr(time, "time_ns", lambda: 1)  # clock jumped to 1970
+    commit_scene(tmp_path, run, "a", "new", rows(run, "a", 4, seed=5))
+    assert committed_scenes(tmp_path)[("sat", "a")]["scene_key"] == "new"
+    assert read_committed(tmp_path).num_rows == 4
 
 
 # ---------------------------------------------------------------- refusals and damage
@@ -326,43 +340,43 @@ def test_commit_refuses_bad_input(tmp_path):
     run = run_info()
     good = rows(run, "a", 3)
     with pytest.raises(CommitError, match="run_id"):
-        T.commit_scene(tmp_path, run_info("../x"), "a", "k", good)
+        commit_scene(tmp_path, run_info("../x"), "a", "k", good)
     with pytest.raises(CommitError, match="column scene_id"):
-        T.commit_scene(tmp_path, run, "b", "k", good)
+        commit_scene(tmp_path, run, "b", "k", good)
     with pytest.raises(CommitError, match="detection schema"):
-        T.commit_scene(tmp_path, run, "a", "k", good.drop_columns(["bbox"]))
+        commit_scene(tmp_path, run, "a", "k", good.drop_columns(["bbox"]))
     with pytest.raises(CommitError, match="JSON"):
-        T.commit_scene(tmp_path, run, "a", object(), good)
-    T.commit_scene(tmp_path, run, "a", "k", good)
+        commit_scene(tmp_path, run, "a", object(), good)
+    commit_scene(tmp_path, run, "a", "k", good)
     other_crs = run_info(crs="EPSG:4326")
     with pytest.raises(CommitError, match="table holds crs 'EPSG:32633'"):
-        T.commit_scene(tmp_path, other_crs, "a", "k", rows(other_crs, "a", 3))
-    assert T.read_committed(tmp_path).num_rows == 3
+        commit_scene(tmp_path, other_crs, "a", "k", rows(other_crs, "a", 3))
+    assert read_committed(tmp_path).num_rows == 3
 
 
 def test_damaged_table_is_loud(tmp_path):
     run = run_info()
-    T.commit_scene(tmp_path, run, "a", "k", rows(run, "a", 3))
-    (path,) = T.committed_files(tmp_path)
+    commit_scene(tmp_path, run, "a", "k", rows(run, "a", 3))
+    (path,) = committed_files(tmp_path)
     os.unlink(path)
     with pytest.raises(CommitError, match="missing"):
-        T.read_committed(tmp_path)
-    bad = tmp_path / T.MANIFESTS / "00000000000000000001-x-y.json"
+        read_committed(tmp_path)
+    bad = tmp_path / MANIFESTS / "00000000000000000001-x-y.json"
     bad.write_text("{not json")
     with pytest.raises(CommitError, match="unreadable manifest"):
-        T.committed_scenes(tmp_path)
+        committed_scenes(tmp_path)
 
 
 def test_run_report_written_atomically(tmp_path):
-    p = T.write_run_report(tmp_path, "r1", {"scenes_ok": ["a"], "wall_seconds": 1.5, "when": WHEN})
+    p = write_run_report(tmp_path, "r1", {"scenes_ok": ["a"], "wall_seconds": 1.5, "when": WHEN})
     assert p == tmp_path / "_reports" / "r1.json"
     assert json.loads(p.read_text())["scenes_ok"] == ["a"]
-    T.write_run_report(tmp_path, "r1", {"scenes_ok": ["a", "b"]})
+    write_run_report(tmp_path, "r1", {"scenes_ok": ["a", "b"]})
     assert json.loads(p.read_text()) == {"scenes_ok": ["a", "b"]}
     assert os.listdir(tmp_path / "_reports") == ["r1.json"]
 
 
 def test_new_run_id_is_safe_and_sortable():
-    a = T.new_run_id(WHEN)
-    assert a.startswith("20240501T023000Z-") and T._SAFE_ID.match(a)
-    assert a != T.new_run_id(WHEN)
+    a = new_run_id(WHEN)
+    assert a.startswith("20240501T023000Z-") and table_commit._SAFE_ID.match(a)
+    assert a != new_run_id(WHEN)

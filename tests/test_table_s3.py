@@ -16,8 +16,11 @@ from pyproj import CRS
 from test_table import rows, run_info, run_two_writers
 from workspaces import tiny_checkpoint
 
-import pipeline.table.transactions as T
 from pipeline.cli import main
+from pipeline.table import commit as table_commit
+from pipeline.table.commit import commit_scene
+from pipeline.table.maintenance import compact, vacuum
+from pipeline.table.state import MANIFESTS, STAGING, committed_scenes, read_committed
 from pipeline.table.store import open_store
 
 BUCKET = "detections-bucket"
@@ -57,64 +60,64 @@ def test_manifests_are_created_with_a_conditional_write(bucket):
 def test_commit_rerun_and_supersede(bucket):
     url = table_url("commits")
     run = run_info()
-    T.commit_scene(url, run, "a", "k", rows(run, "a", 10, seed=1, date="2024-05-01"))
-    T.commit_scene(url, run, "b", "k", rows(run, "b", 7, seed=2, date="2024-05-01"))
+    commit_scene(url, run, "a", "k", rows(run, "a", 10, seed=1, date="2024-05-01"))
+    commit_scene(url, run, "b", "k", rows(run, "b", 7, seed=2, date="2024-05-01"))
     again = run_info(run_id="r2")
-    T.commit_scene(url, again, "a", "k2", rows(again, "a", 4, seed=3, date="2024-05-02"))
-    assert T.read_committed(url).num_rows == 11 == plain_rows(url)
-    assert len(data_keys(url)) == 2 and not [e for e in open_store(url).list(T.STAGING)]
-    assert T.committed_scenes(url)[("sat", "a")]["scene_key"] == "k2"
+    commit_scene(url, again, "a", "k2", rows(again, "a", 4, seed=3, date="2024-05-02"))
+    assert read_committed(url).num_rows == 11 == plain_rows(url)
+    assert len(data_keys(url)) == 2 and not [e for e in open_store(url).list(STAGING)]
+    assert committed_scenes(url)[("sat", "a")]["scene_key"] == "k2"
 
 
 def _publish_then_die(url: str) -> None:
-    T._move_into_place = lambda *a, **k: os._exit(17)
+    table_commit.move_into_place = lambda *a, **k: os._exit(17)
     run = run_info(run_id="r9")
-    T.commit_scene(url, run, "a", "k9", rows(run, "a", 3, seed=9))
+    commit_scene(url, run, "a", "k9", rows(run, "a", 3, seed=9))
 
 
 def test_a_writer_killed_mid_commit_is_recovered(bucket):
     url = table_url("killed")
     run = run_info()
-    T.commit_scene(url, run, "a", "k", rows(run, "a", 10, seed=1))
+    commit_scene(url, run, "a", "k", rows(run, "a", 10, seed=1))
     child = mp.get_context("spawn").Process(target=_publish_then_die, args=(url,))
     child.start()
     child.join(60)
     assert child.exitcode == 17
-    assert T.read_committed(url).num_rows == 3 and plain_rows(url) == 10  # published; not yet moved
-    T.vacuum(url, grace_s=0)
-    assert T.read_committed(url).num_rows == 3 == plain_rows(url)
-    assert not open_store(url).list(T.STAGING)
+    assert read_committed(url).num_rows == 3 and plain_rows(url) == 10  # published; not yet moved
+    vacuum(url, grace_s=0)
+    assert read_committed(url).num_rows == 3 == plain_rows(url)
+    assert not open_store(url).list(STAGING)
 
 
 def test_compact_rerun_and_a_killed_writer_in_s3(bucket):
     url = table_url("compacted")
     run = run_info()
     for i, scene in enumerate("abcd"):
-        T.commit_scene(url, run, scene, "k", rows(run, scene, 5 + i, seed=i))
-    (summary,) = T.compact(url)
+        commit_scene(url, run, scene, "k", rows(run, scene, 5 + i, seed=i))
+    (summary,) = compact(url)
     assert (summary["files_before"], summary["files_after"], summary["rows"]) == (4, 1, 26)
-    assert len(data_keys(url)) == 1 and plain_rows(url) == 26 == T.read_committed(url).num_rows
+    assert len(data_keys(url)) == 1 and plain_rows(url) == 26 == read_committed(url).num_rows
     again = run_info(run_id="r2")
-    T.commit_scene(url, again, "b", "k2", rows(again, "b", 2, seed=8))  # rewrites the compacted file without b
-    assert plain_rows(url) == 26 - 6 + 2 == T.read_committed(url).num_rows and len(data_keys(url)) == 2
+    commit_scene(url, again, "b", "k2", rows(again, "b", 2, seed=8))  # rewrites the compacted file without b
+    assert plain_rows(url) == 26 - 6 + 2 == read_committed(url).num_rows and len(data_keys(url)) == 2
     child = mp.get_context("spawn").Process(target=_publish_then_die, args=(url,))
     child.start()
     child.join(60)
     assert child.exitcode == 17
-    assert T.read_committed(url).num_rows == 22 - 5 + 3  # scene a's new rows, from staging
-    T.vacuum(url, grace_s=0)
-    assert plain_rows(url) == 20 == T.read_committed(url).num_rows
-    assert [s["compacted"] for s in T.compact(url)] == [True] and len(data_keys(url)) == 1
-    assert plain_rows(url) == 20 == T.read_committed(url).num_rows
+    assert read_committed(url).num_rows == 22 - 5 + 3  # scene a's new rows, from staging
+    vacuum(url, grace_s=0)
+    assert plain_rows(url) == 20 == read_committed(url).num_rows
+    assert [s["compacted"] for s in compact(url)] == [True] and len(data_keys(url)) == 1
+    assert plain_rows(url) == 20 == read_committed(url).num_rows
 
 
 def test_two_concurrent_writers(bucket):
     url = table_url("concurrent")
     run_two_writers(url)
-    names = [e.key for e in open_store(url).list(T.MANIFESTS)]
+    names = [e.key for e in open_store(url).list(MANIFESTS)]
     assert len(names) == len(set(names)) == 32  # every commit published under its own name
-    current = T.committed_scenes(url)
-    assert len(current) == 17 and T.read_committed(url).num_rows == plain_rows(url)
+    current = committed_scenes(url)
+    assert len(current) == 17 and read_committed(url).num_rows == plain_rows(url)
 
 
 def test_pipeline_run_rerun_force_query_vacuum_into_s3(bucket, tmp_path, ray_session):
@@ -143,11 +146,11 @@ def test_pipeline_run_rerun_force_query_vacuum_into_s3(bucket, tmp_path, ray_ses
 
     first = run()
     assert first["scenes_ok"] == 2 and first["report_path"].startswith(url)
-    n = T.read_committed(url).num_rows
+    n = read_committed(url).num_rows
     assert n > 0 and plain_rows(url) == n
     assert run()["scenes_skipped_done"] == 2
     assert run("--force")["scenes_ok"] == 2
-    assert plain_rows(url) == n == T.read_committed(url).num_rows and len(data_keys(url)) == 2
+    assert plain_rows(url) == n == read_committed(url).num_rows and len(data_keys(url)) == 2
     query = cli.invoke(main, ["query", url, "SELECT count(*) AS n, min(date) IS NOT NULL AS dated FROM detections",
                               "--format", "json"])
     assert query.exit_code == 0 and json.loads(query.output) == [{"n": n, "dated": True}], query.output
@@ -163,13 +166,13 @@ def test_pipeline_run_rerun_force_query_vacuum_into_s3(bucket, tmp_path, ray_ses
         geo["columns"]["geometry"]["crs"])
     vacuum = cli.invoke(main, ["vacuum", url, "--grace", "0"])
     assert vacuum.exit_code == 0 and "2 superseded" in vacuum.output, vacuum.output  # the first run's manifests
-    assert T.read_committed(url).num_rows == n
+    assert read_committed(url).num_rows == n
     compact = cli.invoke(main, ["compact", url])
     assert compact.exit_code == 0 and "rewrote 2 files -> 1" in compact.output, compact.output
     assert plain_rows(url) == n and len(data_keys(url)) == 1
     assert run()["scenes_skipped_done"] == 2  # compaction changes no scene's identity
     assert run("--force")["scenes_ok"] == 2
-    assert plain_rows(url) == n == T.read_committed(url).num_rows
+    assert plain_rows(url) == n == read_committed(url).num_rows
     query = cli.invoke(main, ["query", url, "SELECT count(*) AS n FROM detections", "--format", "json"])
     assert json.loads(query.output) == [{"n": n}], query.output
     # eval and render read the same committed rows from the store

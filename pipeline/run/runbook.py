@@ -23,7 +23,8 @@ from pipeline.config.spec import JobSpec
 from pipeline.config.stac_filters import parse_instant
 from pipeline.errors import InputError, PipelineError
 from pipeline.infer.finalize import empty_scene_rows, finalize_scene, scene_acquired_at
-from pipeline.table import transactions as table
+from pipeline.table.commit import RunInfo, commit_scene
+from pipeline.table.state import scene_status
 from pipeline.table.store import open_store
 
 # The run report's key holding the newest item time (ISO 8601, UTC) a run selected from STAC.
@@ -144,7 +145,7 @@ class SceneBook:
     other scenes take their raster's tag (:func:`pipeline.infer.finalize.scene_acquired_at`).
     """
 
-    def __init__(self, spec: JobSpec, run: table.RunInfo, keys: dict[str, Any],
+    def __init__(self, spec: JobSpec, run: RunInfo, keys: dict[str, Any],
                  committed: dict[tuple[str, str], dict], class_names: list[str], report: RunReport,
                  log: Callable[[str], None], acquired: Optional[dict[str, dt.datetime]] = None):
         self.spec, self.run, self.keys, self.committed_before = spec, run, keys, committed
@@ -172,15 +173,15 @@ class SceneBook:
         self.report.scenes_failed.append(failure)
         previous = self.committed_before.get((self.spec.name, failure["scene_id"]))
         key = self.keys.get(failure["scene_id"])
-        if previous and table.scene_status(previous) == "complete" and (key is None or previous["scene_key"] == key):
+        if previous and scene_status(previous) == "complete" and (key is None or previous["scene_key"] == key):
             failure["reason"] += "; the rows committed earlier are kept"
             return
         run = self.run
         try:
             empty = empty_scene_rows(self.spec.name, failure["scene_id"], failure["path"], self.class_names,
                                      run.run_id, run.model_id, run.job_hash)
-            table.commit_scene(self.spec.output.table, run, failure["scene_id"], key, empty,
-                               scene_path=failure["path"], status="failed", reason=failure["reason"])
+            commit_scene(self.spec.output.table, run, failure["scene_id"], key, empty,
+                         scene_path=failure["path"], status="failed", reason=failure["reason"])
         except PipelineError as err:
             self.log(f"warning: scene {failure['scene_id']}: could not record its failure: {err}")
 
@@ -211,9 +212,9 @@ class SceneBook:
         try:
             rows = finalize_scene(self.spec, plan, chips, self.class_names, run.run_id, run.model_id, run.job_hash,
                                   acquired_at=acquired_at)
-            table.commit_scene(self.spec.output.table, run, scene_id, self.keys[scene_id], rows,
-                               scene_path=plan.path, status="partial" if missing else "complete",
-                               missing_chips=missing)
+            commit_scene(self.spec.output.table, run, scene_id, self.keys[scene_id], rows,
+                         scene_path=plan.path, status="partial" if missing else "complete",
+                         missing_chips=missing)
         except PipelineError as err:
             self.report.scenes_failed.append({"scene_id": scene_id, "path": plan.path, "reason": str(err)})
             return

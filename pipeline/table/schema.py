@@ -1,7 +1,7 @@
 """The detection table's rows: GeoParquet 1.1 columns, file metadata and the builder.
 
-Pure: nothing here touches a file. :mod:`pipeline.table.transactions` writes and reads
-these rows; every reader of the table (DuckDB, pyarrow, GeoPandas) sees this schema
+Pure: nothing here touches a file. :mod:`pipeline.table.commit` writes these rows and
+:mod:`pipeline.table.state` reads them; every reader of the table (DuckDB, pyarrow, GeoPandas) sees this schema
 without the ``date`` column, which comes from the hive folder instead.
 
 Columns are only ever added, nullable, at the end of the file columns (``acquired_at``
@@ -12,11 +12,15 @@ The table's ``schema_version`` stays 1, so every table stays readable by this co
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from pipeline.errors import CommitError
 from pipeline.geo.georef import crs_to_projjson, orient_ccw
 
 GEOPARQUET_VERSION = "1.1.0"
@@ -208,3 +212,25 @@ def current_file_rows(rows: pa.Table) -> pa.Table:
         else:
             raise ValueError(f"the file has no column {field.name!r} (it is required)")
     return pa.Table.from_arrays(columns, schema=want)
+
+
+def _geometry_bbox(table: pa.Table) -> Optional[list[float]]:
+    bbox = table["bbox"]
+    if bbox.null_count == len(bbox):
+        return None
+    flat = pc.struct_field
+    return [pc.min(flat(bbox, "xmin")).as_py(), pc.min(flat(bbox, "ymin")).as_py(),
+            pc.max(flat(bbox, "xmax")).as_py(), pc.max(flat(bbox, "ymax")).as_py()]
+
+
+def geoparquet_bytes(part: pa.Table, crs: Optional[str], name: str) -> bytes:
+    """One GeoParquet file (``name`` for errors) of file rows with its ``geo`` metadata; its
+    footer's row count is checked against the rows handed in (CommitError)."""
+    meta = {b"geo": json.dumps(geo_metadata(crs, _geometry_bbox(part))).encode()}
+    sink = pa.BufferOutputStream()
+    pq.write_table(part.replace_schema_metadata(meta), sink, compression="zstd")
+    data = sink.getvalue()
+    counted = pq.read_metadata(pa.BufferReader(data)).num_rows
+    if counted != part.num_rows:
+        raise CommitError(f"{name}: wrote {part.num_rows} rows but the file holds {counted}")
+    return data.to_pybytes()

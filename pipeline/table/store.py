@@ -1,5 +1,5 @@
 """Where a detection table lives: a local folder or an object-store prefix, behind the few
-operations the commit protocol needs (:mod:`pipeline.table.transactions`).
+operations the commit protocol needs (``docs/table-protocol.md``).
 
 Keys are paths relative to the table root with ``/`` separators. Two backends:
 
@@ -24,7 +24,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from pipeline.io.objstore import is_object_url, split_url, store_error, store_for
 from retinanet.files import TMP_PREFIX, fsync_dir, write_atomically
@@ -32,14 +32,16 @@ from retinanet.files import TMP_PREFIX, fsync_dir, write_atomically
 
 @dataclass(frozen=True)
 class Entry:
-    """One stored object: its key, size in bytes and last-modified time (epoch seconds)."""
+    """One stored object: its key, size in bytes, last-modified time (epoch seconds) and,
+    in an object store, its ETag (a new one for every write of the key)."""
 
     key: str
     size: int
     mtime: float
+    etag: Optional[str] = None
 
 
-def open_store(root: str | os.PathLike):
+def open_store(root: str | os.PathLike) -> Store:
     """The store of a table root: an object store for s3:// and gs:// URLs, else local."""
     text = str(root)
     return ObjectStore(text) if is_object_url(text) else LocalStore(text)
@@ -106,8 +108,9 @@ class LocalStore:
         """Readers see the old or the new content, never a mix."""
         write_atomically(self.path(key), lambda tmp: tmp.write_bytes(data))
 
-    def create(self, key: str, data: bytes) -> None:
-        """Create ``key`` with ``data`` atomically; FileExistsError if it exists."""
+    def create(self, key: str, data: bytes) -> Optional[str]:
+        """Create ``key`` with ``data`` atomically; FileExistsError if it exists. Returns
+        the new object's ETag where the store has them (None here)."""
         final = self.path(key)
         tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         self._write_synced(tmp, data)
@@ -116,6 +119,7 @@ class LocalStore:
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(final.parent)
+        return None
 
     def move(self, src: str, dst: str) -> None:
         target = self.path(dst)
@@ -162,7 +166,7 @@ class ObjectStore:
                 meta = obstore.head(self.store, self._key(key))
         except FileNotFoundError:
             return None
-        return Entry(key, int(meta["size"]), meta["last_modified"].timestamp())
+        return Entry(key, int(meta["size"]), meta["last_modified"].timestamp(), meta.get("e_tag"))
 
     def list(self, prefix: str = "") -> list[Entry]:
         import obstore
@@ -170,7 +174,7 @@ class ObjectStore:
         base = self._key(prefix.rstrip("/")) if prefix else self.prefix
         cut = len(self.prefix) + 1 if self.prefix else 0
         with self._request(prefix):
-            out = [Entry(m["path"][cut:], int(m["size"]), m["last_modified"].timestamp())
+            out = [Entry(m["path"][cut:], int(m["size"]), m["last_modified"].timestamp(), m.get("e_tag"))
                    for chunk in obstore.list(self.store, prefix=(base + "/") if base else None) for m in chunk]
         return sorted(out, key=lambda e: e.key)
 
@@ -189,15 +193,16 @@ class ObjectStore:
         with self._request(key):
             obstore.put(self.store, self._key(key), data)
 
-    def create(self, key: str, data: bytes) -> None:
+    def create(self, key: str, data: bytes) -> Optional[str]:
         import obstore
         from obstore.exceptions import AlreadyExistsError
 
         with self._request(key):
             try:
-                obstore.put(self.store, self._key(key), data, mode="create")  # If-None-Match: *
+                result = obstore.put(self.store, self._key(key), data, mode="create")  # If-None-Match: *
             except AlreadyExistsError:
                 raise FileExistsError(f"{self.url}/{key}") from None
+        return result.get("e_tag")
 
     def move(self, src: str, dst: str) -> None:
         import obstore
@@ -221,3 +226,6 @@ class ObjectStore:
         if keys:
             with self._request(prefix):
                 obstore.delete(self.store, keys)
+
+
+Store = Union[LocalStore, ObjectStore]
