@@ -1,7 +1,7 @@
 """`pipeline query`: SQL over the committed rows of a detection table, with DuckDB.
 
 The rows are the view ``detections``, defined over exactly
-:func:`pipeline.table.transactions.committed_parts`: the files of the current manifests (read from
+:func:`pipeline.table.state.committed_parts`: the files of the current manifests (read from
 ``_staging`` where a crash interrupted a published commit before its move); files of
 runs that crashed before publishing and of superseded manifests are not part of it.
 ``date`` is each file's partition, a DATE (the files hold no date column). Local files
@@ -17,7 +17,7 @@ columns and types. With an AOI file, the table ``aoi`` holds its polygons in the
 table's CRS (:func:`read_aoi`).
 
 The view ``scenes`` has one row per current scene manifest
-(:func:`pipeline.table.transactions.committed_scenes`), so SQL can count scene outcomes or join them
+(:func:`pipeline.table.state.committed_scenes`), so SQL can count scene outcomes or join them
 to ``detections`` on ``(job_name, scene_id)``: job_name, scene_id, scene_path,
 ``status`` ('complete', 'partial' or 'failed'; manifests of older versions have no
 status and count as 'complete'), ``rows``, ``missing_chips`` (how many chips of the
@@ -112,7 +112,7 @@ def _scene_reason(manifest: dict, status: str, missing: list) -> str | None:
 
 
 def scenes_table(scenes: dict[tuple[str, str], dict]) -> pa.Table:
-    """The rows of the ``scenes`` view from :func:`pipeline.table.transactions.committed_scenes`."""
+    """The rows of the ``scenes`` view from :func:`pipeline.table.state.committed_scenes`."""
     from pipeline.table.state import scene_status
 
     rows = []

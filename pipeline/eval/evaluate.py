@@ -3,7 +3,7 @@
 Three entry points:
 
 - :func:`evaluate_table`: scene-level evaluation of a committed run (``pipeline eval``):
-  merged detections read with :func:`pipeline.table.transactions.read_committed` against ground truth
+  merged detections read with :func:`pipeline.table.state.read_committed` against ground truth
   (COCO JSON, VOC XML, CSV: scene id = file stem; or vector labels, placed on each scene
   through the raster named in the table).
 - :func:`evaluate_checkpoint`: chip-level evaluation of a checkpoint on labelled scenes,
