@@ -138,13 +138,14 @@ def evaluate_checkpoint_on_job(checkpoint: str | os.PathLike, spec: JobSpec, spl
     from pipeline.eval.evaluate import evaluate_records, finish_report, model_for_eval
 
     check_trainable(spec)
-    model, classes = model_for_eval(checkpoint, untrained, spec.train.seed)
-    if classes != list(spec.train.classes):
+    t = train_section(spec)
+    model, classes = model_for_eval(checkpoint, untrained, t.seed)
+    if classes != list(t.classes):
         raise InputError(f"{checkpoint}: classes {classes} differ from {spec.source}: train.classes "
-                         f"{list(spec.train.classes)}")
+                         f"{list(t.classes)}")
     _, train_records, val_records, _ = training_data(spec)
     records = val_records if split == "val" else train_records
-    metrics = evaluate_records(model, records, classes, spec.inputs.bands, spec.train.chip_size, batch_size,
+    metrics = evaluate_records(model, records, classes, spec.inputs.bands, t.chip_size, batch_size,
                                "cpu", precision, voc)
     return finish_report(metrics, {"checkpoint": str(checkpoint), "chips": len(records), "untrained": untrained,
                                    "job": spec.source, "split": split}, out_dir, "eval_checkpoint")
