@@ -140,6 +140,23 @@ def test_a_table_in_the_layout_before_the_log_keeps_working(table_root):
     assert len([k for k in store.keys() if k.startswith("date=")]) == 2  # a's old file settled away
 
 
+def test_sequences_stay_above_what_snapshots_folded_and_let_go(table_root, monkeypatch):
+    """Once a snapshot folded the log and its manifests were removed, the next claim is
+    still above them: the snapshot records the highest sequence it folded."""
+    monkeypatch.setattr(table_commit, "SNAPSHOT_EVERY", 1)
+    run = run_info()
+    for scene in "abc":
+        table_commit.commit_scene(table_root, run, scene, "k", rows(run, scene, 2, seed=1))
+    table_maintenance.vacuum(table_root, grace_s=0)  # folds the last one and lets every manifest go
+    store = open_store(table_root)
+    assert [k for k in store.keys(table_state.MANIFESTS) if k.endswith(".json")] == []
+    again = run_info(run_id="r2")
+    table_commit.commit_scene(table_root, again, "a", "k2", rows(again, "a", 1, seed=2))
+    sequences = {k[1]: m["sequence"] for k, m in table_state.committed_scenes(table_root).items()}
+    assert sequences == {"a": 4, "b": 2, "c": 3}
+    assert len(every_reader(table_root)) == 1 + 2 + 2
+
+
 # ---------------------------------------------------------------- a crash between any two steps
 
 
