@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipeline.config.spec import JobSpec
 from pipeline.errors import ConfigError, InputError, PipelineError
@@ -15,6 +16,9 @@ from pipeline.io.inputs import SceneInput
 from pipeline.io.model_card import ModelCard, read_model_card
 from pipeline.io.objstore import local_file
 from retinanet.checkpoint import CheckpointError, file_sha256, read_checkpoint_header
+
+if TYPE_CHECKING:  # pipeline.io.raster (rasterio) loads when a scene is planned, not with this module
+    from pipeline.io.raster import SceneInfo
 
 # Scenes per planning task of a run's chip stream (each plans them PLAN_THREADS at a time).
 PLAN_BATCH = 8
@@ -24,7 +28,7 @@ PLAN_BATCH = 8
 class ScenePlan:
     scene_id: str
     path: str
-    info: object
+    info: SceneInfo
     windows: list
     skipped_empty: int
     warnings: list = field(default_factory=list)

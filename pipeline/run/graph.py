@@ -201,7 +201,7 @@ def scene_keys(scenes: list[SceneInput]) -> tuple[dict[str, dict], list[dict]]:
 
     with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
         outcomes = list(pool.map(attempt, scenes))
-    keys = {s.scene_id: key for s, (key, failure) in zip(scenes, outcomes) if failure is None}
+    keys = {s.scene_id: key for s, (key, _) in zip(scenes, outcomes) if key is not None}
     return keys, [failure for _, failure in outcomes if failure is not None]
 
 
@@ -326,7 +326,9 @@ def job_graph(spec: JobSpec, start: RunStart, int8: Optional[dict], ledger: Chip
             scenes = ray.data.from_items([dataclasses.asdict(s) for s in tail],
                                          override_num_blocks=-(-len(tail) // PLAN_BATCH))
             # Reserve no CPU slot (as reads, below); the pool size bounds them instead.
-            ds = ds.union(scenes.map_batches(plan_scene_batch, batch_size=PLAN_BATCH, batch_format="numpy",
+            # Ray types fn as a one-argument callable; fn_kwargs (spec, model) are not in its annotation.
+            ds = ds.union(scenes.map_batches(plan_scene_batch,  # type: ignore[arg-type]
+                                             batch_size=PLAN_BATCH, batch_format="numpy",
                                              fn_kwargs={"spec": spec, "model": model}, num_cpus=0,
                                              max_retries=retries,
                                              compute=ray.data.TaskPoolStrategy(size=read_tasks)))
