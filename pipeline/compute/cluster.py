@@ -1,36 +1,44 @@
-"""Ray for a run or a training: join `compute.address`, or start a local Ray of our own.
+"""Ray for a run or a training: join `compute.address`, join the local head that
+`pipeline ray up` keeps, or start a local Ray of our own.
 
-A local Ray's start is on every run's critical path (3-4 s of the demo run's start-up on 2
-cores), so a run starts it without the dashboard and the head processes it does not use
-(:func:`unused_head_processes`), with a fine-grained wait for its raylet instead of
-Ray's 1-second steps (:func:`fine_registration_wait`), and with its dashboard agent on a
-free port, so that another Ray on the machine does not hold it up (:func:`agent_on_a_free_port`).
-Ray Data's own helpers on such a Ray: :mod:`pipeline.run.local_data`.
+Only Ray's public means: ``ray.init``'s arguments, the ``ray start`` command's flags and
+the environment variables Ray documents (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN_PATH`` for
+token authentication). A local Ray's start is on a run's critical path (its daemons, a
+raylet registering, Ray Data's helper actors); for frequent local runs, `pipeline ray up`
+starts a long-lived head once (``ray start --head --block`` in a session of its own, its
+pid and address in :func:`head_file`) and every run with ``compute.address: null`` joins
+it while it lives; `pipeline ray down` signals that one process, which stops what it started.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
 import json
 import logging
 import os
+import secrets
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from pipeline.errors import ClusterError
 from pipeline.io.objstore import cache_dir
 from retinanet.files import write_atomically
 
-REGISTRATION_POLL_S = 0.02
 # What a machine joining a cluster with token authentication needs (Ray 2.60: the token alone,
 # without the mode, is not sent).
 TOKEN_ADVICE = ("set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN or in the file "
                 "RAY_AUTH_TOKEN_PATH names (default ~/.ray/auth_token)")
-# Any cluster id for the token probe (token_refused): the head checks the token before it.
-PROBE_CLUSTER_ID = "00" * 28
+# A GCS method for the token probe (token_refused); the head checks the token before the method.
+PROBE_METHOD = "/ray.rpc.InternalKVGcsService/InternalKVGet"
+HEAD_START_TIMEOUT_S = 60.0
+HEAD_TEMP_PREFIX = "pipeline-ray-"  # the local head's temp dir, under the system's
 
 
 def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False, num_cpus: int | None = None) -> dict:
@@ -38,20 +46,14 @@ def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False, 
 
     The same whether Ray is ours or joined: a joined cluster forwards its raylets' error
     lines too (a full /tmp, for one), which belong in Ray's logs, not in a nightly run's output.
-    A local Ray starts without the dashboard unless `dashboard`: it serves Ray's State API,
-    which inference does not use and Ray Train polls (its placement-group cleaner).
-
-    A local Ray has `num_cpus` CPUs (None: the machine's) and keeps up to one idle worker
-    process per CPU. Ray's default
-    is one per CPU no task or actor holds, and a CPU run's predictor holds them all: the
-    read task's worker (reads hold no CPU) was ended after each second idle and every run
-    of chips started a new Python process, 1-2 s of CPU taken from the predictor (a 4096²
-    scene on 2 cores: 0.73 -> 0.63 s of predictor time per chip, BENCHMARKS.md).
+    A local Ray starts without the dashboard unless `dashboard` (a training: Ray Train polls
+    the State API it serves), with `num_cpus` CPUs (None: the machine's).
+    Example: (None, True, False, 2) -> {"log_to_driver": False, "include_dashboard": False,
+    "num_cpus": 2, "logging_level": logging.ERROR}.
     """
     options: dict = {"log_to_driver": not quiet}
     if address is None:
         options["include_dashboard"] = dashboard
-        options["_system_config"] = {"num_workers_soft_limit": num_cpus or os.cpu_count() or 1}
         if num_cpus:
             options["num_cpus"] = num_cpus
     if quiet:  # Ray's own Python log lines (start-up, token notice, Ray Data plans) only with --verbose
@@ -59,41 +61,46 @@ def ray_init_options(address: str | None, quiet: bool, dashboard: bool = False, 
     return options
 
 
-def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False, num_cpus: int | None = None):
-    """Join `address` (None: start a local Ray in this process) unless Ray is already up;
-    see :func:`ray_init_options` for `quiet`, `dashboard` and `num_cpus` (benchmarks pin it)."""
+def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False, num_cpus: int | None = None,
+                log: Optional[Callable[[str], None]] = None):
+    """Join `address`; with None, join the head `pipeline ray up` keeps when one lives
+    (:func:`live_head`; `num_cpus` is then the head's), else start a local Ray in this
+    process. Nothing when Ray is already up. `log` hears which. See
+    :func:`ray_init_options` for `quiet`, `dashboard` and `num_cpus` (benchmarks pin it)."""
+    head = live_head() if address is None and "ray" not in sys.modules else None
+    if head:  # before Ray's first import: its native code reads the authentication variables then
+        os.environ.update(head_join_environment(head))
     import ray
 
-    if not ray.is_initialized():
-        if quiet:
-            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read when Ray Data configures its loggers
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
-            # Ray Data's advice for a small job (fewer blocks than read tasks) is no news to a user.
-            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
-        problem = head_unreachable(address)
-        if problem:  # ray.init would retry for minutes before saying so
-            raise ClusterError(f"compute.address {address}: no Ray head answers there ({problem}); "
-                               "start the cluster (ray start --head) or correct the address")
-        refused = token_refused(address)
-        if refused:  # ray.init would retry for ~15 s, a native warning line each second
-            raise ClusterError(f"compute.address {address}: the Ray head refused this machine's authentication "
-                               f"token ({refused}); {TOKEN_ADVICE}")
-        options = ray_init_options(address, quiet, dashboard, num_cpus)
-        try:
-            if address is None:
-                # "local": a new Ray of our own; address=None would join any Ray started on
-                # this machine with `ray start` (someone else's cluster on a shared host).
-                with (fine_registration_wait(), dashboard_dependencies_remembered(),
-                      without_head_processes(unused_head_processes(dashboard, quiet)),
-                      agent_on_a_free_port(not dashboard)):
-                    ray.init(address="local", **options)
-            else:
-                ray.init(address=address, **options)
-        except ConnectionError as err:
-            if address is None:
-                raise
-            raise ClusterError(f"compute.address {address}: could not join the Ray cluster ({err}); "
-                               f"if the cluster uses token authentication: {TOKEN_ADVICE}") from err
+    if ray.is_initialized():
+        return ray
+    if quiet:
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read when Ray Data configures its loggers
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        # Ray Data's advice for a small job (fewer blocks than read tasks) is no news to a user.
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
+    if head:
+        if log:
+            log(f"joining the local Ray head at {head['address']} (pipeline ray up; pipeline ray down stops it)")
+        address = head["address"]
+    problem = head_unreachable(address)
+    if problem:  # ray.init would retry for minutes before saying so
+        raise ClusterError(f"compute.address {address}: no Ray head answers there ({problem}); "
+                           "start the cluster (ray start --head) or correct the address")
+    refused = token_refused(address)
+    if refused:  # ray.init would retry for ~20 s, a native warning line each second
+        raise ClusterError(f"compute.address {address}: the Ray head refused this machine's authentication "
+                           f"token ({refused}); {TOKEN_ADVICE}")
+    options = ray_init_options(address, quiet, dashboard, num_cpus)
+    try:
+        # "local": a new Ray of our own; address=None would join any Ray started on this
+        # machine with `ray start` (someone else's cluster on a shared host).
+        ray.init(address=address or "local", **options)
+    except ConnectionError as err:
+        if address is None:
+            raise
+        raise ClusterError(f"compute.address {address}: could not join the Ray cluster ({err}); "
+                           f"if the cluster uses token authentication: {TOKEN_ADVICE}") from err
     return ray
 
 
@@ -110,183 +117,215 @@ def head_unreachable(address: str | None, timeout_s: float = 5.0) -> str | None:
         return err.strerror or type(err).__name__
 
 
+def auth_token() -> str | None:
+    """This machine's Ray token as Ray's documented variables give it: None unless
+    ``RAY_AUTH_MODE=token``; else ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``
+    names, or ``~/.ray/auth_token`` ('' where none is found)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
 def token_refused(address: str | None, timeout_s: float = 5.0) -> str | None:
     """Ray's reason when the head at a ``HOST:PORT`` address refuses this process's
     authentication token, else None: accepted, or not asked (null, ``auto`` and ``ray://``
     addresses, a head that does not answer within ``timeout_s``).
 
-    One request to the head's GCS with a made-up cluster id: the head checks the token
-    first, so a refused token answers InvalidAuthToken and an accepted one WrongClusterID.
-    Example reason: "InvalidAuthToken: Authentication token is missing or incorrect. Note:
-    RAY_AUTH_MODE is currently 'disabled' (not 'token')"
+    One gRPC request to the head's GCS with the token as Ray sends it (a Bearer
+    ``authorization`` header) and an empty body: the head checks the token before the
+    request, so a refused token answers UNAUTHENTICATED with Ray's reason, and an accepted
+    one anything else. Example reason: "InvalidAuthToken: Authentication token is missing
+    or incorrect"
     """
     if address is None or address == "auto" or address.startswith("ray://"):
         return None
-    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled; its stub omits it
+    import grpc  # Ray's own dependency
 
-    try:
-        GcsClient(address=address, cluster_id=PROBE_CLUSTER_ID).internal_kv_get(b"", None, timeout=timeout_s)
-    except Exception as err:  # noqa: BLE001 - only a refused token is an answer here
-        message = str(err)
-        if "InvalidAuthToken" in message:
-            return message.removeprefix("RPC error: ").split(" Ensure that")[0].strip().rstrip(".")
+    token = auth_token()
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(PROBE_METHOD, request_serializer=bytes, response_deserializer=bytes)
+        try:
+            call(b"", timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return (err.details() or "UNAUTHENTICATED").split(" Ensure that")[0].strip().rstrip(".")
     return None
 
 
-def node_registered(gcs_address: str, node_id: str, timeout_s: float) -> bool:
-    """Wait until the GCS at `gcs_address` lists node `node_id` (hex) as alive, asking every
-    REGISTRATION_POLL_S -> whether it did within `timeout_s`. Any error reads as "not yet"."""
-    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled; its stub omits it
+# The long-lived local head (`pipeline ray up` / `down` / `status`).
 
+def head_file() -> Path:
+    """Where `pipeline ray up` records its head: pid, address, token file, CPUs, GPUs."""
+    return cache_dir() / "ray" / "local-head.json"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (read from /proc where there is one)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2] != "Z"
+    return True
+
+
+def recorded_head() -> dict | None:
+    """The head :func:`head_file` names, alive or not; None without a readable record."""
+    with contextlib.suppress(OSError, ValueError):
+        head = json.loads(head_file().read_text(encoding="utf-8"))
+        if isinstance(head, dict) and {"pid", "address"} <= head.keys():
+            return head
+    return None
+
+
+def head_process_alive(head: dict) -> bool:
+    """Whether the recorded `ray start` process of `head` lives: its pid, with the recorded
+    port in its command line where /proc tells (a pid the system gave to another process since
+    is not the head)."""
+    pid = int(head["pid"])
+    if not process_alive(pid):
+        return False
+    port = head["address"].rpartition(":")[2]
+    try:
+        return f"--port={port}" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return not os.path.isdir("/proc")
+
+
+def live_head() -> dict | None:
+    """The recorded head when its `ray start` process lives and its port answers, else None."""
+    head = recorded_head()
+    if head and head_process_alive(head) and head_unreachable(head["address"], timeout_s=1) is None:
+        return head
+    return None
+
+
+def head_join_environment(head: dict) -> dict[str, str]:
+    """The documented variables with which a process joins `head` (token authentication)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(head["token_path"])} if head.get("token_path") else {}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def head_command(port: int, num_cpus: int | None, num_gpus: int | None, temp_dir: str) -> list[str]:
+    """``ray start``'s public flags for the local head: this machine only, no dashboard, no
+    usage stats, blocking (so that one process, the one `pipeline ray down` signals, owns it),
+    its files in a temp dir of its own. Ray records the address of a head it starts in its
+    temp dir; in Ray's default one, every plain ``ray.init()`` on the machine (another user's
+    test session) would join this head.
+    Example: (6380, 2, None, "/tmp/pipeline-ray-x") -> [.../ray, "start", "--head", "--block", ..., "--num-cpus=2"]."""
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               f"--port={port}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        command.append(f"--num-gpus={num_gpus}")
+    return command
+
+
+def start_head(num_cpus: int | None = None, num_gpus: int | None = None,
+               timeout_s: float = HEAD_START_TIMEOUT_S) -> dict:
+    """Start the long-lived local head (`pipeline ray up`) -> its record (:func:`head_file`).
+
+    ``ray start --head --block`` runs in a session of its own, with token authentication
+    and a token of its own (a file beside the record), so that only this user's runs join
+    it; its output goes to ``head.log`` beside the record. Waits until the head answers a
+    Ray driver. ClusterError when one lives already or the head does not come up."""
+    running = live_head()
+    if running:
+        raise ClusterError(f"a local Ray head is already up at {running['address']} (pid {running['pid']}); "
+                           "pipeline ray down stops it")
+    folder = head_file().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    token_path = folder / "local-head-token"
+    token_path.unlink(missing_ok=True)
+    with os.fdopen(os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:  # this user's only
+        out.write(secrets.token_hex(32))
+    port = free_port()
+    # Short: Ray's sockets live under it (a Unix socket path has ~107 characters at most).
+    temp_dir = tempfile.mkdtemp(prefix=HEAD_TEMP_PREFIX)
+    head: dict[str, Any] = {"pid": 0, "address": f"127.0.0.1:{port}", "token_path": str(token_path),
+                            "num_cpus": num_cpus, "num_gpus": num_gpus, "log": str(folder / "head.log"),
+                            "temp_dir": temp_dir}
+    env = dict(os.environ, **head_join_environment(head))
+    with open(head["log"], "wb") as out:
+        process = subprocess.Popen(head_command(port, num_cpus, num_gpus, temp_dir), stdin=subprocess.DEVNULL,
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    head["pid"] = process.pid
     deadline = time.monotonic() + timeout_s
-    client = None
-    while True:
-        with contextlib.suppress(Exception):  # the GCS may still be starting
-            client = client or GcsClient(address=gcs_address)
-            if any(node.hex() == node_id for node in client.get_all_node_info(timeout=1)):
-                return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(REGISTRATION_POLL_S)
+    while head_unreachable(head["address"], timeout_s=1) is not None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process_session(process.pid, 10)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise ClusterError(f"ray start --head did not come up (exit {process.poll()}); see {head['log']}")
+        time.sleep(0.1)
+    record = json.dumps(head, indent=1)
+    write_atomically(head_file(), lambda tmp: tmp.write_text(record, encoding="utf-8"))
+    return head
 
 
-@contextlib.contextmanager
-def replaced(owner, replacements: dict):
-    """While inside, the attributes of `owner` (a class or module of Ray's) named in
-    `replacements` are the ones given, and Ray's own again after. Nothing is replaced where
-    `owner` is None or lacks one of them as a callable: another Ray layout runs as Ray does."""
-    originals = {name: getattr(owner, name, None) for name in replacements}
-    if owner is None or not all(callable(original) for original in originals.values()):
-        yield
-        return
-    for name, replacement in replacements.items():
-        setattr(owner, name, replacement)
+def stop_process_session(pid: int, timeout_s: float) -> bool:
+    """SIGTERM to `pid` (a `ray start --block`, which then stops the processes it started),
+    waiting up to `timeout_s`; then SIGKILL to what is left of its session (its process
+    group: `pid` leads it) -> whether it ended on SIGTERM. Touches no other process."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # our own child (a test's, `start_head`'s failure): reaped
+        if not session_alive(pid):
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    return False
+
+
+def session_alive(pid: int) -> bool:
+    """Whether any process of the process group `pid` leads is still alive."""
     try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(owner, name, original)
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    group = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                fields = stat[stat.rfind(")") + 2:].split()
+                if int(fields[2]) == pid and fields[0] != "Z":
+                    group.append(entry)
+    return bool(group) if os.path.isdir("/proc") else True
 
 
-def ray_attribute(module: str, name: str | None = None):
-    """One of Ray's modules (``ray._private.services``), or the attribute `name` of it (read
-    now: ``_global_node`` changes with ``ray.init``); None where Ray lays it out otherwise."""
-    try:
-        found = importlib.import_module(module)
-    except ImportError:
+def stop_head(timeout_s: float = 60.0) -> dict | None:
+    """Stop the recorded local head (`pipeline ray down`) -> its record, None where none was
+    recorded. Signals only the recorded `ray start` process and its session; the record goes."""
+    head = recorded_head()
+    if head is None:
         return None
-    return found if name is None else getattr(found, name, None)
-
-
-def fine_registration_wait(timeout_s: float = 30.0):
-    """While a local Ray starts, wait for its raylet's registration at 20 ms steps.
-
-    ``ray.init`` asks the GCS for the raylet it just started and, when that has not
-    registered yet, asks again one second later (a fixed step in Ray's C++ GCS client). The
-    raylet registers ~1.05 s after it starts here, so ``ray.init`` waited 2 s where 1.1 s
-    would do: 0.9 s of every local run's start-up. Ray's own lookup runs right after ours,
-    so an unexpected Ray (a node that never shows) falls back to Ray's behaviour, errors included.
-    """
-    services = ray_attribute("ray._private.services")
-    ray_lookup = getattr(services, "get_node", None)
-
-    def get_node(gcs_address, node_id):
-        node_registered(gcs_address, node_id, timeout_s)
-        return ray_lookup(gcs_address, node_id)  # type: ignore[misc]  # replaced only where callable
-
-    return replaced(services, {"get_node": get_node})
-
-
-def environment_key() -> str:
-    """A digest of this Python environment: the interpreter and every installed distribution
-    with its version (the ``*.dist-info`` folders on ``sys.path``, ~15 ms to list). Installing,
-    upgrading or removing any package changes it."""
-    names = sorted(entry.name for folder in sys.path if os.path.isdir(folder)
-                   for entry in os.scandir(folder) if entry.name.endswith(".dist-info"))
-    return hashlib.blake2b("\n".join([sys.executable, *names]).encode(), digest_size=8).hexdigest()
-
-
-def dashboard_dependencies_remembered():
-    """While a local Ray starts, Ray's check for the dashboard's optional packages (which
-    decides whether its agent runs in minimal mode) answers from its own earlier answer in
-    this environment (:func:`environment_key`), kept in the cache folder.
-
-    Ray's check imports them all (aiohttp, OpenTelemetry's Prometheus exporter, ...) in the
-    driver: 0.5 s of CPU inside ``ray.init`` before the raylet starts, on every run, for
-    modules nothing else in a run uses. The first start in an environment runs Ray's check
-    and keeps its answer; an installed package that does not import (a missing dependency
-    of aiohttp, say) is answered as Ray answers it, so the agent starts minimal as before.
-    """
-    utils = ray_attribute("ray._private.utils")
-    rays_check = getattr(utils, "get_dashboard_dependency_error", None)
-    if not callable(rays_check):  # another Ray layout: Ray's own check
-        return contextlib.nullcontext()
-    path = cache_dir() / "ray" / f"dashboard-dependencies-{environment_key()}.json"
-
-    def get_dashboard_dependency_error():
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            missing = json.loads(path.read_text(encoding="utf-8"))["missing"]
-            return None if missing is None else ImportError(missing)
-        error = rays_check()
-        with contextlib.suppress(OSError):  # a read-only cache: Ray's check again next time
-            answer = json.dumps({"missing": None if error is None else str(error)})
-            write_atomically(path, lambda tmp: tmp.write_text(answer, encoding="utf-8"))
-        return error
-
-    return replaced(utils, {"get_dashboard_dependency_error": get_dashboard_dependency_error})
-
-
-def unused_head_processes(dashboard: bool, quiet: bool) -> tuple[str, ...]:
-    """The methods of Ray's Node that start the head processes a local Ray goes without:
-    none for a training (``dashboard``); for a run, those nothing in it talks to:
-
-    - ``start_monitor``, the autoscaler's monitor (monitor.py): a local Ray has no node
-      provider, so it only watches, and writes the report `ray status` prints;
-    - ``start_api_server`` (dashboard.py), which Ray starts even with
-      ``include_dashboard=False``: the State API, job submission and `ray list`. Ray Train
-      polls the State API, so a training keeps it, and keeps the others too;
-    - ``start_log_monitor`` when ``quiet``: it tails the workers' log files to forward
-      their lines to a driver that, with ``log_to_driver=False``, does not listen.
-
-    Each is a Python process booting on the cores the predictor starts on: without the first
-    two, the demo run's start-up went 11.6 -> 9.0 s and its peak RSS 2.29 -> 2.07 GB on 2
-    cores (BENCHMARKS.md). Example: (False, True) -> all three; (True, True) -> ().
-    """
-    if dashboard:
-        return ()
-    return ("start_monitor", "start_api_server") + (("start_log_monitor",) if quiet else ())
-
-
-def agent_on_a_free_port(enabled: bool):
-    """While a local Ray starts (``enabled``), its raylet's dashboard agent listens on a port
-    the kernel picks instead of Ray's fixed 52365, which ``ray.init`` has no switch for.
-
-    With another Ray on the machine (a cluster's head, a second run, the test suite's) that
-    port is taken, and the agent retries for ~3 s before the raylet is ready: a run beside a
-    head started 8.8 s after the command instead of 5.5 s (BENCHMARKS.md). Only the dashboard
-    and the API server call the agent there, and a run starts neither
-    (:func:`unused_head_processes`); a training keeps the fixed port for its dashboard."""
-    node_class = ray_attribute("ray._private.node", "Node")
-    start_raylet = getattr(node_class, "start_raylet", None)
-    if not enabled:
-        return contextlib.nullcontext()
-
-    def start_raylet_with_a_free_agent_port(self, *args, **kwargs):
-        params = getattr(self, "_ray_params", None)
-        if hasattr(params, "dashboard_agent_listen_port"):  # else another layout: Ray's own port
-            params.dashboard_agent_listen_port = 0
-        return start_raylet(self, *args, **kwargs)  # type: ignore[misc]  # replaced only where callable
-
-    return replaced(node_class, {"start_raylet": start_raylet_with_a_free_agent_port})
-
-
-def without_head_processes(methods: tuple[str, ...]):
-    """While a local Ray starts, the Node `methods` that start head processes do nothing
-    (:func:`unused_head_processes`). Ray's public ``ray.init`` has no switch for these
-    (``ray start`` has ``--no-monitor`` only). A Ray layout without one of them starts as
-    Ray does."""
-    def skip(self, **_):
-        return None
-
-    return replaced(ray_attribute("ray._private.node", "Node"), dict.fromkeys(methods, skip))
-
+    if head_process_alive(head):
+        stop_process_session(int(head["pid"]), timeout_s)
+    temp_dir = str(head.get("temp_dir") or "")
+    if Path(temp_dir).name.startswith(HEAD_TEMP_PREFIX):  # the head's own logs and sockets
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    head_file().unlink(missing_ok=True)
+    return head

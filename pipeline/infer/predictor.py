@@ -6,7 +6,8 @@ Bounded failure handling, because Ray Data restarts a crashing actor forever by 
   chip that raises on its own is returned as ``quarantined`` with the error. Nothing
   else is lost.
 - A hard crash (segfault, OOM kill, os._exit) takes the actor down; Ray restarts it and
-  retries the batch a bounded number of times. The run's ChipLedger remembers which chips
+  retries the batch a bounded number of times. The run's ChipLedger (a small Ray actor of
+  the run, :mod:`pipeline.infer.ledger`) remembers which chips
   were in flight when a predictor died ("strikes"). A batch that holds a chip with a
   strike is run chip by chip, so only the culprit collects more strikes; a chip with more
   than ``max_strikes`` is quarantined without being run again.
@@ -14,7 +15,6 @@ Bounded failure handling, because Ray Data restarts a crashing actor forever by 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import time
@@ -29,69 +29,6 @@ from retinanet.options import CPU_BATCH_SIZE
 DETECTION_FIELDS = 6  # x1, y1, x2, y2 (scene pixels), score, label id
 # The predictor's stages, timed per call and returned as <stage>_seconds columns (the run report's figures).
 ACTOR_STAGES = ("transfer", "forward", "postprocess")
-
-
-LEDGER_NAMESPACE = "pipeline"  # the GCS key-value namespace of every run's ChipLedger
-
-
-@dataclass(frozen=True)
-class ChipLedger:
-    """A run's record of the chips that were in flight when a predictor died ("strikes"),
-    kept in the key-value store of Ray's GCS, which outlives any actor: no process of its
-    own (a ledger actor cost the demo run 0.4 s of start-up and 170 MB on 2 cores).
-
-    A call marks its chips in flight under one key, a digest of their ids, and clears it
-    when done. Ray Data retries a block whose actor died with the same rows, so a retried
-    call finds its key: one of its chips killed the predictor. Its chips then run one at a
-    time, each marked under a key of its own that holds its strikes, and a chip whose key
-    is still there at the next retry killed the predictor while it ran alone."""
-
-    run_id: str
-
-    @property
-    def _prefix(self) -> str:  # every key of the run starts so
-        return f"chip-ledger/{self.run_id}/"
-
-    def _key(self, kind: str, name: str) -> str:
-        return f"{self._prefix}{kind}/{name}"
-
-    def _call_key(self, chip_ids: list[str]) -> str:
-        return self._key("call", hashlib.blake2b("\n".join(chip_ids).encode(), digest_size=16).hexdigest())
-
-    def enter(self, chip_ids: list[str]) -> list[int]:
-        """Mark a call's chips in flight -> their strikes: 0 each on the call's first try;
-        on a retry 1 each, and one more than it holds for a chip that ran alone."""
-        from ray.experimental import internal_kv as kv
-
-        already_there = kv._internal_kv_put(self._call_key(chip_ids), b"", overwrite=False,
-                                            namespace=LEDGER_NAMESPACE)
-        if not already_there:
-            return [0] * len(chip_ids)
-        return [1 + int(kv._internal_kv_get(self._key("chip", cid), namespace=LEDGER_NAMESPACE) or 0)
-                for cid in chip_ids]
-
-    def leave(self, chip_ids: list[str]) -> None:
-        """The call is done (its chips predicted or quarantined)."""
-        from ray.experimental import internal_kv as kv
-
-        kv._internal_kv_del(self._call_key(chip_ids), namespace=LEDGER_NAMESPACE)
-
-    def enter_alone(self, chip_id: str, strikes: int) -> None:
-        """Mark one chip, running on its own, in flight with the strikes it has."""
-        from ray.experimental import internal_kv as kv
-
-        kv._internal_kv_put(self._key("chip", chip_id), str(strikes).encode(), namespace=LEDGER_NAMESPACE)
-
-    def leave_alone(self, chip_id: str) -> None:
-        from ray.experimental import internal_kv as kv
-
-        kv._internal_kv_del(self._key("chip", chip_id), namespace=LEDGER_NAMESPACE)
-
-    def clear(self) -> None:
-        """Forget the run's keys (the driver, when its stream has ended)."""
-        from ray.experimental import internal_kv as kv
-
-        kv._internal_kv_del(self._prefix, del_by_prefix=True, namespace=LEDGER_NAMESPACE)
 
 
 @dataclass
