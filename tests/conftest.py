@@ -1,8 +1,9 @@
-"""Shared fixtures: one local Ray per test session, with logical GPUs for pinning tests."""
+"""Shared fixtures: one local Ray per test session (opt-in: ``ray_session``), with logical GPUs for pinning tests."""
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -18,21 +19,66 @@ if _SESSION_CACHE:
     os.environ["RETINANET_PIPELINE_CACHE"] = _SESSION_CACHE
 
 
-@pytest.fixture(scope="session", autouse=True)
+def _ray_with_gpus():
+    """This process's Ray with 2 CPUs and 2 logical GPUs (for the pinning tests), started if
+    none is up and restarted if the one up has no GPUs (a ``pipeline run`` starts a Ray of its
+    own without GPUs when none is up; a test that joined another cluster may leave one)."""
+    import ray
+
+    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) < 2:
+        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with 2 CPUs and 2 logical GPUs, started once and shut down at the end.
 
-    Started before the first test, whatever it is: `pipeline run` starts a Ray of its own
-    (without GPUs) when none is up, and a test that ran it first would leave every later
-    test on that Ray. Only this process's Ray is stopped (ray.shutdown); other Ray
-    instances are untouched.
+    Opt-in: a test that needs Ray (``pipeline run`` in-process, Ray Data, Ray Train, actors)
+    takes this fixture as an argument, or its module says
+    ``pytestmark = pytest.mark.usefixtures("ray_session")``; such tests are marked ``ray``
+    (see pytest_collection_modifyitems), so ``pytest -m "not ray"`` runs without a cluster.
+    Only this process's Ray is stopped (ray.shutdown); other Ray instances are untouched.
     """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray = _ray_with_gpus()
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses ``ray_session`` (itself or through a fixture) is marked ``ray``.
+    Tests that start Ray only in child processes carry ``pytest.mark.ray`` themselves."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")  # never imported here: most tests do without it
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_on_request(request):
+    """A test that did not request ``ray_session`` but started Ray in this process fails:
+    it would pass in a full run on the session's Ray and start one of its own (without GPUs,
+    a cluster's start-up time) under ``-m "not ray"``. Its Ray is shut down, so later tests
+    do not run on it. Around a test that did request it, a Ray stopped or replaced (a test
+    that joins a cluster of its own) is brought back."""
+    if "ray_session" in request.fixturenames:
+        _ray_with_gpus()
+        yield
+        _ray_with_gpus()
+        return
+    was_up = _ray_up()
+    yield
+    if not was_up and _ray_up():
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started Ray in the test process without requesting the ray_session fixture: "
+                    "add ray_session to its arguments (or pytestmark = pytest.mark.usefixtures(\"ray_session\") "
+                    "to its module) so it runs on the session's Ray and is marked ray", pytrace=False)
 
 
 def pytest_unconfigure(config):
