@@ -223,7 +223,7 @@ class ModelSpec(BaseModel):
     # int8_calibration_chips chips of the job's own scenes, then measured on labelled data
     # (int8_labels: label files for int8_scenes, default the job's inputs.paths) against
     # f32; an AP50 drop above int8_max_ap50_drop points is refused (int8_on_drop: refuse)
-    # or run with a warning (warn). See pipeline.infer.int8.
+    # or run with a warning (warn). See pipeline.eval.int8_gate (and pipeline.infer.int8).
     int8_labels: list[str] = Field(default_factory=list)
     int8_scenes: Optional[list[str]] = None
     int8_max_ap50_drop: float = Field(1.0, ge=0.0)
