@@ -130,6 +130,12 @@ def test_imports_point_down_the_layers():
                         + "\n  ".join(upward))
 
 
+def test_the_box_metrics_are_a_leaf():
+    """pipeline.eval.metrics imports nothing of ours: the INT8 gate, training's validation,
+    render and the benches take it without pulling in the rest of eval."""
+    assert project_edges()["pipeline.eval.metrics"] == set()
+
+
 def test_the_circle_finder_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": set()}) == []
