@@ -17,13 +17,18 @@ delays them; see :func:`cpu_at_first_predictions`).
         --variant "" --variant "compute.actors=1 compute.cpus_per_actor=2" \
         --variant "tree:/tmp/older-checkout"
 
-A variant holding the word ``join`` joins one Ray head the bench starts first (``ray start
---head``, as a cluster's head is started, with the README's idle-worker setting) instead of
-starting a Ray of its own: the start-up a nightly run sees on a cluster that is already up.
-A joined run needs ``compute.gpus_per_actor=0`` where the job asks for GPUs and the head has
-none. The first joined run also creates Ray Data's detached helper actors, which the later
+A variant holding the word ``join`` joins the local head that `pipeline ray up` keeps
+(the bench starts one, in a cache folder of its own, and stops it with `pipeline ray down`;
+the job's ``compute.address`` stays null, as a user's runs join it): the start-up a run sees
+when Ray is already up. Every other variant is a cold local run (a Ray of its own, started
+by the command). Both kinds share one OpenVINO graph cache, filled by one unmeasured run
+first. A joined run needs ``compute.gpus_per_actor=0`` where the job asks for GPUs and the
+head has none. The first joined run also creates Ray Data's helper actors, which the later
 runs find running. The head's processes are not in a run's tree, so their memory is not
 counted; while the head is up, its idle daemons share the machine with the other variants.
+
+``demo`` as the job: the bench writes the demo job's workspace itself (2 synthetic scenes
+of 2048², an untrained R18 checkpoint; ``jobs/satellite.yaml``'s other settings).
 
 RSS counts pages that processes share once per process, as `ps` does; the peak is a sum
 over processes sampled at the same moment. The tree's PSS, read right after the sample that
@@ -33,13 +38,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import datetime
 import json
 import os
-import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.pipeline_bench import peak_memory_until_exit  # noqa: E402
 from bench.scratch import scratch_dir  # noqa: E402
-from pipeline.compute.cluster import head_unreachable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,69 +123,82 @@ def cpu_at_first_predictions(trace: list, run_wall: float, startup: float | None
     return min(trace, key=lambda sample: abs(sample[0] - moment))[1]
 
 
-def start_head(root: Path, cpus: int) -> tuple[str, dict]:
-    """A Ray head in its own session, with token authentication as `ray start` has it by
-    default, stopped with its whole session when Python exits -> (address, the environment
-    a run needs to join it)."""
-    with socket.socket() as sock:  # a free port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    token = root / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    join_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    env = dict(os.environ, **join_env, RAY_num_workers_soft_limit=str(cpus),
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # stop at once: no node drain
-    ray = Path(sys.executable).with_name("ray")
-    head = subprocess.Popen([str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             f"--num-cpus={cpus}", "--include-dashboard=false", "--disable-usage-stats",
-                             f"--temp-dir={root / 'ray'}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    atexit.register(stop_head, head)
+def pipeline_cli(*args: str, env: dict) -> str:
+    """`pipeline ARGS` in this checkout -> its stdout; exits the bench when it fails."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=180)
+    if proc.returncode != 0:
+        raise SystemExit(f"pipeline {' '.join(args)} exited with {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def start_head(cache: Path, cpus: int) -> dict:
+    """`pipeline ray up` with `cache` as the cache folder (the bench's own head, apart from
+    any the user keeps), stopped by `pipeline ray down` when the bench exits -> the
+    environment a run needs to join it (that cache folder)."""
+    env = dict(os.environ, RETINANET_PIPELINE_CACHE=str(cache))
+    print("#", pipeline_cli("ray", "up", "--num-cpus", str(cpus), "--num-gpus", "0", env=env).strip(), flush=True)
+    atexit.register(pipeline_cli, "ray", "down", env=env)
     # An outer `timeout` ends the bench with SIGTERM, which skips atexit: exit normally instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if head.poll() is not None:
-            raise SystemExit(f"ray start --head exited with {head.returncode}")
-        if head_unreachable(address, timeout_s=1) is None:
-            return address, join_env
-        time.sleep(0.2)
-    raise SystemExit("the Ray head did not answer within 60 s")
+    return env
 
 
-def stop_head(head: subprocess.Popen) -> None:
-    """Stop exactly the head this bench started: `ray start`, then whatever is left of its session."""
-    head.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        head.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGKILL)
+def demo_job(root: Path) -> str:
+    """The demo job's workspace under `root` -> its job file: 2 synthetic scenes of 2048² and
+    an untrained R18 checkpoint, with jobs/satellite.yaml's other settings."""
+    import torch
+    import yaml
+
+    from pipeline.tools.synth import SYNTH_CLASSES, synthesize
+    from retinanet.checkpoint import save_checkpoint
+    from retinanet.model import build_model
+
+    synthesize(root / "scenes", scenes=2, size=2048, seed=0)
+    torch.manual_seed(0)
+    model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", image_mean=(128.0,) * 3,
+                        image_std=(64.0,) * 3)
+    save_checkpoint(root / "model.pt", model, list(SYNTH_CLASSES))
+    job = yaml.safe_load((REPO / "jobs" / "satellite.yaml").read_text())
+    job["inputs"]["paths"] = [str(root / "scenes" / "*.tif")]
+    job["model"]["checkpoint"] = str(root / "model.pt")
+    (root / "demo.yaml").write_text(yaml.safe_dump(job))
+    return str(root / "demo.yaml")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job")
+    parser.add_argument("job", help="a job file, or demo (the demo job, written by the bench)")
     parser.add_argument("--variant", action="append", default=None,
                         help="space-separated SECTION.KEY=VALUE overrides, env:NAME=VALUE settings, "
                              "tree:DIR (another checkout's code) or join (run on the bench's Ray head); "
                              "'' = the job as it is; repeatable")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="the CPUs of the head `join` joins")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
+                        help="the CPUs of the head `join` joins (pipeline ray up --num-cpus)")
     args = parser.parse_args()
     variants = args.variant or [""]
     root = scratch_dir("startup-bench-")
+    job = demo_job(root / "demo") if args.job == "demo" else args.job
+    # Cold runs and joined runs each have a cache folder (the head's record is in one), sharing
+    # one OpenVINO graph cache, filled by a first run that is not counted.
+    caches = {"cold": root / "cache-cold", "join": root / "cache-join"}
+    (caches["join"] / "openvino").mkdir(parents=True)
+    caches["cold"].mkdir()
+    (caches["cold"] / "openvino").symlink_to(caches["join"] / "openvino")
+    cold = [f"env:RETINANET_PIPELINE_CACHE={caches['cold']}"]
+    one_run(job, cold, root / "table-warm-up")
     join: list[str] = []
     if any("join" in v.split() for v in variants):
-        address, join_env = start_head(root, args.cpus)
-        join = [f"compute.address={address}"] + [f"env:{k}={v}" for k, v in join_env.items()]
+        start_head(caches["join"], args.cpus)
+        join = [f"env:RETINANET_PIPELINE_CACHE={caches['join']}"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     load_before = os.getloadavg()[0]
     for rep in range(args.repeats):
         for i, variant in enumerate(variants):
             items = variant.split()
-            overrides = join + [x for x in items if x != "join"] if "join" in items else items
-            result = one_run(args.job, overrides, root / f"table-{i}-{rep}")
+            overrides = join + [x for x in items if x != "join"] if "join" in items else cold + items
+            result = one_run(job, overrides, root / f"table-{i}-{rep}")
             runs[variant].append(result)
             brief = {k: v for k, v in result.items() if "_by_role" not in k}
             print(f"# {variant or '(job as is)'}: {json.dumps(brief)}", flush=True)

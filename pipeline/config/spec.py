@@ -253,8 +253,9 @@ class ComputeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    # null: start a local Ray inside the command; "auto", "ray://host:10001" or
-    # "host:port": join a running cluster.
+    # null: join the local head `pipeline ray up` keeps when one is up, else start a
+    # local Ray inside the command; "auto", "ray://host:10001" or "host:port": join a
+    # running cluster.
     address: Optional[str] = None
     actors: int = Field(2, ge=1)
     gpus_per_actor: float = Field(1.0, ge=0.0)
