@@ -20,11 +20,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.io.objstore import local_file
 from retinanet.options import CPU_BATCH_SIZE
+
+if TYPE_CHECKING:  # each actor imports the one backend it runs (torch, ONNX Runtime or OpenVINO)
+    from retinanet.export import OnnxDetector
+    from retinanet.openvino_backend import OpenVinoDetector
+    from retinanet.runtime import Detector, StagedCopies
 
 DETECTION_FIELDS = 6  # x1, y1, x2, y2 (scene pixels), score, label id
 # The predictor's stages, timed per call and returned as <stage>_seconds columns (the run report's figures).
@@ -128,7 +134,8 @@ def chip_batch_columns(table) -> dict:
     from ray.data.block import BlockAccessor
 
     block = BlockAccessor.for_block(table)
-    columns = {name: block.to_numpy(name) for name in table.column_names if name != "pixels"}
+    # one column's to_numpy is an array (Ray's annotation says array or dict of arrays)
+    columns: dict[str, Any] = {name: block.to_numpy(name) for name in table.column_names if name != "pixels"}
     columns["pixels"] = binary_views(table.column("pixels"))
     return columns
 
@@ -277,6 +284,7 @@ class ChipEngine:
                  nms_threshold: float | None = None, detections_per_chip: int | None = None,
                  forward_batch: int | None = None, chip_size: int | None = None, int8: dict | None = None):
         checkpoint = local_file(checkpoint)  # s3:// / gs://: fetched once per node
+        self.detector: OpenVinoDetector | OnnxDetector | Detector  # the backend's
         if backend == "openvino":
             # No torch in this process: numpy postprocessing, conversion in a child process.
             from pipeline.io.objstore import cache_dir
@@ -297,7 +305,8 @@ class ChipEngine:
         self.backend = backend
         self.numpy_detector = backend == "openvino"  # numpy in and out (OpenVinoDetector.detect)
         self.in_channels = config.in_channels
-        self.staging = None  # torch: the StagedCopies of this engine's device, made on its first batch
+        # torch: the StagedCopies of this engine's device, made on its first batch
+        self.staging: StagedCopies | None = None
         # Chips per forward pass; callers hand over larger batches (fewer, cheaper transfers)
         # and they are cut to this size here. None: the whole batch at once.
         self.forward_batch = forward_batch
@@ -330,8 +339,9 @@ class ChipEngine:
             # bf16/fp16: one op per convolution instead of two (1.6x on CPU). fp32 stays
             # op for op the model as trained: the reference path, exact to float32.
             model = fold_batch_norm(model)
-        self.detector = Detector(model, device=device, precision=precision)
-        return self.detector.model.config
+        detector = Detector(model, device=device, precision=precision)
+        self.detector = detector
+        return detector.model.config
 
     @property
     def name(self) -> str:
@@ -376,18 +386,24 @@ class ChipEngine:
         On CUDA a copy the forward has to wait for counts as forward (the host sees its end only)."""
         seconds = {} if seconds is None else seconds
         if self.numpy_detector:  # OpenVINO runs the passes on its parallel streams
+            from retinanet.openvino_backend import OpenVinoDetector
+
+            assert isinstance(self.detector, OpenVinoDetector)  # numpy_detector: backend openvino (__init__)
             started = time.perf_counter()
-            images = pixels.astype(np.float32, copy=False)
+            floats = pixels.astype(np.float32, copy=False)
             started = add_seconds(seconds, "transfer", started)
-            found = self.detector.detect(images, chips_per_request=step)
+            per_chip = self.detector.detect(floats, chips_per_request=step)
             add_seconds(seconds, "forward", started)
-            return found
+            return per_chip
         import torch
 
         from retinanet.runtime import StagedCopies, detections_to_host
 
-        staging = self.staging or StagedCopies(self.detector.device)
-        self.staging = staging  # its pinned buffers are reused by the next call
+        if self.staging is None:
+            device = self.detector.device
+            assert isinstance(device, torch.device)  # torch's and ONNX Runtime's detectors (OpenVINO's: above)
+            self.staging = StagedCopies(device)
+        staging = self.staging  # its pinned buffers are reused by the next call
         batches = staging.each(torch.from_numpy(pixels[start:start + step]) for start in range(0, len(pixels), step))
         found: list[dict[str, np.ndarray]] = []
         while True:
