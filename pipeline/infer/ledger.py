@@ -56,10 +56,14 @@ class ChipLedger:
     def start(cls, run_id: str) -> "ChipLedger":
         """Start the run's ledger actor (the driver, before the graph). Returns at once: the
         actor's process starts while the graph is built, and calls wait for it. Owned by the
-        driver, so it ends with the driver's job too."""
+        driver, so it ends with the driver's job too; on the driver's node, so that losing
+        another node (and the predictors on it) never loses the ledger."""
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        book = ray.remote(num_cpus=0, max_restarts=0)(LedgerBook).options(name=f"chip-ledger-{run_id}").remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        book = ray.remote(num_cpus=0, max_restarts=0)(LedgerBook).options(
+            name=f"chip-ledger-{run_id}", scheduling_strategy=here).remote()
         return cls(run_id, book)
 
     @staticmethod
