@@ -20,16 +20,18 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     return torchvision_focal_loss(logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="none")
 
 
-def box_regression_loss(kind: str, deltas: Tensor, target_deltas: Tensor, pred_boxes: Tensor | None = None,
+def box_regression_loss(kind: str, deltas: Tensor, target_deltas: Tensor | None, pred_boxes: Tensor | None = None,
                         target_boxes: Tensor | None = None, beta: float = 0.1) -> Tensor:
     """Summed box loss over (P, 4) positive anchors.
 
-    kind: "l1" and "smooth_l1" compare deltas; "giou" compares decoded boxes (needs
-    pred_boxes, target_boxes in XYXY pixels).
+    kind: "l1" and "smooth_l1" compare deltas (need target_deltas); "giou" compares decoded
+    boxes (needs pred_boxes, target_boxes in XYXY pixels; target_deltas may be None).
     """
-    if kind == "l1":
-        return F.l1_loss(deltas.float(), target_deltas, reduction="sum")
-    if kind == "smooth_l1":
+    if kind in ("l1", "smooth_l1"):
+        if target_deltas is None:
+            raise ValueError(f"box loss {kind!r} compares deltas: target_deltas is required")
+        if kind == "l1":
+            return F.l1_loss(deltas.float(), target_deltas, reduction="sum")
         return F.smooth_l1_loss(deltas.float(), target_deltas, beta=beta, reduction="sum")
     if kind == "giou":
         return generalized_box_iou_loss(pred_boxes, target_boxes, reduction="sum")

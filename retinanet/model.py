@@ -31,6 +31,9 @@ class RetinaNet(nn.Module):
     targets: one dict per image with "boxes" (N, 4) XYXY pixels and "labels" (N,) int64.
     """
 
+    image_mean: Tensor  # (1, C, 1, 1) buffers, registered in __init__
+    image_std: Tensor
+
     def __init__(self, config: RetinaNetConfig, backbone: nn.Module, fpn: nn.Module,
                  anchor_generator: AnchorGenerator, cls_head: Subnet, box_head: Subnet):
         super().__init__()
@@ -54,7 +57,7 @@ class RetinaNet(nn.Module):
             if targets is None:
                 raise ValueError("training mode needs targets: model(images, targets)")
             self._check_targets(targets, len(images))
-        input_hw = tuple(images.shape[-2:])
+        input_hw = (images.shape[-2], images.shape[-1])
         # Normalise, then resize: torchvision's order (equal in exact arithmetic, closer in float).
         x, targets = self.resize_input((images - self.image_mean) / self.image_std, targets)
         height, width = x.shape[-2:]
@@ -69,6 +72,7 @@ class RetinaNet(nn.Module):
         feature_hws = [tuple(p.shape[-2:]) for p in pyramid]
         anchors = self.anchor_generator(tuple(x.shape[-2:]), feature_hws, x.device)
         if self.training:
+            assert targets is not None  # checked above; resize_input keeps them
             return self.compute_loss(cls_logits, box_deltas, anchors, targets)
         level_counts = [h * w * self.anchor_generator.num_anchors_per_location for h, w in feature_hws]
         detections = self.postprocess(cls_logits, box_deltas, anchors, level_counts, (height, width))
@@ -90,7 +94,7 @@ class RetinaNet(nn.Module):
         resized = F.interpolate(images.float(), scale_factor=factor, mode="bilinear", recompute_scale_factor=True,
                                 align_corners=False)
         if targets is not None:
-            ratio = box_ratios((height, width), tuple(resized.shape[-2:]), images.device)
+            ratio = box_ratios((height, width), (resized.shape[-2], resized.shape[-1]), images.device)
             targets = [{**t, "boxes": t["boxes"] * ratio} for t in targets]
         return resized, targets
 
