@@ -189,10 +189,17 @@ def latest_snapshot(store: Store) -> Optional[dict]:
 
 
 def loose_entries(store: Store, snap: Optional[Mapping]) -> list[Entry]:
-    """The manifests published but not folded into ``snap`` (one listing)."""
+    """The manifests published but not folded into ``snap`` (one listing; locally a stat of
+    each loose one only: folded ones wait for their grace in the same folder)."""
     folded = snap["folded_names"] if snap else frozenset()
-    return [e for e in store.list(MANIFESTS) if e.key.endswith(".json")
-            and not (name := e.key.rsplit("/", 1)[-1]).startswith(TMP_PREFIX) and name not in folded]
+
+    def loose(key: str) -> bool:
+        name = key.rsplit("/", 1)[-1]
+        return key.endswith(".json") and not name.startswith(TMP_PREFIX) and name not in folded
+
+    if isinstance(store, LocalStore):
+        return [e for e in (store.stat(k) for k in store.keys(MANIFESTS) if loose(k)) if e is not None]
+    return [e for e in store.list(MANIFESTS) if loose(e.key)]
 
 
 def by_sequence(manifests: Sequence[dict]) -> list[dict]:
