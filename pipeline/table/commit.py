@@ -251,12 +251,15 @@ def commit_scene(
 
 
 def settle_scene(table_root: os.PathLike | str, job_name: str, scene_id: str,
-                 manifests: Optional[Sequence[dict]] = None) -> list[str]:
+                 manifests: Optional[Sequence[dict]] = None,
+                 groups: Optional[Mapping[str, Mapping]] = None) -> list[str]:
     """The last step: delete the data files of every superseded manifest of ``(job_name,
     scene_id)`` that no current manifest lists, and cut the scene's superseded rows out of
     compacted files. Every writer settles after moving its own files, so whichever of two
     concurrent writers of one scene finishes last removes the loser's. ``manifests``: the
-    table's, oldest first, listed after this writer's move (read here when not given)."""
+    table's (or the scene's), oldest first, listed after this writer's move; ``groups``:
+    the compaction generations by date (each read here when not given; a partition
+    rewritten since is looked at again by :func:`pipeline.table.compaction.regroup`)."""
     store = open_store(table_root)
     key = (job_name, scene_id)
     known = manifest_state(store) if manifests is None else manifests
@@ -272,7 +275,7 @@ def settle_scene(table_root: os.PathLike | str, job_name: str, scene_id: str,
                 store.delete(f["path"])
                 removed.append(f["path"])
     # The scene's old rows inside compacted files: rewrite those partitions without them.
-    for day, group in current_groups(store).items():
+    for day, group in (current_groups(store) if groups is None else groups).items():
         if group["member_of"].get(key, current["manifest"]) != current["manifest"]:
             regroup(store, day, take_loose=False)
     return removed

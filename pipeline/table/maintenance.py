@@ -36,13 +36,17 @@ def recover(table_root: os.PathLike | str) -> dict:
     store = open_store(table_root)
     on_disk = {e.key for e in store.list() if e.key.startswith("date=")}
     moved, removed = [], []
-    manifests = all_manifests(table_root)
-    for (job, scene), m in current_manifests(manifests).items():
+    groups = current_groups(store)  # one listing, not one per scene
+    by_scene: dict[tuple[str, str], list[dict]] = {}
+    for m in all_manifests(table_root):
+        by_scene.setdefault((m["job_name"], m["scene_id"]), []).append(m)
+    for (job, scene), history in by_scene.items():
+        m = history[-1]  # oldest first: the current one
         missing = [f["path"] for f in m["files"] if f["path"] not in on_disk]
         if missing:
             move_into_place(store, m)
             moved += [p for p in missing if store.stat(p) is not None]
-        removed += settle_scene(table_root, job, scene, manifests)
+        removed += settle_scene(table_root, job, scene, history, groups)
     current = current_manifests(all_manifests(table_root))
     for group in current_groups(store).values():
         removed += settle_group(store, group, current)
