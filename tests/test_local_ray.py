@@ -111,6 +111,13 @@ def test_ray_up_starts_a_head_that_runs_join_and_down_stops_only_it(tmp_path, ra
         assert joined["heard"] == [f"joining the local Ray head at {head['address']} "
                                    "(pipeline ray up; pipeline ray down stops it)"]
 
+        # A Python caller that imported Ray before: Ray read the token variables then, so it
+        # cannot join; it is told, and runs on a Ray of its own.
+        apart = run_child_env("import ray\n" + LOCAL_DRIVER, env)
+        assert apart["heard"] == [f"a local Ray head is up at {head['address']}, but Ray was imported before its "
+                                  "token was set; starting a Ray of this process instead"]
+        assert apart["gcs"].rpartition(":")[2] != head["address"].rpartition(":")[2]
+
         synthesize(tmp_path / "scenes", scenes=1, size=256, seed=0)
         tiny_checkpoint(tmp_path / "model.pt")
         job = {"name": "joins-the-head", "inputs": {"paths": [str(tmp_path / "scenes" / "*.tif")]},

@@ -67,9 +67,14 @@ def connect_ray(address: str | None, quiet: bool = True, dashboard: bool = False
     (:func:`live_head`; `num_cpus` is then the head's), else start a local Ray in this
     process. Nothing when Ray is already up. `log` hears which. See
     :func:`ray_init_options` for `quiet`, `dashboard` and `num_cpus` (benchmarks pin it)."""
-    head = live_head() if address is None and "ray" not in sys.modules else None
-    if head:  # before Ray's first import: its native code reads the authentication variables then
+    head = live_head() if address is None else None
+    if head and "ray" not in sys.modules:  # before Ray's first import: its native code reads them then
         os.environ.update(head_join_environment(head))
+    elif head and any(os.environ.get(k) != v for k, v in head_join_environment(head).items()):
+        if log:  # Ray imported already (a Python caller) without the head's token: it could not join
+            log(f"a local Ray head is up at {head['address']}, but Ray was imported before its token was set; "
+                "starting a Ray of this process instead")
+        head = None
     import ray
 
     if ray.is_initialized():
