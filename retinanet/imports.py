@@ -27,7 +27,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +91,8 @@ def _safe_classes(path: Path) -> list[type]:
     """The classes a whole-model pickle needs, if every one is a torch.nn or torchvision
     class; else CheckpointError naming the others."""
     names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    allowed, refused = [], []
+    allowed: list[type] = []
+    refused: list[str] = []
     for name in names:
         module, _, attr = name.rpartition(".")
         obj = None
@@ -100,7 +101,10 @@ def _safe_classes(path: Path) -> list[type]:
                 obj = getattr(importlib.import_module(module), attr)
             except (ImportError, AttributeError):
                 obj = None
-        (allowed if isinstance(obj, type) else refused).append(obj if isinstance(obj, type) else name)
+        if isinstance(obj, type):
+            allowed.append(obj)
+        else:
+            refused.append(name)
     if refused:
         deepforest = any(n.split(".")[0] in ("deepforest", "omegaconf", "pytorch_lightning", "lightning")
                          for n in refused)
@@ -124,7 +128,9 @@ def read_source(path: str | os.PathLike) -> Any:
         pass
     except Exception as err:  # zip/pickle corruption surfaces as many exception types
         raise CheckpointError(f"{path}: not a readable torch file ({type(err).__name__}: {err})") from err
-    with torch.serialization.safe_globals(_safe_classes(path)):
+    # safe_globals' list: callables or (callable, name) pairs; classes are callables
+    allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = list(_safe_classes(path))
+    with torch.serialization.safe_globals(allowed):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -152,7 +158,8 @@ def _deepforest_settings(payload: Mapping) -> dict:
     hyper = payload.get("hyper_parameters") or {}
     config = hyper.get("config") if isinstance(hyper.get("config"), Mapping) else hyper
     if isinstance(config, Mapping):
-        retina = config.get("retinanet") if isinstance(config.get("retinanet"), Mapping) else {}
+        given = config.get("retinanet")
+        retina = given if isinstance(given, Mapping) else {}
         for ours, theirs in (("nms_threshold", "nms_thresh"), ("score_threshold", "score_thresh"),
                              ("detections_per_image", "detections_per_img"), ("topk_candidates", "topk_candidates")):
             value = config.get(theirs, retina.get(theirs))
@@ -175,9 +182,10 @@ def _whole_model_facts(model: nn.Module, where: str) -> tuple[dict[str, Tensor],
     if getattr(transform, "fixed_size", None):
         raise CheckpointError(f"{where}: a transform with fixed_size is not supported (use min_size/max_size)")
     # several min_size values are a training-time multi-scale setting; inference uses the last
-    settings = {"min_size": int(transform.min_size[-1]), "max_size": int(transform.max_size),
-                "score_threshold": float(model.score_thresh), "nms_threshold": float(model.nms_thresh),
-                "detections_per_image": int(model.detections_per_img), "topk_candidates": int(model.topk_candidates)}
+    settings: dict[str, Any] = {
+        "min_size": int(transform.min_size[-1]), "max_size": int(transform.max_size),
+        "score_threshold": float(model.score_thresh), "nms_threshold": float(model.nms_thresh),
+        "detections_per_image": int(model.detections_per_img), "topk_candidates": int(model.topk_candidates)}
     if sizes != tuple(tuple(float(s) for s in level) for level in DEFAULT_SIZES) \
             or ratios != {tuple(float(r) for r in DEFAULT_ASPECT_RATIOS)}:
         settings.update(anchor_sizes=sizes, aspect_ratios=next(iter(ratios)))
