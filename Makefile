@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: env demo lint test clean job-reference
+.PHONY: env demo lint test test-fast clean job-reference
 
 $(BIN)/pipeline: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,14 @@ lint: env
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The fast tier, for the edit-test loop: lint, then every test that needs no Ray cluster and is
+# not marked slow. tests/conftest.py marks `ray` each test that requests the ray_session fixture
+# (tests that start Ray in a child process carry the mark themselves); `slow` marks the heavy
+# ones (OpenVINO conversions, full-size ResNet-50 models, training, fault injection). No Ray
+# starts. `make test` (CI) still runs everything.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not ray and not slow"
 
 # docs/job-reference.md is generated from the job model; a test fails when it is stale.
 job-reference: env

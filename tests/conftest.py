@@ -28,7 +28,9 @@ def _ray_with_gpus():
     if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) < 2:
         ray.shutdown()
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of this session's own, also when a head started with `ray start` or
+        # `pipeline ray up` runs on this machine (ray.init would join it otherwise).
+        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     return ray
 
 

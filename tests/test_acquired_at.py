@@ -296,6 +296,7 @@ def test_a_stac_run_takes_the_items_time(run_workspace, ray_session):
     assert on_the_2nd["n"].to_pylist() == [got.num_rows]
 
 
+@pytest.mark.slow  # predicts a whole scene
 def test_predict_scene_carries_the_rasters_acquisition_time(run_workspace):
     from pipeline.run.predict import predict_scene
 

@@ -110,7 +110,7 @@ def test_every_shipped_job_validates_after_make_demo(demo_layout, job):
     assert ": ok (" in result.output and " 0 scenes" not in result.output
 
 
-def test_the_inspection_job_runs_on_plain_pngs_with_pixel_geometry(demo_layout):
+def test_the_inspection_job_runs_on_plain_pngs_with_pixel_geometry(demo_layout, ray_session):
     job = demo_layout / "jobs" / "inspection.yaml"
     spec = load_job(job)
     assert spec.output.crs is None

@@ -310,6 +310,7 @@ print(json.dumps(sorted(blocks, key=lambda b: b["i"])))
 """
 
 
+@pytest.mark.ray  # a Ray of its own in a child process
 def test_the_driver_gets_each_block_as_soon_as_it_is_done():
     """The block the actor runs second finishes only after the driver opened the gate on
     seeing the first: a stream that held a finished block back until the next one was

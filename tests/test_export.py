@@ -49,6 +49,7 @@ def workspace(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # an ONNX export through torch's dynamo exporter
 def test_cli_export_writes_a_self_describing_file(workspace):
     onnx_path = sidecar_path(workspace / "model.pt")
     assert onnx_path == workspace / "model.pt.onnx" and onnx_path.stat().st_size > 1_000_000

@@ -199,6 +199,7 @@ def deepforest_checkpoint(path: Path, tv) -> Path:
     return path
 
 
+@pytest.mark.slow  # a full-size ResNet-50 RetinaNet run twice
 def test_deepforest_checkpoint_predicts_as_deepforest(tmp_path):
     pixels = osbs_pixels()
     torch.manual_seed(0)

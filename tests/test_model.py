@@ -35,7 +35,8 @@ def rand_images(b, c=3, h=128, w=128, seed=0):
 
 # -- backbones ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", BACKBONES)
+# resnet18 in every run; the bigger backbones (seconds each, four band counts) are slow
+@pytest.mark.parametrize("name", [n if n == "resnet18" else pytest.param(n, marks=pytest.mark.slow) for n in BACKBONES])
 def test_every_backbone_builds_and_runs_for_1_3_4_8_bands(name):
     torch.manual_seed(0)
     for bands in (1, 3, 4, 8):

@@ -269,7 +269,7 @@ def test_without_its_card_a_checkpoint_runs_as_before(imported, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, ray_session):
     """The smallest real `pipeline train` (1 worker, resnet18 with 32-channel FPN and
     heads, 2 steps on 128-px chips of 3 synthetic scenes) that publishes its model."""
     from pipeline.config.spec import load_job

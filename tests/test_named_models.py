@@ -109,6 +109,7 @@ def pipeline_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.
 
 
 @pytest.mark.parametrize("builder", sorted(COCO))
+@pytest.mark.slow  # full-size ResNet-50 RetinaNets built and run
 def test_torchvision_coco_from_torchs_cache_predicts_as_torchvision(tmp_path, monkeypatch, builder):
     build, weights_name = COCO[builder]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -181,6 +182,7 @@ def test_unknown_names_are_refused_with_the_known_ones(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["v2", "v1", "bin"])
+@pytest.mark.slow  # full-size ResNet-50 RetinaNets built and run
 def test_deepforest_release_from_the_hub_cache_predicts_as_deepforest(tmp_path, deepforest_tv, layout):
     write_hub_release(tmp_path / "hub", "weecology/deepforest-tree", deepforest_release(deepforest_tv, layout))
     imported = import_named("hf:weecology/deepforest-tree", offline=True, hub_cache=str(tmp_path / "hub"))
@@ -196,6 +198,7 @@ def test_deepforest_release_from_the_hub_cache_predicts_as_deepforest(tmp_path, 
     assert_same_boxes(expected, ours_says(imported.model, osbs_pixels()))
 
 
+@pytest.mark.slow  # full-size ResNet-50 RetinaNets built and run
 def test_a_release_with_several_labels_and_a_revision(tmp_path):
     torch.manual_seed(1)
     tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
@@ -240,6 +243,7 @@ def test_hub_release_not_cached_offline_says_where_and_how(tmp_path):
     assert "HF_HUB_CACHE" in message and "hf download weecology/deepforest-tree --revision main" in message
 
 
+@pytest.mark.slow  # full-size ResNet-50 RetinaNets built and run
 def test_hub_environment_is_honoured_by_the_cli(tmp_path, deepforest_tv):
     """HF_HUB_CACHE and HF_HUB_OFFLINE, as a user sets them, through `pipeline import`."""
     write_hub_release(tmp_path / "hub", "weecology/deepforest-tree", deepforest_release(deepforest_tv, "v2"))

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from children import run_child
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(420)]  # ray: a cluster in a child process
 
 CHILD = textwrap.dedent('''
     import json, sys, threading, time

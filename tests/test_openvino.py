@@ -37,7 +37,7 @@ def small_model(backbone="resnet18", **kw):
                                           **kw))
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+@pytest.mark.parametrize("backbone", ["resnet18", pytest.param("mobilenet_v3_large", marks=pytest.mark.slow)])
 def test_folded_model_predicts_as_the_unfolded_one(backbone):
     model = small_model(backbone)
     folded = fold_batch_norm(model)
@@ -67,6 +67,7 @@ def checkpoint(tmp_path):
     return path
 
 
+@pytest.mark.slow  # OpenVINO converts a model (tens of seconds on 2 cores)
 def test_openvino_f32_equals_torch_and_reuses_its_cache(checkpoint, tmp_path):
     images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2)) * 255
     detector = OpenVinoDetector(checkpoint, precision="fp32", num_threads=2, cache_dir=tmp_path / "cache")
@@ -87,6 +88,7 @@ def test_openvino_f32_equals_torch_and_reuses_its_cache(checkpoint, tmp_path):
     assert [len(r["boxes"]) for r in again(images)] == [5, 5]
 
 
+@pytest.mark.slow  # OpenVINO converts a model (tens of seconds on 2 cores)
 def test_a_batch_on_parallel_streams_gives_each_chip_its_own_detections_in_order(checkpoint, tmp_path):
     images = torch.rand(5, 3, 256, 256, generator=torch.Generator().manual_seed(6)) * 255
     detector = OpenVinoDetector(checkpoint, precision="fp32", num_threads=2, cache_dir=tmp_path / "cache", streams=2)
@@ -100,6 +102,7 @@ def test_a_batch_on_parallel_streams_gives_each_chip_its_own_detections_in_order
         np.testing.assert_allclose(g["scores"], e["scores"].numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # OpenVINO converts a model (tens of seconds on 2 cores)
 def test_a_caller_that_stops_early_leaves_no_request_running(checkpoint, tmp_path):
     from retinanet.openvino_backend import outputs_in_order
 
@@ -113,6 +116,7 @@ def test_a_caller_that_stops_early_leaves_no_request_running(checkpoint, tmp_pat
     assert len(detector.detect(images)) == 4
 
 
+@pytest.mark.slow  # OpenVINO converts a model (tens of seconds on 2 cores)
 def test_openvino_resizes_like_the_torch_model(tmp_path):
     model = small_model(min_size=320, max_size=640)
     save_checkpoint(tmp_path / "r.pt", model, ["a", "b", "c"])
@@ -125,6 +129,7 @@ def test_openvino_resizes_like_the_torch_model(tmp_path):
     assert float(got["boxes"].max()) <= 160  # boxes in input pixels, not the 320-px network's
 
 
+@pytest.mark.slow  # OpenVINO converts a model (tens of seconds on 2 cores)
 def test_openvino_bf16_keeps_the_boxes(checkpoint, tmp_path):
     from retinanet.runtime import cpu_has_bf16_matmul
 
@@ -194,6 +199,7 @@ def test_openvino_nms_keeps_what_torchvision_keeps(iou_threshold):
         np.testing.assert_array_equal(nms(boxes, scores, groups, iou_threshold), expected)
 
 
+@pytest.mark.slow  # OpenVINO converts a model (tens of seconds on 2 cores)
 def test_openvino_detector_never_imports_torch(checkpoint, tmp_path):
     """An actor process never imports torch (~0.6 GB, ~2 s): with the graph cached it does
     not need it, and a first run converts in a child process that takes torch with it."""
@@ -222,6 +228,7 @@ print(json.dumps({{"runs": runs, "torch": "torch" in sys.modules}}))
     assert result["torch"] is False
 
 
+@pytest.mark.slow  # OpenVINO converts a model (tens of seconds on 2 cores)
 def test_a_failed_conversion_names_the_checkpoint_and_the_way_out(tmp_path):
     bad = tmp_path / "bad.pt"
     save_checkpoint(bad, small_model(), ["a", "b", "c"])
@@ -300,6 +307,7 @@ def test_local_cpu_openvino_knows_before_ray_starts():
     assert not local_cpu_openvino(ModelSpec(checkpoint="m.pt", backend="torch"), ComputeSpec(gpus_per_actor=0))
 
 
+@pytest.mark.slow  # OpenVINO converts a model (tens of seconds on 2 cores)
 def test_convert_ahead_leaves_the_graph_for_the_actors(checkpoint, tmp_path, monkeypatch):
     from pipeline.infer.predictor import convert_ahead
 

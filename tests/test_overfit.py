@@ -2,6 +2,7 @@
 import contextlib
 import io
 
+import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -62,6 +63,7 @@ def test_coco_ap50_helper_on_perfect_and_wrong_detections():
     assert coco_ap50(swapped, targets) == 0.0
 
 
+@pytest.mark.slow  # training: up to 100 steps
 def test_tiny_model_overfits_two_images():
     torch.manual_seed(0)
     # trainable BatchNorm: a randomly initialised trunk with frozen statistics trains far slower

@@ -63,6 +63,7 @@ def assert_same_detections(tv, ours, images, min_boxes, every_class=True):
     assert not every_class or len(set(torch.cat([e["labels"] for e in expected]).tolist())) == NUM_CLASSES
 
 
+@pytest.mark.slow  # full-size ResNet-50 RetinaNets on 512+ px chips
 def test_v1_parity_512(v1_pair):
     tv, ours = v1_pair
     images = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(10))
@@ -131,6 +132,7 @@ def test_state_dict_that_does_not_fit_is_refused(v1_pair, v2_pair):
         from_torchvision(tv2.state_dict(), NUM_CLASSES)
 
 
+@pytest.mark.slow  # full-size ResNet-50 RetinaNets on 512+ px chips
 def test_default_settings_are_torchvisions_on_a_busy_chip():
     """No overrides: from_torchvision keeps what torchvision keeps (score 0.05, NMS 0.5, top-1000
     candidates per level, 300 detections). Class logits biased up give thousands of candidates

@@ -114,6 +114,7 @@ def test_import_pipeline_stays_light_and_exposes_predict():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow  # predicts whole scenes (one in a child process)
 def test_predict_scene_starts_no_ray_and_shows_progress_unless_told(workspace):
     """In a fresh process (this one runs the test session's Ray): no Ray is started, nor
     even imported; a progress bar counts the chips on stderr, and progress=False is silent."""
@@ -178,6 +179,7 @@ def test_a_scene_larger_than_a_batch_is_read_in_chip_windows(workspace, tmp_path
     assert len(calls) > 1 and max(calls) <= 8 and sum(calls) == len(grid)
 
 
+@pytest.mark.slow  # predicts whole scenes (one in a child process)
 def test_predict_image_tiles_an_array_as_predict_scene_tiles_its_file(workspace):
     """An (H, W, C) array of the scene's pixels gives predict_scene's pixel boxes."""
     scene, model = workspace / "scenes" / "synth_000.tif", str(workspace / "model.pt")

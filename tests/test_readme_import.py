@@ -22,6 +22,7 @@ def section() -> str:
     return README.read_text().split("## Bring your own model", 1)[1].split("\n## ", 1)[0]
 
 
+@pytest.mark.slow  # full-size ResNet-50 RetinaNets imported and run
 def test_readme_import_recipes_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     v1 = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=1).state_dict()

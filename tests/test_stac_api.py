@@ -126,7 +126,7 @@ def report_of(table: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_nights_through_the_cli_the_readme_recipe(world, tmp_path):
+def test_two_nights_through_the_cli_the_readme_recipe(world, tmp_path, ray_session):
     server, items, area = world["server"], world["items"], world["area"]
     job, commands = readme_recipe()
     stac = job["inputs"]["stac"]
@@ -302,7 +302,7 @@ def test_an_api_without_item_search_is_named(tmp_path):
         server.server_close()
 
 
-def test_an_unreachable_api_exits_2_naming_url_and_cause_and_commits_nothing(tmp_path):
+def test_an_unreachable_api_exits_2_naming_url_and_cause_and_commits_nothing(tmp_path, ray_session):
     import socket
 
     with socket.socket() as s:  # a port nobody listens on

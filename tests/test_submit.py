@@ -177,6 +177,7 @@ def test_unreachable_address_is_an_error(workspace, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # a head started with `ray start`
 @pytest.mark.timeout(240)
 def test_submit_follow_runs_the_job_on_the_cluster(head, workspace, tmp_path):
     url, env = head

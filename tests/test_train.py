@@ -384,6 +384,7 @@ def test_resume_without_an_earlier_run_is_a_clear_error(job_folder, ray_session)
         train(spec, resume=True)
 
 
+@pytest.mark.slow  # training steps
 def test_a_batch_of_chips_without_objects_trains(synth_dir):
     # Negative-only batches happen (empty chips, scale jitter cropping every box away).
     from pipeline.eval.labelled import ChipRecord
