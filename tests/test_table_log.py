@@ -168,14 +168,27 @@ MUTATING = ("write", "create", "move", "delete", "delete_prefix")
 OTHERS = ("read", "stat", "list", "keys")
 
 
+def copy_then_delete(store: ObjectStore, src: str, dst: str) -> None:
+    """An object store's move in its two requests (what obstore's rename does on S3), so a
+    writer can die between them: the copy made, the staged object still there."""
+    import obstore
+
+    with store._request(src):
+        obstore.copy(store.store, store._key(src), store._key(dst))
+    store.delete(src)  # a step of its own
+
+
 def die_at(monkeypatch, step: Optional[int], steps: list) -> None:
     """Count the writer's store calls that change the table (``steps`` gets (call, key) of
-    each); at call number ``step`` the writer dies: that call and every later store call of
-    this process raise Crash, as if it had been killed (no cleanup of its own reaches the store)."""
+    each; an object store's move is two: the copy, then the delete); at call number
+    ``step`` the writer dies: that call and every later store call of this process raise
+    Crash, as if it had been killed (no cleanup of its own reaches the store)."""
     dead = [False]
     for cls in (LocalStore, ObjectStore):
         for method in MUTATING + OTHERS:
-            def call(self, *args, _original=getattr(cls, method), _method=method, **kwargs):
+            original = copy_then_delete if (cls, method) == (ObjectStore, "move") else getattr(cls, method)
+
+            def call(self, *args, _original=original, _method=method, **kwargs):
                 if not dead[0] and _method in MUTATING:
                     if len(steps) == step:
                         dead[0] = True
