@@ -112,7 +112,7 @@ def pyramid_shapes(skeleton: RetinaNet, image_hw: tuple[int, int]) -> list[tuple
     P7 2x3."""
     c = skeleton.config.in_channels
     probe = torch.empty(1, c, *image_hw, device="meta")
-    return [tuple(p.shape[-2:]) for p in DenseRetinaNet(skeleton).pyramid(probe)]
+    return [(p.shape[-2], p.shape[-1]) for p in DenseRetinaNet(skeleton).pyramid(probe)]
 
 
 def onnx_metadata(model: RetinaNet, class_names: Sequence[str], checkpoint_sha256: str | None = None) -> dict:
@@ -169,6 +169,7 @@ def export_onnx(model: RetinaNet, path: str | os.PathLike, class_names: Sequence
         traced = torch.export.export(dense, (example,), dynamic_shapes={"images": dims}, strict=False)
         program = torch.onnx.export(traced, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                                     opset_version=opset, dynamo=True, verbose=False)
+    assert program is not None  # dynamo=True returns the ONNXProgram (None: the TorchScript exporter only)
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta, sort_keys=True)
     return write_atomically(path, lambda tmp: program.save(str(tmp), external_data=False))
 
@@ -302,7 +303,7 @@ def detect_with_dense(skeleton: RetinaNet, images: Tensor, dense, anchors_cache:
     own anchors, postprocess and box mapping after it, on a weightless ``skeleton``.
     anchors_cache: a dict kept by the caller, :func:`pyramid_anchors` per network size."""
     skeleton._check_images(images)
-    input_hw = tuple(int(s) for s in images.shape[-2:])
+    input_hw = (int(images.shape[-2]), int(images.shape[-1]))
     images, _ = skeleton.resize_input(images)  # the graphs hold the network, not the resize rule
     height, width = (int(s) for s in images.shape[-2:])
     cls_logits, box_deltas = dense(images)
