@@ -59,7 +59,7 @@ def test_cli_export_writes_a_self_describing_file(workspace):
     assert meta["config"]["backbone"] == "resnet18" and meta["config"]["head_width"] == 32
 
 
-def test_cli_export_to_an_explicit_path_and_a_bad_checkpoint(workspace, tmp_path):
+def test_cli_export_to_an_explicit_path_and_a_bad_checkpoint(tmp_path):
     from pipeline.cli import main
 
     bad = tmp_path / "bad.pt"
@@ -96,6 +96,7 @@ def both(workspace):
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 256, 256), (3, 3, 256, 256), (2, 3, 200, 232)])
+@pytest.mark.slow  # needs the module's ONNX export (torch's dynamo exporter, seconds of CPU)
 def test_onnxruntime_detections_match_torch(both, shape):
     # One file, any batch (dynamic batch 1 and 3) and any chip size (200 x 232 is padded
     # to 224 x 256 inside the graph, as the torch model does).
@@ -117,6 +118,7 @@ def test_onnxruntime_detections_match_torch(both, shape):
     torch.testing.assert_close(deltas, deltas_torch, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # needs the module's ONNX export (torch's dynamo exporter, seconds of CPU)
 def test_onnx_detector_applies_the_score_threshold_set_on_its_model(workspace):
     detector = OnnxDetector(workspace / "model.pt.onnx", device="cpu")
     images = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(7)) * 255
@@ -127,6 +129,7 @@ def test_onnx_detector_applies_the_score_threshold_set_on_its_model(workspace):
     assert high["scores"].min() > detector.model.config.score_threshold
 
 
+@pytest.mark.slow  # needs the module's ONNX export (torch's dynamo exporter, seconds of CPU)
 def test_onnx_detector_rejects_reduced_precision_and_bad_input(workspace):
     with pytest.raises(ValueError, match="fp32 graph"):
         OnnxDetector(workspace / "model.pt.onnx", precision="bf16")
@@ -160,6 +163,7 @@ def test_choose_providers_cuda_without_gpu_provider_says_so():
         choose_providers(["CPUExecutionProvider"], "cuda")
 
 
+@pytest.mark.slow  # needs the module's ONNX export (torch's dynamo exporter, seconds of CPU)
 def test_onnx_for_checkpoint_uses_current_files_and_ignores_stale_ones(workspace, tmp_path, monkeypatch):
     ckpt = workspace / "model.pt"
     sha = file_sha256(ckpt)
@@ -199,7 +203,7 @@ def test_a_damaged_file_is_never_taken_for_an_export(tmp_path):
     assert not is_export_of(tmp_path / "missing.onnx", "0" * 64)
 
 
-def test_spec_rejects_onnx_backend_with_reduced_precision(workspace):
+def test_spec_rejects_onnx_backend_with_reduced_precision():
     from pipeline.config.spec import parse_job
     from pipeline.errors import ConfigError
 

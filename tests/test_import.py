@@ -145,6 +145,7 @@ def test_state_dict_import_needs_names_and_reads_torchvision_defaults(tmp_path, 
     assert "min_size 800" in out and "image_mean [123.675" in out
 
 
+@pytest.mark.slow  # a full-size ResNet-50 v2 RetinaNet at 600-1000 px, run twice
 def test_whole_model_keeps_its_own_settings_and_predicts_the_same(tmp_path):
     torch.manual_seed(0)
     tv = detecting(retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=2, min_size=600,

@@ -70,12 +70,14 @@ def test_v1_parity_512(v1_pair):
     assert_same_detections(tv, ours, images, min_boxes=2 * DETECTIONS)
 
 
+@pytest.mark.slow  # full-size ResNet-50 RetinaNets on 512+ px chips
 def test_v2_parity_512(v2_pair):
     tv, ours = v2_pair
     images = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(11))
     assert_same_detections(tv, ours, images, min_boxes=2 * DETECTIONS)
 
 
+@pytest.mark.slow  # full-size ResNet-50 RetinaNets on 512+ px chips
 def test_v1_parity_chip_not_divisible_by_32(v1_pair):
     tv, ours = v1_pair
     # torchvision pads 400 to 416 (size_divisible=32) with zeros after normalising; so do we
