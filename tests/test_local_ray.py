@@ -43,7 +43,8 @@ def test_the_heads_command_uses_ray_starts_public_flags_and_blocks():
     command = head_command(6380, 2, 0, "/tmp/pipeline-ray-x")
     assert Path(command[0]).name == "ray" and command[1:4] == ["start", "--head", "--block"]
     assert {"--port=6380", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
-            "--disable-usage-stats", "--node-ip-address=127.0.0.1", "--temp-dir=/tmp/pipeline-ray-x"} <= set(command)
+            "--disable-usage-stats", "--node-ip-address=127.0.0.1", "--temp-dir=/tmp/pipeline-ray-x",
+            "--dashboard-agent-listen-port=0"} <= set(command)
     assert not any(flag.startswith(("--num-cpus", "--num-gpus")) for flag in head_command(6380, None, None, "/t"))
 
 
@@ -57,6 +58,7 @@ print(json.dumps({"cpus": ray.cluster_resources().get("CPU"), "nodes": len(ray.n
 """
 
 
+@pytest.mark.ray  # a Ray of its own in a child process
 def test_without_a_head_a_run_starts_a_local_ray_of_its_own(tmp_path):
     """No head recorded in the cache: a Ray of this process, with the CPUs asked for."""
     env = {**os.environ, "RETINANET_PIPELINE_CACHE": str(tmp_path / "cache")}

@@ -230,12 +230,15 @@ def free_port() -> int:
 def head_command(port: int, num_cpus: int | None, num_gpus: int | None, temp_dir: str) -> list[str]:
     """``ray start``'s public flags for the local head: this machine only, no dashboard, no
     usage stats, blocking (so that one process, the one `pipeline ray down` signals, owns it),
-    its files in a temp dir of its own. Ray records the address of a head it starts in its
-    temp dir; in Ray's default one, every plain ``ray.init()`` on the machine (another user's
-    test session) would join this head.
+    its files in a temp dir of its own, its dashboard agent on a port the kernel picks. Ray
+    records the address of a head it starts in its temp dir; in Ray's default one, every plain
+    ``ray.init()`` on the machine (another user's test session) would join this head.
     Example: (6380, 2, None, "/tmp/pipeline-ray-x") -> [.../ray, "start", "--head", "--block", ..., "--num-cpus=2"]."""
     command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-               f"--port={port}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+               f"--port={port}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+               # Not Ray's fixed 52365: a local Ray that a run (or a test session) starts beside
+               # this head would find it taken, and its agent retried for seconds.
+               "--dashboard-agent-listen-port=0"]
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
