@@ -76,6 +76,9 @@ def _ray_only_on_request(request):
         return
     was_up = _ray_up()
     yield
+    if "ray_session" in request.fixturenames:  # asked for while running (request.getfixturevalue)
+        _ray_with_gpus()
+        return
     if not was_up and _ray_up():
         sys.modules["ray"].shutdown()
         pytest.fail("this test started Ray in the test process without requesting the ray_session fixture: "
