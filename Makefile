@@ -53,9 +53,10 @@ test: lint
 # not marked slow. tests/conftest.py marks `ray` each test that requests the ray_session fixture
 # (tests that start Ray in a child process carry the mark themselves); `slow` marks the heavy
 # ones (OpenVINO conversions, full-size ResNet-50 models, training, fault injection). No Ray
-# starts. `make test` (CI) still runs everything.
+# starts. Two pytest processes (pytest-xdist), one torch thread each: on 2 cores that beats one
+# process whose torch threads contend with each other. `make test` (CI) still runs everything.
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not ray and not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not ray and not slow"
 
 # docs/job-reference.md is generated from the job model; a test fails when it is stale.
 job-reference: env
