@@ -156,6 +156,7 @@ def test_torchvision_not_cached_offline_says_where_and_how(tmp_path, monkeypatch
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.slow  # a CLI process whose download attempt fails through a dead proxy (5-12 s); offline twin above
 def test_torchvision_download_that_fails_says_where_and_how(tmp_path):
     """Online but the download fails (here: a proxy on a closed local port, so nothing
     leaves the machine): the same advice, with the reason."""

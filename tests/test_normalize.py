@@ -63,6 +63,7 @@ def test_alpha_zero_pixels_are_excluded(tmp_path):
     np.testing.assert_allclose(stats.std[0], std[0], rtol=1e-9)
 
 
+@pytest.mark.slow  # a large raster on purpose
 def test_sampled_stats_close_to_exact_on_a_large_dataset(tmp_path):
     paths = synthesize(tmp_path, 2, 1536, seed=2, bands=4, dtype="uint16", nodata_regions=True)
     stats = compute_band_stats(paths, [1, 2, 3, 4], max_pixels=200_000)  # ~4% sample

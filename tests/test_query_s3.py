@@ -157,6 +157,7 @@ def test_refused_credentials_are_named(strict_s3):
     assert "ObjectStoreError" in done.stderr and "InvalidAccessKeyId" in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # the object store client's retries take seconds before it gives up
 def test_an_unreachable_endpoint_is_named(tables):
     url, _ = tables
     env = cli_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")  # nothing listens there

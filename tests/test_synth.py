@@ -135,6 +135,7 @@ def test_nodata_regions_and_16_bit_four_bands(tmp_path):
         assert valid[y:y + h, x:x + w].all()
 
 
+@pytest.mark.slow  # large scenes on purpose
 def test_memory_is_bounded_for_large_scenes(tmp_path):
     # A 6144^2 RGB scene is 113 MB as uint8 and 450 MB as float32; the process baseline
     # (numpy, rasterio, a 64 MB GDAL cache) is ~140 MB. Generating window by window

@@ -237,6 +237,9 @@ def fresh_root(root: str, case: str) -> str:
     return f"{root}-{case}" if root.startswith("s3://") else str(Path(root) / case)
 
 
+# S3's run is the slowest test without Ray (13 crash points on moto): make test runs it, the fast tier
+# keeps the local one.
+@pytest.mark.parametrize("table_root", ["local", pytest.param("s3", marks=pytest.mark.slow)], indirect=True)
 def test_a_writer_crashed_between_any_two_steps_is_finished_by_a_rerun(table_root, monkeypatch):
     # Every step of the protocol on the way: a snapshot after each commit, folded manifests
     # removed at once, and the compacted partition rewritten without the scene's old rows.

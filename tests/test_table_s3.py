@@ -75,6 +75,7 @@ def _publish_then_die(url: str) -> None:
     commit_scene(url, run, "a", "k9", rows(run, "a", 3, seed=9))
 
 
+@pytest.mark.slow  # the local twin (tests/test_table*.py, test_compact.py) is in the fast tier
 def test_a_writer_killed_mid_commit_is_recovered(bucket):
     url = table_url("killed")
     run = run_info()
@@ -89,6 +90,7 @@ def test_a_writer_killed_mid_commit_is_recovered(bucket):
     assert not open_store(url).list(STAGING)
 
 
+@pytest.mark.slow  # the local twin (tests/test_table*.py, test_compact.py) is in the fast tier
 def test_compact_rerun_and_a_killed_writer_in_s3(bucket):
     url = table_url("compacted")
     run = run_info()
@@ -111,6 +113,7 @@ def test_compact_rerun_and_a_killed_writer_in_s3(bucket):
     assert plain_rows(url) == 20 == read_committed(url).num_rows
 
 
+@pytest.mark.slow  # the local twin (tests/test_table*.py, test_compact.py) is in the fast tier
 def test_two_concurrent_writers(bucket):
     url = table_url("concurrent")
     run_two_writers(url)

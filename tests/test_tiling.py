@@ -345,6 +345,7 @@ MEMORY_PROBE = peak_rss_mb_snippet() + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a 100k-pixel-wide scene on purpose
 def test_memory_stays_flat_on_a_100k_scene(tmp_path):
     path = tmp_path / "sparse.tif"
     # 100000 x 100000 x 3, tiled and sparse: only one 1000x1000 patch is written, so the
