@@ -27,6 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import psutil
+
 from pipeline.errors import ClusterError
 from pipeline.io.objstore import cache_dir
 from retinanet.files import write_atomically
@@ -172,17 +174,13 @@ def head_file() -> Path:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie (read from /proc where there is one)."""
+    """Whether process `pid` exists and is not a zombie."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:  # another user's: it exists
         return True
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rfind(")") + 2] != "Z"
-    return True
 
 
 def recorded_head() -> dict | None:
@@ -203,9 +201,9 @@ def head_process_alive(head: dict) -> bool:
         return False
     port = head["address"].rpartition(":")[2]
     try:
-        return f"--port={port}" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return not os.path.isdir("/proc")
+        return f"--port={port}" in psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or another user's: not our head
+        return False
 
 
 def live_head() -> dict | None:
@@ -306,22 +304,12 @@ def stop_process_session(pid: int, timeout_s: float) -> bool:
 
 
 def session_alive(pid: int) -> bool:
-    """Whether any process of the process group `pid` leads is still alive."""
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    group = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                fields = stat[stat.rfind(")") + 2:].split()
-                if int(fields[2]) == pid and fields[0] != "Z":
-                    group.append(entry)
-    return bool(group) if os.path.isdir("/proc") else True
+    """Whether any process of the process group `pid` leads is still alive (not a zombie)."""
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):  # gone meanwhile, or not ours to ask
+            if os.getpgid(process.pid) == pid and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 def stop_head(timeout_s: float = 60.0) -> dict | None:
