@@ -343,6 +343,7 @@ def test_a_trained_card_refuses_scenes_of_another_data_type(trained, tmp_path):
     assert card_location(published) in out
 
 
+@pytest.mark.slow  # a ResNet-50 checkpoint through the S3 server four times (~5 s)
 def test_a_card_in_object_storage_is_read_beside_its_checkpoint(imported, s3_server):
     """model.checkpoint on s3://: the card is fetched from beside it, and its absence is no
     error (checkpoints from before cards)."""
