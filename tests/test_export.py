@@ -11,7 +11,6 @@ import torch
 from click.testing import CliRunner
 
 pytest.importorskip("onnxruntime")
-# The exporter's dependency (onnxscript, see pytestmark) is looked up, not imported: ~1 s of every collection.
 
 from workspaces import tiny_checkpoint
 
@@ -33,6 +32,7 @@ from retinanet.export import (  # noqa: E402
     skeleton_model,
 )
 
+# onnxscript (the exporter's dependency) is looked up, not imported: importing it costs every collection ~1 s.
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None, reason="onnxscript is not installed")]
 
