@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 
 .PHONY: env demo lint test test-fast clean job-reference
 
+# No pip cache: the CUDA wheels torch brings are ~3 GB, and a cached copy would double them on disk.
 $(BIN)/pipeline: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-cache-dir -e '.[test]'
 	$(BIN)/pip freeze --exclude-editable > $(VENV)/tested-versions.txt
 	touch $@
 

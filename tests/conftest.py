@@ -86,6 +86,25 @@ def _ray_only_on_request(request):
                     "to its module) so it runs on the session's Ray and is marked ray", pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """``tmp_path_factory.mktemp`` for the files a test module shares (scenes, checkpoints,
+    trained runs), removed when the module's tests are done unless one of them failed.
+    tmp_path_factory alone keeps them until the session ends: ~3 GB by then, which a CI
+    machine with a full disk does not have beside the environment (a CI run died of it)."""
+    made: list = []
+    failed_before = request.session.testsfailed
+
+    def mktemp(name: str):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def pytest_unconfigure(config):
     """The session's cache goes at the very end, also when no test ran (Ray is down by then)."""
     if _SESSION_CACHE:

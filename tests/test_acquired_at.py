@@ -236,10 +236,10 @@ def tagged_copy(src: Path, dst: Path, **tags) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_workspace(tmp_path_factory):
+def run_workspace(module_tmp):
     """Two 256 px synthetic scenes: one tagged with a TIFF date-time, one with a value that
     is no date-time; the tiny model; a STAC catalog whose one item is the second scene."""
-    root = tmp_path_factory.mktemp("acquired")
+    root = module_tmp("acquired")
     made = synthesize(root / "made", scenes=2, size=256, seed=5)
     (root / "scenes").mkdir()
     tagged_copy(made[0], root / "scenes" / "tagged.tif", TIFFTAG_DATETIME="2026:01:03 09:15:00")

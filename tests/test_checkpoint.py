@@ -29,8 +29,8 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def saved(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "sub" / "model.pt"
+def saved(model, module_tmp):
+    path = module_tmp("ckpt") / "sub" / "model.pt"
     save_checkpoint(path, model, CLASSES, metadata={"epoch": 3, "note": "test"})
     return path
 

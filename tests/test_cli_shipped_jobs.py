@@ -78,9 +78,9 @@ def small(args: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo_layout(tmp_path_factory):
+def demo_layout(module_tmp):
     """A copy of jobs/ beside the data and model `make demo` makes before its own lines."""
-    root = tmp_path_factory.mktemp("repo")
+    root = module_tmp("repo")
     shutil.copytree(REPO / "jobs", root / "jobs")
     commands = demo_commands()
     synths = [c for c in commands if c[0] == "synth"]

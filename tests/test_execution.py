@@ -18,9 +18,9 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(module_tmp):
     """Two small synthetic scenes and an untrained tiny model that emits many boxes."""
-    root = tmp_path_factory.mktemp("run")
+    root = module_tmp("run")
     synthesize(root / "scenes", scenes=2, size=600, seed=3)
     tiny_checkpoint(root / "model.pt")
     return root

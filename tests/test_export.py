@@ -38,12 +38,12 @@ pytestmark = [pytest.mark.timeout(300),
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(module_tmp):
     """A synthetic scene, an untrained tiny model that emits many boxes, and its export
     written by `pipeline export` to the default place (CHECKPOINT.onnx)."""
     from pipeline.cli import main
 
-    root = tmp_path_factory.mktemp("export")
+    root = module_tmp("export")
     synthesize(root / "scenes", scenes=1, size=600, seed=5)
     tiny_checkpoint(root / "model.pt")
     result = CliRunner().invoke(main, ["export", str(root / "model.pt"), "--format", "onnx"])

@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
+def scenes(module_tmp):
+    root = module_tmp("faults")
     synthesize(root / "scenes", scenes=3, size=600, seed=5)
     tiny_checkpoint(root / "model.pt")
     return root

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("gpu-path") / "model.pt")
+def checkpoint(module_tmp):
+    return tiny_checkpoint(module_tmp("gpu-path") / "model.pt")
 
 
 def chips(dtype, n: int = 5, size: int = 64, seed: int = 0) -> np.ndarray:

@@ -68,10 +68,10 @@ def test_validate_names_a_missing_label_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
+def labelled(module_tmp):
     """Scenes of one chip each, a tiny untrained model, and COCO labels made from torch
     fp32's own detections of each scene."""
-    root = tmp_path_factory.mktemp("int8")
+    root = module_tmp("int8")
     paths = synthesize(root / "scenes", scenes=3, size=256, seed=11)
     tiny_checkpoint(root / "model.pt", head_width=16, fpn_channels=16)
     reference = load_checkpoint(root / "model.pt")[0]

@@ -90,8 +90,8 @@ def test_vector_labels_need_a_georeferenced_scene():
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth_labels")
+def synth_dir(module_tmp):
+    out = module_tmp("synth_labels")
     synthesize(out, scenes=2, size=1024, seed=11)
     return out
 

@@ -61,7 +61,7 @@ def test_unknown_backbone_lists_choices():
 
 
 @pytest.fixture(scope="module")
-def resnet18_weights(tmp_path_factory):
+def resnet18_weights(module_tmp):
     torch.manual_seed(123)
     net = models.resnet18(weights=None)
     with torch.no_grad():  # make BN statistics non-trivial so loading them is visible
@@ -70,7 +70,7 @@ def resnet18_weights(tmp_path_factory):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("imagenet") / "resnet18.pth"
+    path = module_tmp("imagenet") / "resnet18.pth"
     state = net.state_dict()
     torch.save(state, path)
     return path, state

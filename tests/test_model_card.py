@@ -62,9 +62,9 @@ def torchvision_model():
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory, torchvision_model):
+def imported(module_tmp, torchvision_model):
     """A torchvision state dict imported with `pipeline import` -> (checkpoint, card)."""
-    folder = tmp_path_factory.mktemp("card_import")
+    folder = module_tmp("card_import")
     torch.save(torchvision_model.state_dict(), folder / "weights.pt")
     code, out = cli("import", folder / "weights.pt", "--out", folder / "models" / "retinanet.pt",
                     "--classes", "tree,oil tank")
@@ -269,14 +269,14 @@ def test_without_its_card_a_checkpoint_runs_as_before(imported, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_session):
+def trained(module_tmp, ray_session):
     """The smallest real `pipeline train` (1 worker, resnet18 with 32-channel FPN and
     heads, 2 steps on 128-px chips of 3 synthetic scenes) that publishes its model."""
     from pipeline.config.spec import load_job
     from pipeline.tools.synth import synthesize
     from pipeline.train.driver import train
 
-    folder = tmp_path_factory.mktemp("card_train")
+    folder = module_tmp("card_train")
     synthesize(folder / "data", scenes=3, size=256, seed=3)
     job = {"name": "carded", "inputs": {"paths": ["data/*.tif"]}, "model": {"checkpoint": "models/model.pt"},
            "output": {"table": "out"},

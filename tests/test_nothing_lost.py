@@ -37,10 +37,10 @@ ITEMS = ("S2A_MSIL2A_20260101_T32TQM", "S2B_MSIL2A_20260104_T32TQM")
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(module_tmp):
     """Two different synthetic images, the same two as a Sentinel-2 style tree of item
     folders that all hold TCI.tif, and an untrained tiny model that emits many boxes."""
-    root = tmp_path_factory.mktemp("lost")
+    root = module_tmp("lost")
     synthesize(root / "src", scenes=2, size=300, seed=7)
     for item, name in zip(ITEMS, ("synth_000.tif", "synth_001.tif")):
         (root / "archive" / item).mkdir(parents=True)

@@ -23,9 +23,9 @@ def write_tif(path, value: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_server, tmp_path_factory):
+def bucket(s3_server, module_tmp):
     s3_server.create_bucket(Bucket=BUCKET)
-    tif = tmp_path_factory.mktemp("objstore") / "one.tif"
+    tif = module_tmp("objstore") / "one.tif"
     write_tif(tif, 1)
     for key in ("top.tif", "s2/a/TCI.tif", "s2/b/TCI.tif", "s2/b/B04.tif", "s2/b/deep/TCI.tif", "notes.txt"):
         s3_server.upload_file(str(tif), BUCKET, key)

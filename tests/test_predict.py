@@ -33,8 +33,8 @@ COMMIT_ONLY = {"run_id", "job_name", "processed_at", "date"}
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict")
+def workspace(module_tmp):
+    root = module_tmp("predict")
     synthesize(root / "scenes", scenes=1, size=600, seed=3)
     synthesize(root / "nodata", scenes=1, size=600, seed=4, nodata_regions=True)  # valid masks matter
     tiny_checkpoint(root / "model.pt")

@@ -50,10 +50,10 @@ def commit_nights(root: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tables(s3_server, tmp_path_factory) -> tuple[str, str]:
+def tables(s3_server, module_tmp) -> tuple[str, str]:
     """(s3 URL, local folder) holding the same commits."""
     s3_server.create_bucket(Bucket=BUCKET)
-    url, local = f"s3://{BUCKET}/tables/nights", str(tmp_path_factory.mktemp("local") / "nights")
+    url, local = f"s3://{BUCKET}/tables/nights", str(module_tmp("local") / "nights")
     for root in (url, local):
         commit_nights(root)
     return url, local

@@ -45,8 +45,8 @@ def scene_rows(run: RunInfo, scene: str, rng: np.random.Generator, n: int, date:
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("spatial") / "table"
+def table(module_tmp) -> Path:
+    root = module_tmp("spatial") / "table"
     run = RunInfo("r1", "sat", "h", "m", CRS_TABLE)
     rng = np.random.default_rng(31)
     for scene, date in (("a", "2026-01-01"), ("b", "2026-01-02"), ("c", "2026-01-02")):

@@ -46,8 +46,8 @@ DISPLAY = [(50, 60, 100, 90), (150, 130, 210, 200)]
 
 
 @pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("scenes"), 1, 512, seed=3)[0]
+def scene(module_tmp):
+    return synthesize(module_tmp("scenes"), 1, 512, seed=3)[0]
 
 
 def commit(root, scene, run_id="r1", boxes=BOXES, labels=LABELS):

@@ -53,8 +53,8 @@ def make_item(i: int, scene: Path) -> pystac.Item:
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> list[Path]:
-    return synthesize(tmp_path_factory.mktemp("stac") / "scenes", scenes=4, size=256, seed=1)
+def scenes(module_tmp) -> list[Path]:
+    return synthesize(module_tmp("stac") / "scenes", scenes=4, size=256, seed=1)
 
 
 @pytest.fixture(scope="module")

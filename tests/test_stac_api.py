@@ -64,10 +64,10 @@ def item_dict(item_id: str, collection: str, bounds: list[float], time: dt.datet
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, s3_server):
+def world(module_tmp, s3_server):
     """8 synthetic scenes as COGs in a bucket; their items (7 tonight, 1 tomorrow), plus an item
     of another collection and one far outside the scenes' box; the API serving tonight's."""
-    root = tmp_path_factory.mktemp("stac_api")
+    root = module_tmp("stac_api")
     scenes = synthesize(root / "scenes", scenes=NIGHT_1 + 1, size=256, seed=4)
     s3_server.create_bucket(Bucket=BUCKET)
     base = f"{s3_server.meta.endpoint_url}/{BUCKET}"

@@ -72,10 +72,10 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, limit_s: flo
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(module_tmp):
     """A Ray head on loopback: yields (dashboard URL, env for clients)."""
     pytest.importorskip("aiohttp", reason="the Ray job server needs ray[default] (aiohttp)")
-    base = tmp_path_factory.mktemp("head")
+    base = module_tmp("head")
     temp_dir = Path("/tmp") / f"rs-{secrets.token_hex(3)}"  # short: Ray's unix socket paths are limited
     token_file = base / "token"
     token_file.write_text(secrets.token_hex(32))
@@ -123,14 +123,14 @@ def cli(args: list[str], env: dict, cwd: Path, timeout: float = 150) -> subproce
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(module_tmp):
     """A job with *relative* paths next to one small scene and a tiny untrained model."""
     import torch
 
     from pipeline.tools.synth import SYNTH_CLASSES, synthesize
     from retinanet import build_model, save_checkpoint
 
-    root = tmp_path_factory.mktemp("job")
+    root = module_tmp("job")
     synthesize(root / "scenes", scenes=1, size=256, seed=5)
     torch.manual_seed(0)
     model = build_model(num_classes=len(SYNTH_CLASSES), backbone="resnet18", head_width=16, head_depth=1,

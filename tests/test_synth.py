@@ -26,8 +26,8 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
+def scenes(module_tmp):
+    out = module_tmp("synth")
     return out, synthesize(out, scenes=2, size=2048, seed=7)
 
 

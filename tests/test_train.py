@@ -37,8 +37,8 @@ CLASSES = ["vehicle", "building", "tank"]
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train_synth")
+def synth_dir(module_tmp):
+    out = module_tmp("train_synth")
     synthesize(out, scenes=3, size=384, seed=3)
     return out
 
@@ -61,8 +61,8 @@ def write_job(folder, **train_overrides):
 
 
 @pytest.fixture(scope="module")
-def job_folder(synth_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("train_job")
+def job_folder(synth_dir, module_tmp):
+    folder = module_tmp("train_job")
     os.symlink(synth_dir, folder / "data")
     return folder
 
