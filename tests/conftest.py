@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 from moto_server import free_port, start_moto, stop
@@ -13,7 +14,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 # Converted models and fetched checkpoints go to a cache of this session's own (set before
-# Ray starts, so its workers inherit it), removed at the end: each session writes ~600 MB.
+# Ray starts, so its workers inherit it), removed at the end: a full run writes ~1.1 GB.
 _SESSION_CACHE = None if "RETINANET_PIPELINE_CACHE" in os.environ else tempfile.mkdtemp(prefix="pipeline-test-cache-")
 if _SESSION_CACHE:
     os.environ["RETINANET_PIPELINE_CACHE"] = _SESSION_CACHE
@@ -90,12 +91,12 @@ def _ray_only_on_request(request):
 def module_tmp(request, tmp_path_factory):
     """``tmp_path_factory.mktemp`` for the files a test module shares (scenes, checkpoints,
     trained runs), removed when the module's tests are done unless one of them failed.
-    tmp_path_factory alone keeps them until the session ends: ~3 GB by then, which a CI
+    tmp_path_factory alone keeps them until the session ends: 3.9 GB by then, which a CI
     machine with a full disk does not have beside the environment (a CI run died of it)."""
-    made: list = []
+    made: list[Path] = []
     failed_before = request.session.testsfailed
 
-    def mktemp(name: str):
+    def mktemp(name: str) -> Path:
         made.append(tmp_path_factory.mktemp(name))
         return made[-1]
 
